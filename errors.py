@@ -1,0 +1,17 @@
+"""User-facing errors: anything raised as EdgeTalkError is printed as one clear line, never a traceback."""
+
+
+class EdgeTalkError(Exception):
+    """A problem with the user's input, files or environment, explained in the message."""
+
+
+class InputError(EdgeTalkError):
+    """A file or stream the user gave cannot be used as it is."""
+
+
+class BundleError(EdgeTalkError):
+    """A bundle or checkpoint is refused (bad hashes, unknown schema, failed parity, wrong shapes)."""
+
+
+class BackendUnavailable(EdgeTalkError):
+    """A backend cannot run on this machine; the message says why."""

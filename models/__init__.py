@@ -1,0 +1,1 @@
+"""PyTorch reference modules of the EdgeTalk model family."""

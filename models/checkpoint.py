@@ -1,0 +1,76 @@
+"""Checkpoint I/O: safetensors only, with the model config in the file's metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import BundleError, InputError
+from .config import ModelConfig
+from .edgetalk import EdgeTalkModel
+
+FORMAT = "edgetalk-checkpoint"
+FORMAT_VERSION = "1"
+
+
+def save_checkpoint(model: EdgeTalkModel, path: str | Path, **info: str) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_json()}
+    meta.update({k: str(v) for k, v in info.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"checkpoint not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise BundleError(f"{p} is not a safetensors checkpoint ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{p} is a safetensors file but not an EdgeTalk checkpoint (no metadata)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{p} has checkpoint format version {meta.get('format_version')!r}; "
+            f"this EdgeTalk reads version {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[EdgeTalkModel, dict[str, str]]:
+    """Load (model in eval mode, metadata). Never unpickles: safetensors holds only tensors."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"{path}: bad model config in checkpoint metadata ({e})") from None
+    model = EdgeTalkModel(cfg)
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(
+            f"{path}: weights do not match the {cfg.name!r} config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise BundleError(f"{path}: weights contain NaN or Inf ({bad[:3]})")
+    return model.eval(), meta
+
+
+def default_checkpoint() -> Path:
+    """The embedded `tiny` weights that ship with the package."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("edgetalk.models") / "weights" / "tiny.safetensors"))

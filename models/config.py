@@ -1,0 +1,158 @@
+"""Model configuration: every size is a value here, never a constant in the modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .motion import MOTION_DIM
+
+SAMPLE_RATE = 16_000
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
+LOOKAHEAD_MS = 60
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    n_fft: int = 400  # 25 ms window
+    hop: int = 160  # 10 ms hop: 4 mel frames per video frame
+    n_mels: int = 40
+    hidden: int = 96
+    conv_layers: int = 4
+    kernel: int = 5  # causal temporal kernel over video frames
+    token_dim: int = 64
+    lookahead: int = math.ceil(LOOKAHEAD_MS / (1000 / FPS))  # smallest L covering 60 ms -> 2
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    steps: int = 3  # Euler steps of the flow-matching sampler (N)
+    window: int = 8  # rolling window of cached frames (W)
+    rope_base: float = 1000.0
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    resolution: int = 256
+    app_channels: int = 32  # appearance features at resolution/4
+    hidden: int = 32  # decoder hidden channels at resolution/4
+    flow_blocks: int = 3
+    refine_channels: int = 8  # channels at resolution/2 in the refinement head
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    motion_dim: int = MOTION_DIM
+    chunk: int = 4  # C: frames per generator call
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+    # Derived streaming sizes (the static-shape contract).
+    @property
+    def lookahead(self) -> int:
+        return self.audio.lookahead
+
+    @property
+    def sink(self) -> int:
+        """Cached slots that are never evicted: the first chunk (the reference is an input)."""
+        return self.chunk
+
+    @property
+    def cache_slots(self) -> int:
+        """S = sink + window."""
+        return self.sink + self.generator.window
+
+    @property
+    def max_position(self) -> int:
+        """D: RAPR cap on positions. W + 2C keeps window slots clear of the sink's positions."""
+        return self.generator.window + 2 * self.chunk
+
+    @property
+    def head_dim(self) -> int:
+        return self.generator.dim // self.generator.heads
+
+    def with_streaming(
+        self,
+        chunk: int | None = None,
+        lookahead: int | None = None,
+        steps: int | None = None,
+        window: int | None = None,
+    ) -> ModelConfig:
+        """A copy with other streaming settings (export/run flags). Weights do not depend on C or W."""
+        cfg = self
+        if chunk is not None:
+            _check_positive("chunk", chunk)
+            cfg = dataclasses.replace(cfg, chunk=chunk)
+        if lookahead is not None and lookahead != cfg.audio.lookahead:
+            raise ValueError(
+                f"lookahead {lookahead} does not match the trained audio encoder "
+                f"(L={cfg.audio.lookahead}); the lookahead is part of the weights"
+            )
+        if steps is not None:
+            _check_positive("steps", steps)
+            cfg = dataclasses.replace(
+                cfg, generator=dataclasses.replace(cfg.generator, steps=steps)
+            )
+        if window is not None:
+            _check_positive("window", window)
+            cfg = dataclasses.replace(
+                cfg, generator=dataclasses.replace(cfg.generator, window=window)
+            )
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict) -> ModelConfig:
+        d = dict(d)
+        try:
+            return ModelConfig(
+                name=d["name"],
+                motion_dim=d["motion_dim"],
+                chunk=d["chunk"],
+                audio=AudioConfig(**d["audio"]),
+                generator=GeneratorConfig(**d["generator"]),
+                render=RenderConfig(**d["render"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not an EdgeTalk model config: {e}") from e
+
+
+def _check_positive(name: str, v: int) -> None:
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    # Paper scale, for GPU speed benchmarks (random weights are fine there).
+    "large": ModelConfig(
+        name="large",
+        chunk=4,
+        audio=AudioConfig(n_mels=80, hidden=384, conv_layers=6, token_dim=256),
+        generator=GeneratorConfig(dim=768, layers=12, heads=12, window=16),
+        render=RenderConfig(
+            resolution=512, app_channels=64, hidden=128, flow_blocks=4, refine_channels=32
+        ),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -1,0 +1,92 @@
+"""Warping decoder: motion vectors -> RGB frames, batched over a chunk.
+
+The photo itself is warped at full resolution by a flow predicted at 1/4 resolution (a learned
+global affine for head pose plus a local flow for the face), then a small refinement head paints
+what a warp cannot show (mouth interior, teeth, eyelids) and blends it in with a predicted alpha.
+Only 4-D grid_sample is used: 5-D warps do not run on ONNX Runtime or CoreML.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def base_grid(h: int, w: int) -> torch.Tensor:
+    """Homogeneous pixel-centre coordinates in [-1, 1] (align_corners=False), [h*w, 3]."""
+    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).reshape(h * w, 3)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        r = cfg.render
+        p, ca, hd, rc = cfg.motion_dim, r.app_channels, r.hidden, r.refine_channels
+        self.res = r.resolution
+        self.feat = r.resolution // 4
+        self.app_in = nn.Conv2d(ca, hd, 3, padding=1)
+        self.film = nn.Linear(p, 2 * hd)
+        self.blocks = nn.ModuleList(nn.Conv2d(hd, hd, 3, padding=1) for _ in range(r.flow_blocks))
+        self.flow_out = nn.Conv2d(hd, 2, 3, padding=1)
+        self.affine = nn.Linear(p, 6)
+        self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
+        self.refine_up = nn.Conv2d(hd, 4 * rc, 3, padding=1)
+        self.refine_out = nn.Conv2d(rc, 4, 3, padding=1)
+        self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
+        # Start as "show the photo": no flow, no affine change, refinement blended out.
+        for m in (self.flow_out, self.affine):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.refine_out.bias[3] = -4.0
+
+    def forward(
+        self,
+        app_feat: torch.Tensor,  # [1, Ca, R/4, R/4]
+        image: torch.Tensor,  # [1, 3, R, R] in [0, 1]
+        motion: torch.Tensor,  # [1, C, P]
+    ) -> dict[str, torch.Tensor]:
+        m = motion[0]
+        c, hw = m.shape[0], self.feat
+        gamma, beta = self.film(m).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        x = F.gelu(self.app_in(app_feat) * (1.0 + gamma) + beta)  # [C, Hd, h, w]
+        for conv in self.blocks:
+            x = x + F.gelu(conv(x))
+        identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
+        theta = (identity + self.affine(m)).reshape(c, 2, 3)
+        grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
+        grid = grid + self.flow_out(x).permute(0, 2, 3, 1)
+        grid_full = F.interpolate(
+            grid.permute(0, 3, 1, 2),
+            size=(self.res, self.res),
+            mode="bilinear",
+            align_corners=False,
+        ).permute(0, 2, 3, 1)
+        warped = F.grid_sample(
+            image.expand(c, -1, -1, -1),
+            grid_full,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
+        wfeat = F.grid_sample(
+            app_feat.expand(c, -1, -1, -1),
+            grid,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )
+        r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
+        r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [C, rc, R/2, R/2]
+        o = F.interpolate(
+            self.refine_out(r), size=(self.res, self.res), mode="bilinear", align_corners=False
+        )
+        alpha = torch.sigmoid(o[:, 3:4])
+        frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
+        return {"frames": frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)}

@@ -1,0 +1,122 @@
+"""The static-shape I/O contract of every module: names, shapes and dtypes.
+
+One source of truth for the torch backend, the exporters, the bundle manifest and the scheduler.
+Batch is 1; every dimension is a fixed integer for a given config (chunk C, lookahead L, window W).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SAMPLES_PER_FRAME, ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_dict(d: dict) -> TensorSpec:
+        return TensorSpec(str(d["name"]), tuple(int(x) for x in d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class ModuleIO:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> ModuleIO:
+        return ModuleIO(
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
+    a, g, r = cfg.audio, cfg.generator, cfg.render
+    c, lk, p = cfg.chunk, cfg.lookahead, cfg.motion_dim
+    res, feat = r.resolution, r.resolution // 4
+    kv = (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
+    new_kv = (g.layers, 1, g.heads, c, cfg.head_dim)
+    T = TensorSpec
+    return {
+        "appearance": ModuleIO(
+            (T("image", (1, 3, res, res)),),
+            (T("app_feat", (1, r.app_channels, feat, feat)), T("ref_motion", (1, p))),
+        ),
+        "audio": ModuleIO(
+            (
+                T("pcm", (1, 2, (c + lk) * SAMPLES_PER_FRAME)),
+                T("talk_mask", (1, c)),
+                T("pcm_state", (1, 2, a.n_fft - a.hop)),
+                T("conv_state", (a.conv_layers, 2, a.hidden, a.kernel - 1)),
+            ),
+            (
+                T("audio_tokens", (1, c, a.token_dim)),
+                T("pcm_state_out", (1, 2, a.n_fft - a.hop)),
+                T("conv_state_out", (a.conv_layers, 2, a.hidden, a.kernel - 1)),
+            ),
+        ),
+        "generator": ModuleIO(
+            (
+                T("audio_tokens", (1, c, a.token_dim)),
+                T("talk_mask", (1, c)),
+                T("ref_motion", (1, p)),
+                T("prev_motion", (1, p)),
+                T("noise", (1, c, p)),
+                T("k_cache", kv),
+                T("v_cache", kv),
+                T("cache_valid", (1, cfg.cache_slots)),
+                T("cache_pos", (1, cfg.cache_slots)),
+                T("query_pos", (1, c)),
+            ),
+            (T("motion", (1, c, p)), T("new_k", new_kv), T("new_v", new_kv)),
+        ),
+        "decoder": ModuleIO(
+            (
+                T("app_feat", (1, r.app_channels, feat, feat)),
+                T("image", (1, 3, res, res)),
+                T("motion", (1, c, p)),
+            ),
+            (T("frames", (c, res, res, 3)),),
+        ),
+    }
+
+
+def zeros_for(spec: ModuleIO) -> dict[str, np.ndarray]:
+    return {t.name: np.zeros(t.shape, dtype=t.dtype) for t in spec.inputs}
+
+
+def check_inputs(module: str, spec: ModuleIO, inputs: dict[str, np.ndarray]) -> None:
+    """Raise ValueError naming the first input that is missing or has the wrong shape/dtype."""
+    for t in spec.inputs:
+        if t.name not in inputs:
+            raise ValueError(f"{module}: missing input {t.name!r}")
+        arr = inputs[t.name]
+        if tuple(arr.shape) != t.shape or str(arr.dtype) != t.dtype:
+            raise ValueError(
+                f"{module}: input {t.name!r} is {arr.dtype}{list(arr.shape)}, "
+                f"the contract says {t.dtype}{list(t.shape)}"
+            )

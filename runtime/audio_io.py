@@ -1,0 +1,111 @@
+"""Audio in: any file soundfile or PyAV can read -> 16 kHz mono float32, with notes on what changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..models.config import SAMPLE_RATE
+
+MAX_RUN_SECONDS = 3 * 3600  # `run` refuses longer files: use `live` for endless streams
+
+
+@dataclass
+class Audio:
+    pcm: np.ndarray  # float32 mono at 16 kHz
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.pcm.shape[0] / SAMPLE_RATE
+
+
+def to_mono_16k(data: np.ndarray, rate: int, notes: list[str] | None = None) -> np.ndarray:
+    """[samples] or [samples, channels] at any rate -> float32 mono 16 kHz (downmix, soxr resample)."""
+    import soxr
+
+    notes = notes if notes is not None else []
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 2:
+        if data.shape[1] > 1:
+            notes.append(f"downmixed {data.shape[1]} channels to mono")
+        data = data.mean(axis=1)
+    if rate <= 0:
+        raise InputError(f"invalid sample rate {rate}")
+    if rate != SAMPLE_RATE:
+        notes.append(f"resampled {rate} Hz to {SAMPLE_RATE} Hz")
+        data = soxr.resample(data, rate, SAMPLE_RATE, quality="HQ") if data.size else data
+    data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.ascontiguousarray(np.clip(data, -1.0, 1.0), dtype=np.float32)
+
+
+def read_audio(path: str | Path, max_seconds: float = MAX_RUN_SECONDS) -> Audio:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"audio file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"audio path is a directory, not a file: {p}")
+    notes: list[str] = []
+    data, rate = _read_soundfile(p, max_seconds)
+    if data is None:
+        data, rate = _read_pyav(p, max_seconds)
+    if data.shape[0] == 0:
+        raise InputError(f"audio file {p} has no samples")
+    if data.shape[0] / rate > max_seconds:
+        raise InputError(f"audio file {p} is longer than the {max_seconds:.0f} s limit of `run`")
+    pcm = to_mono_16k(data, rate, notes)
+    return Audio(pcm, notes)
+
+
+def _read_soundfile(p: Path, max_seconds: float):
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(p))
+    except Exception:
+        return None, 0  # not a format libsndfile knows; try PyAV
+    if info.frames / max(info.samplerate, 1) > max_seconds:
+        raise InputError(f"audio file {p} is longer than the {max_seconds:.0f} s limit of `run`")
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise InputError(f"cannot read audio file {p}: {e}") from None
+    return data, rate
+
+
+def _read_pyav(p: Path, max_seconds: float):
+    import av
+
+    try:
+        with av.open(str(p)) as c:
+            stream = next((s for s in c.streams if s.type == "audio"), None)
+            if stream is None:
+                raise InputError(f"{p} has no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            parts = []
+            total = 0
+            for frame in c.decode(stream):
+                for out in resampler.resample(frame):
+                    arr = out.to_ndarray().reshape(-1)
+                    parts.append(arr)
+                    total += arr.shape[0]
+                if total > max_seconds * SAMPLE_RATE:
+                    raise InputError(f"audio file {p} is longer than the {max_seconds:.0f} s limit")
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+    except InputError:
+        raise
+    except Exception as e:  # PyAV raises many error types for undecodable input
+        raise InputError(f"cannot read {p} as audio ({type(e).__name__}: {e})") from None
+    data = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return data[:, None], SAMPLE_RATE
+
+
+def default_speech() -> Path:
+    """The example speech that ships with the package (espeak-ng, 16 kHz mono)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("edgetalk.models") / "assets" / "speech.wav"))

@@ -1,0 +1,63 @@
+"""Reference backend: the PyTorch modules, eager, on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.checkpoint import default_checkpoint, load_checkpoint
+from ..models.config import ModelConfig
+from ..models.edgetalk import EdgeTalkModel
+from ..models.io_spec import module_io
+from .backend import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    targets = ("torch",)
+
+    def __init__(self, model: EdgeTalkModel, cfg: ModelConfig | None = None, precision="fp32"):
+        cfg = cfg or model.cfg
+        model.set_streaming(cfg)
+        super().__init__(cfg, module_io(cfg), precision)
+        self.model = model.eval()
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        if self.dtype != torch.float32:
+            self.model = self.model.to(self.dtype)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path | None = None,
+        chunk: int | None = None,
+        steps: int | None = None,
+        window: int | None = None,
+        lookahead: int | None = None,
+    ) -> TorchBackend:
+        model, _ = load_checkpoint(path or default_checkpoint())
+        cfg = model.cfg.with_streaming(chunk=chunk, steps=steps, window=window, lookahead=lookahead)
+        return cls(model, cfg)
+
+    @classmethod
+    def from_bundle(cls, bundle) -> TorchBackend:
+        return cls.from_checkpoint(
+            bundle.path / bundle.files["weights"],
+            chunk=bundle.cfg.chunk,
+            steps=bundle.cfg.generator.steps,
+            window=bundle.cfg.generator.window,
+        )
+
+    def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.io[module]
+        with torch.inference_mode():
+            args = {
+                t.name: torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.dtype)
+                for t in spec.inputs
+            }
+            out = self.model.module(module)(**args)
+            return {t.name: out[t.name].float().numpy() for t in spec.outputs}
+
+
+BACKEND = TorchBackend

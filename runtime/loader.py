@@ -1,0 +1,53 @@
+"""Open a backend from what the user gave: a bundle (backend chosen by its manifest) or a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .backend import Backend
+from .backends import backend_class, backends_for_target
+
+
+def open_backend(
+    bundle: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    backend: str | None = None,
+    chunk: int | None = None,
+    steps: int | None = None,
+    window: int | None = None,
+) -> Backend:
+    if bundle is not None and checkpoint is not None:
+        raise InputError("give --bundle or --checkpoint, not both")
+    if bundle is not None:
+        from .bundle import open_bundle
+
+        b = open_bundle(bundle, expect_chunk=chunk)
+        if backend is None:
+            candidates = backends_for_target(b.target)
+            if not candidates:
+                raise InputError(f"no backend runs {b.target!r} bundles here")
+            cls = None
+            reasons = []
+            for c in candidates:
+                ok, why = c.availability()
+                if ok:
+                    cls = c
+                    break
+                reasons.append(f"{c.name}: {why}")
+            if cls is None:
+                raise InputError(
+                    f"no backend can run this {b.target} bundle here ({'; '.join(reasons)})"
+                )
+        else:
+            cls = backend_class(backend)
+            if b.target not in cls.targets:
+                raise InputError(
+                    f"backend {backend!r} cannot run a {b.target!r} bundle "
+                    f"(it runs: {', '.join(cls.targets)})"
+                )
+        return cls.from_bundle(b)
+    cls = backend_class(backend or "torch")
+    if not hasattr(cls, "from_checkpoint"):
+        raise InputError(f"backend {cls.name!r} runs exported bundles; pass --bundle")
+    return cls.from_checkpoint(checkpoint, chunk=chunk, steps=steps, window=window)

@@ -1,0 +1,274 @@
+"""The streaming chunk scheduler, shared by every backend.
+
+It owns all state: the KV cache and its RAPR positions, the audio encoder's state, the audio not
+yet consumed (including the L-frame lookahead), the previous motion and the noise stream. Audio
+arrives in pieces of any size with no known total length; frames leave with presentation times.
+
+Timeline: frame i shows audio samples [640 i, 640 (i + 1)) and is presented at i / 25 s. A chunk
+of C frames starting at frame s needs audio up to the end of frame s + C + L.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+from ..models.config import FPS, SAMPLES_PER_FRAME
+from .backend import Backend
+from .cache import KVCache
+
+SILENCE_RMS = 3e-3  # about -50 dBFS: below this a frame counts as silent
+MAX_QUEUED_SECONDS = 120.0  # cap on audio waiting to be consumed (live sources must not pile up)
+TIMING_WINDOW = 4096  # per-module latency samples kept (bounded: memory stays flat)
+
+
+@dataclass
+class Frame:
+    index: int
+    pts: float  # presentation time in seconds
+    rgb: np.ndarray  # [R, R, 3] uint8
+
+
+class LatencyRing:
+    """The last TIMING_WINDOW latencies of one module, in a preallocated buffer (flat memory)."""
+
+    def __init__(self, size: int = TIMING_WINDOW):
+        self.values = np.zeros(size, dtype=np.float64)
+        self.count = 0
+
+    def append(self, ms: float) -> None:
+        self.values[self.count % self.values.shape[0]] = ms
+        self.count += 1
+
+    def recent(self) -> np.ndarray:
+        return self.values[: min(self.count, self.values.shape[0])]
+
+    def __len__(self) -> int:
+        return min(self.count, self.values.shape[0])
+
+
+@dataclass
+class StreamStats:
+    chunks: int = 0
+    frames: int = 0
+    module_ms: dict[str, LatencyRing] = field(
+        default_factory=lambda: {
+            m: LatencyRing() for m in ("appearance", "audio", "generator", "decoder")
+        }
+    )
+    convert_ms: LatencyRing = field(default_factory=LatencyRing)
+    dropped_audio_samples: int = 0  # discarded by interrupt()
+
+    def percentiles(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for m, ring in self.module_ms.items():
+            if len(ring):
+                a = ring.recent()
+                out[m] = {
+                    "p50": float(np.percentile(a, 50)),
+                    "p95": float(np.percentile(a, 95)),
+                    "calls": ring.count,
+                }
+        return out
+
+
+def frame_rms(pcm: np.ndarray, frames: int) -> np.ndarray:
+    return np.sqrt(np.mean(pcm[: frames * SAMPLES_PER_FRAME].reshape(frames, -1) ** 2, axis=1))
+
+
+def talk_listen_mask(own: np.ndarray, partner: np.ndarray | None, frames: int) -> np.ndarray:
+    """1 where the avatar speaks (or nobody does), 0 where only the partner speaks.
+
+    Training data derives its mask with this same function, so the model sees the same signal.
+    """
+    if partner is None:
+        return np.ones(frames, dtype=np.float32)
+    own_rms, partner_rms = frame_rms(own, frames), frame_rms(partner, frames)
+    listening = (partner_rms > SILENCE_RMS) & (partner_rms > 2.0 * own_rms)
+    return (~listening).astype(np.float32)
+
+
+class StreamScheduler:
+    def __init__(
+        self,
+        backend: Backend,
+        avatar: np.ndarray,  # [R, R, 3] uint8, already prepared
+        seed: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        cfg = backend.cfg
+        res = cfg.render.resolution
+        if avatar.shape != (res, res, 3) or avatar.dtype != np.uint8:
+            raise InputError(
+                f"avatar must be a {res}x{res}x3 uint8 image, got {avatar.dtype}{avatar.shape}"
+            )
+        self.backend = backend
+        self.cfg = cfg
+        self.chunk = cfg.chunk
+        self.lookahead = cfg.lookahead
+        self.seed = seed
+        self.clock = clock
+        self.stats = StreamStats()
+        self.image = (avatar.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+        app = self._run("appearance", {"image": self.image})
+        self.app_feat, self.ref_motion = app["app_feat"], app["ref_motion"]
+        self.cache = KVCache(cfg)
+        self.reset()
+
+    # ---- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new stream with the same avatar (same seed, so the same noise sequence)."""
+        audio_io = self.backend.io["audio"]
+        shapes = {t.name: t.shape for t in audio_io.inputs}
+        self.pcm_state = np.zeros(shapes["pcm_state"], dtype=np.float32)
+        self.conv_state = np.zeros(shapes["conv_state"], dtype=np.float32)
+        self.cache.reset()
+        self.rng = np.random.default_rng(self.seed)
+        self.prev_motion = np.zeros((1, self.cfg.motion_dim), dtype=np.float32)
+        self.own = np.zeros(0, dtype=np.float32)  # audio not yet consumed, starting at next_frame
+        self.partner = np.zeros(0, dtype=np.float32)
+        self.partner_seen = False
+        self.next_frame = 0
+        self.samples_in = 0  # samples received on the own-voice timeline since the stream began
+        self.last_motion: np.ndarray | None = None
+
+    @property
+    def queued_seconds(self) -> float:
+        return self.own.shape[0] / (FPS * SAMPLES_PER_FRAME)
+
+    # ---- input -------------------------------------------------------------------------------
+    def push_audio(self, own: np.ndarray, partner: np.ndarray | None = None) -> list[Frame]:
+        """Queue 16 kHz mono float32 audio (any length) and return every frame it completes."""
+        own = _as_pcm(own, "audio")
+        if partner is not None:
+            partner = _as_pcm(partner, "partner audio")
+            if partner.shape != own.shape:
+                raise InputError(
+                    f"partner audio piece has {partner.shape[0]} samples, own voice {own.shape[0]}; "
+                    "push them in equal pieces"
+                )
+            self.partner_seen = True
+        else:
+            partner = np.zeros_like(own)
+        queued = self.own.shape[0] + own.shape[0]
+        if queued > MAX_QUEUED_SECONDS * FPS * SAMPLES_PER_FRAME:
+            raise InputError(
+                f"more than {MAX_QUEUED_SECONDS:.0f} s of audio queued; push at most that much ahead "
+                "of what the scheduler has consumed"
+            )
+        self.own = np.concatenate([self.own, own])
+        self.partner = np.concatenate([self.partner, partner])
+        self.samples_in += own.shape[0]
+        frames: list[Frame] = []
+        need = (self.chunk + self.lookahead) * SAMPLES_PER_FRAME
+        while self.own.shape[0] >= need:
+            frames.extend(self._step())
+        return frames
+
+    def push_silence(self, seconds: float) -> list[Frame]:
+        """Keep the avatar alive (idle motion, closed mouth) while no audio arrives."""
+        n = int(round(seconds * FPS * SAMPLES_PER_FRAME))
+        return self.push_audio(
+            np.zeros(n, np.float32), np.zeros(n, np.float32) if self.partner_seen else None
+        )
+
+    def flush(self) -> list[Frame]:
+        """End of stream: render every frame the received audio covers, the partial chunk too."""
+        total = math.ceil(self.samples_in / SAMPLES_PER_FRAME)
+        frames: list[Frame] = []
+        need = (self.chunk + self.lookahead) * SAMPLES_PER_FRAME
+        while self.next_frame < total:
+            pad = max(0, need - self.own.shape[0])
+            self.own = np.concatenate([self.own, np.zeros(pad, np.float32)])
+            self.partner = np.concatenate([self.partner, np.zeros(pad, np.float32)])
+            frames.extend(f for f in self._step() if f.index < total)
+        # Lookahead padding belongs to no frame; drop it so the stream can go on cleanly.
+        self.own = self.own[:0]
+        self.partner = self.partner[:0]
+        self.samples_in = self.next_frame * SAMPLES_PER_FRAME
+        return frames
+
+    def interrupt(self) -> int:
+        """Drop every queued sample (barge-in). The avatar continues from its current motion.
+
+        Returns the number of samples dropped. Frames already returned are the caller's to drop.
+        """
+        dropped = self.own.shape[0]
+        self.own = self.own[:0]
+        self.partner = self.partner[:0]
+        self.samples_in = self.next_frame * SAMPLES_PER_FRAME
+        self.stats.dropped_audio_samples += dropped
+        return dropped
+
+    # ---- one chunk ---------------------------------------------------------------------------
+    def _run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = self.clock()
+        out = self.backend.run(module, inputs)
+        self.stats.module_ms[module].append((self.clock() - t0) * 1000.0)
+        return out
+
+    def _step(self) -> list[Frame]:
+        c, spf = self.chunk, SAMPLES_PER_FRAME
+        n = (c + self.lookahead) * spf
+        own, partner = self.own[:n], self.partner[:n]
+        mask = talk_listen_mask(own, partner if self.partner_seen else None, c)[None]
+        audio = self._run(
+            "audio",
+            {
+                "pcm": np.stack([own, partner])[None],
+                "talk_mask": mask,
+                "pcm_state": self.pcm_state,
+                "conv_state": self.conv_state,
+            },
+        )
+        self.pcm_state, self.conv_state = audio["pcm_state_out"], audio["conv_state_out"]
+        cache_pos, query_pos = self.cache.positions(self.next_frame)
+        noise = self.rng.standard_normal((1, c, self.cfg.motion_dim)).astype(np.float32)
+        gen = self._run(
+            "generator",
+            {
+                "audio_tokens": audio["audio_tokens"],
+                "talk_mask": mask,
+                "ref_motion": self.ref_motion,
+                "prev_motion": self.prev_motion,
+                "noise": noise,
+                "k_cache": self.cache.k,
+                "v_cache": self.cache.v,
+                "cache_valid": self.cache.valid,
+                "cache_pos": cache_pos,
+                "query_pos": query_pos,
+            },
+        )
+        self.cache.write(gen["new_k"], gen["new_v"], self.next_frame)
+        motion = gen["motion"]
+        self.prev_motion = np.ascontiguousarray(motion[:, -1])
+        self.last_motion = motion[0]
+        dec = self._run(
+            "decoder", {"app_feat": self.app_feat, "image": self.image, "motion": motion}
+        )
+        t0 = self.clock()
+        rgb = (np.clip(dec["frames"], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        self.stats.convert_ms.append((self.clock() - t0) * 1000.0)
+        start = self.next_frame
+        self.own, self.partner = self.own[c * spf :], self.partner[c * spf :]
+        self.next_frame += c
+        self.stats.chunks += 1
+        self.stats.frames += c
+        return [Frame(start + i, (start + i) / FPS, rgb[i]) for i in range(c)]
+
+
+def _as_pcm(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise InputError(f"{what} must be mono 1-D samples, got shape {x.shape}")
+    if x.dtype == np.int16:
+        x = x.astype(np.float32) / 32768.0
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError(f"{what} contains NaN or Inf samples")
+    return x

@@ -1,0 +1,79 @@
+"""Checkpoints: safetensors with the config in metadata; anything else is refused, never unpickled."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from edgetalk.errors import BundleError, InputError
+from edgetalk.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from edgetalk.models.config import ModelConfig, preset
+
+from .conftest import MICRO, seeded_model
+
+
+def test_round_trip(tmp_path):
+    model = seeded_model(MICRO, seed=4)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path, trained="false")
+    loaded, meta = load_checkpoint(path)
+    assert loaded.cfg == MICRO and meta["trained"] == "false"
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_config_dict_round_trip():
+    for name in ("tiny", "large"):
+        cfg = preset(name)
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+class Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(BundleError, match="not a safetensors checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_plain_safetensors_without_metadata_is_refused(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(BundleError, match="not an EdgeTalk checkpoint"):
+        read_metadata(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_weights_for_another_config_are_refused(tmp_path):
+    model = seeded_model(MICRO)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.pop(next(iter(state)))
+    save_file(state, str(path), metadata=read_metadata(path))
+    with pytest.raises(BundleError, match="do not match"):
+        load_checkpoint(path)
+
+
+def test_streaming_overrides():
+    cfg = preset("tiny").with_streaming(chunk=1, window=6)
+    assert (cfg.chunk, cfg.generator.window, cfg.cache_slots) == (1, 6, 7)
+    with pytest.raises(ValueError, match="lookahead"):
+        preset("tiny").with_streaming(lookahead=5)
+    with pytest.raises(ValueError):
+        preset("tiny").with_streaming(chunk=0)
+    assert np.isclose(preset("tiny").lookahead * 40, 80)  # smallest L covering 60 ms

@@ -1,0 +1,170 @@
+"""The static-cache streaming path is exactly the block-causal model, and its buffers stay fixed."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from edgetalk.models.config import preset
+from edgetalk.models.io_spec import module_io
+from edgetalk.runtime.backend import Backend
+from edgetalk.runtime.backend_torch import TorchBackend
+from edgetalk.runtime.cache import KVCache
+from edgetalk.runtime.scheduler import StreamScheduler
+
+from .conftest import MICRO, seeded_model, speechlike
+
+
+class RecordingBackend(TorchBackend):
+    """Keeps every generator call's inputs and outputs."""
+
+    def __init__(self, *a, cache_pos_offset: float = 0.0, **k):
+        super().__init__(*a, **k)
+        self.calls = []
+        self.cache_pos_offset = cache_pos_offset
+
+    def run(self, module, inputs):
+        if module == "generator" and self.cache_pos_offset:
+            inputs = dict(inputs, cache_pos=inputs["cache_pos"] + self.cache_pos_offset)
+        out = super().run(module, inputs)
+        if module == "generator":
+            self.calls.append((inputs, out))
+        return out
+
+
+def stream_then_parallel(cfg, seconds: float, cache_pos_offset: float = 0.0) -> float:
+    """Stream audio chunk by chunk, then recompute the same frames in one block-causal pass."""
+    model = seeded_model(cfg, seed=1)
+    backend = RecordingBackend(model, cache_pos_offset=cache_pos_offset)
+    res = cfg.render.resolution
+    avatar = np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8)
+    sched = StreamScheduler(backend, avatar, seed=7)
+    pcm = speechlike(seconds)
+    for i in range(0, pcm.shape[0], 777):  # odd piece size: pieces never align with chunks
+        sched.push_audio(pcm[i : i + 777])
+    sched.flush()
+
+    def cat(key, io="in"):
+        return torch.from_numpy(
+            np.concatenate([(c[0] if io == "in" else c[1])[key] for c in backend.calls], axis=1)
+        )
+
+    tokens, mask, noise = cat("audio_tokens"), cat("talk_mask"), cat("noise")
+    streamed = cat("motion", "out")
+    ref = torch.from_numpy(backend.calls[0][0]["ref_motion"])
+    steps = cfg.generator.steps
+    x = noise.clone()
+    with torch.no_grad():
+        for n in range(steps):
+            t = torch.full(mask.shape, n / steps)
+            x = x + model.generator.forward_parallel(tokens, mask, ref, streamed, x, t) / steps
+    # The stream must be long enough for RAPR to re-base positions and the window to wrap.
+    assert streamed.shape[1] > cfg.max_position + 2 * cfg.generator.window
+    return float((x - streamed).abs().max())
+
+
+@pytest.mark.parametrize("cfg", [preset("tiny"), MICRO], ids=["tiny", "micro"])
+def test_streaming_matches_block_causal_pass(cfg):
+    assert stream_then_parallel(cfg, seconds=2.4) <= 1e-4
+
+
+def test_equivalence_check_detects_wrong_positions():
+    # The same comparison fails when cached positions are off by one: the test has teeth.
+    assert stream_then_parallel(preset("tiny"), seconds=2.4, cache_pos_offset=1.0) > 1e-3
+
+
+def test_sink_never_evicted_and_positions_capped():
+    cfg = preset("tiny")
+    cache = KVCache(cfg)
+    c, d = cfg.chunk, cfg.max_position
+    g = cfg.generator
+    for k in range(10_000):
+        start = k * c
+        cache_pos, query_pos = cache.positions(start)
+        assert query_pos.max() <= d and cache_pos.max() <= d
+        # Relative offsets inside chunk + window are the true frame distances.
+        held = cache.slot_frame >= c
+        if held.any():
+            off = query_pos[0, 0] - cache_pos[0, held]
+            assert np.array_equal(off, start - cache.slot_frame[held])
+        new = np.full((g.layers, 1, g.heads, c, cfg.head_dim), k, dtype=np.float32)
+        cache.write(new, new, start)
+        assert np.array_equal(cache.slot_frame[:c], np.arange(c))  # the sink stays
+        assert cache.k.shape == (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
+    assert np.all(cache.k[:, :, :, :c] == 0)  # written once, by chunk 0
+    assert cache.valid.min() == 1.0
+
+
+class ShapeOnlyBackend(Backend):
+    """Pure-numpy stand-in with the contract's shapes: isolates the scheduler's own memory."""
+
+    name = "shape-only"
+
+    def run(self, module, inputs):
+        out = {}
+        for t in self.io[module].outputs:
+            arr = np.zeros(t.shape, dtype=t.dtype)
+            arr.flat[0] = float(np.sum(inputs[self.io[module].inputs[0].name]))  # depends on input
+            out[t.name] = arr
+        return out
+
+
+def test_ten_thousand_chunks_flat_memory():
+    """10,000 chunks through the scheduler: fixed buffers and no growth in traced memory."""
+    cfg = MICRO
+    backend = ShapeOnlyBackend(cfg, module_io(cfg))
+    sched = StreamScheduler(backend, np.zeros((32, 32, 3), np.uint8), seed=0)
+    piece = np.zeros(cfg.chunk * 640, np.float32)
+    piece[::7] = 0.1
+    shapes = (sched.cache.k.shape, sched.pcm_state.shape, sched.conv_state.shape)
+    for _ in range(100):  # warm-up
+        sched.push_audio(piece, piece)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(10_000 - 100):
+        sched.push_audio(piece, piece)
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert sched.stats.chunks >= 10_000 - cfg.lookahead
+    assert (sched.cache.k.shape, sched.pcm_state.shape, sched.conv_state.shape) == shapes
+    assert sched.cache.slot_frame.max() == sched.next_frame - 1
+    assert sched.own.shape[0] < (cfg.chunk + cfg.lookahead) * 640
+    assert grown < 64 * 1024, f"traced memory grew by {grown} bytes"
+
+
+def test_audio_encoder_is_causal_with_fixed_lookahead():
+    cfg = preset("tiny")
+    model = seeded_model(cfg)
+    backend = TorchBackend(model)
+    c, lk = cfg.chunk, cfg.lookahead
+
+    def tokens(pcm):
+        sched = StreamScheduler(backend, np.zeros((256, 256, 3), np.uint8))
+        out = []
+        orig = backend.run
+
+        def spy(module, inputs):
+            o = orig(module, inputs)
+            if module == "audio":
+                out.append(o["audio_tokens"][0])
+            return o
+
+        backend.run = spy
+        try:
+            sched.push_audio(pcm)
+        finally:
+            backend.run = orig
+        return np.concatenate(out)
+
+    pcm = speechlike(2.0)
+    base = tokens(pcm)
+    hit = 30  # perturb audio from the start of frame 30 on
+    changed = pcm.copy()
+    changed[hit * 640 :] += 0.2
+    diff = np.abs(tokens(changed) - base).max(axis=1)
+    assert diff[: hit - lk].max() == 0.0  # nothing before t + L sees the future
+    assert diff[hit - lk] > 1e-4  # frame t sees up to the end of frame t + L
+    assert base.shape[0] % c == 0
