@@ -60,7 +60,8 @@ class AudioEncoder(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv1d(a.hidden, a.hidden, a.kernel) for _ in range(a.conv_layers)
         )
-        self.norms = nn.ModuleList(nn.GroupNorm(1, a.hidden) for _ in range(a.conv_layers))
+        # Per-frame LayerNorm: statistics over channels only, so nothing leaks across time.
+        self.norms = nn.ModuleList(nn.LayerNorm(a.hidden) for _ in range(a.conv_layers))
         # Lookahead head: token t sees features of frames t .. t+L.
         self.lookahead_conv = nn.Conv1d(a.hidden, a.hidden, a.lookahead + 1)
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
@@ -77,29 +78,42 @@ class AudioEncoder(nn.Module):
 
     def forward(
         self,
-        pcm: torch.Tensor,  # [1, 2, (C+L)*640]: own voice, partner voice
-        talk_mask: torch.Tensor,  # [1, C]: 1 = the avatar speaks, 0 = it listens
-        pcm_state: torch.Tensor,  # [1, 2, n_fft-hop]
-        conv_state: torch.Tensor,  # [layers, 2, H, kernel-1]
+        pcm: torch.Tensor,  # [B, 2, (C+L)*640]: own voice, partner voice
+        talk_mask: torch.Tensor,  # [B, C]: 1 = the avatar speaks, 0 = it listens
+        pcm_state: torch.Tensor,  # [B, 2, n_fft-hop]
+        conv_state: torch.Tensor,  # [layers, 2B, H, kernel-1]
     ) -> dict[str, torch.Tensor]:
-        c = talk_mask.shape[1]
-        two = pcm.shape[1]
-        full = torch.cat([pcm_state, pcm], dim=2).reshape(two, -1)  # own and partner as a batch
-        x = self.features(full)  # [2, H, C+L]
+        b, c = talk_mask.shape
+        full = torch.cat([pcm_state, pcm], dim=2)
+        x = self.features(full.reshape(2 * b, full.shape[2]))  # own/partner as batch: [2B, H, C+L]
         keep = c * SAMPLES_PER_FRAME  # the state advances by the chunk, not the lookahead
         pcm_state_out = pcm[:, :, keep - self.pcm_context : keep]
         k = self.cfg.audio.kernel - 1
         states = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            xin = torch.cat([conv_state[i], x], dim=2)  # [2, H, k + C + L]
+            xin = torch.cat([conv_state[i], x], dim=2)  # [2B, H, k + C + L]
             states.append(xin[:, :, c : c + k])  # history ending at frame s + C
-            x = x + F.gelu(norm(conv(xin)))
-        y = self.lookahead_conv(x)  # [2, H, C]
-        own, partner = y[0].T, y[1].T  # [C, H]
-        m = talk_mask[0].unsqueeze(1)  # [C, 1]
-        tokens = self.mix(torch.cat([own * m, partner * (1.0 - m), m], dim=1))
+            x = x + F.gelu(norm(conv(xin).transpose(1, 2)).transpose(1, 2))
+        y = self.lookahead_conv(x).reshape(b, 2, -1, c).transpose(2, 3)  # [B, 2, C, H]
+        own, partner = y[:, 0], y[:, 1]
+        m = talk_mask.unsqueeze(2)  # [B, C, 1]
+        tokens = self.mix(torch.cat([own * m, partner * (1.0 - m), m], dim=2))
         return {
-            "audio_tokens": tokens.unsqueeze(0),
+            "audio_tokens": tokens,
             "pcm_state_out": pcm_state_out,
             "conv_state_out": torch.stack(states, dim=0),
         }
+
+    def encode_sequence(self, pcm: torch.Tensor, talk_mask: torch.Tensor) -> torch.Tensor:
+        """Whole clips in one call (training): pcm [B, 2, T*640], mask [B, T] -> tokens [B, T, A].
+
+        The end is padded with L frames of silence, as the scheduler's flush does; the start has
+        zero state, as a new stream does. Equal to streaming the clip chunk by chunk.
+        """
+        b, t = talk_mask.shape
+        a = self.cfg.audio
+        pad = self.cfg.lookahead * SAMPLES_PER_FRAME
+        pcm = F.pad(pcm, (0, pad))
+        pcm_state = pcm.new_zeros(b, 2, self.pcm_context)
+        conv_state = pcm.new_zeros(a.conv_layers, 2 * b, a.hidden, a.kernel - 1)
+        return self(pcm, talk_mask, pcm_state, conv_state)["audio_tokens"]

@@ -83,6 +83,16 @@ class MotionGenerator(nn.Module):
         self.blocks = nn.ModuleList(Block(d, g.heads, g.mlp_ratio) for _ in range(g.layers))
         self.out_norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, p)
+        # Flow matching runs in a unit-variance motion space; the statistics come from training
+        # data and travel in the checkpoint. Inputs and outputs stay in raw motion units.
+        self.register_buffer("motion_mean", torch.zeros(p))
+        self.register_buffer("motion_std", torch.ones(p))
+
+    def normalize(self, motion: torch.Tensor) -> torch.Tensor:
+        return (motion - self.motion_mean) / self.motion_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.motion_std + self.motion_mean
 
     # ---- token embeddings -------------------------------------------------------------------
     def condition(self, audio_tokens, talk_mask, prev_motion) -> torch.Tensor:
@@ -121,7 +131,8 @@ class MotionGenerator(nn.Module):
         g = self.cfg.generator
         c = audio_tokens.shape[1]
         hd = self.cfg.head_dim
-        cond = self.condition(audio_tokens, talk_mask, prev_motion.unsqueeze(1).expand(-1, c, -1))
+        prev = self.normalize(prev_motion).unsqueeze(1).expand(-1, c, -1)
+        cond = self.condition(audio_tokens, talk_mask, prev)
 
         # Reference token: attends only to itself, position 0.
         ref = self.ref_token(ref_motion)
@@ -166,7 +177,11 @@ class MotionGenerator(nn.Module):
             h, _, _ = run(self.tokens(x, t, cond), collect=False)
             x = x + self.velocity(h) / steps
         _, new_k, new_v = run(self.tokens(x, torch.ones_like(talk_mask), cond), collect=True)
-        return {"motion": x, "new_k": torch.stack(new_k, 0), "new_v": torch.stack(new_v, 0)}
+        return {
+            "motion": self.denormalize(x),
+            "new_k": torch.stack(new_k, 0),
+            "new_v": torch.stack(new_v, 0),
+        }
 
     # ---- whole sequence, block-causal mask (training and equivalence tests) ------------------
     def forward_parallel(
@@ -174,11 +189,11 @@ class MotionGenerator(nn.Module):
         audio_tokens: torch.Tensor,  # [B, T, A]
         talk_mask: torch.Tensor,  # [B, T]
         ref_motion: torch.Tensor,  # [B, P]
-        clean: torch.Tensor,  # [B, T, P]: context motion (teacher or the model's own outputs)
-        x_t: torch.Tensor,  # [B, T, P]: noisy motion
+        clean: torch.Tensor,  # [B, T, P]: context motion, raw units (teacher or own outputs)
+        x_t: torch.Tensor,  # [B, T, P]: noisy motion in the normalized space
         t: torch.Tensor,  # [B, T]: flow time of each frame of x_t
     ) -> torch.Tensor:
-        """Velocity for every noisy frame, each chunk seeing exactly what streaming shows it."""
+        """Velocity (normalized space) for every noisy frame; each chunk sees what streaming shows it."""
         b, n_frames, _ = clean.shape
         hd = self.cfg.head_dim
         layout = block_causal_layout(
@@ -188,7 +203,8 @@ class MotionGenerator(nn.Module):
             self.cfg.max_position,
             device=clean.device,
         )
-        prev = previous_motion(clean, self.cfg.chunk)
+        clean = self.normalize(clean)
+        prev = previous_motion(clean, self.cfg.chunk, self.normalize(torch.zeros_like(clean[:, 0])))
         cond = self.condition(audio_tokens, talk_mask, prev)
         h = torch.cat(
             [
@@ -218,11 +234,11 @@ class MotionGenerator(nn.Module):
         return self.velocity(h[:, 1 + n_frames :])
 
 
-def previous_motion(motion: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Per frame, the last frame of the previous chunk (zeros, the photo's pose, for chunk 0)."""
+def previous_motion(motion: torch.Tensor, chunk: int, start: torch.Tensor) -> torch.Tensor:
+    """Per frame, the last frame of the previous chunk (`start` [B, P] for chunk 0)."""
     b, n, p = motion.shape
     idx = torch.arange(n, device=motion.device) // chunk * chunk - 1  # last frame before chunk
-    padded = torch.cat([torch.zeros_like(motion[:, :1]), motion], dim=1)
+    padded = torch.cat([start.unsqueeze(1), motion], dim=1)
     return padded[:, idx + 1]
 
 

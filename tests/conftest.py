@@ -29,6 +29,9 @@ def seeded_model(cfg: ModelConfig, seed: int = 0) -> EdgeTalkModel:
         for p in model.decoder.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.01)
+        # Non-trivial motion statistics, so normalisation is exercised.
+        model.generator.motion_mean.normal_(0, 0.1)
+        model.generator.motion_std.uniform_(0.05, 0.5)
     return model
 
 

@@ -57,10 +57,12 @@ def stream_then_parallel(cfg, seconds: float, cache_pos_offset: float = 0.0) -> 
     ref = torch.from_numpy(backend.calls[0][0]["ref_motion"])
     steps = cfg.generator.steps
     x = noise.clone()
+    gen = model.generator
     with torch.no_grad():
         for n in range(steps):
             t = torch.full(mask.shape, n / steps)
-            x = x + model.generator.forward_parallel(tokens, mask, ref, streamed, x, t) / steps
+            x = x + gen.forward_parallel(tokens, mask, ref, streamed, x, t) / steps
+        x = gen.denormalize(x)
     # The stream must be long enough for RAPR to re-base positions and the window to wrap.
     assert streamed.shape[1] > cfg.max_position + 2 * cfg.generator.window
     return float((x - streamed).abs().max())
@@ -168,3 +170,31 @@ def test_audio_encoder_is_causal_with_fixed_lookahead():
     assert diff[: hit - lk].max() == 0.0  # nothing before t + L sees the future
     assert diff[hit - lk] > 1e-4  # frame t sees up to the end of frame t + L
     assert base.shape[0] % c == 0
+
+
+def test_whole_clip_audio_encoding_equals_streaming():
+    """Training encodes whole clips in one call; that must equal the streamed tokens."""
+    cfg = preset("tiny")
+    model = seeded_model(cfg)
+    backend = TorchBackend(model)
+    seen = []
+    orig = backend.run
+
+    def spy(module, inputs):
+        out = orig(module, inputs)
+        if module == "audio":
+            seen.append(out["audio_tokens"][0])
+        return out
+
+    backend.run = spy
+    sched = StreamScheduler(backend, np.zeros((256, 256, 3), np.uint8))
+    pcm = speechlike(1.6)  # 40 frames, a multiple of C
+    sched.push_audio(pcm)
+    sched.flush()
+    streamed = np.concatenate(seen)
+    n = streamed.shape[0]
+    with torch.no_grad():
+        whole = model.audio.encode_sequence(
+            torch.from_numpy(np.stack([pcm, np.zeros_like(pcm)]))[None], torch.ones(1, n)
+        )[0].numpy()
+    assert np.abs(whole - streamed).max() < 1e-4
