@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .errors import EdgeTalkError
 
-SUBCOMMANDS = ("edgetalk.runtime.cli_run",)
+SUBCOMMANDS = ("edgetalk.runtime.cli_run", "edgetalk.export.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,10 +52,13 @@ class Decoder(nn.Module):
         image: torch.Tensor,  # [1, 3, R, R] in [0, 1]
         motion: torch.Tensor,  # [1, C, P]
     ) -> dict[str, torch.Tensor]:
-        m = motion[0]
+        return {"frames": self.render(app_feat, image, motion[0])}
+
+    def render(self, app_feat: torch.Tensor, image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
         c, hw = m.shape[0], self.feat
         gamma, beta = self.film(m).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
-        x = F.gelu(self.app_in(app_feat) * (1.0 + gamma) + beta)  # [C, Hd, h, w]
+        x = F.gelu(self.app_in(app_feat) * (1.0 + gamma) + beta)  # [N, Hd, h, w]
         for conv in self.blocks:
             x = x + F.gelu(conv(x))
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
@@ -63,10 +66,7 @@ class Decoder(nn.Module):
         grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
         grid = grid + self.flow_out(x).permute(0, 2, 3, 1)
         grid_full = F.interpolate(
-            grid.permute(0, 3, 1, 2),
-            size=(self.res, self.res),
-            mode="bilinear",
-            align_corners=False,
+            grid.permute(0, 3, 1, 2), size=(self.res, self.res), mode="bilinear", align_corners=False
         ).permute(0, 2, 3, 1)
         warped = F.grid_sample(
             image.expand(c, -1, -1, -1),
@@ -83,10 +83,10 @@ class Decoder(nn.Module):
             align_corners=False,
         )
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
-        r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [C, rc, R/2, R/2]
+        r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [N, rc, R/2, R/2]
         o = F.interpolate(
             self.refine_out(r), size=(self.res, self.res), mode="bilinear", align_corners=False
         )
         alpha = torch.sigmoid(o[:, 3:4])
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
-        return {"frames": frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)}
+        return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)

@@ -87,7 +87,9 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Mp4Sink(args.out, res) as sink:
         sink.write_audio(pcm if partner is None else np.clip(pcm + partner, -1.0, 1.0))
-        with tqdm(total=total_frames, unit="frame", desc="rendering", leave=False) as bar:
+        with tqdm(
+            total=total_frames, unit="frame", desc="rendering", leave=False, disable=None
+        ) as bar:
             for i in range(0, pcm.shape[0], piece):
                 part = None if partner is None else partner[i : i + piece]
                 for frame in sched.push_audio(pcm[i : i + piece], part):

@@ -1,0 +1,325 @@
+"""ONNX: one convert_<part>() per module, static shapes, opset 17, then FP16 or INT8.
+
+- FP16 uses onnxconverter-common with keep_io_types; grid_sample, normalisation reductions,
+  Resize, Softmax and the DFT front end stay in fp32.
+- INT8 uses onnxruntime.quantization: static QDQ, per-channel weights, calibrated on recorded
+  real inputs. Only Conv/MatMul/Gemm with a constant weight are quantized (activation x activation
+  matmuls in attention stay float); the nodes that stay float are listed for the manifest, and an
+  "int8" model with no 8-bit weights is an error, never a silent fp32 file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.edgetalk import EdgeTalkModel
+from ..models.io_spec import ModuleIO
+from .graph import ModuleGraph, example_args
+
+OPSET = 17
+SUFFIX = ".onnx"
+# Ops whose numerics fp16 breaks (reductions, resampling, exp-heavy) or that CPU EPs lack in fp16.
+FP16_KEEP = [
+    "GridSample",
+    "Resize",
+    "ReduceMean",
+    "LayerNormalization",
+    "Softmax",
+    "Pow",
+    "Sqrt",
+    "Log",
+    "Exp",
+    "Erf",
+    "Div",
+    "Sin",
+    "Cos",
+    "Range",
+    "ConstantOfShape",
+    "Expand",
+    "CumSum",
+]
+QUANT_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:
+    graph = ModuleGraph(model, part, io).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            example_args(io, sample),
+            str(path),
+            input_names=list(io.input_names),
+            output_names=list(io.output_names),
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    _check_static(path, io)
+    return path
+
+
+def convert_appearance(model, io, path, sample=None):
+    return _export(model, "appearance", io, path, sample)
+
+
+def convert_audio(model, io, path, sample=None):
+    return _export(model, "audio", io, path, sample)
+
+
+def convert_generator(model, io, path, sample=None):
+    return _export(model, "generator", io, path, sample)
+
+
+def convert_decoder(model, io, path, sample=None):
+    return _export(model, "decoder", io, path, sample)
+
+
+CONVERTERS = {
+    "appearance": convert_appearance,
+    "audio": convert_audio,
+    "generator": convert_generator,
+    "decoder": convert_decoder,
+}
+
+
+def _check_static(path: Path, io: ModuleIO) -> None:
+    """onnx.checker passes and every graph input/output has the contract's fixed integer shape."""
+    import onnx
+
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    declared = {t.name: t.shape for t in (*io.inputs, *io.outputs)}
+    for v in (*m.graph.input, *m.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            raise ValueError(
+                f"{path.name}: {v.name} has a symbolic dimension; shapes must be static"
+            )
+        shape = tuple(d.dim_value for d in dims)
+        if declared.get(v.name) != shape:
+            raise ValueError(
+                f"{path.name}: {v.name} is {shape}, contract says {declared.get(v.name)}"
+            )
+
+
+def to_fp16(src: Path, dst: Path) -> dict:
+    import onnx
+    from onnxconverter_common import float16
+
+    m = onnx.load(str(src))
+    # The converter places its casts from complete type annotations; afterwards the annotations
+    # of intermediate values are stale, so drop them and let onnxruntime infer types.
+    _strip_identities(m)
+    m = onnx.shape_inference.infer_shapes(m)
+    keep_nodes = sorted(_upstream_of(m, "Log") | _upstream_of(m, "Sin") | _upstream_of(m, "Cos"))
+    kept = set(keep_nodes)
+    _unshare_initializers(m, lambda n: n.op_type in FP16_KEEP or n.name in kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m16 = float16.convert_float_to_float16(
+            m, keep_io_types=True, op_block_list=FP16_KEEP, node_block_list=keep_nodes
+        )
+    del m16.graph.value_info[:]
+    onnx.save(m16, str(dst))
+    kept = sorted({n.op_type for n in m.graph.node if n.op_type in FP16_KEEP})
+    return {"fp32_op_types": kept}
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over recorded real inputs."""
+
+    def __init__(self, samples: list[dict[str, np.ndarray]], names):
+        self.it = iter([{k: s[k] for k in names} for s in samples])
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):  # newer onnxruntime calls this between passes
+        pass
+
+
+def to_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> dict:
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    m = onnx.load(str(pre))
+    consts = {i.name for i in m.graph.initializer}
+    consts |= {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
+    front_end = _upstream_of(m, "Log")  # the fixed DFT/mel front end: log magnifies its error
+    exclude = [
+        n.name
+        for n in m.graph.node
+        if n.op_type in QUANT_OPS
+        and (not any(i in consts for i in n.input[1:2]) or n.name in front_end)
+    ]
+    names = [i.name for i in m.graph.input]
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration, names)
+    quantize_static(
+        str(pre),
+        str(dst),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(QUANT_OPS),
+        nodes_to_exclude=exclude,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )
+    pre.unlink(missing_ok=True)
+    info = int8_report(dst)
+    if info["int8_weight_tensors"] == 0 or info["quantized_compute_nodes"] == 0:
+        raise RuntimeError(f"{dst.name}: INT8 quantization produced no 8-bit weights")
+    return info
+
+
+def _strip_identities(m) -> None:
+    """Remove Identity aliases (the tracer's way of sharing one weight between uses) so every
+    consumer reads the tensor itself; otherwise the fp16 pass types an alias and its source apart."""
+    outputs = {o.name for o in m.graph.output}
+    alias = {}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "Identity" and n.output[0] not in outputs:
+            alias[n.output[0]] = alias.get(n.input[0], n.input[0])
+        else:
+            keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+
+
+def _unshare_initializers(m, stays_fp32) -> None:
+    """The tracer merges equal constants (all zero biases become one tensor). Where one tensor
+    feeds both an fp32-kept node and an fp16 node, give the fp32 side its own copy."""
+    import copy
+
+    inits = {i.name: i for i in m.graph.initializer}
+    users: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            if i in inits:
+                users.setdefault(i, []).append(n)
+    for name, nodes in users.items():
+        fp32_side = [n for n in nodes if stays_fp32(n)]
+        if fp32_side and len(fp32_side) < len(nodes):
+            twin = copy.deepcopy(inits[name])
+            twin.name = f"{name}__fp32"
+            m.graph.initializer.append(twin)
+            for n in fp32_side:
+                for k, i in enumerate(n.input):
+                    if i == name:
+                        n.input[k] = twin.name
+
+
+def _upstream_of(m, op_type: str) -> set[str]:
+    """Names of every node that feeds (directly or not) a node of op_type."""
+    produced_by = {o: n for n in m.graph.node for o in n.output}
+    todo = [n for n in m.graph.node if n.op_type == op_type]
+    seen: set[str] = set()
+    while todo:
+        n = todo.pop()
+        for i in n.input:
+            src = produced_by.get(i)
+            if src is not None and src.name not in seen:
+                seen.add(src.name)
+                todo.append(src)
+    return seen
+
+
+def int8_report(path: Path) -> dict:
+    """Which compute nodes read 8-bit weights (through DequantizeLinear) and which stayed float."""
+    import onnx
+
+    m = onnx.load(str(path))
+    int8_inits = [i.name for i in m.graph.initializer if i.data_type in (2, 3)]  # uint8, int8
+    produced_by = {o: n for n in m.graph.node for o in n.output}
+    quantized, floating = [], []
+    for n in m.graph.node:
+        if n.op_type not in QUANT_OPS:
+            continue
+        w = produced_by.get(n.input[1]) if len(n.input) > 1 else None
+        (quantized if w is not None and w.op_type == "DequantizeLinear" else floating).append(n)
+    return {
+        "int8_weight_tensors": len(int8_inits),
+        "quantized_compute_nodes": len(quantized),
+        "float_compute_nodes": [f"{n.op_type}:{n.name}" for n in floating],
+        "float_op_types": dict(
+            Counter(
+                n.op_type
+                for n in m.graph.node
+                if n.op_type not in ("QuantizeLinear", "DequantizeLinear", *QUANT_OPS)
+            )
+        ),
+    }
+
+
+def finish(precision: str, src: Path, dst: Path, calibration) -> dict:
+    if precision == "fp32":
+        src.replace(dst)
+        return {}
+    if precision == "fp16":
+        return to_fp16(src, dst)
+    return to_int8(src, dst, calibration)
+
+
+def checks(path: Path, io: ModuleIO, precision: str) -> dict:
+    _check_static(path, io)
+    out = {"static_shapes": "pass", "opset": OPSET}
+    if precision == "int8":
+        rep = int8_report(path)
+        if rep["quantized_compute_nodes"] == 0:
+            raise RuntimeError(f"{path.name}: no 8-bit compute nodes in an int8 export")
+    return out
+
+
+def parity_backend(bundle):
+    from ..runtime.backend_onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(bundle)
+
+
+def tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    try:
+        import onnxconverter_common
+
+        occ = onnxconverter_common.__version__
+    except ImportError:
+        occ = None
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxconverter_common": occ,
+    }
+
+
+def availability():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False, "onnx and onnxruntime are not installed (pip install 'edgetalk[onnx]')"
+    return True, ""

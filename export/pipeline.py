@@ -1,0 +1,303 @@
+"""The export pipeline: checkpoint -> one bundle for one target and precision, parity-gated.
+
+Target specifics live in `converters/<target>.py`, which provides:
+    SUFFIX, CONVERTERS[part](model, io, path, sample), finish(precision, src, dst, calibration),
+    checks(path, io, precision), parity_backend(bundle) -> Backend | str, tool_versions().
+Everything else (calibration, skipping finished modules, parity by name, the end-to-end stream
+check, the manifest with hashes, the atomic rename) is shared here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..converters.parity import THRESHOLDS, compare_outputs, psnr
+from ..errors import EdgeTalkError
+from ..models.checkpoint import default_checkpoint, load_checkpoint
+from ..models.edgetalk import MODULES
+from ..models.io_spec import module_io
+from ..runtime.backend import Backend
+from ..runtime.backend_torch import TorchBackend
+from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
+from .calibration import pick, record_stream
+
+TARGETS = ("onnx", "coreml", "mlx")
+PRECISIONS = ("fp32", "fp16", "int8")
+E2E_FRAMES = 100
+PARITY_CALLS = 6
+CALIBRATION_CALLS = 64
+
+
+class ExportFailed(EdgeTalkError):
+    pass
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    size_bytes: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    parity: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    ok: bool
+    modules: list[ModuleResult]
+    e2e: dict
+    seconds: float
+    manifest: dict
+
+
+def default_out(cfg, target: str, precision: str) -> Path:
+    return Path("bundles") / f"{cfg.name}-{target}-{precision}-c{cfg.chunk}"
+
+
+def export_bundle(
+    target: str,
+    precision: str,
+    checkpoint: str | Path | None = None,
+    chunk: int | None = None,
+    lookahead: int | None = None,
+    steps: int | None = None,
+    window: int | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    e2e_frames: int = E2E_FRAMES,
+) -> ExportResult:
+    from tqdm import tqdm
+
+    if target not in TARGETS:
+        raise EdgeTalkError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise EdgeTalkError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    conv = importlib.import_module(f"edgetalk.converters.{target}")
+    if hasattr(conv, "availability"):
+        ok, why = conv.availability()
+        if not ok:
+            raise EdgeTalkError(f"cannot export {target}: {why}")
+    t_start = time.time()
+    ck_path = Path(checkpoint) if checkpoint else default_checkpoint()
+    model, meta = load_checkpoint(ck_path)
+    try:
+        cfg = model.cfg.with_streaming(chunk=chunk, lookahead=lookahead, steps=steps, window=window)
+    except ValueError as e:
+        raise EdgeTalkError(str(e)) from None
+    model.set_streaming(cfg)
+    io = module_io(cfg)
+    out = Path(out) if out else default_out(cfg, target, precision)
+    work = out.with_name(out.name + ".partial")
+    if force:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    key = _export_key(ck_path, cfg, target, precision)
+
+    torch_backend = TorchBackend(model, cfg)
+    recording = record_stream(torch_backend).calls
+    files: dict[str, str] = {}
+    results: list[ModuleResult] = []
+    for part in MODULES:
+        fname = f"{part}{conv.SUFFIX}"
+        dst = work / fname
+        res = ModuleResult(part)
+        t0 = time.time()
+        reused = _reuse(part, fname, key, work, out, force)
+        with tqdm(
+            total=3,
+            desc=f"{part:<10}",
+            disable=None if progress else True,
+            leave=True,
+            bar_format="{desc} {bar} {n_fmt}/{total_fmt} {postfix}",
+        ) as bar:
+            if reused:
+                res.skipped = True
+                res.info = reused
+                bar.set_postfix_str("exists, skipped")
+                bar.update(3)
+            else:
+                _remove(dst)
+                src = work / f"{part}.fp32{conv.SUFFIX}"
+                _remove(src)
+                bar.set_postfix_str("tracing")
+                conv.CONVERTERS[part](model, io[part], src, recording[part][0])
+                bar.update(1)
+                bar.set_postfix_str(f"{precision}")
+                res.info = (
+                    conv.finish(precision, src, dst, pick(recording[part], CALIBRATION_CALLS)) or {}
+                )
+                if src.exists() and src != dst:
+                    _remove(src)
+                bar.update(1)
+                bar.set_postfix_str("checks")
+                res.info.update(conv.checks(dst, io[part], precision) or {})
+                (work / f".{part}.key").write_text(json.dumps({"key": key, "info": res.info}))
+                bar.update(1)
+        files[part] = fname
+        res.size_bytes = _size(dst)
+        res.seconds = time.time() - t0
+        results.append(res)
+    files.update(conv.extra_files(work) if hasattr(conv, "extra_files") else {})
+
+    draft = Bundle(work, {}, cfg, target, precision, io, files)
+    candidate = conv.parity_backend(draft)
+    e2e: dict
+    if isinstance(candidate, str):
+        for r in results:
+            r.parity = {"status": f"not run: {candidate}"}
+        e2e = {"status": f"not run: {candidate}"}
+    else:
+        for r in results:
+            calls = pick(recording[r.name], PARITY_CALLS)
+            ref = [torch_backend.run(r.name, c) for c in calls]
+            got = [candidate.run(r.name, c) for c in calls]
+            r.parity = compare_outputs(ref, got, precision)
+        e2e = end_to_end(torch_backend, candidate, precision, e2e_frames)
+
+    ok = all(r.parity.get("status") != "fail" for r in results) and e2e.get("status") != "fail"
+    manifest = _manifest(
+        cfg,
+        target,
+        precision,
+        files,
+        work,
+        results,
+        e2e,
+        meta,
+        ck_path,
+        conv,
+        time.time() - t_start,
+    )
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if ok:
+        for f in work.glob(".*.key"):
+            f.unlink()
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    result_path = out if ok else work
+    return ExportResult(result_path, ok, results, e2e, time.time() - t_start, manifest)
+
+
+def end_to_end(reference: Backend, candidate: Backend, precision: str, frames: int) -> dict:
+    """Stream the same audio through both backends with the same seed; score the frames."""
+    from ..runtime.audio_io import default_speech, read_audio
+    from ..runtime.avatar import prepare_avatar
+    from ..runtime.scheduler import StreamScheduler
+
+    avatar = prepare_avatar(None, reference.cfg.render.resolution)
+    pcm = read_audio(default_speech()).pcm[: frames * 640]
+    videos = []
+    for backend in (reference, candidate):
+        sched = StreamScheduler(backend, avatar, seed=1234)
+        got = sched.push_audio(pcm) + sched.flush()
+        videos.append(np.stack([f.rgb for f in got[:frames]]).astype(np.float32) / 255.0)
+    ref, cand = videos
+    per_frame = [psnr(a, b) for a, b in zip(ref, cand, strict=True)]
+    value = psnr(ref, cand)
+    th = THRESHOLDS[precision]["e2e_psnr_db"]
+    return {
+        "frames": len(per_frame),
+        "psnr_db": 999.0 if math.isinf(value) else round(value, 3),
+        "min_frame_psnr_db": round(min(min(per_frame), 999.0), 3),
+        "threshold_db": th,
+        "status": "pass" if value >= th else "fail",
+    }
+
+
+def _export_key(ck: Path, cfg, target: str, precision: str) -> str:
+    h = hashlib.sha256()
+    for part in (sha256(ck), cfg.to_json(), target, precision, __version__):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _reuse(part: str, fname: str, key: str, work: Path, out: Path, force: bool) -> dict | None:
+    """An artifact already made with the same checkpoint, config, target and precision."""
+    if force:
+        return None
+    marker = work / f".{part}.key"
+    if marker.exists() and (work / fname).exists():
+        rec = json.loads(marker.read_text())
+        if rec.get("key") == key:
+            return rec.get("info", {})
+    mf = out / MANIFEST
+    if mf.exists() and (out / fname).exists():
+        try:
+            prev = json.loads(mf.read_text())
+        except json.JSONDecodeError:
+            return None
+        if prev.get("export_key") == key and tree_sha256(out / fname) == prev["sha256"].get(fname):
+            _remove(work / fname)
+            if (out / fname).is_dir():
+                shutil.copytree(out / fname, work / fname)
+            else:
+                shutil.copy2(out / fname, work / fname)
+            info = prev.get("modules", {}).get(part, {}).get("info", {})
+            marker.write_text(json.dumps({"key": key, "info": info}))
+            return info or {"reused": True}
+    return None
+
+
+def _manifest(cfg, target, precision, files, work, results, e2e, meta, ck_path, conv, seconds):
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "edgetalk_version": __version__,
+        "export_key": _export_key(ck_path, cfg, target, precision),
+        "target": target,
+        "precision": precision,
+        "config": cfg.to_dict(),
+        "streaming": {
+            "chunk": cfg.chunk,
+            "lookahead": cfg.lookahead,
+            "cache_slots": cfg.cache_slots,
+            "sink": cfg.sink,
+            "window": cfg.generator.window,
+            "max_position": cfg.max_position,
+            "steps": cfg.generator.steps,
+        },
+        "checkpoint": {
+            "file": ck_path.name,
+            "sha256": sha256(ck_path),
+            "trained": meta.get("trained"),
+        },
+        "modules": {
+            r.name: {"io": module_io(cfg)[r.name].to_dict(), "info": r.info, "bytes": r.size_bytes}
+            for r in results
+        },
+        "parity": {r.name: r.parity for r in results} | {"end_to_end": e2e},
+        "thresholds": THRESHOLDS[precision],
+        "files": files,
+        "sha256": {f: tree_sha256(work / f) for f in files.values()},
+        "tool_versions": conv.tool_versions(),
+        "export_seconds": round(seconds, 1),
+    }
+
+
+def _size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()

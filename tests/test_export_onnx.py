@@ -1,0 +1,208 @@
+"""`edgetalk export --target onnx`: static shapes, names, parity gates, 8-bit for real, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+from edgetalk.cli import main  # noqa: E402
+from edgetalk.converters.onnx import int8_report  # noqa: E402
+from edgetalk.errors import BundleError  # noqa: E402
+from edgetalk.export.pipeline import export_bundle  # noqa: E402
+from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
+from edgetalk.models.edgetalk import MODULES  # noqa: E402
+from edgetalk.models.io_spec import module_io  # noqa: E402
+from edgetalk.runtime.bundle import open_bundle  # noqa: E402
+from edgetalk.runtime.loader import open_backend  # noqa: E402
+from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
+
+from .conftest import MICRO, seeded_model, speechlike  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "micro.safetensors"
+    save_checkpoint(seeded_model(MICRO, seed=2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(micro_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for prec in ("fp32", "fp16", "int8"):
+        r = export_bundle("onnx", prec, checkpoint=micro_ckpt, out=root / prec, progress=False)
+        out[prec] = r
+    return out
+
+
+@pytest.mark.parametrize("prec", ["fp32", "fp16", "int8"])
+def test_bundle_passes_parity(bundles, prec):
+    r = bundles[prec]
+    assert r.ok, r.manifest["parity"]
+    for name in MODULES:
+        assert r.manifest["parity"][name]["status"] == "pass"
+    e2e = r.manifest["parity"]["end_to_end"]
+    assert e2e["frames"] == 100 and e2e["status"] == "pass"
+    assert e2e["psnr_db"] >= r.manifest["thresholds"]["e2e_psnr_db"]
+
+
+def test_graphs_have_static_contract_shapes(bundles):
+    import onnx
+
+    r = bundles["fp32"]
+    io = module_io(MICRO)
+    for name in MODULES:
+        m = onnx.load(str(r.path / f"{name}.onnx"))
+        assert m.opset_import[0].version >= 17
+        got = {
+            v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+            for v in (*m.graph.input, *m.graph.output)
+        }
+        assert all(
+            d.HasField("dim_value")
+            for v in (*m.graph.input, *m.graph.output)
+            for d in v.type.tensor_type.shape.dim
+        )
+        want = {t.name: t.shape for t in (*io[name].inputs, *io[name].outputs)}
+        assert got == want
+        assert r.manifest["modules"][name]["io"] == io[name].to_dict()
+
+
+def test_outputs_bound_by_name(bundles):
+    backend = open_backend(bundle=bundles["fp32"].path)
+    io = backend.io["generator"]
+    rng = np.random.default_rng(0)
+    feed = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in io.inputs}
+    a = backend.run("generator", feed)
+    b = backend.run("generator", dict(reversed(list(feed.items()))))  # input order is irrelevant
+    assert list(a) == list(io.output_names)
+    for k in a:
+        assert np.array_equal(a[k], b[k])
+        assert a[k].shape == next(t.shape for t in io.outputs if t.name == k)
+
+
+def test_int8_is_really_8bit(bundles):
+    r = bundles["int8"]
+    for name in MODULES:
+        rep = int8_report(r.path / f"{name}.onnx")
+        assert rep["int8_weight_tensors"] > 0 and rep["quantized_compute_nodes"] > 0, name
+        info = r.manifest["modules"][name]["info"]
+        assert "float_compute_nodes" in info and "float_op_types" in info
+    fp32 = int8_report(bundles["fp32"].path / "decoder.onnx")
+    assert fp32["int8_weight_tensors"] == 0
+    # the DFT/mel front end stays float: it feeds a log
+    assert any("Conv" in n for n in r.manifest["modules"]["audio"]["info"]["float_compute_nodes"])
+
+
+def test_bundle_runs_through_scheduler(bundles):
+    backend = open_backend(bundle=bundles["int8"].path)
+    assert backend.name == "onnxruntime" and backend.precision == "int8"
+    sched = StreamScheduler(backend, np.zeros((32, 32, 3), np.uint8))
+    frames = sched.push_audio(speechlike(0.5)) + sched.flush()
+    assert len(frames) == 13 and frames[0].rgb.shape == (32, 32, 3)
+
+
+def test_existing_modules_are_skipped_unless_forced(bundles, micro_ckpt, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(bundles["fp32"].path, out)
+    again = export_bundle("onnx", "fp32", checkpoint=micro_ckpt, out=out, progress=False)
+    assert again.ok and all(m.skipped for m in again.modules)
+    forced = export_bundle(
+        "onnx", "fp32", checkpoint=micro_ckpt, out=out, force=True, progress=False
+    )
+    assert forced.ok and not any(m.skipped for m in forced.modules)
+
+
+def copy_bundle(bundles, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundles["fp32"].path, dst)
+    return dst
+
+
+def test_tampered_file_is_refused(bundles, tmp_path):
+    b = copy_bundle(bundles, tmp_path)
+    data = bytearray((b / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.onnx does not match its sha256"):
+        open_bundle(b)
+
+
+def test_missing_file_unknown_schema_and_wrong_chunk_are_refused(bundles, tmp_path):
+    b = copy_bundle(bundles, tmp_path)
+    with pytest.raises(BundleError, match="exported for chunk 2, not 4"):
+        open_bundle(b, expect_chunk=4)
+    mf = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps(dict(mf, schema_version=99)))
+    with pytest.raises(BundleError, match="schema version 99"):
+        open_bundle(b)
+    mf["modules"]["generator"]["io"]["inputs"][0]["shape"] = [1, 3, 16]
+    (b / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="generator I/O in the manifest does not match"):
+        open_bundle(b)
+    (b / "manifest.json").write_text(
+        json.dumps(
+            dict(
+                mf,
+                modules=json.loads((bundles["fp32"].path / "manifest.json").read_text())["modules"],
+            )
+        )
+    )
+    (b / "audio.onnx").unlink()
+    with pytest.raises(BundleError, match="audio file audio.onnx is missing"):
+        open_bundle(b)
+    (b / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        open_bundle(b)
+
+
+def test_parity_failure_exits_nonzero_and_keeps_no_bundle(
+    micro_ckpt, tmp_path, capsys, monkeypatch
+):
+    from edgetalk.converters import parity
+
+    monkeypatch.setitem(parity.THRESHOLDS, "fp32", dict(parity.THRESHOLDS["fp32"], psnr_db=1e9))
+    out = tmp_path / "fail"
+    code = main(
+        [
+            "export",
+            "--target",
+            "onnx",
+            "--precision",
+            "fp32",
+            "--checkpoint",
+            str(micro_ckpt),
+            "--out",
+            str(out),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 3
+    assert "parity FAILED for decoder (PSNR" in text
+    assert not out.exists()  # nothing a runtime would accept
+    with pytest.raises(BundleError, match="parity failed for decoder"):
+        open_bundle(tmp_path / "fail.partial")
+
+
+def test_cli_run_with_bundle(bundles, tmp_path, wav_file, capsys):
+    out = tmp_path / "o.mp4"
+    code = main(
+        [
+            "run",
+            "--bundle",
+            str(bundles["fp16"].path),
+            "--audio",
+            str(wav_file(0.4)),
+            "--out",
+            str(out),
+            "--no-face-check",
+        ]
+    )
+    assert code == 0 and out.exists()
+    assert "onnxruntime (fp16" in capsys.readouterr().out

@@ -1,0 +1,155 @@
+"""Stage A: the appearance encoder and decoder learn to render a frame from a photo + motion.
+
+Targets come from the synthetic renderer (mesh deformation + mouth interior) on the training
+identities. Motions are drawn from the viseme model's clips plus random jitter, so the decoder
+also sees combinations speech rarely makes. Reference and target share one augmentation; a
+horizontal flip mirrors the motion too.
+
+    python -m edgetalk.training.train_render --out runs/render --minutes 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.checkpoint import default_checkpoint, load_checkpoint
+from ..models.motion import INDEX
+from . import faces, synth
+from . import render as renderer
+from .loop import Run
+
+MIRROR_NEG = [INDEX[k] for k in ("head_yaw", "head_roll", "head_tx")]
+BLINKS = (INDEX["blink_left"], INDEX["blink_right"])
+
+
+def mirror_motion(m: np.ndarray) -> np.ndarray:
+    m = m.copy()
+    m[..., MIRROR_NEG] *= -1
+    m[..., list(BLINKS)] = m[..., list(BLINKS[::-1])]
+    return m
+
+
+def motion_pool(n_clips: int, seed: int) -> np.ndarray:
+    """Per-frame motions from motion-only clips (speech, listening, idle)."""
+    ident = faces.load_identities("train")[0]
+    out = []
+    for i in range(n_clips):
+        c = synth.make_clip(seed + i, ident, size=64, seconds=6.0, dyadic=i % 2 == 1, render=False)
+        out.append(c.motion)
+    return np.concatenate(out)
+
+
+class FrameSampler:
+    def __init__(self, size: int, seed: int, pool: np.ndarray):
+        self.ids = faces.load_identities("train")
+        self.refs = [synth.reference(i, size) for i in self.ids]
+        self.pool = pool
+        self.scale = pool.std(axis=0) + 1e-3
+        self.rng = np.random.default_rng(seed)
+        self.size = size
+
+    def sample(self, n: int):
+        rng = self.rng
+        refs, targets, motions, weights = [], [], [], []
+        for _ in range(n):
+            k = int(rng.integers(len(self.refs)))
+            ref = self.refs[k]
+            m = self.pool[int(rng.integers(len(self.pool)))].copy()
+            if rng.random() < 0.5:  # off-distribution combinations
+                m += rng.normal(0, 0.3, m.shape).astype(np.float32) * self.scale
+                m[:10] = np.clip(m[:10], 0.0, 1.0)
+            frame, lm = renderer.render(ref, m)
+            aug = faces.sample_augment(rng, 1.0)
+            ref_img = faces.apply_augment(ref.rgb, aug)
+            target = faces.apply_augment(frame, aug)
+            if aug.flip:
+                m = mirror_motion(m)
+            lm = faces.augment_points(lm, aug, self.size)
+            refs.append(ref_img)
+            targets.append(target)
+            motions.append(m)
+            weights.append(mouth_weight(lm, self.size))
+        to_t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
+        return to_t(refs), to_t(targets), torch.from_numpy(np.stack(motions)), torch.stack(weights)
+
+
+def mouth_weight(lm: np.ndarray, size: int) -> torch.Tensor:
+    """Loss weight map: 1 everywhere, 6 in a box around the mouth and 3 around the eyes."""
+    w = np.ones((size, size), np.float32)
+    for idx, gain, pad in (((61, 291, 0, 17, 13, 14), 6.0, 0.06), ((33, 133, 362, 263), 3.0, 0.05)):
+        pts = lm[list(idx)]
+        x0, y0 = pts.min(0) - pad * size
+        x1, y1 = pts.max(0) + pad * size
+        x0, y0 = max(0, int(x0)), max(0, int(y0))
+        x1, y1 = min(size, int(x1) + 1), min(size, int(y1) + 1)
+        w[y0:y1, x0:x1] = np.maximum(w[y0:y1, x0:x1], gain)
+    return torch.from_numpy(w)[None]
+
+
+def render_loss(pred, target, weight):
+    """Weighted L1 on pixels and on horizontal/vertical gradients (keeps edges, teeth, lids)."""
+    l1 = ((pred - target).abs() * weight).mean()
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
+    grad = ((dx(pred) - dx(target)).abs() * weight[..., :, 1:]).mean() + (
+        (dy(pred) - dy(target)).abs() * weight[..., 1:, :]
+    ).mean()
+    return l1 + 0.5 * grad
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss(a, b).item()
+    return 10 * np.log10(1.0 / max(mse, 1e-10))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/render")
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--steps", type=int, default=6000, help="schedule length (cosine LR)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, _ = load_checkpoint(default_checkpoint())
+    size = model.cfg.render.resolution
+    params = list(model.appearance.parameters()) + list(model.decoder.parameters())
+    with torch.no_grad():  # the reference token is not trained in this recipe: keep it zero
+        model.appearance.ref_head.weight.zero_()
+        model.appearance.ref_head.bias.zero_()
+    run = Run(args.out, model, [p for p in params if p.requires_grad], args.lr, args.steps)
+    model.appearance.ref_head.requires_grad_(False)
+    print("building the motion pool ...", flush=True)
+    sampler = FrameSampler(size, args.seed + run.step, motion_pool(60, 10_000))
+    model.train()
+    deadline = time.time() + args.minutes * 60
+    while time.time() < deadline and run.step < args.steps:
+        t0 = time.time()
+        ref, target, motion, weight = sampler.sample(args.batch)
+        t1 = time.time()
+        app = model.appearance(ref)["app_feat"]
+        pred = model.decoder.render(app, ref, motion).permute(0, 3, 1, 2)
+        loss = render_loss(pred, target, weight)
+        run.update(loss)
+        if run.step % 25 == 0:
+            run.log(
+                loss=loss.item(),
+                psnr=psnr(pred.detach(), target),
+                data_s=t1 - t0,
+                step_s=time.time() - t1,
+            )
+        if run.step % 250 == 0:
+            run.save(stage="render")
+    run.save(stage="render")
+
+
+if __name__ == "__main__":
+    main()
