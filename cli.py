@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .errors import EdgeTalkError
 
-SUBCOMMANDS = ("edgetalk.runtime.cli_run", "edgetalk.export.cli")
+SUBCOMMANDS = ("edgetalk.runtime.cli_run", "edgetalk.export.cli", "edgetalk.training.cli_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

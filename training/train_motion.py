@@ -120,15 +120,19 @@ def main(argv=None) -> None:
     ap.add_argument("--student", type=float, default=0.1, help="share of student-forced steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
+    ap.add_argument("--val-clips", type=int, default=60)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data_dir = Path(args.data)
     print("building motion data ...", flush=True)
     train = build_motion_set(data_dir / f"motion_train_{args.clips}.npz", args.clips, 0, "train")
-    val = build_motion_set(data_dir / "motion_eval_60.npz", 60, 500_000, "eval")
+    val = build_motion_set(
+        data_dir / f"motion_eval_{args.val_clips}.npz", args.val_clips, 500_000, "eval"
+    )
 
-    model, _ = load_checkpoint(default_checkpoint())
+    model, _ = load_checkpoint(args.init or default_checkpoint())
     cfg = model.cfg
     gen = model.generator
     with torch.no_grad():

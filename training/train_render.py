@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -116,10 +117,12 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
+    ap.add_argument("--pool-clips", type=int, default=60)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(default_checkpoint())
+    model, _ = load_checkpoint(args.init or default_checkpoint())
     size = model.cfg.render.resolution
     params = list(model.appearance.parameters()) + list(model.decoder.parameters())
     with torch.no_grad():  # the reference token is not trained in this recipe: keep it zero
@@ -128,7 +131,7 @@ def main(argv=None) -> None:
     run = Run(args.out, model, [p for p in params if p.requires_grad], args.lr, args.steps)
     model.appearance.ref_head.requires_grad_(False)
     print("building the motion pool ...", flush=True)
-    sampler = FrameSampler(size, args.seed + run.step, motion_pool(60, 10_000))
+    sampler = FrameSampler(size, args.seed + run.step, motion_pool(args.pool_clips, 10_000))
     model.train()
     deadline = time.time() + args.minutes * 60
     while time.time() < deadline and run.step < args.steps:
