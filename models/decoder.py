@@ -1,8 +1,12 @@
 """Warping decoder: motion vectors -> RGB frames, batched over a chunk.
 
-The photo itself is warped at full resolution by a flow predicted at 1/4 resolution (a learned
-global affine for head pose plus a local flow for the face), then a small refinement head paints
-what a warp cannot show (mouth interior, teeth, eyelids) and blends it in with a predicted alpha.
+The photo itself is warped at full resolution by a flow predicted at 1/4 resolution, then a small
+refinement head paints what a warp cannot show (mouth interior, teeth, eyelids) and blends it in
+with a predicted alpha. The flow has three parts:
+- a learned global affine of the motion (head pose);
+- per-parameter basis fields predicted from the photo once per call, weighted by the motion
+  (blendshape-like: "this is how *this* face moves when the jaw opens"), for flow and alpha;
+- a non-linear residual from motion-modulated features (FiLM) for what is not linear.
 Only 4-D grid_sample is used: 5-D warps do not run on ONNX Runtime or CoreML.
 """
 
@@ -34,13 +38,14 @@ class Decoder(nn.Module):
         self.film = nn.Linear(p, 2 * hd)
         self.blocks = nn.ModuleList(nn.Conv2d(hd, hd, 3, padding=1) for _ in range(r.flow_blocks))
         self.flow_out = nn.Conv2d(hd, 2, 3, padding=1)
+        self.basis = nn.Conv2d(ca, 3 * p, 3, padding=1)  # per parameter: flow (2) + alpha (1)
         self.affine = nn.Linear(p, 6)
         self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = nn.Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = nn.Conv2d(rc, 4, 3, padding=1)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         # Start as "show the photo": no flow, no affine change, refinement blended out.
-        for m in (self.flow_out, self.affine):
+        for m in (self.flow_out, self.affine, self.basis):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         with torch.no_grad():
@@ -57,6 +62,12 @@ class Decoder(nn.Module):
     def render(self, app_feat: torch.Tensor, image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
         c, hw = m.shape[0], self.feat
+        p = m.shape[1]
+        basis = self.basis(app_feat)  # [1 or N, 3P, h, w]
+        if basis.shape[0] == 1:  # one reference: a single matmul mixes the bases for all frames
+            lin = torch.matmul(m, basis.reshape(p, 3 * hw * hw)).reshape(c, 3, hw, hw)
+        else:
+            lin = (m.reshape(c, p, 1, 1, 1) * basis.reshape(c, p, 3, hw, hw)).sum(1)
         gamma, beta = self.film(m).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
         x = F.gelu(self.app_in(app_feat) * (1.0 + gamma) + beta)  # [N, Hd, h, w]
         for conv in self.blocks:
@@ -64,9 +75,12 @@ class Decoder(nn.Module):
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
         theta = (identity + self.affine(m)).reshape(c, 2, 3)
         grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
-        grid = grid + self.flow_out(x).permute(0, 2, 3, 1)
+        grid = grid + (self.flow_out(x) + lin[:, :2]).permute(0, 2, 3, 1)
         grid_full = F.interpolate(
-            grid.permute(0, 3, 1, 2), size=(self.res, self.res), mode="bilinear", align_corners=False
+            grid.permute(0, 3, 1, 2),
+            size=(self.res, self.res),
+            mode="bilinear",
+            align_corners=False,
         ).permute(0, 2, 3, 1)
         warped = F.grid_sample(
             image.expand(c, -1, -1, -1),
@@ -84,9 +98,13 @@ class Decoder(nn.Module):
         )
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
         r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [N, rc, R/2, R/2]
-        o = F.interpolate(
-            self.refine_out(r), size=(self.res, self.res), mode="bilinear", align_corners=False
+        o = self.refine_out(r)
+        half = self.res // 2
+        alpha_lin = F.interpolate(
+            lin[:, 2:], size=(half, half), mode="bilinear", align_corners=False
         )
+        o = torch.cat([o[:, :3], o[:, 3:] + alpha_lin], dim=1)
+        o = F.interpolate(o, size=(self.res, self.res), mode="bilinear", align_corners=False)
         alpha = torch.sigmoid(o[:, 3:4])
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)

@@ -13,15 +13,19 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from safetensors.torch import load_file
+
+from ..models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
 def assemble(render_dir: Path, motion_dir: Path, out: Path) -> dict:
-    render, _ = load_checkpoint(render_dir / "model.safetensors")
-    motion, _ = load_checkpoint(motion_dir / "model.safetensors")
-    model = render
-    model.audio.load_state_dict(motion.audio.state_dict())
-    model.generator.load_state_dict(motion.generator.state_dict())
+    model, _ = load_checkpoint(render_dir / "model.safetensors")
+    motion_file = motion_dir / "model.safetensors"
+    read_metadata(motion_file)
+    motion = load_file(str(motion_file))
+    for part in ("audio", "generator"):
+        sub = {k[len(part) + 1 :]: v for k, v in motion.items() if k.startswith(part + ".")}
+        model.module(part).load_state_dict(sub)
     with torch.no_grad():  # both recipes train with a zero reference token
         model.appearance.ref_head.weight.zero_()
         model.appearance.ref_head.bias.zero_()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import load_checkpoint, save_checkpoint
+from safetensors.torch import load_file
+
+from ..models.checkpoint import read_metadata, save_checkpoint
 from ..models.edgetalk import EdgeTalkModel
 
 
@@ -29,10 +31,15 @@ class Run:
         self.started = time.time()
         ck, opt = self.folder / "model.safetensors", self.folder / "optim.pt"
         if ck.exists() and opt.exists():
-            loaded, meta = load_checkpoint(ck)
-            model.load_state_dict(loaded.state_dict())
+            read_metadata(ck)  # refuses anything that is not an EdgeTalk checkpoint
+            missing, _ = model.load_state_dict(load_file(str(ck)), strict=False)
+            if missing:  # a layer added since this run began starts from the init checkpoint
+                print(f"resume: {len(missing)} tensors not in {ck.name}, kept from init")
             state = torch.load(opt, weights_only=True)
-            self.opt.load_state_dict(state["optim"])
+            try:
+                self.opt.load_state_dict(state["optim"])
+            except ValueError:
+                print("resume: optimizer state does not fit the parameters; starting it fresh")
             self.step = int(state["step"])
             print(f"resumed {self.folder} at step {self.step}")
 
