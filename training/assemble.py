@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import load_file
 
 from ..models.checkpoint import load_checkpoint, read_metadata, save_checkpoint

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import load_file
 
 from ..models.checkpoint import read_metadata, save_checkpoint
