@@ -9,7 +9,12 @@ import sys
 from . import __version__
 from .errors import EdgeTalkError
 
-SUBCOMMANDS = ("edgetalk.runtime.cli_run", "edgetalk.export.cli", "edgetalk.training.cli_eval")
+SUBCOMMANDS = (
+    "edgetalk.runtime.cli_run",
+    "edgetalk.export.cli",
+    "edgetalk.training.cli_eval",
+    "edgetalk.benchmarks.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,11 @@ class Decoder(nn.Module):
 
     def render(self, app_feat: torch.Tensor, image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
+        return self.render_parts(app_feat, image, m)[0]
+
+    def render_parts(self, app_feat, image, m):
+        """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
+        supervises the grid and alpha directly where the synthetic renderer knows them."""
         c, hw = m.shape[0], self.feat
         p = m.shape[1]
         basis = self.basis(app_feat)  # [1 or N, 3P, h, w]
@@ -107,4 +112,4 @@ class Decoder(nn.Module):
         o = F.interpolate(o, size=(self.res, self.res), mode="bilinear", align_corners=False)
         alpha = torch.sigmoid(o[:, 3:4])
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
-        return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)
+        return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha

@@ -359,13 +359,22 @@ def _backward_map(ref: RefFace, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def render(ref: RefFace, motion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(frame S x S x 3 uint8, landmarks [478, 2] float32) for one motion vector."""
+    frame, landmarks, _, _ = render_with_maps(ref, motion)
+    return frame, landmarks
+
+
+def render_with_maps(ref: RefFace, motion: np.ndarray):
+    """render() plus what produced the frame, for supervising a decoder: the backward map
+    (map_x, map_y: source pixel of every output pixel) and the mask of painted mouth pixels."""
     import cv2
 
     mesh, landmarks = deform(ref, motion)
     map_x, map_y = _backward_map(ref, mesh)
-    frame = cv2.remap(ref.rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    warped = cv2.remap(ref.rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    frame = warped.copy()
     _paint_mouth(ref, frame, landmarks, np.asarray(motion, np.float32).reshape(MOTION_DIM))
-    return frame, landmarks[:, :2].astype(np.float32)
+    painted = np.any(frame != warped, axis=2)
+    return frame, landmarks[:, :2].astype(np.float32), (map_x, map_y), painted
 
 
 def mouth_opening(landmarks: np.ndarray) -> float:

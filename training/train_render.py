@@ -56,7 +56,7 @@ class FrameSampler:
 
     def sample(self, n: int):
         rng = self.rng
-        refs, targets, motions, weights = [], [], [], []
+        refs, targets, motions, weights, grids, painted = [], [], [], [], [], []
         for _ in range(n):
             k = int(rng.integers(len(self.refs)))
             ref = self.refs[k]
@@ -64,10 +64,12 @@ class FrameSampler:
             if rng.random() < 0.5:  # off-distribution combinations
                 m += rng.normal(0, 0.3, m.shape).astype(np.float32) * self.scale
                 m[:10] = np.clip(m[:10], 0.0, 1.0)
-            frame, lm = renderer.render(ref, m)
+            frame, lm, maps, mask = renderer.render_with_maps(ref, m)
             aug = faces.sample_augment(rng, 1.0)
             ref_img = faces.apply_augment(ref.rgb, aug)
             target = faces.apply_augment(frame, aug)
+            grids.append(augment_map(maps, aug, self.size))
+            painted.append(augment_mask(mask, aug, self.size))
             if aug.flip:
                 m = mirror_motion(m)
             lm = faces.augment_points(lm, aug, self.size)
@@ -76,7 +78,38 @@ class FrameSampler:
             motions.append(m)
             weights.append(mouth_weight(lm, self.size))
         to_t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
-        return to_t(refs), to_t(targets), torch.from_numpy(np.stack(motions)), torch.stack(weights)
+        return (
+            to_t(refs),
+            to_t(targets),
+            torch.from_numpy(np.stack(motions)),
+            torch.stack(weights),
+            torch.from_numpy(np.stack(grids)),
+            torch.from_numpy(np.stack(painted))[:, None].float(),
+        )
+
+
+def augment_map(maps, aug, size: int) -> np.ndarray:
+    """The renderer's backward map under the augmentation, as a grid_sample grid in [-1, 1].
+
+    The augmented target at p shows the reference at map(A^-1 p), and the augmented reference at
+    q shows the reference at A^-1 q, so the augmented map is A(map(A^-1 p))."""
+    import cv2
+
+    a = faces.augment_matrix(aug, size)
+    mx = cv2.warpAffine(maps[0], a, (size, size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    my = cv2.warpAffine(maps[1], a, (size, size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    x = a[0, 0] * mx + a[0, 1] * my + a[0, 2]
+    y = a[1, 0] * mx + a[1, 1] * my + a[1, 2]
+    return np.stack([(x + 0.5) / size * 2 - 1, (y + 0.5) / size * 2 - 1], axis=-1).astype(np.float32)
+
+
+def augment_mask(mask: np.ndarray, aug, size: int) -> np.ndarray:
+    import cv2
+
+    a = faces.augment_matrix(aug, size)
+    return cv2.warpAffine(mask.astype(np.float32), a, (size, size), flags=cv2.INTER_LINEAR)
 
 
 def mouth_weight(lm: np.ndarray, size: int) -> torch.Tensor:
@@ -136,11 +169,17 @@ def main(argv=None) -> None:
     deadline = time.time() + args.minutes * 60
     while time.time() < deadline and run.step < args.steps:
         t0 = time.time()
-        ref, target, motion, weight = sampler.sample(args.batch)
+        ref, target, motion, weight, grid_gt, painted = sampler.sample(args.batch)
         t1 = time.time()
         app = model.appearance(ref)["app_feat"]
-        pred = model.decoder.render(app, ref, motion).permute(0, 3, 1, 2)
-        loss = render_loss(pred, target, weight)
+        frames, grid, alpha = model.decoder.render_parts(app, ref, motion)
+        pred = frames.permute(0, 3, 1, 2)
+        # Pixels alone give only local gradients for a warp; the renderer's exact correspondence
+        # (in pixels) and its painted-mouth mask teach the large jaw and lip moves directly.
+        w = weight[:, 0, :, :, None]
+        flow_err = ((grid - grid_gt).abs() * (size / 2) * w).mean()
+        alpha_err = F.binary_cross_entropy(alpha.clamp(1e-4, 1 - 1e-4), painted)
+        loss = render_loss(pred, target, weight) + 0.05 * flow_err + 0.1 * alpha_err
         run.update(loss)
         if run.step % 25 == 0:
             run.log(

@@ -1,0 +1,174 @@
+"""`edgetalk bench`: the streaming scheduler, timed, for every backend x precision x chunk, and
+`edgetalk bench report`: several devices' JSON files merged into one table and one set of plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark FPS, first-frame delay, RTF and per-module latency",
+        description="Time the streaming scheduler end to end for each backend x precision x chunk "
+        "(torch eager fp32 at the same chunk is always included as the reference). With no "
+        "--backend/--bundle/--export: torch fp32 plus every bundle found under bundles/.",
+    )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        default=[],
+        help="a bundle to run, with the backend its manifest picks (its chunk is fixed); repeatable",
+    )
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        help="a backend that runs the checkpoint at every --chunk (torch, torch:bf16, ...); "
+        "repeatable",
+    )
+    p.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        help="TARGET:PRECISION[,...] (e.g. onnx:int8,onnx:fp32,mlx:fp16): export one bundle per "
+        "--chunk into --cache-dir (reusing existing ones), then run them",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: tiny)")
+    src.add_argument("--preset", help="a model preset with seeded random weights (tiny, large)")
+    p.add_argument("--chunk", help="chunk sizes C, comma separated (default: the model's)")
+    p.add_argument("--seconds", type=float, default=10.0, help="media seconds per stream")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median kept)")
+    p.add_argument(
+        "--json", type=Path, help="write the results here (schema: benchmarks/schema.py)"
+    )
+    p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (and onnxruntime)")
+    p.add_argument("--device-name", help="name of this machine in merged reports")
+    p.add_argument("--piece-ms", type=float, default=20.0, help="paced audio piece length")
+    p.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds streamed before measuring (excluded)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="noise seed and random-weight seed")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("bundles/bench"),
+        help="where --export writes its bundles (default: bundles/bench)",
+    )
+    p.add_argument(
+        "--bundles-root",
+        type=Path,
+        default=Path("bundles"),
+        help="where bundles are looked for when no backend is named (default: bundles)",
+    )
+    p.set_defaults(func=main)
+
+    rs = p.add_subparsers(dest="bench_command", metavar="report")
+    r = rs.add_parser(
+        "report",
+        help="merge bench JSON files from several devices into one table and plots",
+        description="Merge `edgetalk bench --json` files (one per device) into one Markdown table "
+        "with a device column, and one set of plots.",
+    )
+    r.add_argument("files", type=Path, nargs="+", help="bench JSON files")
+    r.add_argument("--out", dest="report_out", type=Path, help="write the Markdown table here")
+    r.add_argument("--plots", dest="report_plots", type=Path, help="write PNG plots here")
+    r.set_defaults(func=report_main)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from ..errors import InputError
+
+    if args.seconds <= 0 or args.seconds > 3600:
+        raise InputError(f"--seconds must be in (0, 3600], got {args.seconds:g}")
+    if args.repeats < 1:
+        raise InputError(f"--repeats must be 1 or more, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be 1 or more, got {args.threads}")
+    if args.piece_ms <= 0:
+        raise InputError(f"--piece-ms must be positive, got {args.piece_ms:g}")
+    if args.warmup < 0:
+        raise InputError(f"--warmup must be 0 or more, got {args.warmup:g}")
+    if args.json is not None and not args.json.parent.exists():
+        raise InputError(f"--json: folder {args.json.parent} does not exist")
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .configs import Request, make_plan, parse_chunks
+    from .device import device_info
+    from .measure import Settings
+    from .plots import write_plots
+    from .report import render_run
+    from .schema import validate
+
+    _check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    exports = [s.strip() for spec in args.export for s in spec.split(",") if s.strip()]
+    backends = [s.strip() for spec in args.backend for s in spec.split(",") if s.strip()]
+    req = Request(
+        bundles=list(args.bundle),
+        backends=backends,
+        exports=exports,
+        preset=args.preset,
+        checkpoint=args.checkpoint,
+        chunks=parse_chunks(args.chunk) if args.chunk else None,
+        cache_dir=args.cache_dir,
+        bundles_root=args.bundles_root,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    settings = Settings(args.seconds, args.repeats, args.piece_ms, args.warmup, args.seed)
+    plan = make_plan(req, log=print)
+    print(f"{len(plan.configs)} configuration(s): " + ", ".join(c.label for c in plan.configs))
+    for s in plan.skipped:
+        print(f"skipped {s['config']}: {s['reason']}")
+    print("measuring the fp32 GEMM peak ...")
+    device = device_info(args.device_name)
+
+    from .suite import run_plan
+
+    used = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
+    command = [f"{k}={v}" for k, v in sorted(used.items()) if v not in (None, [], False)]
+    report = run_plan(plan, settings, device, command=command)
+    problems = validate(report)
+    if problems:  # a bug here, not bad input: say so loudly
+        raise AssertionError("bench report does not match its schema: " + "; ".join(problems))
+    print()
+    print(render_run(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        print(f"\nwrote {args.json}")
+    if args.plots:
+        rows = [{**r, "device": device["name"]} for r in report["results"]]
+        for path in write_plots(rows, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from .plots import write_plots
+    from .report import load_report, merge, render_merged
+
+    reports = [load_report(p) for p in args.files]
+    text = render_merged(reports)
+    print(text)
+    if args.report_out:
+        if not args.report_out.parent.exists():
+            raise InputError(f"--out: folder {args.report_out.parent} does not exist")
+        args.report_out.write_text(text + "\n")
+        print(f"\nwrote {args.report_out}")
+    if args.report_plots:
+        _, rows = merge(reports)
+        for path in write_plots(rows, args.report_plots):
+            print(f"wrote {path}")
+    return 0

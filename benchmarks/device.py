@@ -1,0 +1,140 @@
+"""What machine a benchmark ran on, and how fast its plain fp32 matrix multiply is (the 'peak')."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+
+VERSIONED = ("edgetalk", "torch", "numpy", "onnxruntime", "onnx", "mlx", "coremltools", "tensorrt")
+GEMM_SIZE = 1024
+
+
+def cpu_model() -> str:
+    system = platform.system()
+    try:
+        if system == "Linux":
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.lower().startswith(("model name", "hardware", "cpu model")):
+                        return line.split(":", 1)[1].strip()
+        elif system == "Darwin":
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_info() -> tuple[str | None, float | None]:
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.name, round(props.total_memory / 1e9, 2)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "Apple GPU (mps)", None
+    return None, None
+
+
+def gemm_peak_gflops(
+    device: str = "cpu", size: int = GEMM_SIZE, seconds: float = 0.5, min_reps: int = 3
+) -> float:
+    """Best-of fp32 n x n matmul throughput on `device`, in GFLOP/s (2 n^3 FLOPs per matmul)."""
+    import torch
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    with torch.inference_mode():
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        out = torch.empty(size, size, device=device)
+        for _ in range(2):  # warm-up: thread pools, kernels, clocks
+            torch.mm(a, b, out=out)
+        sync()
+        best = float("inf")
+        reps = 0
+        start = time.perf_counter()
+        while reps < min_reps or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+            reps += 1
+    return 2.0 * size**3 / best / 1e9
+
+
+def measure_peaks(size: int = GEMM_SIZE, seconds: float = 0.5) -> dict[str, float]:
+    import torch
+
+    peaks = {"cpu": round(gemm_peak_gflops("cpu", size, seconds), 2)}
+    if torch.cuda.is_available():
+        peaks["cuda"] = round(gemm_peak_gflops("cuda", max(size, 4096), seconds), 2)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        peaks["mps"] = round(gemm_peak_gflops("mps", size, seconds), 2)
+    return peaks
+
+
+def default_name(cpu: str, cores: int, gpu: str | None) -> str:
+    return gpu if gpu else f"{cpu} ({cores} cores)"
+
+
+def device_info(
+    name: str | None = None, gemm_size: int = GEMM_SIZE, gemm_seconds: float = 0.5
+) -> dict:
+    import psutil
+    import torch
+
+    cpu = cpu_model()
+    cores = os.cpu_count() or 1
+    gpu, gpu_mem = gpu_info()
+    return {
+        "name": name or default_name(cpu, cores, gpu),
+        "cpu": cpu,
+        "cores_logical": cores,
+        "cores_physical": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 2),
+        "gpu": gpu,
+        "gpu_memory_gb": gpu_mem,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": package_versions(),
+        "threads": torch.get_num_threads(),
+        "gemm_peak_gflops": measure_peaks(gemm_size, gemm_seconds),
+        "gemm_size": gemm_size,
+    }
+
+
+def backend_device(backend) -> str:
+    """Which measured peak a backend is compared with: 'cuda', 'mps' or 'cpu'."""
+    where = f"{getattr(backend, 'device', '')} {getattr(backend, 'providers', '')}".lower()
+    where += f" {backend.name}".lower()
+    if "cuda" in where or "tensorrt" in where:
+        return "cuda"
+    if "gpu" in where or "mps" in where or "metal" in where:
+        return "mps"
+    return "cpu"

@@ -1,0 +1,373 @@
+"""`edgetalk bench` and `bench report`: what is measured and how (not how fast anything is)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from edgetalk.benchmarks.configs import Request, make_plan, parse_chunks
+from edgetalk.benchmarks.measure import (
+    Settings,
+    deadline_misses,
+    first_frame_floor_ms,
+    measure,
+    paced_run,
+)
+from edgetalk.benchmarks.report import load_report
+from edgetalk.benchmarks.schema import SCHEMA, validate
+from edgetalk.cli import main
+from edgetalk.errors import EdgeTalkError, InputError
+from edgetalk.models.checkpoint import save_checkpoint
+from edgetalk.models.config import SAMPLES_PER_FRAME
+from edgetalk.runtime.avatar import prepare_avatar
+from edgetalk.runtime.backend import Backend
+from edgetalk.runtime.scheduler import StreamScheduler
+
+from .conftest import MICRO, seeded_model, speechlike
+
+QUICK = ["--seconds", "1", "--repeats", "1", "--warmup", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "micro.safetensors"
+    save_checkpoint(seeded_model(MICRO), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_run(micro_ckpt, tmp_path_factory):
+    """One real bench run on the micro model at two chunk sizes: (json path, plots dir)."""
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", "--chunk", "1,2"]
+    args += [*QUICK, "--json", out / "a.json", "--plots", out / "plots", "--device-name", "laptop"]
+    assert main([str(a) for a in args]) == 0
+    return out / "a.json", out / "plots"
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    return code, out.out, out.err
+
+
+# ---- a fake clock: paced audio and latencies with exact, known numbers ---------------------
+class FakeTime:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        assert s > 0
+        self.sleeps.append(s)
+        self.now += s
+
+
+class TimedBackend(Backend):
+    """Wraps a backend; every module call takes a fixed time on the fake clock."""
+
+    name = "timed-test"
+
+    def __init__(self, inner, t: FakeTime, ms: dict[str, float], slow_after: int | None = None):
+        super().__init__(inner.cfg, inner.io, inner.precision)
+        self.inner, self.t, self.ms, self.slow_after = inner, t, ms, slow_after
+        self.generator_calls = 0
+
+    def run(self, module, inputs):
+        ms = self.ms.get(module, 0.0)
+        if module == "generator":
+            self.generator_calls += 1
+            if self.slow_after is not None and self.generator_calls > self.slow_after:
+                ms += 100.0  # later chunks are slower than the first
+        self.t.now += ms / 1000.0
+        return self.inner.run(module, inputs)
+
+
+MS = {"appearance": 7.0, "audio": 2.0, "generator": 5.0, "decoder": 3.0}
+
+
+def test_floor_is_chunk_plus_lookahead_frames():
+    assert first_frame_floor_ms(1, 2) == pytest.approx(120.0)
+    assert first_frame_floor_ms(4, 2) == pytest.approx(240.0)
+    assert first_frame_floor_ms(24, 0) == pytest.approx(960.0)
+
+
+def test_deadline_misses_from_first_frame():
+    # Frame 2 is due at 0.1 + 2*0.04 = 0.18 s and arrives at 0.2 s: one miss, 20 ms late.
+    rate, late = deadline_misses([0.1, 0.14, 0.2])
+    assert rate == pytest.approx(1 / 3) and late == pytest.approx(20.0)
+    assert deadline_misses([0.5, 0.5, 0.5, 0.5]) == (0.0, 0.0)  # early frames are fine
+    assert deadline_misses([]) == (0.0, 0.0)
+
+
+def test_paced_audio_is_paced_and_ffd_is_floor_plus_compute(micro_backend):
+    t = FakeTime()
+    backend = TimedBackend(micro_backend, t, MS)
+    avatar = prepare_avatar(None, MICRO.render.resolution)
+    sched = StreamScheduler(backend, avatar, clock=t.clock)
+    frames = 20
+    pcm = speechlike(frames * SAMPLES_PER_FRAME / 16000)
+    t.now = 100.0  # wall time 0 of the stream is whenever it starts
+    run = paced_run(sched, pcm, piece_ms=20, clock=t.clock, sleep=t.sleep)
+    c, lookahead = MICRO.chunk, MICRO.lookahead
+    per_chunk = MS["audio"] + MS["generator"] + MS["decoder"]
+    assert run.frames == frames
+    # The first chunk can only start once C+L frames of audio have arrived in real time.
+    assert run.ffd_ms == pytest.approx(first_frame_floor_ms(c, lookahead) + per_chunk)
+    assert run.wall_s >= frames * 0.04  # the stream took (at least) its media time
+    assert len(t.sleeps) >= frames  # it waited for the audio, piece by piece
+    # Constant compute well under real time: every frame on time; RTF = compute / media.
+    assert run.misses() == (0.0, 0.0)
+    assert run.rtf == pytest.approx((frames // c) * per_chunk / 1000.0 / (frames * 0.04))
+    # Frames of chunk k arrive when its audio (and lookahead) has arrived, plus compute.
+    for i in range(0, frames - c - lookahead, c):
+        assert run.arrivals[i] == pytest.approx((i + c + lookahead) * 0.04 + per_chunk / 1000)
+
+
+def test_late_chunks_count_as_deadline_misses(micro_backend):
+    t = FakeTime()
+    backend = TimedBackend(micro_backend, t, MS, slow_after=1)
+    sched = StreamScheduler(backend, prepare_avatar(None, 32), clock=t.clock)
+    run = paced_run(sched, speechlike(0.8), clock=t.clock, sleep=t.sleep)
+    rate, late = run.misses()
+    assert rate > 0.5 and late >= 100.0 - 1e-6
+
+
+def test_measure_numbers_with_a_known_clock(micro_backend):
+    t = FakeTime()
+    backend = TimedBackend(micro_backend, t, MS)
+    avatar = prepare_avatar(None, 32)
+    pcm = speechlike(1.0)
+    settings = Settings(seconds=1.0, repeats=2, warmup_seconds=0.2)
+    rec = measure(backend, avatar, pcm, settings, clock=t.clock, sleep=t.sleep)
+    per_chunk = (MS["audio"] + MS["generator"] + MS["decoder"]) / 1000
+    assert rec["frames"] == 25
+    # 25 frames at C=2 is 13 calls (the last one, in flush, renders one frame).
+    assert rec["fps"] == pytest.approx(25 / (13 * per_chunk), rel=1e-3)
+    assert rec["first_frame_floor_ms"] == pytest.approx((MICRO.chunk + MICRO.lookahead) * 40)
+    assert rec["first_frame_delay_ms"] == pytest.approx(
+        rec["first_frame_floor_ms"] + 1000 * per_chunk, abs=1e-3
+    )
+    assert rec["rtf"] == pytest.approx(13 * per_chunk / 1.0, rel=1e-3)
+    assert rec["deadline_miss_rate"] == 0.0
+    for module in ("audio", "generator", "decoder", "appearance"):
+        assert rec["modules"][module]["p50_ms"] == pytest.approx(MS[module])
+        assert rec["modules"][module]["p95_ms"] == pytest.approx(MS[module])
+    assert rec["modules"]["generator"]["calls"] == 2 * 13  # throughput runs only, no warm-up
+    assert rec["modules"]["decoder"]["per_frame_p50_ms"] == pytest.approx(MS["decoder"] / 2)
+    assert rec["spread"]["fps"]["values"] == [rec["fps"]] * 2
+    assert rec["peak_rss_mb"] > 0
+
+
+def test_real_paced_run_takes_media_time(micro_backend):
+    import time
+
+    sched = StreamScheduler(micro_backend, prepare_avatar(None, 32))
+    t0 = time.perf_counter()
+    run = paced_run(sched, speechlike(0.4))
+    assert time.perf_counter() - t0 >= 0.4 - 1e-3
+    assert run.wall_s >= 0.4 - 1e-3
+    assert run.ffd_ms >= first_frame_floor_ms(MICRO.chunk, MICRO.lookahead)
+
+
+# ---- the CLI end to end ----------------------------------------------------------------------
+def test_bench_json_validates_and_holds_every_field(bench_run):
+    path, _ = bench_run
+    data = json.loads(path.read_text())
+    assert validate(data) == []
+    assert load_report(path)["device"]["name"] == "laptop"
+    results = data["results"]
+    assert [(r["backend"], r["precision"], r["chunk"]) for r in results] == [
+        ("torch", "fp32", 1),
+        ("torch", "fp32", 2),
+    ]
+    dev = data["device"]
+    assert dev["gemm_peak_gflops"]["cpu"] > 0 and dev["cores_logical"] >= 1
+    assert "torch" in dev["versions"]
+    for r in results:
+        assert r["lookahead"] == MICRO.lookahead and r["resolution"] == 32
+        assert r["first_frame_floor_ms"] == pytest.approx((r["chunk"] + MICRO.lookahead) * 40)
+        assert r["first_frame_delay_ms"] >= r["first_frame_floor_ms"]
+        assert r["frames"] == 25 and r["fps"] > 0 and r["rtf"] > 0
+        assert 0 <= r["deadline_miss_rate"] <= 1
+        assert set(r["modules"]) >= {"appearance", "audio", "generator", "decoder", "convert"}
+        assert r["flops_per_frame"] > 0
+        assert r["gflops"] == pytest.approx(r["flops_per_frame"] * r["fps"] / 1e9, rel=1e-3)
+        assert r["fraction_of_peak"] == pytest.approx(
+            r["gflops"] / dev["gemm_peak_gflops"]["cpu"], rel=1e-3
+        )
+        assert r["bundle_bytes"] > 0  # the checkpoint's size
+        assert r["peak_rss_mb"] > 0
+        # torch eager fp32 is its own reference
+        assert r["reference"] and r["speedup_vs_torch"] == 1.0
+
+
+def test_schema_catches_broken_records(bench_run, tmp_path):
+    data = json.loads(bench_run[0].read_text())
+    assert SCHEMA["properties"]["results"]["items"]["properties"]["fps"]["description"]
+    bad = copy.deepcopy(data)
+    del bad["results"][0]["fps"]
+    bad["results"][1]["deadline_miss_rate"] = 1.5
+    bad["results"][1]["modules"]["decoder"]["p50_ms"] = "fast"
+    problems = validate(bad)
+    assert any("missing 'fps'" in p for p in problems)
+    assert any("deadline_miss_rate" in p and "maximum" in p for p in problems)
+    assert any("decoder.p50_ms" in p for p in problems)
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="does not match the bench schema"):
+        load_report(f)
+
+
+def test_plots_are_pngs(bench_run):
+    _, plots = bench_run
+    for name in ("ffd_vs_fps.png", "module_latency.png"):
+        p = plots / name
+        assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_merges_devices(bench_run, tmp_path, capsys):
+    path, _ = bench_run
+    data = json.loads(path.read_text())
+    other = copy.deepcopy(data)
+    other["device"]["name"] = "edge-box"
+    for r in other["results"]:
+        r["fps"] *= 2
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(other))
+    out, plots = tmp_path / "report.md", tmp_path / "plots"
+    code, stdout, _ = run_cli(["bench", "report", path, b, "--out", out, "--plots", plots], capsys)
+    assert code == 0
+    table = out.read_text()
+    assert "| device" in table
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| laptop") or line.startswith("| edge-box")
+    ]
+    # one device table row each, plus one result row per configuration each
+    assert sum(r.startswith("| laptop") for r in rows) == 1 + len(data["results"])
+    assert sum(r.startswith("| edge-box") for r in rows) == 1 + len(data["results"])
+    assert "edge-box" in stdout
+    for name in ("ffd_vs_fps.png", "module_latency.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_rejects_malformed_json(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "edgetalk-bench", "results": [')
+    code, _, err = run_cli(["bench", "report", bad], capsys)
+    assert code == 2 and "not valid JSON" in err and str(bad) in err
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    code, _, err = run_cli(["bench", "report", other], capsys)
+    assert code == 2 and "not an edgetalk bench report" in err
+    code, _, err = run_cli(["bench", "report", tmp_path / "nope.json"], capsys)
+    assert code == 2 and "not found" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bundle", "/no/such/bundle"], "bundle not found: /no/such/bundle"),
+        (["--backend", "warp-drive"], "unknown backend 'warp-drive'; known backends:"),
+        (["--export", "tflite:int8"], "unknown export target 'tflite'"),
+        (["--export", "onnx:int3"], "unknown precision 'int3'"),
+        (["--backend", "torch", "--chunk", "0"], "--chunk values must be 1 or more"),
+        (["--backend", "torch", "--chunk", "a,b"], "--chunk takes whole numbers"),
+        (["--backend", "torch", "--repeats", "0"], "--repeats must be 1 or more"),
+        (["--backend", "torch:int8"], "the torch backend runs fp32, bf16"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--checkpoint", "/no/such.safetensors"], "checkpoint not found"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    code, _, err = run_cli(["bench", *args, "--seconds", "1"], capsys)
+    assert code == 2
+    assert err.startswith("edgetalk bench: error:") and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bundle_only_backend_points_to_export(micro_ckpt):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(EdgeTalkError, match="--export onnx:fp32"):
+        make_plan(Request(checkpoint=micro_ckpt, backends=["onnxruntime"]))
+
+
+def test_parse_chunks():
+    assert parse_chunks("1,4, 24,4") == [1, 4, 24]
+
+
+# ---- plans: references, presets, bundles -----------------------------------------------------
+def test_plan_preset_adds_nothing_heavy():
+    plan = make_plan(Request(preset="large", backends=["torch", "torch:bf16"], chunks=[1, 4]))
+    labels = [c.label for c in plan.configs]
+    assert labels == ["torch fp32 c1", "torch bf16 c1", "torch fp32 c4", "torch bf16 c4"]
+    assert all(c.cfg.name == "large" and "random weights" in c.source for c in plan.configs)
+    assert [c.reference for c in plan.configs] == [True, False, True, False]
+
+
+def test_bf16_alone_gets_an_fp32_reference(micro_ckpt):
+    plan = make_plan(Request(checkpoint=micro_ckpt, backends=["torch:bf16"], chunks=[2]))
+    assert [(c.label, c.reference) for c in plan.configs] == [
+        ("torch fp32 c2", True),
+        ("torch bf16 c2", False),
+    ]
+
+
+@pytest.fixture(scope="module")
+def exported(micro_ckpt, tmp_path_factory):
+    """bench --export onnx:fp32 at chunk 2 into a cache dir (one real export, then a bench)."""
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("bundles")
+    out = root / "x.json"
+    args = ["bench", "--checkpoint", micro_ckpt, "--export", "onnx:fp32", "--chunk", "2", *QUICK]
+    args += ["--cache-dir", root / "bench", "--json", out]
+    assert main([str(a) for a in args]) == 0
+    return root, json.loads(out.read_text())
+
+
+def test_export_sweep_runs_bundles_against_torch(exported):
+    root, data = exported
+    assert validate(data) == []
+    by = {(r["backend"], r["chunk"]): r for r in data["results"]}
+    assert set(by) == {("torch", 2), ("onnxruntime", 2)}
+    ort, ref = by[("onnxruntime", 2)], by[("torch", 2)]
+    assert ort["chunk_fixed"] and not ort["reference"] and ort["target"] == "onnx"
+    assert ort["bundle_bytes"] > 0 and ort["source"].startswith(str(root / "bench"))
+    assert ort["speedup_vs_torch"] == pytest.approx(ort["fps"] / ref["fps"], rel=1e-3)
+    assert ref["speedup_vs_torch"] == 1.0
+
+
+def test_export_is_reused_and_bundles_are_discovered(exported, micro_ckpt):
+    root, _ = exported
+    logs = []
+    req = Request(
+        checkpoint=micro_ckpt, exports=["onnx:fp32"], chunks=[2], cache_dir=root / "bench"
+    )
+    plan = make_plan(req, log=logs.append)
+    assert any("reusing" in line for line in logs)
+    assert [c.backend for c in plan.configs] == ["torch", "onnxruntime"]
+    # No backend flags: torch plus every bundle found under the bundles root.
+    plan = make_plan(Request(checkpoint=micro_ckpt, bundles_root=root))
+    assert sorted(c.label for c in plan.configs) == ["onnxruntime fp32 c2", "torch fp32 c2"]
+    # --bundle DIR, with a --chunk it cannot follow: noted, and run at its own chunk.
+    bundle = root / "bench" / "micro-onnx-fp32-c2"
+    plan = make_plan(Request(checkpoint=micro_ckpt, bundles=[bundle], chunks=[1]))
+    assert any("fixed at 2" in n for n in plan.notes)
+    assert [c.cfg.chunk for c in plan.configs] == [2, 2]
+
+
+def test_loop_audio_is_trimmed_to_whole_frames():
+    from edgetalk.benchmarks.measure import bench_audio
+
+    pcm = bench_audio(30.0)  # longer than the embedded sentence: looped
+    assert pcm.shape == (750 * SAMPLES_PER_FRAME,) and pcm.dtype == np.float32
+    assert bench_audio(0.01).shape == (SAMPLES_PER_FRAME,)
