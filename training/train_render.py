@@ -185,6 +185,8 @@ def main(argv=None) -> None:
             run.log(
                 loss=loss.item(),
                 psnr=psnr(pred.detach(), target),
+                flow_px=flow_err.item(),
+                alpha=alpha_err.item(),
                 data_s=t1 - t0,
                 step_s=time.time() - t1,
             )

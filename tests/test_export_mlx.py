@@ -1,0 +1,183 @@
+"""`edgetalk export --target mlx`: the MLX port matches torch, parity gates pass at every precision,
+int8 is really 8-bit, and the bundle runs through the scheduler on the mlx backend."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+mx = pytest.importorskip(
+    "mlx.core", reason="mlx is not importable: pip install 'edgetalk[mlx]' (mlx[cpu] on Linux)"
+)
+
+from edgetalk.converters import mlx as conv  # noqa: E402
+from edgetalk.converters import mlx_models as M  # noqa: E402
+from edgetalk.export.pipeline import export_bundle  # noqa: E402
+from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
+from edgetalk.models.edgetalk import MODULES  # noqa: E402
+from edgetalk.models.io_spec import module_io  # noqa: E402
+from edgetalk.runtime.bundle import open_bundle  # noqa: E402
+from edgetalk.runtime.loader import open_backend  # noqa: E402
+from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
+
+from .conftest import MICRO, seeded_model, speechlike  # noqa: E402
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    # Two busy cores: torch's second thread only spins (a micro export takes 4 s, not 40 s).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bundles(one_torch_thread, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlx")
+    ck = root / "micro.safetensors"
+    save_checkpoint(seeded_model(MICRO, seed=2), ck)
+    return {
+        p: export_bundle("mlx", p, checkpoint=ck, out=root / p, progress=False, e2e_frames=40)
+        for p in PRECISIONS
+    }
+
+
+# ---- ops against torch ---------------------------------------------------------------------------
+def _nhwc(t: torch.Tensor) -> mx.array:
+    return mx.array(t.permute(0, 2, 3, 1).contiguous().numpy())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grid_sample_matches_torch(batch):
+    g = torch.Generator().manual_seed(batch)
+    inp = torch.rand(batch, 5, 7, 9, generator=g)
+    grid = torch.rand(3, 11, 6, 2, generator=g) * 2.6 - 1.3  # reaches past the border
+    grid[0, 0, :4] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [1.0, -1.0], [-1 / 9, 1 / 5]])
+    ref = F.grid_sample(
+        inp.expand(3, -1, -1, -1),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    got = np.array(M.grid_sample(_nhwc(inp), mx.array(grid.numpy())))
+    assert got.shape == (3, 11, 6, 5)
+    assert np.abs(got - ref.permute(0, 2, 3, 1).numpy()).max() < 1e-5
+
+
+@pytest.mark.parametrize("size", [(4, 4, 16, 16), (8, 8, 16, 16), (5, 7, 13, 19), (6, 6, 6, 6)])
+def test_interpolate_matches_torch(size):
+    h, w, oh, ow = size
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    ref = F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)
+    got = np.array(M.interpolate_bilinear(_nhwc(x), (oh, ow)))
+    assert np.abs(got - ref.permute(0, 2, 3, 1).numpy()).max() < 1e-5
+
+
+def test_pixel_shuffle_and_quantized_conv():
+    x = torch.randn(2, 12, 5, 6)
+    ref = F.pixel_shuffle(x, 2).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.array(M.pixel_shuffle(_nhwc(x), 2)), ref)
+    # A conv whose reduction (3*3*5 = 45) is not a multiple of the group: zero-padded, still 8-bit.
+    c = M.Conv2d(5, 7, 3, stride=2, padding=1)
+    q = c.to_quantized(group_size=32, bits=8)
+    assert q.weight.dtype == mx.uint32 and q.k_pad == 64
+    xin = mx.random.normal((2, 9, 8, 5), key=mx.random.key(0))
+    a, b = np.array(c(xin)), np.array(q(xin))
+    assert a.shape == b.shape == (2, 5, 4, 7)
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+
+
+# ---- the export ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prec", PRECISIONS)
+def test_bundle_passes_parity(bundles, prec):
+    r = bundles[prec]
+    assert r.ok, r.manifest["parity"]
+    for name in MODULES:
+        assert r.manifest["parity"][name]["status"] == "pass", (name, r.manifest["parity"][name])
+    e2e = r.manifest["parity"]["end_to_end"]
+    assert e2e["frames"] == 40 and e2e["status"] == "pass"
+    assert e2e["psnr_db"] >= r.manifest["thresholds"]["e2e_psnr_db"]
+    assert r.manifest["files"] == {m: f"{m}.safetensors" for m in MODULES}
+    assert r.manifest["tool_versions"]["mlx"] == mx.__version__
+
+
+def test_files_hold_the_precision(bundles):
+    io = module_io(MICRO)
+    for prec in PRECISIONS:
+        for name in MODULES:
+            arrays, meta = mx.load(
+                str(bundles[prec].path / f"{name}.safetensors"), return_metadata=True
+            )
+            assert meta["precision"] == prec and meta["module"] == name
+            assert json.loads(meta["io"]) == io[name].to_dict()
+            kinds = {a.dtype for a in arrays.values()}
+            if prec == "fp32":
+                assert kinds == {mx.float32}
+            elif prec == "fp16":
+                assert mx.float16 in kinds and mx.uint32 not in kinds
+
+
+def test_int8_is_really_8bit(bundles):
+    r = bundles["int8"]
+    for name in MODULES:
+        arrays, meta = mx.load(str(r.path / f"{name}.safetensors"), return_metadata=True)
+        info = r.manifest["modules"][name]["info"]
+        assert meta["bits"] == "8" and info["bits"] == 8 and info["group_size"] == 32
+        quantized = json.loads(meta["quantized_layers"])
+        assert quantized and quantized == info["quantized_layers"]
+        for layer in quantized:
+            w = arrays[f"{layer}.weight"]
+            assert w.dtype == mx.uint32  # four 8-bit weights per word
+            assert f"{layer}.scales" in arrays and f"{layer}.biases" in arrays
+            assert w.shape[-1] * 4 == arrays[f"{layer}.scales"].shape[-1] * 32
+        assert "float_layers" in info
+    dec = r.manifest["modules"]["decoder"]["info"]
+    convs = {"app_in", "flow_out", "basis", "refine_in", "refine_up", "refine_out", "blocks.0"}
+    assert convs <= set(dec["quantized_layers"])  # every decoder convolution is 8-bit
+    assert set(dec["float_layers"]) == {"film", "affine"}  # Linear(16, .): 16 % 32 != 0
+
+
+def test_int8_check_refuses_float_weights(bundles, tmp_path):
+    src = bundles["fp32"].path / "decoder.safetensors"
+    arrays, meta = mx.load(str(src), return_metadata=True)
+    fake = tmp_path / "decoder.safetensors"
+    mx.save_safetensors(
+        str(fake),
+        arrays,
+        metadata=dict(meta, precision="int8", bits="8", group_size="32", quantized_layers="[]"),
+    )
+    with pytest.raises(RuntimeError, match="no 8-bit weights"):
+        conv.checks(fake, module_io(MICRO)["decoder"], "int8")
+
+
+def test_bundle_runs_through_scheduler(bundles):
+    for prec in ("fp16", "int8"):
+        b = open_bundle(bundles[prec].path)
+        assert b.target == "mlx" and b.precision == prec
+        backend = open_backend(bundle=bundles[prec].path)
+        assert backend.name == "mlx" and backend.precision == prec
+        sched = StreamScheduler(backend, np.full((32, 32, 3), 128, np.uint8))
+        frames = sched.push_audio(speechlike(0.5)) + sched.flush()
+        assert len(frames) == 13 and frames[0].rgb.shape == (32, 32, 3)
+        assert frames[0].rgb.dtype == np.uint8
+
+
+def test_outputs_bound_by_name(bundles):
+    backend = open_backend(bundle=bundles["fp32"].path)
+    io = backend.io["generator"]
+    rng = np.random.default_rng(0)
+    feed = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in io.inputs}
+    a = backend.run("generator", feed)
+    b = backend.run("generator", dict(reversed(list(feed.items()))))
+    assert list(a) == list(io.output_names)
+    for k in a:
+        assert np.array_equal(a[k], b[k]) and a[k].dtype == np.float32
+        assert a[k].shape == next(t.shape for t in io.outputs if t.name == k)
