@@ -225,21 +225,11 @@ def bundle_config(path: Path, threads: int | None) -> Config:
     """A Config for a bundle, run by the first backend that can run its target here.
 
     Raises BundleError for a bad bundle and BackendUnavailable when nothing here can run it."""
-    from ..runtime.backends import backends_for_target
+    from ..runtime.backends import backend_for_target
     from ..runtime.bundle import open_bundle
 
     bundle = open_bundle(path)
-    candidates = backends_for_target(bundle.target)
-    if not candidates:
-        raise BackendUnavailable(f"no backend runs {bundle.target!r} bundles")
-    reasons = []
-    for cls in candidates:
-        ok, why = cls.availability()
-        if ok:
-            break
-        reasons.append(f"{cls.name}: {why}")
-    else:
-        raise BackendUnavailable("; ".join(reasons))
+    cls = backend_for_target(bundle.target)
     cfg = bundle.cfg
     return Config(
         label=f"{cls.name} {bundle.precision} c{cfg.chunk}",
@@ -318,7 +308,7 @@ def export_configs(
 
 # ---- the plan -----------------------------------------------------------------------------------
 def make_plan(req: Request, log: Callable[[str], None] = print) -> Plan:
-    from ..runtime.backends import registry
+    from ..runtime.backends import lookup
 
     source = ModelSource(req.checkpoint, req.preset, req.seed, req.cache_dir)
     chunks = req.chunks or [source.cfg.chunk]
@@ -328,13 +318,7 @@ def make_plan(req: Request, log: Callable[[str], None] = print) -> Plan:
 
     for spec in backends:
         name, precision = split_spec(spec, "--backend")
-        reg = registry()
-        if name not in reg:
-            raise BackendUnavailable(
-                f"unknown backend {name!r}; known backends: {', '.join(sorted(reg))}"
-            )
-        cls = reg[name]
-        ok, why = cls.availability()
+        cls, ok, why = lookup(name)
         if not ok:
             plan.skipped.append({"config": name, "reason": f"cannot run here: {why}"})
             continue

@@ -27,7 +27,8 @@ def registry() -> dict[str, type[Backend]]:
     return found
 
 
-def backend_class(name: str) -> type[Backend]:
+def lookup(name: str) -> tuple[type[Backend], bool, str]:
+    """(class, can run here, why not). Unknown names raise BackendUnavailable."""
     reg = registry()
     if name not in reg:
         raise BackendUnavailable(
@@ -35,6 +36,11 @@ def backend_class(name: str) -> type[Backend]:
         )
     cls = reg[name]
     ok, why = cls.availability()
+    return cls, ok, why
+
+
+def backend_class(name: str) -> type[Backend]:
+    cls, ok, why = lookup(name)
     if not ok:
         raise BackendUnavailable(f"backend {name!r} cannot run here: {why}")
     return cls
@@ -42,3 +48,17 @@ def backend_class(name: str) -> type[Backend]:
 
 def backends_for_target(target: str) -> list[type[Backend]]:
     return [cls for cls in registry().values() if target in cls.targets]
+
+
+def backend_for_target(target: str) -> type[Backend]:
+    """The first backend that can run bundles of this target here (the manifest picks it)."""
+    candidates = backends_for_target(target)
+    if not candidates:
+        raise BackendUnavailable(f"no backend runs {target!r} bundles")
+    reasons = []
+    for cls in candidates:
+        ok, why = cls.availability()
+        if ok:
+            return cls
+        reasons.append(f"{cls.name}: {why}")
+    raise BackendUnavailable(f"no backend can run this {target} bundle here ({'; '.join(reasons)})")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .backend import Backend
-from .backends import backend_class, backends_for_target
+from .backends import backend_class, backend_for_target
 
 
 def open_backend(
@@ -24,21 +24,7 @@ def open_backend(
 
         b = open_bundle(bundle, expect_chunk=chunk)
         if backend is None:
-            candidates = backends_for_target(b.target)
-            if not candidates:
-                raise InputError(f"no backend runs {b.target!r} bundles here")
-            cls = None
-            reasons = []
-            for c in candidates:
-                ok, why = c.availability()
-                if ok:
-                    cls = c
-                    break
-                reasons.append(f"{c.name}: {why}")
-            if cls is None:
-                raise InputError(
-                    f"no backend can run this {b.target} bundle here ({'; '.join(reasons)})"
-                )
+            cls = backend_for_target(b.target)
         else:
             cls = backend_class(backend)
             if b.target not in cls.targets:
