@@ -45,10 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=200,
         help="audio is fed to the scheduler in pieces of this size, as a stream would be",
     )
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="play the file in real time through a live session (as `edgetalk live` would)",
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "realtime", False):
+        from .cli_live import run_realtime
+
+        return run_realtime(args)
     import numpy as np
     from tqdm import tqdm
 

@@ -108,3 +108,120 @@ class Mp4Sink(Sink):
                 for packet in stream.encode(None):
                     self.container.mux(packet)
         self.container.close()
+
+
+class VirtualCamSink(Sink):
+    """Frames to a virtual camera (pyvirtualcam), RGB at 25 fps, for Zoom, Meet, OBS and the like.
+
+    macOS: install OBS and start its virtual camera once (Tools -> Start Virtual Camera), then quit
+    OBS. Linux: the v4l2loopback kernel module (`sudo modprobe v4l2loopback devices=1`). Windows:
+    OBS or Unity Capture. The frames arrive already paced by the live session.
+    """
+
+    HELP = (
+        "on macOS install OBS and start its virtual camera once; on Linux load v4l2loopback "
+        "(sudo modprobe v4l2loopback devices=1); or use --preview, --out OUT.mp4 or --null"
+    )
+
+    @staticmethod
+    def check_available() -> None:
+        try:
+            import pyvirtualcam  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "--virtualcam needs pyvirtualcam: pip install 'edgetalk[cam]'; then "
+                + VirtualCamSink.HELP
+            ) from None
+
+    def __init__(self, resolution: int, device: str | None = None, fps: int = FPS):
+        self.check_available()
+        import pyvirtualcam
+
+        try:
+            self.cam = pyvirtualcam.Camera(
+                width=resolution,
+                height=resolution,
+                fps=fps,
+                fmt=pyvirtualcam.PixelFormat.RGB,
+                device=device,
+            )
+        except Exception as e:  # pyvirtualcam raises RuntimeError for a missing device
+            raise InputError(f"no virtual camera device ({e}); {VirtualCamSink.HELP}") from None
+        self.frames = 0
+        self.closed = False
+
+    @property
+    def device(self) -> str:
+        return self.cam.device
+
+    def write(self, frame: Frame) -> None:
+        self.cam.send(np.ascontiguousarray(frame.rgb))
+        self.frames += 1
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.cam.close()
+
+
+class PreviewSink(Sink):
+    """Frames in an OpenCV window (needs a display and a non-headless OpenCV). Esc or q closes it,
+    which sets `stop_requested`."""
+
+    @staticmethod
+    def check_available() -> None:
+        import os
+        import sys
+
+        if sys.platform.startswith("linux") and not (
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        ):
+            raise InputError(
+                "--preview needs a display (DISPLAY is not set); use --virtualcam, "
+                "--out OUT.mp4 or --null"
+            )
+        try:
+            import cv2
+        except ImportError:
+            raise InputError("--preview needs OpenCV: pip install opencv-python") from None
+        info = cv2.getBuildInformation()
+        gui = next((ln for ln in info.splitlines() if ln.strip().startswith("GUI:")), "")
+        if "NONE" in gui.upper():
+            raise InputError(
+                "--preview needs OpenCV with window support; the headless build has none: "
+                "pip install opencv-python (or use --virtualcam / --out)"
+            )
+
+    def __init__(self, title: str = "edgetalk", scale: int = 2):
+        self.check_available()
+        import cv2
+
+        self.cv2 = cv2
+        self.title = title
+        self.scale = max(1, int(scale))
+        self.frames = 0
+        self.stop_requested = False
+        try:
+            cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)
+        except cv2.error as e:
+            raise InputError(f"cannot open a preview window: {e}") from None
+
+    def write(self, frame: Frame) -> None:
+        cv2 = self.cv2
+        bgr = np.ascontiguousarray(frame.rgb[..., ::-1])
+        if self.scale > 1:
+            bgr = cv2.resize(
+                bgr, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_LINEAR
+            )
+        cv2.imshow(self.title, bgr)
+        key = cv2.waitKey(1) & 0xFF
+        self.frames += 1
+        if key in (27, ord("q")) or cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
+            self.stop_requested = True
+
+    def close(self) -> None:
+        try:
+            self.cv2.destroyWindow(self.title)
+            self.cv2.waitKey(1)
+        except Exception:
+            pass

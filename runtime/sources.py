@@ -1,0 +1,622 @@
+"""Live audio sources. Each one is an iterator of float32 16 kHz mono pieces (numpy arrays).
+
+A source may also yield `INTERRUPT` (the sender asks for a barge-in) and, for a file with a
+partner track, `(own, partner)` pairs. `feed(session, source)` plays any source into a Session.
+
+Sources:
+- `MicSource`: a microphone via sounddevice (the `mic` extra).
+- `PcmStdinSource`: raw s16le PCM on a pipe (`--pcm-stdin`), any rate and channel count.
+- `SocketSource`: a TCP server on 127.0.0.1 carrying length-prefixed s16le PCM (format below).
+- `FileSource`: an audio file played in real time.
+
+Every queue here is bounded: a source never holds more than a few seconds of audio.
+
+## Socket wire format (`--listen HOST:PORT`)
+
+Every message starts with a 4-byte big-endian unsigned header:
+
+| header                  | meaning                                                                 |
+|-------------------------|-------------------------------------------------------------------------|
+| 2 .. 1,048,576, even    | AUDIO: that many bytes of s16le mono PCM at the server's rate follow    |
+| 0xFFFFFFFF              | INTERRUPT (barge-in): the avatar stops talking; queued speech is dropped |
+| 0xFFFFFFFE              | END: the sender is done; the live session flushes and ends              |
+| 0xFFFFFFFD              | AUTH: 1 byte n (1..255) then n bytes of UTF-8 token; must come first     |
+|                         | when the server has a token (--token), and is ignored otherwise         |
+| anything else           | protocol error (0, odd, over 1 MiB): that connection gets an error line |
+
+The server answers with text lines: `OK ...` when a client is accepted, `BUSY ...` (then it closes)
+when another client is already connected, and `ERROR <reason>` (then it closes) on a protocol error:
+a bad header, a frame cut short, an incomplete frame after 10 s, or a bad token. An error ends only
+that connection: the session keeps running (the avatar idles) and the next client is accepted.
+One client at a time; clients may come and go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..models.config import SAMPLE_RATE
+
+MAX_FRAME_BYTES = 1 << 20  # 1 MiB: about 33 s of 16 kHz s16le mono in one socket frame
+CTRL_INTERRUPT = 0xFFFFFFFF
+CTRL_END = 0xFFFFFFFE
+CTRL_AUTH = 0xFFFFFFFD
+FRAME_TIMEOUT_S = 10.0  # a frame whose bytes stop arriving for this long ends the connection
+MAX_SOURCE_SECONDS = 4.0  # audio a source holds for the session (socket, mic); bounded
+MAX_ERRORS_KEPT = 32  # recent per-connection error messages kept on a SocketSource
+
+
+class _Control:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+INTERRUPT = _Control("INTERRUPT")
+END = _Control("END")  # internal: a socket client asked to end the stream
+
+
+class StreamResampler:
+    """[n] or [n, channels] at `rate` -> float32 mono 16 kHz, continuous across pieces.
+
+    Unlike resampling every piece on its own (to_mono_16k), the filter state carries over, so
+    piece boundaries leave no clicks. `flush()` returns the filter's tail at the end of a stream.
+    """
+
+    def __init__(self, rate: int):
+        if not rate or rate <= 0:
+            raise InputError(f"invalid sample rate {rate}")
+        self.rate = int(rate)
+        self._rs = None
+        if self.rate != SAMPLE_RATE:
+            import soxr
+
+            self._rs = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+
+    def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 2:
+            x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+        if x.ndim != 1:
+            raise InputError(f"audio must be [samples] or [samples, channels], got {x.shape}")
+        if self._rs is not None:
+            x = self._rs.resample_chunk(np.ascontiguousarray(x), last=last)
+        x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+        return np.ascontiguousarray(np.clip(x, -1.0, 1.0), dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        if self._rs is None:
+            return np.zeros(0, np.float32)
+        out = self(np.zeros(0, np.float32), last=True)
+        self._rs = type(self._rs)(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        return out
+
+
+def s16le_to_float(data: bytes, channels: int = 1) -> np.ndarray:
+    pcm = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return pcm.reshape(-1, channels) if channels > 1 else pcm
+
+
+class _BoundedQueue:
+    """A FIFO of audio pieces capped in seconds. `put` waits (backpressure) or drops the oldest."""
+
+    def __init__(self, max_seconds: float = MAX_SOURCE_SECONDS):
+        self.cap = int(max_seconds * SAMPLE_RATE)
+        self.items: deque = deque()
+        self.samples = 0
+        self.dropped_samples = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    @staticmethod
+    def _size(item) -> int:
+        return item.shape[0] if isinstance(item, np.ndarray) else 0
+
+    def put(self, item, block: bool = True) -> None:
+        n = self._size(item)
+        with self.cond:
+            while block and n and self.samples + n > self.cap and self.samples and not self.closed:
+                self.cond.wait(0.1)
+            while not block and n and self.samples + n > self.cap and self.items:
+                old = self.items.popleft()
+                self.samples -= self._size(old)
+                self.dropped_samples += self._size(old)
+            self.items.append(item)
+            self.samples += n
+            self.cond.notify_all()
+
+    def put_interrupt(self) -> None:
+        """Barge-in: speech still waiting here is dropped too, and the interrupt goes first."""
+        with self.cond:
+            self.dropped_samples += self.samples
+            self.items = deque(i for i in self.items if not isinstance(i, np.ndarray))
+            self.samples = 0
+            self.items.append(INTERRUPT)
+            self.cond.notify_all()
+
+    def get(self, timeout: float = 0.1):
+        with self.cond:
+            if not self.items:
+                self.cond.wait(timeout)
+            if not self.items:
+                return None
+            item = self.items.popleft()
+            self.samples -= self._size(item)
+            self.cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class AudioSource:
+    """Base: iterate for pieces; `close()` stops the source from any thread."""
+
+    name = "source"
+
+    def __init__(self):
+        self.notes: list[str] = []
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def describe(self) -> str:
+        return self.name
+
+
+# ------------------------------------------------------------------------------------------------
+class PcmStdinSource(AudioSource):
+    """Raw signed 16-bit little-endian PCM from a pipe (stdin by default), interleaved channels.
+
+    Reads whatever the pipe has (never waits for a full block), so a TTS that writes 20 ms at a
+    time is heard 20 ms at a time. A read that splits a sample is carried over to the next one; a
+    trailing incomplete sample at the end of the stream is ignored with a note.
+    """
+
+    name = "stdin"
+
+    def __init__(self, stream=None, rate: int = SAMPLE_RATE, channels: int = 1, block: int = 4096):
+        super().__init__()
+        if stream is None:
+            if sys.stdin is None or sys.stdin.isatty():
+                raise InputError(
+                    "--pcm-stdin reads raw s16le PCM from a pipe, but stdin is a terminal; "
+                    "pipe audio in, e.g. `tts ... | edgetalk live --pcm-stdin`"
+                )
+            stream = sys.stdin.buffer
+        if channels < 1:
+            raise InputError(f"invalid channel count {channels}")
+        self.stream = stream
+        self.channels = channels
+        self.block = block
+        self.resample = StreamResampler(rate)
+        self.bytes_read = 0
+
+    def describe(self) -> str:
+        return f"s16le PCM on stdin ({self.resample.rate} Hz, {self.channels} ch)"
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        read = getattr(self.stream, "read1", None) or self.stream.read
+        frame_bytes = 2 * self.channels
+        carry = b""
+        while not self._closed.is_set():
+            try:
+                data = read(self.block)
+            except (OSError, ValueError):  # closed underneath us
+                break
+            if not data:
+                break
+            self.bytes_read += len(data)
+            data = carry + data
+            usable = len(data) - len(data) % frame_bytes
+            carry = data[usable:]
+            if usable:
+                yield self.resample(s16le_to_float(data[:usable], self.channels))
+        if carry:
+            self.notes.append(
+                f"ignored {len(carry)} trailing byte(s) of stdin: not a whole {frame_bytes}-byte sample"
+            )
+        tail = self.resample.flush()
+        if tail.size:
+            yield tail
+
+
+# ------------------------------------------------------------------------------------------------
+class MicSource(AudioSource):
+    """A microphone through sounddevice (PortAudio). The audio callback never blocks: when the
+    session falls more than MAX_SOURCE_SECONDS behind, the oldest audio is dropped and counted."""
+
+    name = "mic"
+
+    def __init__(self, device: str | int | None = None, block_ms: int = 20):
+        super().__init__()
+        try:
+            import sounddevice as sd
+        except ImportError:
+            raise InputError(
+                "--mic needs sounddevice: pip install 'edgetalk[mic]' (or feed audio with "
+                "--pcm-stdin or --listen)"
+            ) from None
+        except OSError as e:  # sounddevice is installed but PortAudio is not
+            raise InputError(
+                f"--mic: the PortAudio library is missing ({e}); on Linux install libportaudio2"
+            ) from None
+        try:
+            info = sd.query_devices(device, kind="input")
+        except Exception as e:
+            raise InputError(
+                f"no microphone found ({e}); check the input device, or feed audio with "
+                "--pcm-stdin or --listen"
+            ) from None
+        rate = SAMPLE_RATE
+        try:
+            sd.check_input_settings(device=device, samplerate=SAMPLE_RATE, channels=1)
+        except Exception:
+            rate = int(info.get("default_samplerate") or 48000)
+        self.device_name = info.get("name", str(device))
+        self.resample = StreamResampler(rate)
+        self.queue = _BoundedQueue()
+        try:
+            self.stream = sd.InputStream(
+                device=device,
+                samplerate=rate,
+                channels=1,
+                dtype="float32",
+                blocksize=max(1, int(rate * block_ms / 1000)),
+                callback=self._callback,
+            )
+        except Exception as e:
+            raise InputError(f"cannot open microphone {self.device_name!r}: {e}") from None
+
+    def describe(self) -> str:
+        return f"microphone {self.device_name!r} ({self.resample.rate} Hz)"
+
+    def _callback(self, indata, frames, time_info, status) -> None:
+        self.queue.put(indata[:, 0].copy(), block=False)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        self.stream.start()
+        try:
+            while not self._closed.is_set():
+                piece = self.queue.get(0.1)
+                if piece is not None:
+                    yield self.resample(piece)
+        finally:
+            self.stream.stop()
+            self.stream.close()
+            if self.queue.dropped_samples:
+                self.notes.append(
+                    f"dropped {self.queue.dropped_samples / SAMPLE_RATE:.2f} s of microphone audio "
+                    "(the session fell behind)"
+                )
+
+    def close(self) -> None:
+        super().close()
+        self.queue.close()
+
+
+# ------------------------------------------------------------------------------------------------
+class ProtocolError(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise InputError(f"cannot resolve listen address {host!r}: {e}") from None
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InputError(f"--listen wants HOST:PORT (e.g. 127.0.0.1:7000), got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class SocketSource(AudioSource):
+    """A TCP server for length-prefixed s16le PCM (the wire format is in this module's docstring).
+
+    Binds 127.0.0.1 by default. A non-loopback address needs `allow_remote=True` and a token.
+    One client at a time: a second concurrent client gets a `BUSY` line and is closed.
+    """
+
+    name = "socket"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rate: int = SAMPLE_RATE,
+        allow_remote: bool = False,
+        token: str | None = None,
+        log: Callable[[str], None] | None = None,
+        end_on_close: bool = False,
+    ):
+        super().__init__()
+        if not is_loopback(host):
+            if not allow_remote:
+                raise InputError(
+                    f"refusing to listen on {host}: other machines could reach it. Use "
+                    "127.0.0.1, or pass --allow-remote with --token T to accept remote clients"
+                )
+            if not token:
+                raise InputError("--allow-remote needs --token T: remote clients must authenticate")
+        if token is not None and not 1 <= len(token.encode()) <= 255:
+            raise InputError("--token must be 1 to 255 bytes")
+        self.rate = StreamResampler(rate).rate
+        self.token = token.encode() if token else None
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.end_on_close = end_on_close  # the stream ends when the client disconnects
+        try:
+            self.server = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.server.settimeout(0.2)
+        self.address = self.server.getsockname()[:2]
+        self.queue = _BoundedQueue()
+        self.errors: deque[str] = deque(maxlen=MAX_ERRORS_KEPT)
+        self.connections = 0
+        self.refused = 0
+        self.protocol_errors = 0
+        self._lock = threading.Lock()
+        self._active: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(
+            target=self._accept_loop, name="edgetalk-listen", daemon=True
+        )
+        self._accept.start()
+
+    def describe(self) -> str:
+        return f"TCP {self.address[0]}:{self.address[1]} (s16le mono {self.rate} Hz, one client)"
+
+    # ---- server threads ------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, addr = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            with self._lock:
+                busy = self._active is not None
+                if not busy:
+                    self._active = conn
+                    self.connections += 1
+            if busy:
+                self.refused += 1
+                self.log(f"edgetalk live: refused {addr[0]}:{addr[1]}: another client is connected")
+                _send_line(conn, "BUSY another client is connected; one client at a time")
+                threading.Thread(target=_linger_close, args=(conn,), daemon=True).start()
+                continue
+            t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _serve(self, conn: socket.socket, addr) -> None:
+        who = f"{addr[0]}:{addr[1]}"
+        resample = StreamResampler(self.rate)
+        ended = False
+        try:
+            conn.settimeout(0.25)
+            _send_line(conn, f"OK edgetalk live: s16le mono {self.rate} Hz")
+            authed = self.token is None
+            while not self._closed.is_set():
+                header = self._recv(conn, 4, first_optional=True)
+                if header is None:
+                    break  # the client closed the connection between messages
+                (n,) = struct.unpack(">I", header)
+                if n == CTRL_AUTH:
+                    size = self._recv(conn, 1)[0]
+                    given = self._recv(conn, size) if size else b""
+                    if self.token is not None and not hmac.compare_digest(given, self.token):
+                        raise ProtocolError("bad token")
+                    authed = True
+                    continue
+                if not authed:
+                    raise ProtocolError("this server needs a token: send AUTH first (see --token)")
+                if n == CTRL_INTERRUPT:
+                    self.queue.put_interrupt()
+                    continue
+                if n == CTRL_END:
+                    ended = True
+                    break
+                if n == 0 or n % 2 or n > MAX_FRAME_BYTES:
+                    raise ProtocolError(
+                        f"bad length prefix {n}: an audio frame is 2..{MAX_FRAME_BYTES} bytes and "
+                        "even (whole s16le samples); 0xFFFFFFFF interrupts, 0xFFFFFFFE ends"
+                    )
+                payload = self._recv(conn, n)
+                self.queue.put(resample(s16le_to_float(payload)))
+        except ProtocolError as e:
+            self.protocol_errors += 1
+            self.errors.append(f"{who}: {e}")
+            self.log(
+                f"edgetalk live: client {who}: error: {e} (connection closed; still listening)"
+            )
+            _send_line(conn, f"ERROR {e}")
+        except OSError as e:
+            self.errors.append(f"{who}: {e}")
+            self.log(f"edgetalk live: client {who}: connection lost ({e})")
+        finally:
+            tail = resample.flush()
+            if tail.size:
+                self.queue.put(tail)
+            if ended or self.end_on_close:
+                self.queue.put(END)
+            with self._lock:  # free before the client sees the connection end
+                self._active = None
+            _linger_close(conn)
+
+    def _recv(self, conn: socket.socket, n: int, first_optional: bool = False) -> bytes | None:
+        """Exactly n bytes. Waiting for the first byte of a message is unbounded (clients may idle);
+        once a message has started, it must complete within FRAME_TIMEOUT_S."""
+        buf = bytearray()
+        deadline = None
+        while len(buf) < n:
+            if self._closed.is_set():
+                raise OSError("server closing")
+            try:
+                part = conn.recv(min(n - len(buf), 65536))
+            except TimeoutError:
+                if buf or not first_optional:
+                    deadline = deadline or time.monotonic() + FRAME_TIMEOUT_S
+                    if time.monotonic() > deadline:
+                        raise ProtocolError(
+                            f"incomplete frame: {len(buf)} of {n} bytes after {FRAME_TIMEOUT_S:.0f} s"
+                        ) from None
+                continue
+            if not part:
+                if not buf and first_optional:
+                    return None
+                raise ProtocolError(f"connection closed {len(buf)} bytes into a {n}-byte message")
+            buf += part
+        return bytes(buf)
+
+    # ---- iteration -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self.queue.get(0.1)
+            if item is None:
+                if self._closed.is_set():
+                    return
+                continue
+            if item is END:
+                return
+            yield item
+
+    def close(self) -> None:
+        super().close()
+        _close(self.server)
+        with self._lock:
+            if self._active is not None:
+                with contextlib.suppress(OSError):
+                    self._active.shutdown(socket.SHUT_RDWR)
+        self.queue.close()
+        for t in [self._accept, *self._threads]:
+            t.join(timeout=2.0)
+
+
+def _send_line(conn: socket.socket, text: str) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(text.encode() + b"\n")
+
+
+def _linger_close(conn: socket.socket, timeout: float = 1.0) -> None:
+    """Close so that lines already sent arrive: half-close, then discard what the client still
+    sends (bounded in time and bytes). Closing with unread input would reset the connection."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(0.1)
+        deadline, left = time.monotonic() + timeout, MAX_FRAME_BYTES
+        while time.monotonic() < deadline and left > 0:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            left -= len(data)
+    _close(conn)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+# ------------------------------------------------------------------------------------------------
+class FileSource(AudioSource):
+    """An audio file (any format `run` reads), played in real time (or as fast as consumed)."""
+
+    name = "file"
+
+    def __init__(
+        self,
+        path: str | Path,
+        partner: str | Path | None = None,
+        realtime: bool = True,
+        piece_ms: int = 40,
+    ):
+        from .audio_io import read_audio
+
+        super().__init__()
+        own = read_audio(path)
+        self.notes += [f"audio: {n}" for n in own.notes]
+        self.own, self.partner = own.pcm, None
+        if partner is not None:
+            pa = read_audio(partner)
+            self.notes += [f"partner audio: {n}" for n in pa.notes]
+            n = max(self.own.shape[0], pa.pcm.shape[0])
+            self.own = np.pad(self.own, (0, n - self.own.shape[0]))
+            self.partner = np.pad(pa.pcm, (0, n - pa.pcm.shape[0]))
+        self.realtime = realtime
+        self.piece = max(1, int(piece_ms * SAMPLE_RATE / 1000))
+        self.path = Path(path)
+
+    @property
+    def seconds(self) -> float:
+        return self.own.shape[0] / SAMPLE_RATE
+
+    def describe(self) -> str:
+        return f"{self.path.name} ({self.seconds:.2f} s{', real time' if self.realtime else ''})"
+
+    def __iter__(self) -> Iterator:
+        t0 = time.monotonic()
+        for i in range(0, self.own.shape[0], self.piece):
+            if self._closed.is_set():
+                return
+            if self.realtime:  # a piece is available once its last sample has "been spoken"
+                wait = t0 + min(i + self.piece, self.own.shape[0]) / SAMPLE_RATE - time.monotonic()
+                if wait > 0 and self._closed.wait(wait):
+                    return
+            own = self.own[i : i + self.piece]
+            yield own if self.partner is None else (own, self.partner[i : i + self.piece])
+
+
+# ------------------------------------------------------------------------------------------------
+def feed(session, source: AudioSource, partner: bool = False, close_at_end: bool = True) -> None:
+    """Play a source into a Session until the source ends (then close the session's input).
+
+    `partner=True` routes the pieces to the partner voice (the other side of the conversation).
+    """
+    from .session import SessionClosed
+
+    try:
+        for item in source:
+            if item is INTERRUPT:
+                session.interrupt()
+            elif isinstance(item, tuple):
+                session.push_audio(item[0], item[1])
+            elif partner:
+                session.push_partner(item)
+            else:
+                session.push_audio(item)
+    except SessionClosed:
+        return
+    if close_at_end and not partner:
+        session.close()
