@@ -11,9 +11,11 @@ from .errors import EdgeTalkError
 
 SUBCOMMANDS = (
     "edgetalk.runtime.cli_run",
+    "edgetalk.runtime.cli_live",
     "edgetalk.export.cli",
     "edgetalk.training.cli_eval",
     "edgetalk.benchmarks.cli",
+    "edgetalk.runtime_cuda.doctor",
 )
 
 

@@ -44,6 +44,18 @@ def main(args: argparse.Namespace) -> int:
 
     targets = TARGETS if args.target == "all" else (args.target,)
     worst = 0
+    if args.target == "all":  # "all" means every target this machine can build
+        import importlib
+
+        runnable = []
+        for t in targets:
+            conv = importlib.import_module(f"edgetalk.converters.{t}")
+            ok, why = conv.availability() if hasattr(conv, "availability") else (True, "")
+            if ok:
+                runnable.append(t)
+            else:
+                print(f"skipping {t}: {why}")
+        targets = tuple(runnable)
     for target in targets:
         out = args.out
         if out is not None and args.target == "all":

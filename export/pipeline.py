@@ -31,7 +31,7 @@ from ..runtime.backend_torch import TorchBackend
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
 from .calibration import pick, record_stream
 
-TARGETS = ("onnx", "coreml", "mlx")
+TARGETS = ("onnx", "coreml", "mlx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 E2E_FRAMES = 100
 PARITY_CALLS = 6

@@ -1,0 +1,139 @@
+"""Fixed device buffers for one module: packed pinned transfers, a copy stream, CUDA-graph replay.
+
+The streaming contract fixes every shape, so a module's inputs and outputs can live at the same
+device addresses for the life of a backend. One call is:
+
+    numpy inputs -> one pinned host buffer -> ONE host-to-device copy      (copy stream)
+    compute: a CUDA-graph replay (or eager) reading the input views, writing the output views
+    ONE device-to-host copy of every output into pinned memory -> numpy    (copy stream)
+
+Inputs kept resident on the device (KV cache, per-avatar tensors; see residency.py) are not in the
+packed buffer; their mirrors upload only what changed, on the same copy stream, before compute.
+On a CPU device the same code runs without pinning, streams or graphs (that is how CI tests it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..models.io_spec import ModuleIO, TensorSpec
+from .residency import SlotMirror, TransferLog
+
+ALIGN = 64  # elements: every view starts on a 256-byte boundary (TensorRT wants aligned I/O)
+WARMUP_CALLS = 3  # eager runs on the capture stream before capture (cuDNN/cuBLAS workspaces)
+
+# compute(inputs, outputs): read the device input views, write the device output views.
+Compute = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], None]
+
+
+class Packed:
+    """One flat float32 buffer on the host (pinned on CUDA) and its device twin, with named views."""
+
+    def __init__(self, specs: tuple[TensorSpec, ...], device: torch.device, pin: bool):
+        offsets, total = {}, 0
+        for t in specs:
+            if t.dtype != "float32":
+                raise ValueError(f"{t.name}: the contract's {t.dtype} is not float32")
+            offsets[t.name] = total
+            total += math.ceil(math.prod(t.shape) / ALIGN) * ALIGN
+        self.host = torch.zeros(max(total, ALIGN), dtype=torch.float32, pin_memory=pin)
+        self.dev = torch.zeros(max(total, ALIGN), dtype=torch.float32, device=device)
+        host_np = self.host.numpy()
+        self.host_views = {}
+        self.dev_views = {}
+        for t in specs:
+            o, n = offsets[t.name], math.prod(t.shape)
+            self.host_views[t.name] = host_np[o : o + n].reshape(t.shape)
+            self.dev_views[t.name] = self.dev[o : o + n].view(t.shape)
+        self.nbytes = total * 4
+
+
+class ModuleRunner:
+    def __init__(
+        self,
+        spec: ModuleIO,
+        device: torch.device,
+        log: TransferLog,
+        resident: Mapping[str, SlotMirror] | None = None,
+        graphs: bool = False,
+    ):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.log = log
+        self.resident = dict(resident or {})
+        self.inp = Packed(
+            tuple(t for t in spec.inputs if t.name not in self.resident), device, self.cuda
+        )
+        self.out = Packed(spec.outputs, device, self.cuda)
+        self.args = {**self.inp.dev_views, **{k: m.dev for k, m in self.resident.items()}}
+        self.compute: Compute | None = None
+        self.want_graph = graphs and self.cuda
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error = ""
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.capture_stream = torch.cuda.Stream(device)
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, view in self.inp.host_views.items():
+            np.copyto(view, inputs[name], casting="same_kind")
+        with self._copy_stream():
+            self.inp.dev.copy_(self.inp.host, non_blocking=self.cuda)
+            self.log.to_device(self.inp.nbytes)
+            for name, mirror in self.resident.items():
+                mirror.sync(inputs[name])
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        with torch.inference_mode():
+            self._compute()
+        if self.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with self._copy_stream():
+            self.out.host.copy_(self.out.dev, non_blocking=self.cuda)
+            self.log.to_host(self.out.nbytes)
+        if self.cuda:
+            self.copy_stream.synchronize()  # the pinned buffer is read right below
+        # Copies: the pinned buffer is overwritten by the next call, and callers keep results.
+        return {name: view.copy() for name, view in self.out.host_views.items()}
+
+    def _copy_stream(self):
+        return torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
+
+    def _step(self) -> None:
+        self.compute(self.args, self.out.dev_views)
+
+    def _compute(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.want_graph and not self.graph_error:
+            try:
+                self.graph = self._capture()
+                self.graph.replay()
+                return
+            except RuntimeError as e:  # an op that cannot be captured: run eager, say so once
+                self.graph, self.graph_error = None, str(e).splitlines()[0]
+                warnings.warn(
+                    f"CUDA graph capture failed, running eager: {self.graph_error}", stacklevel=2
+                )
+        self._step()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Warm up and capture on one side stream (cuDNN/cuBLAS bind workspaces per stream); the
+        static input views already hold this call's inputs, so warm-up computes real outputs."""
+        s = self.capture_stream
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(WARMUP_CALLS):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            self._step()
+        return graph
