@@ -100,5 +100,5 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert "| lip-sync corr (pixels vs phonemes) |" in text
     report = json.loads(out.read_text())
     assert report["lip_sync"]["gt"]["lip_sync_corr"] > 0.5  # the measurement sees real lips
-    assert set(report["lip_sync"]) == {"gt", "model", "baseline"}
+    assert set(report["lip_sync"]) == {"gt", "model", "decoder", "baseline"}
     assert "identity_ratio" in report["long_stream"]["model"]
