@@ -16,6 +16,7 @@ SUBCOMMANDS = (
     "edgetalk.training.cli_eval",
     "edgetalk.benchmarks.cli",
     "edgetalk.runtime_cuda.doctor",
+    "edgetalk.serve.cli",
 )
 
 
