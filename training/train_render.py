@@ -96,13 +96,17 @@ def augment_map(maps, aug, size: int) -> np.ndarray:
     import cv2
 
     a = faces.augment_matrix(aug, size)
-    mx = cv2.warpAffine(maps[0], a, (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
-    my = cv2.warpAffine(maps[1], a, (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
+    mx = cv2.warpAffine(
+        maps[0], a, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    my = cv2.warpAffine(
+        maps[1], a, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
     x = a[0, 0] * mx + a[0, 1] * my + a[0, 2]
     y = a[1, 0] * mx + a[1, 1] * my + a[1, 2]
-    return np.stack([(x + 0.5) / size * 2 - 1, (y + 0.5) / size * 2 - 1], axis=-1).astype(np.float32)
+    return np.stack([(x + 0.5) / size * 2 - 1, (y + 0.5) / size * 2 - 1], axis=-1).astype(
+        np.float32
+    )
 
 
 def augment_mask(mask: np.ndarray, aug, size: int) -> np.ndarray:
