@@ -48,6 +48,19 @@ QUANT_OPS = ("Conv", "MatMul", "Gemm")
 
 def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:
     graph = ModuleGraph(model, part, io).eval()
+    # ONNX Runtime's CPU GridSample kernel was half of the decoder's time; the gather form of the
+    # same bilinear sampling (models/sampling.py) runs several times faster there.
+    native = model.decoder.native_sampling
+    model.decoder.native_sampling = False
+    try:
+        _trace(graph, io, path, sample)
+    finally:
+        model.decoder.native_sampling = native
+    _check_static(path, io)
+    return path
+
+
+def _trace(graph, io: ModuleIO, path: Path, sample) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -60,8 +73,6 @@ def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -
             dynamo=False,
             do_constant_folding=True,
         )
-    _check_static(path, io)
-    return path
 
 
 def convert_appearance(model, io, path, sample=None):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .sampling import grid_sample_border
 
 
 def base_grid(h: int, w: int) -> torch.Tensor:
@@ -44,6 +45,7 @@ class Decoder(nn.Module):
         self.refine_up = nn.Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = nn.Conv2d(rc, 4, 3, padding=1)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
+        self.native_sampling = True  # exporters switch to the gather form (models/sampling.py)
         # Start as "show the photo": no flow, no affine change, refinement blended out.
         for m in (self.flow_out, self.affine, self.basis):
             nn.init.zeros_(m.weight)
@@ -87,20 +89,8 @@ class Decoder(nn.Module):
             mode="bilinear",
             align_corners=False,
         ).permute(0, 2, 3, 1)
-        warped = F.grid_sample(
-            image.expand(c, -1, -1, -1),
-            grid_full,
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        wfeat = F.grid_sample(
-            app_feat.expand(c, -1, -1, -1),
-            grid,
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
+        warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, self.native_sampling)
+        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, self.native_sampling)
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
         r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [N, rc, R/2, R/2]
         o = self.refine_out(r)
