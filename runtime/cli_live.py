@@ -133,18 +133,7 @@ def main(args: argparse.Namespace) -> int:
         if partner is not None:
             sources.append(partner)
 
-        from .session import Session
-
-        session = Session(
-            avatar=args.avatar,
-            bundle=args.bundle,
-            checkpoint=args.checkpoint,
-            backend=args.backend,
-            seed=args.seed,
-            face_check=not args.no_face_check,
-            realtime=True,
-            late_policy=args.late_policy,
-        )
+        session = session_from_args(args, late_policy=args.late_policy)
         sink = _open_sink(args, session.resolution)
         print(
             f"live: {own.describe()}"
@@ -159,10 +148,27 @@ def main(args: argparse.Namespace) -> int:
             s.close()
 
 
+def session_from_args(args: argparse.Namespace, late_policy: str, chunk: int | None = None):
+    """A realtime Session from the flags `live` and `run --realtime` share."""
+    from .session import Session
+
+    kwargs = {"chunk": chunk} if chunk is not None else {}
+    return Session(
+        avatar=args.avatar,
+        bundle=args.bundle,
+        checkpoint=args.checkpoint,
+        backend=args.backend,
+        seed=args.seed,
+        face_check=not args.no_face_check,
+        realtime=True,
+        late_policy=late_policy,
+        **kwargs,
+    )
+
+
 def run_realtime(args: argparse.Namespace) -> int:
     """`edgetalk run --realtime`: the file is played in real time through a live Session."""
     from .audio_io import default_speech
-    from .session import Session
     from .sinks import Mp4Sink
     from .sources import FileSource
 
@@ -172,17 +178,7 @@ def run_realtime(args: argparse.Namespace) -> int:
     source = FileSource(audio_path, partner=args.partner_audio, realtime=True)
     for note in source.notes:
         print(f"note: {note}")
-    session = Session(
-        avatar=args.avatar,
-        bundle=args.bundle,
-        checkpoint=args.checkpoint,
-        backend=args.backend,
-        seed=args.seed,
-        face_check=not args.no_face_check,
-        realtime=True,
-        late_policy="mark",  # a recording keeps every frame
-        chunk=args.chunk,
-    )
+    session = session_from_args(args, late_policy="mark", chunk=args.chunk)  # keep every frame
     sink = Mp4Sink(args.out, session.resolution)
     print(f"run --realtime: playing {source.describe()} -> {args.out}", flush=True)
     try:
