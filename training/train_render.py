@@ -46,11 +46,14 @@ def motion_pool(n_clips: int, seed: int) -> np.ndarray:
 
 
 class FrameSampler:
-    def __init__(self, size: int, seed: int, pool: np.ndarray):
+    def __init__(self, size: int, seed: int, pool: np.ndarray, closure_share: float = 0.0):
         self.ids = faces.load_identities("train")
         self.refs = [synth.reference(i, size) for i in self.ids]
         self.pool = pool
         self.scale = pool.std(axis=0) + 1e-3
+        # Lip closures are rare frames but the hardest warp (lips over teeth); oversample them.
+        self.closures = np.flatnonzero(pool[:, INDEX["lip_press"]] > 0.5)
+        self.closure_share = closure_share
         self.rng = np.random.default_rng(seed)
         self.size = size
 
@@ -60,7 +63,10 @@ class FrameSampler:
         for _ in range(n):
             k = int(rng.integers(len(self.refs)))
             ref = self.refs[k]
-            m = self.pool[int(rng.integers(len(self.pool)))].copy()
+            if rng.random() < self.closure_share and len(self.closures):  # p/b/m closures
+                m = self.pool[self.closures[int(rng.integers(len(self.closures)))]].copy()
+            else:
+                m = self.pool[int(rng.integers(len(self.pool)))].copy()
             if rng.random() < 0.5:  # off-distribution combinations
                 m += rng.normal(0, 0.3, m.shape).astype(np.float32) * self.scale
                 m[:10] = np.clip(m[:10], 0.0, 1.0)
@@ -153,6 +159,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--closure-share",
+        type=float,
+        default=0.0,
+        help="share of samples drawn from lip-closure frames",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
     ap.add_argument("--pool-clips", type=int, default=60)
@@ -168,7 +180,9 @@ def main(argv=None) -> None:
     run = Run(args.out, model, [p for p in params if p.requires_grad], args.lr, args.steps)
     model.appearance.ref_head.requires_grad_(False)
     print("building the motion pool ...", flush=True)
-    sampler = FrameSampler(size, args.seed + run.step, motion_pool(args.pool_clips, 10_000))
+    sampler = FrameSampler(
+        size, args.seed + run.step, motion_pool(args.pool_clips, 10_000), args.closure_share
+    )
     model.train()
     deadline = time.time() + args.minutes * 60
     while time.time() < deadline and run.step < args.steps:
