@@ -95,14 +95,32 @@ def make_tracks():
     """The two outgoing track classes (built lazily: aiortc is an optional dependency)."""
     MediaStreamTrack, MediaStreamError = _aiortc()
 
-    class AvatarVideoTrack(MediaStreamTrack):
-        kind = "video"
+    class QueuedTrack(MediaStreamTrack):
+        """A track fed from a thread-side queue; recv() waits for the next item or the end."""
 
         def __init__(self):
             super().__init__()
             self._q: deque = deque()
             self._ready = asyncio.Event()
             self._ended = False
+
+        def end(self) -> None:
+            self._ended = True
+            self._ready.set()
+
+        async def _next(self):
+            while not self._q:
+                if self._ended or self.readyState != "live":
+                    raise MediaStreamError
+                self._ready.clear()
+                await self._ready.wait()
+            return self._q.popleft()
+
+    class AvatarVideoTrack(QueuedTrack):
+        kind = "video"
+
+        def __init__(self):
+            super().__init__()
             self.dropped = 0  # frames dropped because the encoder fell behind
             self.lateness: deque[float] = deque(maxlen=500)  # taken by the sender minus queued
 
@@ -113,28 +131,16 @@ def make_tracks():
                 self.dropped += 1
             self._ready.set()
 
-        def end(self) -> None:
-            self._ended = True
-            self._ready.set()
-
         async def recv(self):
-            while not self._q:
-                if self._ended or self.readyState != "live":
-                    raise MediaStreamError
-                self._ready.clear()
-                await self._ready.wait()
-            put_at, frame = self._q.popleft()
+            put_at, frame = await self._next()
             self.lateness.append(time.monotonic() - put_at)
             return frame
 
-    class AvatarAudioTrack(MediaStreamTrack):
+    class AvatarAudioTrack(QueuedTrack):
         kind = "audio"
 
         def __init__(self):
             super().__init__()
-            self._q: deque = deque()
-            self._ready = asyncio.Event()
-            self._ended = False
             self.base: float | None = None  # monotonic wall time of timeline 0
             self.lateness: deque[float] = deque(maxlen=500)  # sent minus due, seconds
 
@@ -142,17 +148,8 @@ def make_tracks():
             self._q.append(frame)
             self._ready.set()
 
-        def end(self) -> None:
-            self._ended = True
-            self._ready.set()
-
         async def recv(self):
-            while not self._q:
-                if self._ended or self.readyState != "live":
-                    raise MediaStreamError
-                self._ready.clear()
-                await self._ready.wait()
-            frame = self._q.popleft()
+            frame = await self._next()
             if self.base is not None:  # send each 20 ms at its time on the video's clock
                 due = self.base + frame.pts / OUT_RATE
                 wait = due - time.monotonic()
