@@ -206,17 +206,20 @@ def play(session, sink, sources, partner=None, seconds: float | None = None) -> 
 
     restore = _sigterm_as_keyboard_interrupt()
     stopped = ""
-    timer = None
+    threads: list[threading.Thread] = []
     try:
         session.start()
         for s in sources:
-            threading.Thread(
-                target=pump, args=(s, s is partner), name=f"edgetalk-{s.name}", daemon=True
-            ).start()
+            threads.append(
+                threading.Thread(
+                    target=pump, args=(s, s is partner), name=f"edgetalk-{s.name}", daemon=True
+                )
+            )
         if seconds is not None:
-            timer = threading.Timer(seconds, session.close)
-            timer.daemon = True
-            timer.start()
+            threads.append(threading.Timer(seconds, session.close))
+        for t in threads:
+            t.daemon = True
+            t.start()
         for f in session.frames():
             sink.write(Frame(f.index, f.t, f.rgb))
             audio = f.audio
@@ -229,11 +232,17 @@ def play(session, sink, sources, partner=None, seconds: float | None = None) -> 
     except KeyboardInterrupt:
         stopped = "stopped (Ctrl-C)"
     finally:
-        if timer is not None:
-            timer.cancel()
+        for t in threads:
+            if isinstance(t, threading.Timer):
+                t.cancel()
         for s in sources:
             s.close()
         session.abort()
+        # Join our threads while the interpreter is alive: a thread that drops the last reference
+        # to the session at exit frees torch tensors during finalization, and torch then aborts
+        # the process (pytorch#38228). A source stuck in a blocking read is left behind after 2 s.
+        for t in threads:
+            t.join(timeout=2.0)
         try:
             sink.close()
         finally:

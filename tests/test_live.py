@@ -288,6 +288,27 @@ def test_run_realtime_mp4_durations_match(tmp_path, wav_file, micro_ckpt, capsys
     assert abs(n - 1.5 * 25) <= 1
 
 
+def test_play_joins_its_threads(backend, wav_file):
+    """play() returns with no thread of its own alive: a leftover thread that drops the last
+    reference to the session at exit frees tensors during finalization, and torch aborts the
+    process ("terminate called without an active exception", pytorch#38228)."""
+    from edgetalk.runtime.cli_live import play
+    from edgetalk.runtime.sinks import NullSink
+    from edgetalk.runtime.sources import FileSource
+
+    class SlowToStop(FileSource):  # a source whose thread takes a moment to wind down
+        def __iter__(self):
+            yield from super().__iter__()
+            time.sleep(0.3)
+
+    before = set(threading.enumerate())
+    session = Session(backend=backend, realtime=False)
+    assert play(session, NullSink(), [SlowToStop(wav_file(seconds=0.5), realtime=False)],
+                seconds=30) == 0  # fmt: skip
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, left
+
+
 # ---- sources ------------------------------------------------------------------------------------
 def test_stdin_source_handles_split_samples():
     pcm = (speechlike(0.3) * 32767).astype("<i2")
