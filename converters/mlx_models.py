@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..models.config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from ..models.config import SAMPLES_PER_FRAME, ModelConfig
 
 F32 = mx.float32
@@ -534,7 +535,7 @@ class Decoder(_Module):
         self.affine = nn.Linear(p, 6)
         self.refine_in = Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = Conv2d(hd, 4 * rc, 3, padding=1)
-        self.refine_out = Conv2d(rc, 4, 3, padding=1)
+        self.refine_out = Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
         self._grid0 = mx.array(base_grid(self.feat, self.feat).numpy())  # [hw*hw, 3]
         self._identity = mx.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
@@ -556,16 +557,13 @@ class Decoder(_Module):
         grid = (self._grid0 @ theta.transpose(0, 2, 1)).reshape(c, hw, hw, 2)
         grid = grid + (self.flow_out(x).astype(F32) + lin[..., :2])
         grid_full = interpolate_bilinear(grid, (res, res))
-        warped = grid_sample(img, grid_full)  # [C, R, R, 3]
         wfeat = grid_sample(app, grid)  # [C, h, w, Ca]
         r = gelu(self.refine_in(mx.concatenate([self.c(wfeat), x], axis=-1)))
         r = gelu(pixel_shuffle(self.refine_up(r), 2))  # [C, R/2, R/2, rc]
-        o = self.refine_out(r).astype(F32)
-        half = res // 2
-        alpha_lin = interpolate_bilinear(lin[..., 2:], (half, half))
-        o = mx.concatenate([o[..., :3], o[..., 3:] + alpha_lin], axis=-1)
-        o = interpolate_bilinear(o, (res, res))
-        alpha = mx.sigmoid(o[..., 3:4])
+        o = pixel_shuffle(self.refine_out(r), 2).astype(F32)  # [C, R, R, 6]
+        grid_full = grid_full + o[..., 4:]
+        warped = grid_sample(img, grid_full)  # [C, R, R, 3]
+        alpha = mx.sigmoid(o[..., 3:4] + interpolate_bilinear(lin[..., 2:], (res, res)))
         frames = warped * (1.0 - alpha) + mx.sigmoid(o[..., :3]) * alpha
         return {"frames": mx.clip(frames, 0.0, 1.0)}
 

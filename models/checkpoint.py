@@ -57,7 +57,13 @@ def load_checkpoint(path: str | Path) -> tuple[EdgeTalkModel, dict[str, str]]:
         raise BundleError(f"{path}: bad model config in checkpoint metadata ({e})") from None
     model = EdgeTalkModel(cfg)
     state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        first = str(e).strip().splitlines()[-1].strip()
+        raise BundleError(
+            f"{path}: weights do not match the {cfg.name!r} config ({first})"
+        ) from None
     if missing or unexpected:
         raise BundleError(
             f"{path}: weights do not match the {cfg.name!r} config "

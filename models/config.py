@@ -38,6 +38,9 @@ class GeneratorConfig:
     rope_base: float = 1000.0
 
 
+REFINE_OUT_CHANNELS = 6  # decoder refinement outputs per pixel: rgb, alpha logit, flow (x, y)
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     resolution: int = 256

@@ -2,11 +2,15 @@
 
 The photo itself is warped at full resolution by a flow predicted at 1/4 resolution, then a small
 refinement head paints what a warp cannot show (mouth interior, teeth, eyelids) and blends it in
-with a predicted alpha. The flow has three parts:
+with a predicted alpha. The flow has four parts:
 - a learned global affine of the motion (head pose);
 - per-parameter basis fields predicted from the photo once per call, weighted by the motion
   (blendshape-like: "this is how *this* face moves when the jaw opens"), for flow and alpha;
-- a non-linear residual from motion-modulated features (FiLM) for what is not linear.
+- a non-linear residual from motion-modulated features (FiLM) for what is not linear;
+- a full-resolution correction from the refinement head: closing open lips collapses the teeth
+  between them into a line, a jump a 1/4-resolution flow blurs over ~4 pixels of visible teeth.
+The refinement head works at 1/2 resolution and emits its outputs (colour, alpha, flow correction)
+for each 2x2 block of output pixels (pixel shuffle), so none of them is bilinearly blurred.
 Only 4-D grid_sample is used: 5-D warps do not run on ONNX Runtime or CoreML.
 """
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
 from .sampling import grid_sample_border
 
@@ -43,7 +48,7 @@ class Decoder(nn.Module):
         self.affine = nn.Linear(p, 6)
         self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = nn.Conv2d(hd, 4 * rc, 3, padding=1)
-        self.refine_out = nn.Conv2d(rc, 4, 3, padding=1)
+        self.refine_out = nn.Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         self.native_sampling = True  # exporters switch to the gather form (models/sampling.py)
         # Start as "show the photo": no flow, no affine change, refinement blended out.
@@ -51,7 +56,9 @@ class Decoder(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         with torch.no_grad():
-            self.refine_out.bias[3] = -4.0
+            self.refine_out.weight[4 * 4 :].zero_()  # no flow correction at first
+            self.refine_out.bias[4 * 4 :].zero_()
+            self.refine_out.bias[4 * 3 : 4 * 4] = -4.0
 
     def forward(
         self,
@@ -89,17 +96,15 @@ class Decoder(nn.Module):
             mode="bilinear",
             align_corners=False,
         ).permute(0, 2, 3, 1)
-        warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, self.native_sampling)
         wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, self.native_sampling)
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
         r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [N, rc, R/2, R/2]
-        o = self.refine_out(r)
-        half = self.res // 2
+        o = F.pixel_shuffle(self.refine_out(r), 2)  # [N, 6, R, R]
+        grid_full = grid_full + o[:, 4:].permute(0, 2, 3, 1)
+        warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, self.native_sampling)
         alpha_lin = F.interpolate(
-            lin[:, 2:], size=(half, half), mode="bilinear", align_corners=False
+            lin[:, 2:], size=(self.res, self.res), mode="bilinear", align_corners=False
         )
-        o = torch.cat([o[:, :3], o[:, 3:] + alpha_lin], dim=1)
-        o = F.interpolate(o, size=(self.res, self.res), mode="bilinear", align_corners=False)
-        alpha = torch.sigmoid(o[:, 3:4])
+        alpha = torch.sigmoid(o[:, 3:4] + alpha_lin)
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha

@@ -44,3 +44,30 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"
+
+    def check_graph_io(self, module: str, graph: dict[str, tuple], file: str = "") -> None:
+        """Refuse a graph whose tensors differ from the manifest: a manifest can be edited (and
+        re-hashed) without re-exporting, and a graph of other shapes would fail mid-stream.
+
+        `graph` maps each input and output name the graph declares to its shape, or to None where
+        the format leaves it undeclared (a dimension that is not a fixed integer breaks the
+        static-shape contract)."""
+        from ..errors import BundleError
+
+        where = f"{module} graph {file}".rstrip()
+        want = {t.name: tuple(t.shape) for t in (*self.io[module].inputs, *self.io[module].outputs)}
+        if set(graph) != set(want):
+            extra, missing = sorted(set(graph) - set(want)), sorted(set(want) - set(graph))
+            raise BundleError(
+                f"{where} does not match the manifest: tensors {missing} missing from the graph, "
+                f"{extra} not in the manifest; re-export the bundle"
+            )
+        for name, shape in want.items():
+            if graph[name] is None:
+                continue
+            got = tuple(d if isinstance(d, int) else str(d) for d in graph[name])
+            if got != shape:
+                raise BundleError(
+                    f"{where}: {name} has shape {list(got)} in the graph but {list(shape)} in the "
+                    "manifest; re-export the bundle"
+                )

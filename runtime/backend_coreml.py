@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, BundleError
 from .backend import Backend
 
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
@@ -65,6 +65,12 @@ class CoreMLBackend(Backend):
             )
         self.compute_units = units
         self.models = {}
+        for module in self.io:  # every spec first: a mismatch is the real problem on any OS
+            try:
+                spec = ct.utils.load_spec(str(bundle.file(module)))
+            except Exception as e:  # coremltools raises its own exception types
+                raise BundleError(f"cannot read {bundle.files[module]}: {e}") from None
+            self.check_graph_io(module, spec_io(spec), bundle.files[module])
         for module in self.io:
             path = bundle.file(module)
             try:
@@ -108,6 +114,15 @@ class CoreMLBackend(Backend):
 
     def describe(self) -> str:
         return f"coreml ({self.precision}, {self.compute_units})"
+
+
+def spec_io(spec) -> dict[str, tuple]:
+    """Each input and output of a Core ML model spec with its (fixed) multi-array shape."""
+    out = {}
+    for f in (*spec.description.input, *spec.description.output):
+        shape = tuple(int(d) for d in f.type.multiArrayType.shape)
+        out[f.name] = shape or None  # ML program outputs may leave their shape undeclared
+    return out
 
 
 BACKEND = CoreMLBackend

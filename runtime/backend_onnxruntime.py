@@ -47,6 +47,9 @@ class OnnxRuntimeBackend(Backend):
         self.providers = self.choose_providers()
         self.sessions = {}
         for module in self.io:
+            declared = declared_io(bundle.file(module))
+            if declared is not None:  # before loading: ORT would fail on it less clearly
+                self.check_graph_io(module, declared, bundle.files[module])
             try:
                 self.sessions[module] = ort.InferenceSession(
                     str(bundle.file(module)), sess_options=opts, providers=self.providers
@@ -55,6 +58,10 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendUnavailable(
                     f"onnxruntime cannot load {bundle.files[module]}: {e}"
                 ) from None
+            if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
+                sess = self.sessions[module]
+                graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
+                self.check_graph_io(module, graph, bundle.files[module])
 
     @classmethod
     def from_bundle(cls, bundle):
@@ -68,6 +75,25 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         return f"onnxruntime ({self.precision}, {self.providers[0]})"
+
+
+def declared_io(path) -> dict[str, tuple] | None:
+    """The shapes an ONNX file declares for its graph inputs and outputs (None without onnx)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # unreadable: onnxruntime's load reports it
+        return None
+    return {
+        v.name: tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in v.type.tensor_type.shape.dim
+        )
+        for v in (*graph.input, *graph.output)
+    }
 
 
 BACKEND = OnnxRuntimeBackend

@@ -67,6 +67,12 @@ def test_weights_for_another_config_are_refused(tmp_path):
     save_file(state, str(path), metadata=read_metadata(path))
     with pytest.raises(BundleError, match="do not match"):
         load_checkpoint(path)
+    # Every tensor present, one of another shape (e.g. weights of an older decoder layout).
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["decoder.refine_out.bias"] = state["decoder.refine_out.bias"][:4].clone()
+    save_file(state, str(path), metadata=read_metadata(path))
+    with pytest.raises(BundleError, match="do not match.*refine_out"):
+        load_checkpoint(path)
 
 
 def test_streaming_overrides():

@@ -141,6 +141,24 @@ def test_bundles_open_and_tampering_is_refused(bundles, tmp_path):
         open_bundle(copy)
 
 
+def test_package_that_disagrees_with_the_manifest_is_refused(bundles, tmp_path):
+    """Another module's package under a re-hashed manifest: refused by the spec check (which
+    runs before Core ML compiles anything, so on every OS)."""
+    import json
+
+    from edgetalk.runtime.bundle import tree_sha256
+
+    copy = tmp_path / "swapped"
+    shutil.copytree(bundles["fp32"].path, copy)
+    shutil.rmtree(copy / "decoder.mlpackage")
+    shutil.copytree(copy / "audio.mlpackage", copy / "decoder.mlpackage")
+    mf = json.loads((copy / "manifest.json").read_text())
+    mf["sha256"] = {f: tree_sha256(copy / f) for f in mf["files"].values()}
+    (copy / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="decoder graph decoder.mlpackage does not match"):
+        CoreMLBackend(open_bundle(copy))
+
+
 def test_existing_packages_are_reused(bundles, micro_ckpt, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(bundles["fp32"].path, out)

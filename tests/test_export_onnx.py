@@ -206,3 +206,30 @@ def test_cli_run_with_bundle(bundles, tmp_path, wav_file, capsys):
     )
     assert code == 0 and out.exists()
     assert "onnxruntime (fp16" in capsys.readouterr().out
+
+
+def test_manifest_that_disagrees_with_the_graph_is_refused(bundles, tmp_path):
+    """A manifest edited and re-hashed without re-exporting: the graph's own tensor shapes and
+    names are checked against it when the backend opens the bundle."""
+    import onnx
+
+    from edgetalk.runtime.bundle import tree_sha256
+
+    b = copy_bundle(bundles, tmp_path)
+    mf = json.loads((b / "manifest.json").read_text())
+
+    def rehash():
+        mf["sha256"] = {f: tree_sha256(b / f) for f in mf["files"].values()}
+        (b / "manifest.json").write_text(json.dumps(mf))
+
+    m = onnx.load(str(b / "generator.onnx"))  # declare another output shape in the graph
+    out = next(o for o in m.graph.output if o.name == "motion")
+    out.type.tensor_type.shape.dim[1].dim_value += 1
+    onnx.save(m, str(b / "generator.onnx"))
+    rehash()
+    with pytest.raises(BundleError, match=r"generator graph generator.onnx: motion has shape"):
+        open_backend(bundle=b)
+    shutil.copy(b / "audio.onnx", b / "generator.onnx")  # another module's graph in its place
+    rehash()
+    with pytest.raises(BundleError, match="missing from the graph"):
+        open_backend(bundle=b)

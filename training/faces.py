@@ -7,6 +7,7 @@ detector and crop rule (runtime.avatar), so training faces are framed like a use
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -291,7 +292,7 @@ class Augment:
 
 def sample_augment(rng: np.random.Generator, strength: float = 1.0) -> Augment:
     s = float(strength)
-    return Augment(
+    aug = Augment(
         flip=bool(rng.random() < 0.5),
         scale=float(np.exp(rng.uniform(-0.08, 0.08) * s)),
         shift=(float(rng.uniform(-0.04, 0.04) * s), float(rng.uniform(-0.04, 0.04) * s)),
@@ -300,6 +301,9 @@ def sample_augment(rng: np.random.Generator, strength: float = 1.0) -> Augment:
         contrast=float(np.exp(rng.uniform(-0.2, 0.2) * s)),
         saturation=float(np.exp(rng.uniform(-0.3, 0.3) * s)),
     )
+    if rng.random() < 0.1 * s:  # black-and-white photos are avatars too
+        aug = dataclasses.replace(aug, saturation=0.0)
+    return aug
 
 
 def augment_matrix(aug: Augment, size: int) -> np.ndarray:
