@@ -337,6 +337,82 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+class FrameReader:
+    """Incremental parser of the socket wire format: `feed(bytes)` returns the complete messages.
+
+    Pure (no socket, no clock), so any byte stream cut anywhere parses the same, which the
+    property tests and the fuzz harness check. It holds at most one message: a length prefix is
+    validated before its payload is buffered, so memory is bounded by MAX_FRAME_BYTES whatever a
+    peer sends. Messages: ("audio", bytes), ("interrupt",), ("end",). Raises ProtocolError.
+    """
+
+    def __init__(self, token: bytes | None = None):
+        self.token = token
+        self.authed = token is None
+        self.ended = False
+        self.parts = 0  # message parts (header, payload, token) completed so far
+        self._buf = bytearray()
+        self._need = 4  # bytes of the current message still to read
+        self._kind = "header"  # header | payload | token_size | token
+
+    @property
+    def mid_message(self) -> bool:
+        """True while a message has begun but not completed."""
+        return bool(self._buf) or self._kind != "header"
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        view = memoryview(data)
+        while len(view):
+            if self.ended:
+                break  # bytes after END are ignored
+            take = min(self._need - len(self._buf), len(view))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) < self._need:
+                break
+            msg, self._buf = bytes(self._buf), bytearray()
+            self._step(msg, out)
+        return out
+
+    def _step(self, msg: bytes, out: list[tuple]) -> None:
+        self.parts += 1
+        kind = self._kind
+        self._kind, self._need = "header", 4
+        if kind == "payload":
+            out.append(("audio", msg))
+        elif kind == "token_size":
+            if msg[0] == 0:
+                raise ProtocolError("empty token: AUTH needs 1..255 token bytes")
+            self._kind, self._need = "token", msg[0]
+        elif kind == "token":
+            if self.token is not None and not hmac.compare_digest(msg, self.token):
+                raise ProtocolError("bad token")
+            self.authed = True
+        else:
+            (n,) = struct.unpack(">I", msg)
+            if n == CTRL_AUTH:
+                self._kind, self._need = "token_size", 1
+            elif not self.authed:
+                raise ProtocolError("this server needs a token: send AUTH first (see --token)")
+            elif n == CTRL_INTERRUPT:
+                out.append(("interrupt",))
+            elif n == CTRL_END:
+                self.ended = True
+                out.append(("end",))
+            elif n == 0 or n % 2 or n > MAX_FRAME_BYTES:
+                raise ProtocolError(
+                    f"bad length prefix {n}: an audio frame is 2..{MAX_FRAME_BYTES} bytes and "
+                    "even (whole s16le samples); 0xFFFFFFFF interrupts, 0xFFFFFFFE ends"
+                )
+            else:
+                self._kind, self._need = "payload", n
+
+
 class SocketSource(AudioSource):
     """A TCP server for length-prefixed s16le PCM (the wire format is in this module's docstring).
 
@@ -420,38 +496,37 @@ class SocketSource(AudioSource):
     def _serve(self, conn: socket.socket, addr) -> None:
         who = f"{addr[0]}:{addr[1]}"
         resample = StreamResampler(self.rate)
-        ended = False
+        reader = FrameReader(self.token)
         try:
             conn.settimeout(0.25)
             _send_line(conn, f"OK edgetalk live: s16le mono {self.rate} Hz")
-            authed = self.token is None
-            while not self._closed.is_set():
-                header = self._recv(conn, 4, first_optional=True)
-                if header is None:
+            started, parts = None, 0  # when the message being read began (idling is allowed)
+            while not self._closed.is_set() and not reader.ended:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    data = None
+                if data == b"":
+                    if reader.mid_message:
+                        raise ProtocolError(
+                            f"connection closed {reader.buffered} bytes into a message"
+                        )
                     break  # the client closed the connection between messages
-                (n,) = struct.unpack(">I", header)
-                if n == CTRL_AUTH:
-                    size = self._recv(conn, 1)[0]
-                    given = self._recv(conn, size) if size else b""
-                    if self.token is not None and not hmac.compare_digest(given, self.token):
-                        raise ProtocolError("bad token")
-                    authed = True
-                    continue
-                if not authed:
-                    raise ProtocolError("this server needs a token: send AUTH first (see --token)")
-                if n == CTRL_INTERRUPT:
-                    self.queue.put_interrupt()
-                    continue
-                if n == CTRL_END:
-                    ended = True
-                    break
-                if n == 0 or n % 2 or n > MAX_FRAME_BYTES:
+                for msg in reader.feed(data) if data else ():
+                    if msg[0] == "audio":
+                        self.queue.put(resample(s16le_to_float(msg[1])))
+                    elif msg[0] == "interrupt":
+                        self.queue.put_interrupt()
+                now = time.monotonic()
+                if not reader.mid_message:
+                    started = None
+                elif started is None or reader.parts != parts:
+                    started = now  # a new message began in this read
+                parts = reader.parts
+                if started is not None and now - started > FRAME_TIMEOUT_S:
                     raise ProtocolError(
-                        f"bad length prefix {n}: an audio frame is 2..{MAX_FRAME_BYTES} bytes and "
-                        "even (whole s16le samples); 0xFFFFFFFF interrupts, 0xFFFFFFFE ends"
+                        f"incomplete frame: {reader.buffered} bytes after {FRAME_TIMEOUT_S:.0f} s"
                     )
-                payload = self._recv(conn, n)
-                self.queue.put(resample(s16le_to_float(payload)))
         except ProtocolError as e:
             self.protocol_errors += 1
             self.errors.append(f"{who}: {e}")
@@ -466,36 +541,11 @@ class SocketSource(AudioSource):
             tail = resample.flush()
             if tail.size:
                 self.queue.put(tail)
-            if ended or self.end_on_close:
+            if reader.ended or self.end_on_close:
                 self.queue.put(END)
             with self._lock:  # free before the client sees the connection end
                 self._active = None
             _linger_close(conn)
-
-    def _recv(self, conn: socket.socket, n: int, first_optional: bool = False) -> bytes | None:
-        """Exactly n bytes. Waiting for the first byte of a message is unbounded (clients may idle);
-        once a message has started, it must complete within FRAME_TIMEOUT_S."""
-        buf = bytearray()
-        deadline = None
-        while len(buf) < n:
-            if self._closed.is_set():
-                raise OSError("server closing")
-            try:
-                part = conn.recv(min(n - len(buf), 65536))
-            except TimeoutError:
-                if buf or not first_optional:
-                    deadline = deadline or time.monotonic() + FRAME_TIMEOUT_S
-                    if time.monotonic() > deadline:
-                        raise ProtocolError(
-                            f"incomplete frame: {len(buf)} of {n} bytes after {FRAME_TIMEOUT_S:.0f} s"
-                        ) from None
-                continue
-            if not part:
-                if not buf and first_optional:
-                    return None
-                raise ProtocolError(f"connection closed {len(buf)} bytes into a {n}-byte message")
-            buf += part
-        return bytes(buf)
 
     # ---- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
