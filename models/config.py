@@ -13,6 +13,7 @@ SAMPLE_RATE = 16_000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 LOOKAHEAD_MS = 60
+MAX_SIZE = 1 << 16  # no size in a config goes beyond this (configs are read from user files)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class ModelConfig:
     def from_dict(d: dict) -> ModelConfig:
         d = dict(d)
         try:
-            return ModelConfig(
+            cfg = ModelConfig(
                 name=d["name"],
                 motion_dim=d["motion_dim"],
                 chunk=d["chunk"],
@@ -130,8 +131,33 @@ class ModelConfig:
                 generator=GeneratorConfig(**d["generator"]),
                 render=RenderConfig(**d["render"]),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not an EdgeTalk model config: {e}") from e
+        return cfg.validate()
+
+    def validate(self) -> ModelConfig:
+        """Check the types and ranges of every size (configs come from files users pass in): a
+        wrong one would otherwise fail deep inside a model, or allocate without bound."""
+        if not isinstance(self.name, str):
+            raise ValueError(f"config name must be a string, got {self.name!r}")
+        if self.motion_dim != MOTION_DIM:
+            raise ValueError(f"motion_dim must be {MOTION_DIM}, got {self.motion_dim!r}")
+        for part in (self, self.audio, self.generator, self.render):
+            for f in dataclasses.fields(part):
+                v = getattr(part, f.name)
+                if f.type in ("int", int):
+                    low = 0 if f.name == "lookahead" else 1
+                    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_SIZE:
+                        raise ValueError(
+                            f"{f.name} must be an integer in {low}..{MAX_SIZE}, got {v!r}"
+                        )
+                elif f.type in ("float", float):
+                    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < 1e9:
+                        raise ValueError(f"{f.name} must be a positive number, got {v!r}")
+        g, r = self.generator, self.render
+        if g.dim % g.heads or r.resolution % 4 or self.audio.hop > self.audio.n_fft:
+            raise ValueError("inconsistent config: dim % heads, resolution % 4 or hop > n_fft")
+        return self
 
 
 def _check_positive(name: str, v: int) -> None:

@@ -11,6 +11,14 @@ from ..errors import InputError
 from ..models.config import SAMPLE_RATE
 
 MAX_RUN_SECONDS = 3 * 3600  # `run` refuses longer files: use `live` for endless streams
+MIN_RATE, MAX_RATE = 1000, 768_000  # plausible sample rates (Hz); outside is a damaged header
+
+
+def check_rate(rate) -> None:
+    if not isinstance(rate, int | np.integer) or not MIN_RATE <= rate <= MAX_RATE:
+        raise InputError(
+            f"unsupported sample rate {rate} Hz: EdgeTalk takes {MIN_RATE}..{MAX_RATE} Hz"
+        )
 
 
 @dataclass
@@ -33,8 +41,7 @@ def to_mono_16k(data: np.ndarray, rate: int, notes: list[str] | None = None) -> 
         if data.shape[1] > 1:
             notes.append(f"downmixed {data.shape[1]} channels to mono")
         data = data.mean(axis=1)
-    if rate <= 0:
-        raise InputError(f"invalid sample rate {rate}")
+    check_rate(rate)
     if rate != SAMPLE_RATE:
         notes.append(f"resampled {rate} Hz to {SAMPLE_RATE} Hz")
         data = soxr.resample(data, rate, SAMPLE_RATE, quality="HQ") if data.size else data

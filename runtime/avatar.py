@@ -7,6 +7,7 @@ the way the training faces were.
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputError(f"avatar image not found: {p}")
     if p.is_dir():
         raise InputError(f"avatar image is a directory, not a file: {p}")
+    over = f"over the {MAX_IMAGE_PIXELS:,}-pixel limit; resize it first"
+    w, h = _header_size(p)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"image {p} is {w}x{h}, {over}")
     try:
         with av.open(str(p)) as container:
             stream = next((s for s in container.streams if s.type == "video"), None)
@@ -43,9 +48,10 @@ def load_image(path: str | Path) -> np.ndarray:
                 raise InputError(f"not an image file: {p}")
             w, h = stream.codec_context.width, stream.codec_context.height
             if w and h and w * h > MAX_IMAGE_PIXELS:
-                raise InputError(
-                    f"image {p} is {w}x{h}, over the {MAX_IMAGE_PIXELS:,}-pixel limit; resize it first"
-                )
+                raise InputError(f"image {p} is {w}x{h}, {over}")
+            # FFmpeg's own cap: its decoder refuses to allocate a bigger frame, for the formats
+            # whose size is only known once decoding starts.
+            stream.codec_context.options = {"max_pixels": str(MAX_IMAGE_PIXELS)}
             for frame in container.decode(stream):
                 if frame.width * frame.height > MAX_IMAGE_PIXELS:
                     raise InputError(f"image {p} is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
@@ -62,6 +68,23 @@ def load_image(path: str | Path) -> np.ndarray:
             f"image {p} is too small ({rgb.shape[1]}x{rgb.shape[0]}); need 16x16 or more"
         )
     return np.ascontiguousarray(rgb)
+
+
+def _header_size(p: Path) -> tuple[int, int]:
+    """(width, height) from the file header without decoding, (0, 0) when unknown."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return 0, 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own bomb warning: our cap decides
+            with Image.open(p) as im:
+                return im.size
+    except Image.DecompressionBombError:  # over Pillow's hard cap, far over ours
+        return 1 << 20, 1 << 20
+    except Exception:  # not an image Pillow reads: PyAV decides
+        return 0, 0
 
 
 def detect_face(rgb: np.ndarray) -> FaceBox | None:

@@ -89,10 +89,11 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         files = {str(k): str(v) for k, v in m["files"].items()}
         hashes = {str(k): str(v) for k, v in m["sha256"].items()}
         streaming = m["streaming"]
-    except (KeyError, TypeError, ValueError) as e:
+        declared = (streaming["chunk"], streaming["lookahead"], streaming["cache_slots"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{root}: manifest is missing or has a malformed field ({e})") from None
 
-    if (streaming.get("chunk"), streaming.get("lookahead"), streaming.get("cache_slots")) != (
+    if declared != (
         cfg.chunk,
         cfg.lookahead,
         cfg.cache_slots,

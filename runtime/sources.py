@@ -49,6 +49,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.config import SAMPLE_RATE
+from .audio_io import check_rate
 
 MAX_FRAME_BYTES = 1 << 20  # 1 MiB: about 33 s of 16 kHz s16le mono in one socket frame
 CTRL_INTERRUPT = 0xFFFFFFFF
@@ -79,8 +80,7 @@ class StreamResampler:
     """
 
     def __init__(self, rate: int):
-        if not rate or rate <= 0:
-            raise InputError(f"invalid sample rate {rate}")
+        check_rate(rate)
         self.rate = int(rate)
         self._rs = None
         if self.rate != SAMPLE_RATE:
@@ -318,7 +318,9 @@ class MicSource(AudioSource):
 
 # ------------------------------------------------------------------------------------------------
 class ProtocolError(Exception):
-    pass
+    """A peer broke the wire format. `messages` holds those it completed before the error."""
+
+    messages: tuple = ()
 
 
 def is_loopback(host: str) -> bool:
@@ -350,6 +352,7 @@ class FrameReader:
         self.token = token
         self.authed = token is None
         self.ended = False
+        self.failed: ProtocolError | None = None
         self.parts = 0  # message parts (header, payload, token) completed so far
         self._buf = bytearray()
         self._need = 4  # bytes of the current message still to read
@@ -365,18 +368,25 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple]:
+        if self.failed is not None:
+            raise ProtocolError(f"stream already broken: {self.failed}")
         out: list[tuple] = []
         view = memoryview(data)
-        while len(view):
-            if self.ended:
-                break  # bytes after END are ignored
-            take = min(self._need - len(self._buf), len(view))
-            self._buf += view[:take]
-            view = view[take:]
-            if len(self._buf) < self._need:
-                break
-            msg, self._buf = bytes(self._buf), bytearray()
-            self._step(msg, out)
+        try:
+            while len(view):
+                if self.ended:
+                    break  # bytes after END are ignored
+                take = min(self._need - len(self._buf), len(view))
+                self._buf += view[:take]
+                view = view[take:]
+                if len(self._buf) < self._need:
+                    break
+                msg, self._buf = bytes(self._buf), bytearray()
+                self._step(msg, out)
+        except ProtocolError as e:  # what came before the bad bytes is still delivered
+            e.messages = tuple(out)
+            self.failed = e
+            raise
         return out
 
     def _step(self, msg: bytes, out: list[tuple]) -> None:
@@ -512,11 +522,12 @@ class SocketSource(AudioSource):
                             f"connection closed {reader.buffered} bytes into a message"
                         )
                     break  # the client closed the connection between messages
-                for msg in reader.feed(data) if data else ():
-                    if msg[0] == "audio":
-                        self.queue.put(resample(s16le_to_float(msg[1])))
-                    elif msg[0] == "interrupt":
-                        self.queue.put_interrupt()
+                try:
+                    msgs = reader.feed(data) if data else []
+                except ProtocolError as e:
+                    self._deliver(e.messages, resample)
+                    raise
+                self._deliver(msgs, resample)
                 now = time.monotonic()
                 if not reader.mid_message:
                     started = None
@@ -546,6 +557,13 @@ class SocketSource(AudioSource):
             with self._lock:  # free before the client sees the connection end
                 self._active = None
             _linger_close(conn)
+
+    def _deliver(self, msgs, resample) -> None:
+        for msg in msgs:
+            if msg[0] == "audio":
+                self.queue.put(resample(s16le_to_float(msg[1])))
+            elif msg[0] == "interrupt":
+                self.queue.put_interrupt()
 
     # ---- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
