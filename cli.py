@@ -15,6 +15,7 @@ SUBCOMMANDS = (
     "edgetalk.export.cli",
     "edgetalk.training.cli_eval",
     "edgetalk.benchmarks.cli",
+    "edgetalk.benchmarks.soak",
     "edgetalk.runtime_cuda.doctor",
     "edgetalk.serve.cli",
 )

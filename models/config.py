@@ -151,9 +151,10 @@ class ModelConfig:
                         raise ValueError(
                             f"{f.name} must be an integer in {low}..{MAX_SIZE}, got {v!r}"
                         )
-                elif f.type in ("float", float):
-                    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < 1e9:
-                        raise ValueError(f"{f.name} must be a positive number, got {v!r}")
+                elif f.type in ("float", float) and (
+                    not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < 1e9
+                ):
+                    raise ValueError(f"{f.name} must be a positive number, got {v!r}")
         g, r = self.generator, self.render
         if g.dim % g.heads or r.resolution % 4 or self.audio.hop > self.audio.n_fft:
             raise ValueError("inconsistent config: dim % heads, resolution % 4 or hop > n_fft")
