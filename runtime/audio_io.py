@@ -64,6 +64,8 @@ def read_audio(path: str | Path, max_seconds: float = MAX_RUN_SECONDS) -> Audio:
     if data.shape[0] / rate > max_seconds:
         raise InputError(f"audio file {p} is longer than the {max_seconds:.0f} s limit of `run`")
     pcm = to_mono_16k(data, rate, notes)
+    if pcm.size == 0:  # a few samples at a high rate resample to nothing
+        raise InputError(f"audio file {p} is too short ({data.shape[0]} samples at {rate} Hz)")
     return Audio(pcm, notes)
 
 

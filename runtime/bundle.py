@@ -111,6 +111,9 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
                 f"{root}: the {name} I/O in the manifest does not match the {cfg.name} contract "
                 f"for chunk {cfg.chunk} (shapes or names differ)"
             )
+    missing = [name for name in MODULES if name not in files]
+    if missing:
+        raise BundleError(f"{root}: manifest lists no file for {', '.join(missing)}")
     for role, fname in files.items():
         p = root / fname
         if Path(fname).is_absolute() or ".." in Path(fname).parts:

@@ -162,6 +162,24 @@ def test_audio_reader_on_arbitrary_bytes(data, suffix):
     targets.check_audio_file(b"RIFF" + data if len(data) % 3 == 0 else data, suffix)
 
 
+def test_fuzz_findings_stay_fixed(good_bundle):
+    """Inputs atheris found (each failed before its fix)."""
+    # 3 frames of 44.1 kHz stereo resample to no samples at all: a clear error, not empty audio.
+    wav = bytes.fromhex(
+        "52494646241a000057415645666d74201000000001000200"
+        "44ac000010b1020004001000646174610001000056456"
+        "66d0074"
+    )
+    targets.check_audio_file(wav)
+    # A manifest that lists no file for one module: refused when opened, not when first run.
+    root, manifest = good_bundle
+    files = {k: v for k, v in manifest["files"].items() if k != "decoder"}
+    (root / "manifest.json").write_text(json.dumps(dict(manifest, files=files)))
+    with pytest.raises(BundleError, match="no file for decoder"):
+        open_bundle(root)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_audio_length_cap_is_checked_from_the_header(tmp_path):
     from edgetalk.runtime.audio_io import read_audio
 
