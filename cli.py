@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    got = {}
+    restore = _sigterm_as_keyboard_interrupt(got)
     try:
         return int(args.func(args) or 0)
     except EdgeTalkError as e:
@@ -46,7 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"edgetalk {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 143 if got.get("sigterm") else 130
+    finally:
+        restore()
+
+
+def _sigterm_as_keyboard_interrupt(got: dict):
+    """SIGTERM stops like Ctrl-C: `live` finishes its mp4, `export` removes its partial bundle
+    (service managers and `kill` get the same clean stop as a terminal)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        got["sigterm"] = True
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

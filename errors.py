@@ -15,3 +15,7 @@ class BundleError(EdgeTalkError):
 
 class BackendUnavailable(EdgeTalkError):
     """A backend cannot run on this machine; the message says why."""
+
+
+class SinkError(EdgeTalkError):
+    """Frames can no longer be delivered (disk full, virtual camera gone); what was written stays."""

@@ -179,7 +179,7 @@ def run_realtime(args: argparse.Namespace) -> int:
     for note in source.notes:
         print(f"note: {note}")
     session = session_from_args(args, late_policy="mark", chunk=args.chunk)  # keep every frame
-    sink = Mp4Sink(args.out, session.resolution)
+    sink = Mp4Sink(args.out, session.resolution, live=True)
     print(f"run --realtime: playing {source.describe()} -> {args.out}", flush=True)
     try:
         return play(session, sink, [source])
@@ -192,6 +192,7 @@ def play(session, sink, sources, partner=None, seconds: float | None = None) -> 
     `seconds`. Always closes the sink (a playable mp4) and prints the summary."""
     import numpy as np
 
+    from ..errors import SinkError
     from .scheduler import Frame
     from .sources import feed
 
@@ -204,7 +205,6 @@ def play(session, sink, sources, partner=None, seconds: float | None = None) -> 
             errors.append(e)
             session.close()
 
-    restore = _sigterm_as_keyboard_interrupt()
     stopped = ""
     threads: list[threading.Thread] = []
     try:
@@ -231,6 +231,9 @@ def play(session, sink, sources, partner=None, seconds: float | None = None) -> 
                 break
     except KeyboardInterrupt:
         stopped = "stopped (Ctrl-C)"
+    except SinkError as e:  # reported after the summary; the session stops cleanly
+        stopped = "stopped: the output failed"
+        errors.insert(0, e)
     finally:
         for t in threads:
             if isinstance(t, threading.Timer):
@@ -238,15 +241,16 @@ def play(session, sink, sources, partner=None, seconds: float | None = None) -> 
         for s in sources:
             s.close()
         session.abort()
+        try:
+            sink.close()
+        except SinkError as e:
+            if not errors:
+                errors.append(e)
         # Join our threads while the interpreter is alive: a thread that drops the last reference
         # to the session at exit frees torch tensors during finalization, and torch then aborts
         # the process (pytorch#38228). A source stuck in a blocking read is left behind after 2 s.
         for t in threads:
             t.join(timeout=2.0)
-        try:
-            sink.close()
-        finally:
-            restore()
     stats = session.stats
     if stopped:
         print(f"live: {stopped}")
@@ -274,7 +278,7 @@ def _open_sink(args, resolution: int):
     if args.preview:
         return PreviewSink()
     if args.out:
-        return Mp4Sink(args.out, resolution)
+        return Mp4Sink(args.out, resolution, live=True)
     return NullSink()
 
 
@@ -286,20 +290,3 @@ def _sink_name(args) -> str:
     if args.out:
         return str(args.out)
     return "null sink"
-
-
-def _sigterm_as_keyboard_interrupt():
-    """SIGTERM stops like Ctrl-C (so service managers also get a finished mp4)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):
-        return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, old)

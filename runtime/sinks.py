@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SinkError
 from ..models.config import FPS, SAMPLE_RATE
 from .scheduler import Frame
 
@@ -52,22 +54,42 @@ class Mp4Sink(Sink):
 
     Video pts are frame indices in 1/25 s; audio pts are sample counts in 1/16000 s. Both start at
     zero, so players keep them in sync however long the stream runs.
+
+    `live=True` (live sessions) writes a fragmented mp4 with a keyframe every second: a file cut
+    short (disk full, power loss, kill -9) plays up to its last whole second, where a plain mp4
+    without its index at the end would not play at all. A write error raises SinkError once; the
+    sink then stops writing and `close()` keeps what is on disk.
     """
 
-    def __init__(self, path: str | Path, resolution: int, with_audio: bool = True, crf: int = 20):
+    def __init__(
+        self,
+        path: str | Path,
+        resolution: int,
+        with_audio: bool = True,
+        crf: int = 20,
+        live: bool = False,
+    ):
         import av
 
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             raise InputError(f"output folder does not exist: {self.path.parent}")
+        opts = {"movflags": "frag_keyframe+empty_moov+default_base_moof"} if live else {}
         try:
-            self.container = av.open(str(self.path), mode="w", format="mp4")
+            # Our own file object: FFmpeg's buffered writer would drop write errors (a full disk
+            # went unnoticed); through Python they raise at the mux that hits them.
+            self.file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            self.container = av.open(self.file, mode="w", format="mp4", options=opts)
         except Exception as e:
             raise InputError(f"cannot write {self.path}: {e}") from None
         self.video = self.container.add_stream("libx264", rate=FPS)
         self.video.width = self.video.height = resolution
         self.video.pix_fmt = "yuv420p"
         self.video.options = {"crf": str(crf), "preset": "veryfast"}
+        if live:
+            self.video.options |= {"g": str(FPS), "keyint_min": str(FPS)}
+        self.failed: str | None = None
+        self.live = live
         self.audio = None
         if with_audio:
             self.audio = self.container.add_stream("aac", rate=SAMPLE_RATE)
@@ -81,8 +103,7 @@ class Mp4Sink(Sink):
 
         vf = av.VideoFrame.from_ndarray(frame.rgb, format="rgb24")
         vf.pts = frame.index  # codec time base is 1/25 s
-        for packet in self.video.encode(vf):
-            self.container.mux(packet)
+        self._mux(self.video, vf)
         self.frames += 1
 
     def write_audio(self, pcm: np.ndarray) -> None:
@@ -96,18 +117,66 @@ class Mp4Sink(Sink):
         af.sample_rate = SAMPLE_RATE
         af.pts = self.audio_samples  # codec time base is 1/16000 s
         self.audio_samples += pcm.shape[0]
-        for packet in self.audio.encode(af):
-            self.container.mux(packet)
+        self._mux(self.audio, af)
+
+    def _mux(self, stream, frame) -> None:
+        if self.failed:
+            raise SinkError(self.failed)
+        try:
+            for packet in stream.encode(frame):
+                self.container.mux(packet)
+        except Exception as e:  # OSError (ENOSPC, EFBIG) or FFmpeg's own error types
+            self.failed = (
+                f"cannot write {self.path} ({type(e).__name__}: {e}); is the disk full? "
+                f"{self.frames} frames were written and stay playable"
+            )
+            raise SinkError(self.failed) from None
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for stream in (self.video, self.audio):
-            if stream is not None:
-                for packet in stream.encode(None):
-                    self.container.mux(packet)
-        self.container.close()
+        try:
+            if not self.failed:
+                for stream in (self.video, self.audio):
+                    if stream is not None:
+                        for packet in stream.encode(None):
+                            self.container.mux(packet)
+        except Exception as e:
+            self.failed = f"cannot finish {self.path} ({type(e).__name__}: {e})"
+        finally:
+            try:
+                self.container.close()
+            except Exception as e:  # the trailer could not be written: keep the first error
+                self.failed = self.failed or f"cannot finish {self.path} ({type(e).__name__}: {e})"
+            with contextlib.suppress(OSError):
+                self.file.close()
+        if self.failed and self.live:
+            with contextlib.suppress(OSError):
+                trim_to_whole_fragments(self.path)
+        if self.failed:
+            raise SinkError(self.failed)
+
+
+def trim_to_whole_fragments(path: Path) -> int:
+    """Cut a fragmented mp4 after its last complete fragment (moof + mdat), dropping a fragment
+    a failed write left half on disk, so that every byte left decodes. Returns the new size."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = good = 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            head = f.read(16)
+            n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if n == 1 and len(head) == 16:  # 64-bit box size
+                n = int.from_bytes(head[8:16], "big")
+            if n < 8 or pos + n > size:
+                break
+            pos += n
+            if kind in (b"ftyp", b"moov", b"mdat"):  # a fragment ends with its mdat
+                good = pos
+        f.truncate(good)
+    return good
 
 
 class VirtualCamSink(Sink):
@@ -155,13 +224,20 @@ class VirtualCamSink(Sink):
         return self.cam.device
 
     def write(self, frame: Frame) -> None:
-        self.cam.send(np.ascontiguousarray(frame.rgb))
+        try:
+            self.cam.send(np.ascontiguousarray(frame.rgb))
+        except Exception as e:  # the device was removed, or OBS took it away
+            raise SinkError(
+                f"the virtual camera {self.device!r} stopped taking frames ({e}) after "
+                f"{self.frames} frames"
+            ) from None
         self.frames += 1
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.cam.close()
+            with contextlib.suppress(Exception):  # the device may be gone already
+                self.cam.close()
 
 
 class PreviewSink(Sink):

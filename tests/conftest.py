@@ -62,3 +62,20 @@ def wav_file(tmp_path):
         return path
 
     return make
+
+
+def av_ends(path) -> tuple[int, float, float]:
+    """(video frames, end of the picture, end of the sound) in seconds, from decoding the file.
+
+    Ends, not durations: a live recording is a fragmented mp4 with no edit list, so its audio
+    starts with the AAC encoder's priming and its video with the B-frame delay; players keep both
+    on one clock, and sound and picture in sync end together."""
+    import av
+
+    with av.open(str(path)) as c:
+        vf = [f for f in c.decode(c.streams.video[0])]
+    with av.open(str(path)) as c:
+        af = [f for f in c.decode(c.streams.audio[0])]
+    v_end = float(vf[-1].pts * vf[-1].time_base) + 1 / 25 if vf else 0.0
+    a_end = float((af[-1].pts + af[-1].samples) * af[-1].time_base) if af else 0.0
+    return len(vf), v_end, a_end
