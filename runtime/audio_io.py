@@ -93,10 +93,12 @@ def _read_pyav(p: Path, max_seconds: float):
             stream = next((s for s in c.streams if s.type == "audio"), None)
             if stream is None:
                 raise InputError(f"{p} has no audio stream")
+            check_rate(stream.rate)  # a damaged header's rate would make the resampler crawl
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             parts = []
             total = 0
             for frame in c.decode(stream):
+                check_rate(frame.sample_rate)
                 for out in resampler.resample(frame):
                     arr = out.to_ndarray().reshape(-1)
                     parts.append(arr)

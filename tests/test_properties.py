@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -171,6 +172,15 @@ def test_fuzz_findings_stay_fixed(good_bundle):
         "66d0074"
     )
     targets.check_audio_file(wav)
+    # A WAV header claiming AMR-NB at 1.6 GHz: PyAV's resampler took 12 s to build its filter.
+    slow = bytes.fromhex(
+        "52494646a400000057415645666d74201000000038000100803e005d000000000200100064617461"
+        "8000000000000057415645666d00000000000057415645666d74202c00000074202c000000000000"
+        "00000000"
+    )
+    t0 = time.monotonic()
+    targets.check_audio_file(slow)
+    assert time.monotonic() - t0 < 2.0
     # A manifest that lists no file for one module: refused when opened, not when first run.
     root, manifest = good_bundle
     files = {k: v for k, v in manifest["files"].items() if k != "decoder"}
