@@ -127,9 +127,12 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
                     f"{root}: {fname} does not match its sha256 in the manifest "
                     "(the file was changed or damaged); re-export the bundle"
                 )
+    parity = m.get("parity") or {}
+    if not isinstance(parity, dict):
+        raise BundleError(f"{root}: manifest parity block is malformed")
     failed = [
         name
-        for name, res in m.get("parity", {}).items()
+        for name, res in parity.items()
         if isinstance(res, dict) and res.get("status") == "fail"
     ]
     if failed:

@@ -115,6 +115,9 @@ def run(target: str, seconds: int, workdir: Path) -> dict:
     (workdir / target / "log.txt").write_text(log)
     stats = dict(re.findall(r"stat::(\w+):\s+(\d+)", log))
     cov = re.findall(r"cov: (\d+) ft: (\d+)", log)
+    progress = re.findall(r"^#(\d+)\s", log, flags=re.M)  # when libFuzzer printed no final stats
+    if "number_of_executed_units" not in stats and progress:
+        stats["number_of_executed_units"] = progress[-1]
     return {
         "target": target,
         "seconds": round(time.time() - t0, 1),
