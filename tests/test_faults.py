@@ -15,6 +15,7 @@ import threading
 import time
 import types
 
+import numpy as np
 import pytest
 
 from edgetalk.errors import BundleError, SinkError
@@ -298,3 +299,21 @@ def test_signals_during_export_leave_no_bundle(micro_ckpt, tmp_path, sig):
         )  # fmt: skip
         assert r.returncode == 0, r.stderr.decode()
         assert open_bundle(out).precision == "int8" and not partial.exists()
+
+
+# ---- caps ---------------------------------------------------------------------------------------
+def test_queued_audio_cap_is_a_clear_error(backend):
+    """A producer far ahead of the video: pushes wait at MAX_INPUT_SECONDS (or fail clearly when
+    they must not wait), so queued audio never grows without bound."""
+    from edgetalk.errors import InputError
+    from edgetalk.runtime.session import MAX_INPUT_SECONDS
+
+    s = Session(backend=backend, realtime=False, max_queued_frames=1)  # nobody reads frames
+    try:
+        s.push_audio(np.zeros(int(16000 * MAX_INPUT_SECONDS * 0.75), np.float32))
+        with pytest.raises(InputError, match=f"more than {MAX_INPUT_SECONDS:.0f} s of audio"):
+            s.push_audio(np.zeros(int(16000 * MAX_INPUT_SECONDS * 0.5), np.float32), block=False)
+        with pytest.raises(InputError, match="is waiting"):
+            s.push_audio(np.zeros(16000 * 30, np.float32), timeout=0.3)
+    finally:
+        s.abort()
