@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ..models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
-def assemble(render_dir: Path, motion_dir: Path, out: Path) -> dict:
+def assemble(render_dir: Path, motion_dir: Path, out: Path, note: str = "") -> dict:
     model, _ = load_checkpoint(render_dir / "model.safetensors")
     motion_file = motion_dir / "model.safetensors"
     read_metadata(motion_file)
@@ -34,6 +34,8 @@ def assemble(render_dir: Path, motion_dir: Path, out: Path) -> dict:
         last = json.loads(lines[-1]) if lines else {}
         info[f"{name}_steps"] = last.get("step")
         info[f"{name}_minutes"] = round(last.get("time_s", 0) / 60, 1)
+    if note:  # e.g. how a fine-tuned stage got to its starting point
+        info["history"] = note
     save_checkpoint(
         model.half().float(),
         out,
@@ -49,8 +51,9 @@ def main(argv=None):
     ap.add_argument("--render", type=Path, default=Path("runs/render"))
     ap.add_argument("--motion", type=Path, default=Path("runs/motion"))
     ap.add_argument("--out", type=Path, default=Path("models/weights/tiny.safetensors"))
+    ap.add_argument("--note", default="", help="training history to record in the metadata")
     args = ap.parse_args(argv)
-    print(assemble(args.render, args.motion, args.out))
+    print(assemble(args.render, args.motion, args.out, args.note))
 
 
 if __name__ == "__main__":
