@@ -44,6 +44,10 @@ FP16_KEEP = [
     "CumSum",
 ]
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
+# Input and output heads stay float in INT8 bundles: their error lands straight in the picture
+# (colour, alpha), in the sampling grid (flow, pose affine, where 1% is a visible shift) or in the
+# motion fed back autoregressively (generator in/out). They are a small share of the compute.
+FLOAT_HEADS = ("/flow_out/", "/refine_out/", "/affine/", "/out/", "/in_x/", "/in_prev/")
 
 
 def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:
@@ -176,7 +180,11 @@ def to_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> d
         n.name
         for n in m.graph.node
         if n.op_type in QUANT_OPS
-        and (not any(i in consts for i in n.input[1:2]) or n.name in front_end)
+        and (
+            not any(i in consts for i in n.input[1:2])
+            or n.name in front_end
+            or any(h in n.name for h in FLOAT_HEADS)
+        )
     ]
     names = [i.name for i in m.graph.input]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration, names)
