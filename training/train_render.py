@@ -46,10 +46,35 @@ def motion_pool(n_clips: int, seed: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+def open_mouth_refs(refs: list, size: int) -> list:
+    """Training photos re-rendered laughing (jaw open, teeth, smile) and used as photos: six
+    training faces hold few open mouths, and closing one over its teeth does not generalize from
+    them (a held-out laughing photo never closed)."""
+    out = []
+    for ref in refs:
+        for jaw, teeth in ((0.55, 0.6), (0.9, 0.3)):
+            m = np.zeros(len(INDEX), np.float32)
+            m[[INDEX["jaw_open"], INDEX["teeth_show"], INDEX["smile"]]] = (jaw, teeth, 0.7)
+            frame = renderer.render_with_maps(ref, m)[0]
+            lm = faces.face_landmarks(frame)
+            if lm is not None:
+                out.append(renderer.prepare(frame, lm, size))
+    return out
+
+
 class FrameSampler:
-    def __init__(self, size: int, seed: int, pool: np.ndarray, closure_share: float = 0.0):
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        pool: np.ndarray,
+        closure_share: float = 0.0,
+        open_share: float = 0.0,
+    ):
         self.ids = faces.load_identities("train")
         self.refs = [synth.reference(i, size) for i in self.ids]
+        self.open_refs = open_mouth_refs(self.refs, size) if open_share > 0 else []
+        self.open_share = open_share
         self.pool = pool
         self.scale = pool.std(axis=0) + 1e-3
         # Lip closures are rare frames but the hardest warp (lips over teeth); oversample them.
@@ -64,6 +89,8 @@ class FrameSampler:
         for _ in range(n):
             k = int(rng.integers(len(self.refs)))
             ref = self.refs[k]
+            if self.open_refs and rng.random() < self.open_share:
+                ref = self.open_refs[int(rng.integers(len(self.open_refs)))]
             if rng.random() < self.closure_share and len(self.closures):  # p/b/m closures
                 m = self.pool[self.closures[int(rng.integers(len(self.closures)))]].copy()
             else:
@@ -169,6 +196,12 @@ def main(argv=None) -> None:
         default=0.0,
         help="share of samples drawn from lip-closure frames",
     )
+    ap.add_argument(
+        "--open-share",
+        type=float,
+        default=0.0,
+        help="share of samples whose photo is a training face re-rendered with an open mouth",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
     ap.add_argument("--pool-clips", type=int, default=60)
@@ -185,7 +218,11 @@ def main(argv=None) -> None:
     model.appearance.ref_head.requires_grad_(False)
     print("building the motion pool ...", flush=True)
     sampler = FrameSampler(
-        size, args.seed + run.step, motion_pool(args.pool_clips, 10_000), args.closure_share
+        size,
+        args.seed + run.step,
+        motion_pool(args.pool_clips, 10_000),
+        args.closure_share,
+        args.open_share,
     )
     model.train()
     deadline = time.time() + args.minutes * 60
