@@ -55,7 +55,7 @@ MAX_FRAME_BYTES = 1 << 20  # 1 MiB: about 33 s of 16 kHz s16le mono in one socke
 CTRL_INTERRUPT = 0xFFFFFFFF
 CTRL_END = 0xFFFFFFFE
 CTRL_AUTH = 0xFFFFFFFD
-FRAME_TIMEOUT_S = 10.0  # a frame whose bytes stop arriving for this long ends the connection
+FRAME_TIMEOUT_S = 10.0  # a message must complete within this long of its start (slowloris)
 MAX_SOURCE_SECONDS = 4.0  # audio a source holds for the session (socket, mic); bounded
 MAX_ERRORS_KEPT = 32  # recent per-connection error messages kept on a SocketSource
 

@@ -55,6 +55,7 @@ def _faceless_png(path: Path) -> Path:
 
 
 def _request(url, data=None, headers=None, method=None, timeout=10.0):
+    # Only ever the loopback server this test starts (http://127.0.0.1:PORT): no downloads.
     req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
