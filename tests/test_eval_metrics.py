@@ -23,6 +23,18 @@ def test_bilabial_closure_counts_runs():
     bil = np.array([0, 1, 1, 0, 1, 1, 0, 1, 0], bool)  # three closures, two shown closed
     assert metrics.bilabial_closure(opening, bil, 0.03) == pytest.approx(2 / 3)
     assert np.isnan(metrics.bilabial_closure(opening, np.zeros(9, bool), 0.03))
+    lost = opening.copy()
+    lost[7] = np.nan  # no face found in the last closure: it is not measured, not a miss
+    assert metrics.bilabial_counts(lost, bil, 0.03) == (1, 2)
+
+
+def test_closures_are_counted_per_face():
+    from edgetalk.training.evaluate import closures_by_identity
+
+    shut, wide = np.array([0.1, 0.0, 0.1]), np.array([0.1, 0.08, 0.1])
+    bil = np.array([0, 1, 0], bool)
+    acc = {"who": ["a", "b", "a"], "open": [shut, wide, wide], "bil": [bil, bil, bil]}
+    assert closures_by_identity(acc) == {"a": [1, 2], "b": [0, 1]}
 
 
 def test_drift_and_monotonic_trend():
@@ -101,4 +113,7 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["lip_sync"]["gt"]["lip_sync_corr"] > 0.5  # the measurement sees real lips
     assert set(report["lip_sync"]) == {"gt", "model", "decoder", "baseline"}
+    assert "| bilabial closures closed, per face |" in text
+    per_face = report["lip_sync"]["model"]["bilabial_by_identity"]
+    assert list(per_face) == [report["identities"][0]]  # one clip: the first held-out face
     assert "identity_ratio" in report["long_stream"]["model"]

@@ -128,6 +128,30 @@ def test_augment_is_deterministic():
     assert np.allclose(pts, [[54.0, 20.0]])  # continuous coordinates: x -> 64 - x
 
 
+def test_rotation_moves_points_pixels_and_motion_together():
+    pytest.importorskip("cv2")
+    from edgetalk.training.train_render import mirror_motion, rotate_motion
+
+    aug = faces.Augment(flip=True, angle=np.radians(20), scale=1.1, shift=(0.05, -0.02))
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[19:22, 9:12] = 255  # a dot centred on pixel (10, 20): continuous (10.5, 20.5)
+    out = faces.apply_augment(img, aug)[..., 0].astype(float)
+    ys, xs = np.mgrid[:64, :64]
+    seen = np.array([(xs * out).sum(), (ys * out).sum()]) / out.sum() + 0.5
+    pts = faces.augment_points(np.array([[10.5, 20.5]]), aug, 64)
+    assert np.allclose(seen, pts[0], atol=0.3)
+    # draws without a rotation replay exactly; with one, the angle stays within the bound
+    plain = faces.sample_augment(np.random.default_rng(5))
+    assert plain == faces.sample_augment(np.random.default_rng(5), rotate=0.0)
+    assert abs(faces.sample_augment(np.random.default_rng(5), rotate=0.2).angle) <= 0.2
+    # a head shift turns with the picture, after the flip mirrors it
+    m = np.zeros(16, np.float32)
+    m[14] = 0.1  # head_tx
+    turned = rotate_motion(mirror_motion(m), aug.angle)
+    a = faces.augment_matrix(aug, 64)[:, :2] / aug.scale
+    assert np.allclose(turned[[14, 15]], a @ [0.1, 0.0], atol=1e-6)
+
+
 def test_render_identity_and_jaw(astronaut):
     from edgetalk.training import render
 
@@ -144,6 +168,49 @@ def test_render_identity_and_jaw(astronaut):
     assert np.linalg.norm(lm_shut[14] - lm_shut[13]) < 0.01 * height  # photo's open smile closes
     frame_turned, _ = render.render(ref, _motion(head_yaw=0.12, blink_left=1, blink_right=1))
     assert np.abs(frame_turned.astype(int) - frame).mean() > 1.0
+
+
+def test_widen_mouth_opens_a_toothy_smile_with_its_own_pixels(astronaut):
+    from edgetalk.training import render
+
+    ref = render.prepare(astronaut.rgb, astronaut.landmarks, 128)
+    wide = render.widen_mouth(ref, jaw=0.4, teeth=0.7, smile=0.2)
+    again = render.widen_mouth(ref, jaw=0.4, teeth=0.7, smile=0.2)
+    assert np.array_equal(wide.rgb, again.rgb)  # deterministic
+    assert render.mouth_opening(wide.landmarks) > render.mouth_opening(ref.landmarks) + 0.03
+    # Nothing painted: every pixel of the widened photo is a warp of the photo, so the mouth
+    # holds no colour darker than the photo's darkest (the painted cavity is near black).
+    assert wide.rgb.min() >= ref.rgb.min()
+    # As a reference it behaves like a photo: zero motion shows it, lip_press closes it.
+    frame, lm = render.render(wide, _motion())
+    assert np.abs(frame.astype(int) - wide.rgb).mean() < 1.0
+    _, shut = render.render(wide, _motion(lip_press=1.0))
+    assert render.mouth_opening(shut) < 0.2 * render.mouth_opening(wide.landmarks)
+
+
+def test_open_mouth_refs_only_widen_toothy_photos(astronaut):
+    from edgetalk.training import render, train_render
+
+    toothy = render.prepare(astronaut.rgb, astronaut.landmarks, 128)
+    refs = train_render.open_mouth_refs([toothy])
+    assert len(refs) == len(train_render.WIDEN)
+    closed = render.widen_mouth(toothy, jaw=0.0, teeth=0.0, smile=0.0)
+    closed = render.RefFace(**{**closed.__dict__, "landmarks": _lips_shut(closed.landmarks)})
+    assert train_render.open_mouth_refs([closed]) == []
+
+
+def _lips_shut(lm: np.ndarray) -> np.ndarray:
+    lm = lm.copy()
+    lm[14] = lm[13]
+    return lm
+
+
+def test_grace_hopper_is_a_training_face():
+    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is needed for face landmarks")
+    pytest.importorskip("matplotlib", reason="matplotlib ships the grace_hopper photo")
+    ids = faces.load_identities("train", sources=("matplotlib",))
+    assert [i.name for i in ids] == ["grace_hopper"]
+    assert ids[0].rgb.shape == (faces.CROP, faces.CROP, 3) and ids[0].landmarks.shape == (478, 3)
 
 
 # ---------------------------------------------------------------- clips and shards

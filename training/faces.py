@@ -251,7 +251,23 @@ def _carphone(n_frames: int = 6) -> list[Identity]:
     ]
 
 
-SOURCES = {"astronaut": "_astronaut", "insightface": "_insightface", "carphone": "_carphone"}
+def _grace_hopper() -> list[Identity]:
+    path = _site_file("matplotlib", "mpl-data", "sample_data", "grace_hopper.jpg")
+    if path is None:
+        log.info("skipping grace_hopper: matplotlib's sample data is not installed")
+        return []
+    rgb = _read_image(path)
+    got = _checked_crop(rgb, detect_face(rgb), "grace_hopper")
+    src = "matplotlib/mpl-data/sample_data/grace_hopper.jpg"
+    return [Identity("grace_hopper", got[0], src, landmarks=got[1])] if got else []
+
+
+SOURCES = {
+    "astronaut": "_astronaut",
+    "insightface": "_insightface",
+    "carphone": "_carphone",
+    "matplotlib": "_grace_hopper",
+}
 
 
 @functools.cache
@@ -288,9 +304,12 @@ class Augment:
     bias: float = 0.0  # added brightness, 0..255 units
     contrast: float = 1.0
     saturation: float = 1.0
+    angle: float = 0.0  # in-plane rotation about the centre, radians (clockwise on screen)
 
 
-def sample_augment(rng: np.random.Generator, strength: float = 1.0) -> Augment:
+def sample_augment(rng: np.random.Generator, strength: float = 1.0, rotate: float = 0.0) -> Augment:
+    """Draw an augmentation; rotate is the largest in-plane rotation in radians (0: none, and
+    then no draw is spent on it, so earlier recipes replay exactly)."""
     s = float(strength)
     aug = Augment(
         flip=bool(rng.random() < 0.5),
@@ -303,16 +322,19 @@ def sample_augment(rng: np.random.Generator, strength: float = 1.0) -> Augment:
     )
     if rng.random() < 0.1 * s:  # black-and-white photos are avatars too
         aug = dataclasses.replace(aug, saturation=0.0)
+    if rotate > 0:  # tilted heads: real photos are not all upright
+        aug = dataclasses.replace(aug, angle=float(rng.uniform(-rotate, rotate) * s))
     return aug
 
 
 def augment_matrix(aug: Augment, size: int) -> np.ndarray:
-    """2x3 affine (output <- input pixel indices) of the geometric part."""
+    """2x3 affine (output <- input pixel indices) of the geometric part: flip, then rotate and
+    zoom about the centre, then shift."""
     c = (size - 1) / 2.0
-    sx = -aug.scale if aug.flip else aug.scale
-    tx = c - sx * c + aug.shift[0] * size
-    ty = c - aug.scale * c + aug.shift[1] * size
-    return np.array([[sx, 0.0, tx], [0.0, aug.scale, ty]], dtype=np.float64)
+    cos, sin = np.cos(aug.angle), np.sin(aug.angle)
+    a = aug.scale * np.array([[cos, -sin], [sin, cos]]) @ np.diag([-1.0 if aug.flip else 1.0, 1.0])
+    t = c - a @ np.array([c, c]) + np.asarray(aug.shift) * size
+    return np.concatenate([a, t[:, None]], axis=1).astype(np.float64)
 
 
 def apply_augment(rgb: np.ndarray, aug: Augment) -> np.ndarray:

@@ -92,8 +92,11 @@ def av_offset(measured: np.ndarray, reference: np.ndarray, max_lag: int = 5) -> 
     return best
 
 
-def bilabial_closure(opening: np.ndarray, bilabial: np.ndarray, closed_below: float) -> float:
-    """Share of bilabial closures (runs of p/b/m frames) whose smallest opening is closed."""
+def bilabial_counts(
+    opening: np.ndarray, bilabial: np.ndarray, closed_below: float
+) -> tuple[int, int]:
+    """(closed, measured) bilabial closures: runs of p/b/m frames, closed when the smallest
+    opening in the run is below closed_below; runs with no face found are not measured."""
     runs, start = [], None
     for i, b in enumerate(list(bilabial) + [False]):
         if b and start is None:
@@ -101,12 +104,16 @@ def bilabial_closure(opening: np.ndarray, bilabial: np.ndarray, closed_below: fl
         elif not b and start is not None:
             runs.append((start, i))
             start = None
-    if not runs:
-        return float("nan")
     closed = [
         np.nanmin(opening[s:e]) < closed_below for s, e in runs if np.isfinite(opening[s:e]).any()
     ]
-    return float(np.mean(closed)) if closed else float("nan")
+    return int(sum(closed)), len(closed)
+
+
+def bilabial_closure(opening: np.ndarray, bilabial: np.ndarray, closed_below: float) -> float:
+    """Share of bilabial closures (runs of p/b/m frames) whose smallest opening is closed."""
+    closed, measured = bilabial_counts(opening, bilabial, closed_below)
+    return closed / measured if measured else float("nan")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -25,6 +25,7 @@ from . import render as renderer
 from .loop import Run
 
 MIRROR_NEG = [INDEX[k] for k in ("head_yaw", "head_roll", "head_tx")]
+SHIFT = [INDEX["head_tx"], INDEX["head_ty"]]
 BLINKS = (INDEX["blink_left"], INDEX["blink_right"])
 MOUTH_GAIN = 6.0  # loss weight in the box around the mouth
 
@@ -33,6 +34,17 @@ def mirror_motion(m: np.ndarray) -> np.ndarray:
     m = m.copy()
     m[..., MIRROR_NEG] *= -1
     m[..., list(BLINKS)] = m[..., list(BLINKS[::-1])]
+    return m
+
+
+def rotate_motion(m: np.ndarray, angle: float) -> np.ndarray:
+    """The motion as seen in a picture rotated by angle: the head's shift (image axes) turns
+    with it. Roll is relative and stays; yaw and pitch stay too, which is exact only upright
+    (a tilted photo mixes them slightly; the augmentation keeps tilts small)."""
+    m = m.copy()
+    cos, sin = np.cos(angle), np.sin(angle)
+    tx, ty = m[..., SHIFT[0]].copy(), m[..., SHIFT[1]].copy()
+    m[..., SHIFT[0]], m[..., SHIFT[1]] = cos * tx - sin * ty, sin * tx + cos * ty
     return m
 
 
@@ -46,20 +58,23 @@ def motion_pool(n_clips: int, seed: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def open_mouth_refs(refs: list, size: int) -> list:
-    """Training photos re-rendered laughing (jaw open, teeth, smile) and used as photos: six
-    training faces hold few open mouths, and closing one over its teeth does not generalize from
-    them (a held-out laughing photo never closed)."""
-    out = []
-    for ref in refs:
-        for jaw, teeth in ((0.55, 0.6), (0.9, 0.3)):
-            m = np.zeros(len(INDEX), np.float32)
-            m[[INDEX["jaw_open"], INDEX["teeth_show"], INDEX["smile"]]] = (jaw, teeth, 0.7)
-            frame = renderer.render_with_maps(ref, m)[0]
-            lm = faces.face_landmarks(frame)
-            if lm is not None:
-                out.append(renderer.prepare(frame, lm, size))
-    return out
+OPEN_PHOTO = 0.02  # photos whose lips part by more than this (of face height) show teeth
+WIDEN = [  # (jaw_open, teeth_show, smile) of the widened references
+    (j, t, sm) for j in (0.1, 0.25, 0.4, 0.55) for t in (0.3, 0.7) for sm in (0.2, 0.6)
+]
+
+
+def open_mouth_refs(refs: list) -> list:
+    """Training photos that smile with their teeth, widened into laughs (renderer.widen_mouth)
+    and used as photos. Six training faces hold three toothy smiles, none as wide as a laugh; a
+    held-out laughing photo never closed its lips. Widening keeps the photo's own teeth: an
+    earlier round that painted the teeth in (the renderer's mouth interior) did not help."""
+    return [
+        renderer.widen_mouth(ref, *w)
+        for ref in refs
+        if renderer.mouth_opening(ref.landmarks) > OPEN_PHOTO
+        for w in WIDEN
+    ]
 
 
 class FrameSampler:
@@ -70,10 +85,12 @@ class FrameSampler:
         pool: np.ndarray,
         closure_share: float = 0.0,
         open_share: float = 0.0,
+        rotate: float = 0.0,
     ):
+        self.rotate = rotate
         self.ids = faces.load_identities("train")
         self.refs = [synth.reference(i, size) for i in self.ids]
-        self.open_refs = open_mouth_refs(self.refs, size) if open_share > 0 else []
+        self.open_refs = open_mouth_refs(self.refs) if open_share > 0 else []
         self.open_share = open_share
         self.pool = pool
         self.scale = pool.std(axis=0) + 1e-3
@@ -99,13 +116,15 @@ class FrameSampler:
                 m += rng.normal(0, 0.3, m.shape).astype(np.float32) * self.scale
                 m[:10] = np.clip(m[:10], 0.0, 1.0)
             frame, lm, maps, mask = renderer.render_with_maps(ref, m)
-            aug = faces.sample_augment(rng, 1.0)
+            aug = faces.sample_augment(rng, 1.0, self.rotate)
             ref_img = faces.apply_augment(ref.rgb, aug)
             target = faces.apply_augment(frame, aug)
             grids.append(augment_map(maps, aug, self.size))
             painted.append(augment_mask(mask, aug, self.size))
             if aug.flip:
                 m = mirror_motion(m)
+            if aug.angle:
+                m = rotate_motion(m, aug.angle)
             lm = faces.augment_points(lm, aug, self.size)
             refs.append(ref_img)
             targets.append(target)
@@ -200,7 +219,13 @@ def main(argv=None) -> None:
         "--open-share",
         type=float,
         default=0.0,
-        help="share of samples whose photo is a training face re-rendered with an open mouth",
+        help="share of samples whose photo is a toothy training smile widened into a laugh",
+    )
+    ap.add_argument(
+        "--rotate",
+        type=float,
+        default=0.0,
+        help="largest in-plane rotation of the augmentation, degrees (0: none)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
@@ -223,6 +248,7 @@ def main(argv=None) -> None:
         motion_pool(args.pool_clips, 10_000),
         args.closure_share,
         args.open_share,
+        np.radians(args.rotate),
     )
     model.train()
     deadline = time.time() + args.minutes * 60
