@@ -171,11 +171,11 @@ def test_render_identity_and_jaw(astronaut):
 
 
 def test_widen_mouth_opens_a_toothy_smile_with_its_own_pixels(astronaut):
-    from edgetalk.training import render
+    from edgetalk.training import open_mouths, render
 
     ref = render.prepare(astronaut.rgb, astronaut.landmarks, 128)
-    wide = render.widen_mouth(ref, jaw=0.4, teeth=0.7, smile=0.2)
-    again = render.widen_mouth(ref, jaw=0.4, teeth=0.7, smile=0.2)
+    wide = open_mouths.widen_mouth(ref, jaw=0.4, teeth=0.7, smile=0.2)
+    again = open_mouths.widen_mouth(ref, jaw=0.4, teeth=0.7, smile=0.2)
     assert np.array_equal(wide.rgb, again.rgb)  # deterministic
     assert render.mouth_opening(wide.landmarks) > render.mouth_opening(ref.landmarks) + 0.03
     # Nothing painted: every pixel of the widened photo is a warp of the photo, so the mouth
@@ -188,21 +188,42 @@ def test_widen_mouth_opens_a_toothy_smile_with_its_own_pixels(astronaut):
     assert render.mouth_opening(shut) < 0.2 * render.mouth_opening(wide.landmarks)
 
 
-def test_open_mouth_refs_only_widen_toothy_photos(astronaut):
-    from edgetalk.training import render, train_render
+def test_transplanted_teeth_fill_only_the_opened_mouth(astronaut):
+    import cv2
+
+    from edgetalk.training import open_mouths, render
+
+    donor = render.prepare(astronaut.rgb, astronaut.landmarks, 128)
+    assert open_mouths.is_teeth_donor(donor)
+    # A closed-mouth face: the astronaut with her lips pressed (the renderer closes them).
+    shut_rgb, shut_lm = render.render(donor, _motion(lip_press=1.0))
+    z = np.c_[shut_lm, donor.landmarks[:, 2:]]
+    closed = render.prepare(shut_rgb, z)
+    assert not open_mouths.is_teeth_donor(closed)
+    rgb, lm = open_mouths.open_warp(closed, 0.4, 0.9, 0.8)
+    out = open_mouths.transplant_teeth(rgb, lm, donor)
+    poly = open_mouths._polygon_mask(rgb.shape, lm[open_mouths.INNER])
+    inside = poly > 0.99
+    assert inside.sum() > 20
+    grey, before = out.astype(float).mean(2), rgb.astype(float).mean(2)
+    assert grey[inside].mean() > before[inside].mean() + 20  # white teeth, not stretched lips
+    near = cv2.dilate((poly > 0).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    assert np.array_equal(out[~near], rgb[~near])  # nothing outside the mouth changes
+
+
+def test_open_mouth_refs_are_deterministic_and_only_widen_toothy_photos(astronaut):
+    from edgetalk.training import open_mouths, render
 
     toothy = render.prepare(astronaut.rgb, astronaut.landmarks, 128)
-    refs = train_render.open_mouth_refs([toothy])
-    assert len(refs) == len(train_render.WIDEN)
-    closed = render.widen_mouth(toothy, jaw=0.0, teeth=0.0, smile=0.0)
-    closed = render.RefFace(**{**closed.__dict__, "landmarks": _lips_shut(closed.landmarks)})
-    assert train_render.open_mouth_refs([closed]) == []
-
-
-def _lips_shut(lm: np.ndarray) -> np.ndarray:
-    lm = lm.copy()
-    lm[14] = lm[13]
-    return lm
+    shut_rgb, shut_lm = render.render(toothy, _motion(lip_press=1.0))
+    closed = render.prepare(shut_rgb, np.c_[shut_lm, toothy.landmarks[:, 2:]])
+    refs = open_mouths.open_mouth_refs([toothy, closed])
+    # the toothy photo widened, and the closed one given the toothy one's teeth
+    assert len(refs) == len(open_mouths.WIDEN) + len(open_mouths.OPEN_FOR_TEETH)
+    again = open_mouths.open_mouth_refs([toothy, closed])
+    assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(refs, again, strict=True))
+    assert len(open_mouths.open_mouth_refs([closed])) == 0  # no donor, nothing to widen
+    assert len(open_mouths.open_mouth_refs([toothy], transplant=False)) == len(open_mouths.WIDEN)
 
 
 def test_grace_hopper_is_a_training_face():

@@ -377,22 +377,6 @@ def render_with_maps(ref: RefFace, motion: np.ndarray):
     return frame, landmarks[:, :2].astype(np.float32), (map_x, map_y), painted
 
 
-def widen_mouth(ref: RefFace, jaw: float, teeth: float, smile: float) -> RefFace:
-    """A new reference photo: ref with its open mouth opened wider by the mesh warp alone,
-    nothing painted, so a toothy smile becomes a wider laugh showing the photo's own (stretched)
-    teeth. Held-out laughing photos are wider than any training photo; closing lips over real
-    teeth does not generalize from painted ones. Only meaningful for photos whose mouth is
-    already open: a closed mouth would stretch its lips instead."""
-    import cv2
-
-    m = np.zeros(MOTION_DIM, np.float32)
-    m[[INDEX["jaw_open"], INDEX["teeth_show"], INDEX["smile"]]] = (jaw, teeth, smile)
-    mesh, landmarks = deform(ref, m)
-    map_x, map_y = _backward_map(ref, mesh)
-    warped = cv2.remap(ref.rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return prepare(warped, landmarks)
-
-
 def mouth_opening(landmarks: np.ndarray) -> float:
     """Inner-lip gap (13 -> 14) over face height (10 -> 152): scale-free mouth opening."""
     lm = np.asarray(landmarks)

@@ -23,6 +23,7 @@ from ..models.motion import INDEX
 from . import faces, synth
 from . import render as renderer
 from .loop import Run
+from .open_mouths import open_mouth_refs
 
 MIRROR_NEG = [INDEX[k] for k in ("head_yaw", "head_roll", "head_tx")]
 SHIFT = [INDEX["head_tx"], INDEX["head_ty"]]
@@ -58,25 +59,6 @@ def motion_pool(n_clips: int, seed: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-OPEN_PHOTO = 0.02  # photos whose lips part by more than this (of face height) show teeth
-WIDEN = [  # (jaw_open, teeth_show, smile) of the widened references
-    (j, t, sm) for j in (0.1, 0.25, 0.4, 0.55) for t in (0.3, 0.7) for sm in (0.2, 0.6)
-]
-
-
-def open_mouth_refs(refs: list) -> list:
-    """Training photos that smile with their teeth, widened into laughs (renderer.widen_mouth)
-    and used as photos. Six training faces hold three toothy smiles, none as wide as a laugh; a
-    held-out laughing photo never closed its lips. Widening keeps the photo's own teeth: an
-    earlier round that painted the teeth in (the renderer's mouth interior) did not help."""
-    return [
-        renderer.widen_mouth(ref, *w)
-        for ref in refs
-        if renderer.mouth_opening(ref.landmarks) > OPEN_PHOTO
-        for w in WIDEN
-    ]
-
-
 class FrameSampler:
     def __init__(
         self,
@@ -86,11 +68,12 @@ class FrameSampler:
         closure_share: float = 0.0,
         open_share: float = 0.0,
         rotate: float = 0.0,
+        transplant: bool = True,
     ):
         self.rotate = rotate
         self.ids = faces.load_identities("train")
         self.refs = [synth.reference(i, size) for i in self.ids]
-        self.open_refs = open_mouth_refs(self.refs) if open_share > 0 else []
+        self.open_refs = open_mouth_refs(self.refs, transplant) if open_share > 0 else []
         self.open_share = open_share
         self.pool = pool
         self.scale = pool.std(axis=0) + 1e-3
@@ -219,13 +202,18 @@ def main(argv=None) -> None:
         "--open-share",
         type=float,
         default=0.0,
-        help="share of samples whose photo is a toothy training smile widened into a laugh",
+        help="share of samples whose photo is a training face made to laugh (open_mouths.py)",
     )
     ap.add_argument(
         "--rotate",
         type=float,
         default=0.0,
         help="largest in-plane rotation of the augmentation, degrees (0: none)",
+    )
+    ap.add_argument(
+        "--no-transplant",
+        action="store_true",
+        help="laughing photos only from widened toothy smiles, no transplanted teeth",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
@@ -249,6 +237,7 @@ def main(argv=None) -> None:
         args.closure_share,
         args.open_share,
         np.radians(args.rotate),
+        not args.no_transplant,
     )
     model.train()
     deadline = time.time() + args.minutes * 60
