@@ -28,6 +28,7 @@ import numpy as np
 
 from ..models.config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from ..models.config import SAMPLES_PER_FRAME, ModelConfig
+from ..models.decoder import LIP_PRESS
 
 F32 = mx.float32
 NEG = -1e4  # the generator's additive mask value (models/generator.py)
@@ -536,7 +537,12 @@ class Decoder(_Module):
         self.refine_in = Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
+        self.lip = Conv2d(ca, 3, 3, padding=1)  # upper edge, lower edge, presence logits
+        self.lip_reach = mx.array([-2.0])
         self._grid0 = mx.array(base_grid(self.feat, self.feat).numpy())  # [hw*hw, 3]
+        rows = (np.arange(self.res, dtype=np.float32) * 2 + 1) / self.res - 1
+        self._rows = mx.array(rows.reshape(1, -1, 1, 1))  # channels-last: rows are axis 1
+        self._sharp = 0.5 / self.res  # a quarter of the row spacing, as in torch
         self._identity = mx.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
     def __call__(self, app_feat, image, motion):
@@ -562,10 +568,29 @@ class Decoder(_Module):
         r = gelu(pixel_shuffle(self.refine_up(r), 2))  # [C, R/2, R/2, rc]
         o = pixel_shuffle(self.refine_out(r), 2).astype(F32)  # [C, R, R, 6]
         grid_full = grid_full + o[..., 4:]
+        grid_full = grid_full + self.closing(app, grid_full, m)
         warped = grid_sample(img, grid_full)  # [C, R, R, 3]
         alpha = mx.sigmoid(o[..., 3:4] + interpolate_bilinear(lin[..., 2:], (res, res)))
         frames = warped * (1.0 - alpha) + mx.sigmoid(o[..., :3]) * alpha
         return {"frames": mx.clip(frames, 0.0, 1.0)}
+
+    def closing(self, app, grid_full, m):
+        """The lip-closing displacement [C, R, R, 2] (models/decoder.py: Decoder.closing)."""
+        hw, res = self.feat, self.res
+        logits = self.lip(self.c(app)).astype(F32)  # [1, h, w, 3]
+        feat_rows = mx.array(
+            ((np.arange(hw, dtype=np.float32) * 2 + 1) / hw - 1).reshape(1, -1, 1, 1)
+        )
+        up = (mx.softmax(logits[..., 0:1], axis=1) * feat_rows).sum(axis=1, keepdims=True)
+        low = (mx.softmax(logits[..., 1:2], axis=1) * feat_rows).sum(axis=1, keepdims=True)
+        present = mx.sigmoid(logits[..., 2:3].mean(axis=1, keepdims=True))
+        up, low, present = (interpolate_bilinear(t, (1, res)) for t in (up, low, present))
+        half = mx.maximum(low - up, 0.0) * 0.5 * present
+        off = self._rows - (up + low) * 0.5  # [1, R, R, 1]
+        reach = mx.logaddexp(self.lip_reach.astype(F32), 0.0)  # softplus
+        field = half * mx.tanh(off / self._sharp) * mx.exp(-((off / (reach + half)) ** 2))
+        dy = grid_sample(field, grid_full) * m[:, LIP_PRESS].astype(F32).reshape(-1, 1, 1, 1)
+        return dy * mx.array([0.0, 1.0])
 
 
 CLASSES = {

@@ -45,9 +45,9 @@ FP16_KEEP = [
 ]
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 # Input and output heads stay float in INT8 bundles: their error lands straight in the picture
-# (colour, alpha), in the sampling grid (flow, pose affine, where 1% is a visible shift) or in the
+# (colour, alpha), in the sampling grid (flow, pose affine, lip edges: 1% is a visible shift) or in the
 # motion fed back autoregressively (generator in/out). They are a small share of the compute.
-FLOAT_HEADS = ("/flow_out/", "/refine_out/", "/affine/", "/out/", "/in_x/", "/in_prev/")
+FLOAT_HEADS = ("/flow_out/", "/refine_out/", "/affine/", "/lip/", "/out/", "/in_x/", "/in_prev/")
 
 
 def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:

@@ -46,8 +46,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[EdgeTalkModel, dict[str, str]]:
-    """Load (model in eval mode, metadata). Never unpickles: safetensors holds only tensors."""
+def load_checkpoint(
+    path: str | Path, allow_new: tuple[str, ...] = ()
+) -> tuple[EdgeTalkModel, dict[str, str]]:
+    """Load (model in eval mode, metadata). Never unpickles: safetensors holds only tensors.
+
+    allow_new: prefixes of parameters the file may lack, left at their initial values (training
+    starts a new part of the model from older weights; nothing else loads incomplete files)."""
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
@@ -64,6 +69,7 @@ def load_checkpoint(path: str | Path) -> tuple[EdgeTalkModel, dict[str, str]]:
         raise BundleError(
             f"{path}: weights do not match the {cfg.name!r} config ({first})"
         ) from None
+    missing = [k for k in missing if not k.startswith(allow_new)] if allow_new else missing
     if missing or unexpected:
         raise BundleError(
             f"{path}: weights do not match the {cfg.name!r} config "

@@ -8,7 +8,13 @@ with a predicted alpha. The flow has four parts:
   (blendshape-like: "this is how *this* face moves when the jaw opens"), for flow and alpha;
 - a non-linear residual from motion-modulated features (FiLM) for what is not linear;
 - a full-resolution correction from the refinement head: closing open lips collapses the teeth
-  between them into a line, a jump a 1/4-resolution flow blurs over ~4 pixels of visible teeth.
+  between them into a line, a jump a 1/4-resolution flow blurs over ~4 pixels of visible teeth;
+- a lip-closing field for lip_press, built from where the photo's lips are rather than learned
+  as a flow: a small head finds, in each column, the upper and lower inner-lip edge (soft-argmax
+  over rows) and whether the mouth is there, and the field pulls both lips to their midline by
+  half the gap. Learned flows did not close a laughing photo wider than the training photos
+  (they must learn the gap's size from appearance); finding two edges is local, and the edges
+  are supervised directly from the training photos' landmarks.
 The refinement head works at 1/2 resolution and emits its outputs (colour, alpha, flow correction)
 for each 2x2 block of output pixels (pixel shuffle), so none of them is bilinearly blurred.
 Only 4-D grid_sample is used: 5-D warps do not run on ONNX Runtime or CoreML.
@@ -22,6 +28,7 @@ from torch import nn
 
 from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
+from .motion import INDEX
 from .sampling import grid_sample_border
 
 
@@ -31,6 +38,29 @@ def base_grid(h: int, w: int) -> torch.Tensor:
     xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).reshape(h * w, 3)
+
+
+LIP_PRESS = INDEX["lip_press"]
+
+
+def lip_edges(logits: torch.Tensor, rows: torch.Tensor):
+    """Per column: (upper edge y, lower edge y, mouth presence), each [B, 1, 1, w], from the lip
+    head's logits [B, 3, h, w] (softmax over rows; presence from the column mean)."""
+    up = (torch.softmax(logits[:, 0:1], dim=2) * rows).sum(dim=2, keepdim=True)
+    low = (torch.softmax(logits[:, 1:2], dim=2) * rows).sum(dim=2, keepdim=True)
+    present = torch.sigmoid(logits[:, 2:3].mean(dim=2, keepdim=True))
+    return up, low, present
+
+
+def closing_field(up, low, present, rows, reach) -> torch.Tensor:
+    """[B, 1, H, W] vertical displacement (normalized units) that closes the lips at press 1, for
+    edges [B, 1, 1, W] and rows [1, 1, H, 1]: rows above the midline sample from higher up, rows
+    below from lower down, by half the gap at the midline, fading out beyond the lips (reach +
+    half the gap). The sign flips within half a row: the teeth between the lips vanish."""
+    half = F.relu(low - up) * 0.5 * present
+    off = rows - (up + low) * 0.5
+    sharp = 0.25 * (rows[0, 0, 1, 0] - rows[0, 0, 0, 0])
+    return half * torch.tanh(off / sharp) * torch.exp(-((off / (reach + half)) ** 2))
 
 
 class Decoder(nn.Module):
@@ -49,7 +79,12 @@ class Decoder(nn.Module):
         self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = nn.Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = nn.Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
+        self.lip = nn.Conv2d(ca, 3, 3, padding=1)  # upper edge, lower edge, presence logits
+        self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
+        for name, n in (("rows", self.feat), ("rows_full", self.res)):
+            rows = (torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1
+            self.register_buffer(name, rows.reshape(1, 1, -1, 1), persistent=False)
         self.native_sampling = True  # exporters switch to the gather form (models/sampling.py)
         # Start as "show the photo": no flow, no affine change, refinement blended out.
         for m in (self.flow_out, self.affine, self.basis):
@@ -59,6 +94,9 @@ class Decoder(nn.Module):
             self.refine_out.weight[4 * 4 :].zero_()  # no flow correction at first
             self.refine_out.bias[4 * 4 :].zero_()
             self.refine_out.bias[4 * 3 : 4 * 4] = -4.0
+            nn.init.zeros_(self.lip.weight)
+            nn.init.zeros_(self.lip.bias)
+            self.lip.bias[2] = -6.0  # no mouth found: no closing field until trained
 
     def forward(
         self,
@@ -71,6 +109,25 @@ class Decoder(nn.Module):
     def render(self, app_feat: torch.Tensor, image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
         return self.render_parts(app_feat, image, m)[0]
+
+    def lips(self, app_feat: torch.Tensor):
+        """The photo's inner-lip edges per column (see lip_edges): training supervises them."""
+        return lip_edges(self.lip(app_feat), self.rows)
+
+    def closing(self, app_feat, grid_full, press) -> torch.Tensor:
+        """[N, R, R, 2] displacement closing the photo's lips by press [N]. The field lives on the
+        photo at full resolution (a 1/4-resolution jump would leave ~4 rows of teeth) and is
+        read where each output pixel looks in the photo (the grid)."""
+        up, low, present = (
+            F.interpolate(t, size=(1, self.res), mode="bilinear", align_corners=False)
+            for t in self.lips(app_feat)
+        )
+        field = closing_field(up, low, present, self.rows_full, F.softplus(self.lip_reach))
+        c = grid_full.shape[0]
+        dy = grid_sample_border(field.expand(c, -1, -1, -1), grid_full, self.native_sampling)
+        dy = dy * press.reshape(c, 1, 1, 1)
+        # (0, dy) as a broadcast product: a concat with zeros exports as a frame-sized constant
+        return dy.permute(0, 2, 3, 1) * torch.tensor([0.0, 1.0], device=dy.device)
 
     def render_parts(self, app_feat, image, m):
         """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
@@ -101,6 +158,7 @@ class Decoder(nn.Module):
         r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [N, rc, R/2, R/2]
         o = F.pixel_shuffle(self.refine_out(r), 2)  # [N, 6, R, R]
         grid_full = grid_full + o[:, 4:].permute(0, 2, 3, 1)
+        grid_full = grid_full + self.closing(app_feat, grid_full, m[:, LIP_PRESS])
         warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, self.native_sampling)
         alpha_lin = F.interpolate(
             lin[:, 2:], size=(self.res, self.res), mode="bilinear", align_corners=False

@@ -85,7 +85,7 @@ class FrameSampler:
 
     def sample(self, n: int):
         rng = self.rng
-        refs, targets, motions, weights, grids, painted = [], [], [], [], [], []
+        refs, targets, motions, weights, grids, painted, lips = [], [], [], [], [], [], []
         for _ in range(n):
             k = int(rng.integers(len(self.refs)))
             ref = self.refs[k]
@@ -109,6 +109,8 @@ class FrameSampler:
             if aug.angle:
                 m = rotate_motion(m, aug.angle)
             lm = faces.augment_points(lm, aug, self.size)
+            ref_lm = faces.augment_points(ref.landmarks, aug, self.size)
+            lips.append(lip_targets(ref_lm, self.size, self.size // 4))
             refs.append(ref_img)
             targets.append(target)
             motions.append(m)
@@ -121,7 +123,33 @@ class FrameSampler:
             torch.stack(weights),
             torch.from_numpy(np.stack(grids)),
             torch.from_numpy(np.stack(painted))[:, None].float(),
+            torch.from_numpy(np.stack(lips)),
         )
+
+
+def lip_targets(lm: np.ndarray, size: int, columns: int = 64) -> np.ndarray:
+    """[3, columns] float32 for the decoder's lip head: the photo's upper and lower inner-lip
+    edge in each column (normalized y, interpolated along the mediapipe contours) and 1 where
+    the column lies between the mouth corners."""
+    xc = (np.arange(columns) + 0.5) * size / columns
+    out = np.zeros((3, columns), np.float32)
+    for row, idx in ((0, renderer.UI), (1, renderer.LI)):
+        pts = lm[idx, :2]
+        o = np.argsort(pts[:, 0])
+        out[row] = np.interp(xc, pts[o, 0], pts[o, 1]) / size * 2 - 1
+    corners = lm[[renderer.UI[0], renderer.UI[-1]], 0]
+    out[2] = (xc >= corners.min()) & (xc <= corners.max())
+    return out
+
+
+def lip_loss(model, app_feat, target: torch.Tensor, size: int):
+    """(edge error in pixels over the mouth's columns, presence BCE) of the lip head."""
+    up, low, present = model.decoder.lips(app_feat)
+    mask = target[:, 2]
+    err = (up[:, 0, 0] - target[:, 0]).abs() + (low[:, 0, 0] - target[:, 1]).abs()
+    edge_px = (err * mask).sum() / mask.sum().clamp(min=1) * (size / 2)
+    bce = F.binary_cross_entropy(present[:, 0, 0].clamp(1e-4, 1 - 1e-4), mask)
+    return edge_px, bce
 
 
 def augment_map(maps, aug, size: int) -> np.ndarray:
@@ -221,7 +249,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(args.init or default_checkpoint())
+    # The lip head may be new to an older checkpoint: it starts untrained (closing nothing).
+    model, _ = load_checkpoint(args.init or default_checkpoint(), allow_new=("decoder.lip",))
     size = model.cfg.render.resolution
     params = list(model.appearance.parameters()) + list(model.decoder.parameters())
     with torch.no_grad():  # the reference token is not trained in this recipe: keep it zero
@@ -243,7 +272,7 @@ def main(argv=None) -> None:
     deadline = time.time() + args.minutes * 60
     while time.time() < deadline and run.step < args.steps:
         t0 = time.time()
-        ref, target, motion, weight, grid_gt, painted = sampler.sample(args.batch)
+        ref, target, motion, weight, grid_gt, painted, lip_gt = sampler.sample(args.batch)
         t1 = time.time()
         app = model.appearance(ref)["app_feat"]
         frames, grid, alpha = model.decoder.render_parts(app, ref, motion)
@@ -261,7 +290,15 @@ def main(argv=None) -> None:
             F.binary_cross_entropy(alpha.clamp(1e-4, 1 - 1e-4), painted, reduction="none")
             * (1.0 - free)
         ).mean()
-        loss = render_loss(pred, target, weight) + 0.05 * flow_err + 0.1 * alpha_err
+        # The lip head is told where the photo's lips are (landmarks), not only through pixels.
+        lip_px, lip_bce = lip_loss(model, app, lip_gt, size)
+        loss = (
+            render_loss(pred, target, weight)
+            + 0.05 * flow_err
+            + 0.1 * alpha_err
+            + 0.02 * lip_px
+            + 0.05 * lip_bce
+        )
         run.update(loss)
         if run.step % 25 == 0:
             run.log(
@@ -269,6 +306,7 @@ def main(argv=None) -> None:
                 psnr=psnr(pred.detach(), target),
                 flow_px=flow_err.item(),
                 alpha=alpha_err.item(),
+                lip_px=lip_px.item(),
                 data_s=t1 - t0,
                 step_s=time.time() - t1,
             )

@@ -1,0 +1,107 @@
+"""The decoder's lip-closing field: where the photo's lips are, and how lip_press closes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgetalk.errors import BundleError
+from edgetalk.models.checkpoint import load_checkpoint, save_checkpoint
+from edgetalk.models.config import preset
+from edgetalk.models.decoder import LIP_PRESS, closing_field, lip_edges
+
+from .conftest import seeded_model
+
+H = 64
+ROWS = ((torch.arange(H, dtype=torch.float32) * 2 + 1) / H - 1).reshape(1, 1, H, 1)
+
+
+def _edges(up: float, low: float, present: float, w: int = 8):
+    full = lambda v: torch.full((1, 1, 1, w), v)  # noqa: E731
+    return full(up), full(low), full(present)
+
+
+def test_field_pulls_both_lips_to_the_midline_by_half_the_gap():
+    field = closing_field(*_edges(-0.1, 0.1, 1.0), ROWS, reach=torch.tensor(0.1))[0, 0, :, 0]
+    rows = ROWS[0, 0, :, 0]
+    just_above, just_below = (
+        int(torch.searchsorted(rows, 0.0)) - 2,
+        int(torch.searchsorted(rows, 0.0)) + 1,
+    )
+    # a row just above the midline samples the upper lip (0.1 higher), just below the lower one
+    assert field[just_above] == pytest.approx(-0.1, abs=0.02)
+    assert field[just_below] == pytest.approx(0.1, abs=0.02)
+    assert field[rows < -0.7].abs().max() < 1e-3 and field[rows > 0.7].abs().max() < 1e-3
+    # closed lips, or no mouth in the column: nothing moves
+    assert closing_field(*_edges(0.05, 0.05, 1.0), ROWS, torch.tensor(0.1)).abs().max() == 0
+    assert closing_field(*_edges(-0.1, 0.1, 0.0), ROWS, torch.tensor(0.1)).abs().max() == 0
+    # a wider gap is pulled further: the field scales with it, it is not a learned size
+    wide = closing_field(*_edges(-0.2, 0.2, 1.0), ROWS, torch.tensor(0.1))[0, 0, :, 0]
+    assert wide[just_above - 3] < field[just_above - 3] - 0.05
+
+
+def test_edges_are_a_soft_argmax_over_rows():
+    logits = torch.full((1, 3, H, 4), -30.0)
+    logits[:, 0, 20] = 30.0  # upper edge on row 20, lower on row 40
+    logits[:, 1, 40] = 30.0
+    logits[:, 2] = 5.0
+    up, low, present = lip_edges(logits, ROWS)
+    assert torch.allclose(up, ROWS[0, 0, 20, 0].expand_as(up))
+    assert torch.allclose(low, ROWS[0, 0, 40, 0].expand_as(low))
+    assert (present > 0.99).all()
+
+
+def test_lip_press_closes_a_painted_mouth_through_the_decoder():
+    """A face-free picture with a white band (teeth) between two red bands (lips), and a lip head
+    set by hand to find them: lip_press 1 replaces the white rows by lip, press 0 keeps them."""
+    model = seeded_model(preset("tiny"))
+    d = model.decoder
+    res = d.res
+    img = torch.zeros(1, 3, res, res)
+    img[:, 0] = 0.6  # skin-ish
+    band = lambda a, b: slice(int(a * res), int(b * res))  # noqa: E731
+    img[:, :, band(0.40, 0.46)] = torch.tensor([0.8, 0.1, 0.1]).reshape(1, 3, 1, 1)  # upper lip
+    img[:, :, band(0.46, 0.54)] = 1.0  # teeth
+    img[:, :, band(0.54, 0.60)] = torch.tensor([0.8, 0.1, 0.1]).reshape(1, 3, 1, 1)  # lower lip
+    with torch.no_grad():
+        for mod in (d.flow_out, d.affine, d.basis, d.lip):  # only the closing field moves pixels
+            mod.weight.zero_()
+            mod.bias.zero_()
+        d.refine_out.weight.zero_()
+        d.refine_out.bias.zero_()
+        d.refine_out.bias[12:16] = -30.0  # no paint
+        feat = d.feat
+        edge_rows = {0: round(0.46 * feat - 0.5), 1: round(0.54 * feat - 0.5)}  # the band edges
+        logit_map = torch.full((1, 3, feat, feat), -30.0)
+        for ch, row in edge_rows.items():
+            logit_map[:, ch, row] = 30.0
+        logit_map[:, 2] = 10.0
+        d.lip.bias.zero_()
+        m = torch.zeros(2, model.cfg.motion_dim)
+        m[1, LIP_PRESS] = 1.0
+        d.lip.forward = lambda x: logit_map  # the head's output, fixed
+        frames = d.render(torch.zeros(1, model.cfg.render.app_channels, feat, feat), img, m)
+    white = lambda f: ((f > 0.95).all(-1)).float().mean().item()  # noqa: E731
+    assert white(frames[0]) > 0.07  # press 0: the teeth show
+    assert white(frames[1]) < 0.1 * white(frames[0])  # press 1: the lips meet over them
+
+
+def test_older_weights_without_the_lip_head(tmp_path):
+    model = seeded_model(preset("tiny"))
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(model, path)
+    from safetensors.torch import load_file, save_file
+
+    from edgetalk.models.checkpoint import read_metadata
+
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("decoder.lip")}
+    save_file(state, str(path), metadata=read_metadata(path))
+    with pytest.raises(BundleError, match="missing"):
+        load_checkpoint(path)  # users' files must be complete
+    loaded, _ = load_checkpoint(path, allow_new=("decoder.lip",))  # training may add the head
+    up, low, present = loaded.decoder.lips(
+        torch.zeros(1, model.cfg.render.app_channels, loaded.decoder.feat, loaded.decoder.feat)
+    )
+    assert float(present.max()) < 0.01  # a new head finds no mouth: it closes nothing
+    assert np.isfinite(up.detach().numpy()).all()
