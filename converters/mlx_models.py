@@ -537,7 +537,9 @@ class Decoder(_Module):
         self.refine_in = Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
-        self.lip = Conv2d(ca, 3, 3, padding=1)  # upper edge, lower edge, presence logits
+        self.lip_in = Conv2d(ca, hd, 3, padding=1)  # the lip head (models/decoder.py)
+        self.lip_mid = Conv2d(hd, hd, 3, padding=1)
+        self.lip_out = Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = mx.array([-2.0])
         self._grid0 = mx.array(base_grid(self.feat, self.feat).numpy())  # [hw*hw, 3]
         rows = (np.arange(self.res, dtype=np.float32) * 2 + 1) / self.res - 1
@@ -577,13 +579,14 @@ class Decoder(_Module):
     def closing(self, app, grid_full, m):
         """The lip-closing displacement [C, R, R, 2] (models/decoder.py: Decoder.closing)."""
         hw, res = self.feat, self.res
-        logits = self.lip(self.c(app)).astype(F32)  # [1, h, w, 3]
+        logits = self.lip_out(gelu(self.lip_mid(gelu(self.lip_in(self.c(app))))))
+        logits = logits.astype(F32)  # [1, h, w, 3]
         feat_rows = mx.array(
             ((np.arange(hw, dtype=np.float32) * 2 + 1) / hw - 1).reshape(1, -1, 1, 1)
         )
         up = (mx.softmax(logits[..., 0:1], axis=1) * feat_rows).sum(axis=1, keepdims=True)
         low = (mx.softmax(logits[..., 1:2], axis=1) * feat_rows).sum(axis=1, keepdims=True)
-        present = mx.sigmoid(logits[..., 2:3].mean(axis=1, keepdims=True))
+        present = mx.sigmoid(logits[..., 2:3].max(axis=1, keepdims=True))
         up, low, present = (interpolate_bilinear(t, (1, res)) for t in (up, low, present))
         half = mx.maximum(low - up, 0.0) * 0.5 * present
         off = self._rows - (up + low) * 0.5  # [1, R, R, 1]

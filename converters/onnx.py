@@ -47,7 +47,7 @@ QUANT_OPS = ("Conv", "MatMul", "Gemm")
 # Input and output heads stay float in INT8 bundles: their error lands straight in the picture
 # (colour, alpha), in the sampling grid (flow, pose affine, lip edges: 1% is a visible shift) or in the
 # motion fed back autoregressively (generator in/out). They are a small share of the compute.
-FLOAT_HEADS = ("/flow_out/", "/refine_out/", "/affine/", "/lip/", "/out/", "/in_x/", "/in_prev/")
+FLOAT_HEADS = ("/flow_out/", "/refine_out/", "/affine/", "/lip_", "/out/", "/in_x/", "/in_prev/")
 
 
 def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:

@@ -45,10 +45,11 @@ LIP_PRESS = INDEX["lip_press"]
 
 def lip_edges(logits: torch.Tensor, rows: torch.Tensor):
     """Per column: (upper edge y, lower edge y, mouth presence), each [B, 1, 1, w], from the lip
-    head's logits [B, 3, h, w] (softmax over rows; presence from the column mean)."""
+    head's logits [B, 3, h, w] (softmax over rows; presence from the column's strongest row, so
+    a local mouth detector decides it: a column mean made the forehead vote too)."""
     up = (torch.softmax(logits[:, 0:1], dim=2) * rows).sum(dim=2, keepdim=True)
     low = (torch.softmax(logits[:, 1:2], dim=2) * rows).sum(dim=2, keepdim=True)
-    present = torch.sigmoid(logits[:, 2:3].mean(dim=2, keepdim=True))
+    present = torch.sigmoid(logits[:, 2:3].amax(dim=2, keepdim=True))
     return up, low, present
 
 
@@ -79,7 +80,10 @@ class Decoder(nn.Module):
         self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = nn.Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = nn.Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
-        self.lip = nn.Conv2d(ca, 3, 3, padding=1)  # upper edge, lower edge, presence logits
+        # The lip head: logits of the upper and lower inner-lip edge per row, and of presence.
+        self.lip_in = nn.Conv2d(ca, hd, 3, padding=1)
+        self.lip_mid = nn.Conv2d(hd, hd, 3, padding=1)
+        self.lip_out = nn.Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         for name, n in (("rows", self.feat), ("rows_full", self.res)):
@@ -94,9 +98,9 @@ class Decoder(nn.Module):
             self.refine_out.weight[4 * 4 :].zero_()  # no flow correction at first
             self.refine_out.bias[4 * 4 :].zero_()
             self.refine_out.bias[4 * 3 : 4 * 4] = -4.0
-            nn.init.zeros_(self.lip.weight)
-            nn.init.zeros_(self.lip.bias)
-            self.lip.bias[2] = -6.0  # no mouth found: no closing field until trained
+            nn.init.zeros_(self.lip_out.weight)
+            nn.init.zeros_(self.lip_out.bias)
+            self.lip_out.bias[2] = -3.0  # edges all at one row: no gap, no closing field
 
     def forward(
         self,
@@ -110,9 +114,13 @@ class Decoder(nn.Module):
         """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
         return self.render_parts(app_feat, image, m)[0]
 
+    def lip_logits(self, app_feat: torch.Tensor) -> torch.Tensor:
+        """[B, 3, h, w]: upper edge, lower edge (softmax over rows) and presence logits."""
+        return self.lip_out(F.gelu(self.lip_mid(F.gelu(self.lip_in(app_feat)))))
+
     def lips(self, app_feat: torch.Tensor):
         """The photo's inner-lip edges per column (see lip_edges): training supervises them."""
-        return lip_edges(self.lip(app_feat), self.rows)
+        return lip_edges(self.lip_logits(app_feat), self.rows)
 
     def closing(self, app_feat, grid_full, press) -> torch.Tensor:
         """[N, R, R, 2] displacement closing the photo's lips by press [N]. The field lives on the

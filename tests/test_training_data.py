@@ -209,6 +209,10 @@ def test_transplanted_teeth_fill_only_the_opened_mouth(astronaut):
     assert grey[inside].mean() > before[inside].mean() + 20  # white teeth, not stretched lips
     near = cv2.dilate((poly > 0).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
     assert np.array_equal(out[~near], rgb[~near])  # nothing outside the mouth changes
+    two = open_mouths.transplant_teeth(rgb, lm, donor, two_rows=True)
+    assert np.array_equal(two[~near], rgb[~near])
+    low = inside & (np.arange(rgb.shape[0])[:, None] > lm[open_mouths.INNER, 1].mean() + 1)
+    assert np.abs(two[low].astype(int) - out[low]).mean() > 5  # a second row below the midline
 
 
 def test_open_mouth_refs_are_deterministic_and_only_widen_toothy_photos(astronaut):
@@ -219,7 +223,7 @@ def test_open_mouth_refs_are_deterministic_and_only_widen_toothy_photos(astronau
     closed = render.prepare(shut_rgb, np.c_[shut_lm, toothy.landmarks[:, 2:]])
     refs = open_mouths.open_mouth_refs([toothy, closed])
     # the toothy photo widened, and the closed one given the toothy one's teeth
-    assert len(refs) == len(open_mouths.WIDEN) + len(open_mouths.OPEN_FOR_TEETH)
+    assert len(refs) == len(open_mouths.WIDEN) + 2 * len(open_mouths.OPEN_FOR_TEETH)  # 1 and 2 rows
     again = open_mouths.open_mouth_refs([toothy, closed])
     assert all(np.array_equal(a.rgb, b.rgb) for a, b in zip(refs, again, strict=True))
     assert len(open_mouths.open_mouth_refs([closed])) == 0  # no donor, nothing to widen

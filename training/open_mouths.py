@@ -76,10 +76,14 @@ def is_teeth_donor(ref: renderer.RefFace) -> bool:
     ) > BRIGHT_TEETH * _mean_luminance(ref.rgb, lm[renderer.FACE_OVAL])
 
 
-def transplant_teeth(rgb: np.ndarray, lm: np.ndarray, donor: renderer.RefFace) -> np.ndarray:
+def transplant_teeth(
+    rgb: np.ndarray, lm: np.ndarray, donor: renderer.RefFace, two_rows: bool = False
+) -> np.ndarray:
     """rgb with the inside of its inner-lip contour replaced by the donor's open mouth: an
     affine fit of the donor's inner-lip contour onto this one (least squares over its 20
-    points), scaled by the ratio of the two faces' brightness, with a soft edge."""
+    points), scaled by the ratio of the two faces' brightness, with a soft edge. two_rows
+    mirrors the upper teeth below the midline, a little darker, for a laugh's lower row (the
+    donors show one row; a held-out laugh shows both, with the bite line between)."""
     import cv2
 
     src = donor.landmarks[INNER, :2].astype(np.float64)
@@ -100,6 +104,12 @@ def transplant_teeth(rgb: np.ndarray, lm: np.ndarray, donor: renderer.RefFace) -
         0.6,
         1.4,
     )
+    if two_rows:
+        mid = float(dst[:, 1].mean())
+        ys, xs = np.mgrid[: rgb.shape[0], : rgb.shape[1]].astype(np.float32)
+        below = ys > mid
+        mirrored = cv2.remap(teeth, xs, np.where(below, 2 * mid - ys, ys), cv2.INTER_LINEAR)
+        teeth = np.where(below[..., None], 0.85 * mirrored, teeth)
     mask = cv2.GaussianBlur(_polygon_mask(rgb.shape, dst), (0, 0), 0.7)[..., None]
     out = rgb.astype(np.float32) * (1.0 - mask) + np.clip(teeth * tint, 0, 255) * mask
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
@@ -112,7 +122,7 @@ def is_toothy(ref: renderer.RefFace) -> bool:
 def open_mouth_refs(refs: list[renderer.RefFace], transplant: bool = True) -> list:
     """Laughing references from the training photos: every toothy one widened (WIDEN), and, with
     transplant, every photo opened (OPEN_FOR_TEETH) and given the teeth of each donor photo
-    (is_teeth_donor) but its own. Deterministic."""
+    (is_teeth_donor) but its own, in one row and in two. Deterministic."""
     out = [widen_mouth(r, *w) for r in refs if is_toothy(r) for w in WIDEN]
     donors = [r for r in refs if is_teeth_donor(r)]
     if transplant:
@@ -121,5 +131,7 @@ def open_mouth_refs(refs: list[renderer.RefFace], transplant: bool = True) -> li
                 rgb, lm = open_warp(ref, *w)
                 for donor in donors:
                     if donor is not ref:
-                        out.append(renderer.prepare(transplant_teeth(rgb, lm, donor), lm))
+                        for rows in (False, True):
+                            laugh = transplant_teeth(rgb, lm, donor, two_rows=rows)
+                            out.append(renderer.prepare(laugh, lm))
     return out

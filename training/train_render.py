@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.checkpoint import default_checkpoint, load_checkpoint
+from ..models.decoder import lip_edges
 from ..models.motion import INDEX
 from . import faces, synth
 from . import render as renderer
@@ -143,13 +144,26 @@ def lip_targets(lm: np.ndarray, size: int, columns: int = 64) -> np.ndarray:
 
 
 def lip_loss(model, app_feat, target: torch.Tensor, size: int):
-    """(edge error in pixels over the mouth's columns, presence BCE) of the lip head."""
-    up, low, present = model.decoder.lips(app_feat)
+    """(edge error in pixels, row cross-entropy, presence BCE) of the decoder's lip head over
+    the mouth's columns. The cross-entropy against a one-row-wide Gaussian at each edge trains
+    the heatmaps directly; the soft-argmax error alone moved them slowly."""
+    dec = model.decoder
+    logits = dec.lip_logits(app_feat)
+    up, low, present = lip_edges(logits, dec.rows)
     mask = target[:, 2]
+    n = mask.sum().clamp(min=1)
     err = (up[:, 0, 0] - target[:, 0]).abs() + (low[:, 0, 0] - target[:, 1]).abs()
-    edge_px = (err * mask).sum() / mask.sum().clamp(min=1) * (size / 2)
+    edge_px = (err * mask).sum() / n * (size / 2)
+    rows = dec.rows[0, 0, :, 0]  # [h]
+    spacing = float(rows[1] - rows[0])
+    ce = 0.0
+    for ch in (0, 1):
+        want = torch.exp(-0.5 * ((rows[None, :, None] - target[:, ch, None, :]) / spacing) ** 2)
+        want = want / want.sum(dim=1, keepdim=True)  # [B, h, w]
+        logp = torch.log_softmax(logits[:, ch], dim=1)
+        ce = ce + (-(want * logp).sum(dim=1) * mask).sum() / n
     bce = F.binary_cross_entropy(present[:, 0, 0].clamp(1e-4, 1 - 1e-4), mask)
-    return edge_px, bce
+    return edge_px, ce, bce
 
 
 def augment_map(maps, aug, size: int) -> np.ndarray:
@@ -291,13 +305,14 @@ def main(argv=None) -> None:
             * (1.0 - free)
         ).mean()
         # The lip head is told where the photo's lips are (landmarks), not only through pixels.
-        lip_px, lip_bce = lip_loss(model, app, lip_gt, size)
+        lip_px, lip_ce, lip_bce = lip_loss(model, app, lip_gt, size)
         loss = (
             render_loss(pred, target, weight)
             + 0.05 * flow_err
             + 0.1 * alpha_err
             + 0.02 * lip_px
-            + 0.05 * lip_bce
+            + 0.05 * lip_ce
+            + 0.2 * lip_bce
         )
         run.update(loss)
         if run.step % 25 == 0:
