@@ -337,7 +337,7 @@ def _measure_av(trace: dict, frame_log: list, recorded: list, window_s: float = 
     out.update(mouth_to_sound_offset_ms=lag, mouth_to_sound_corr=r)
     # The same on the server's own timeline (no transport): does the model move the mouth with
     # the sound at all? With untrained weights it does not, and no offset can be read.
-    idx = [i for i, _ in recorded]
+    idx = [i for i, _ in recorded if i in loud]  # a frame logged after the snapshot has no loudness
     lag_f, r_f = av_offset(np.array([mouth[i] for i in idx]), np.array([loud[i] for i in idx]))
     out.update(model_mouth_offset_frames=lag_f, model_mouth_corr=r_f)
     return out
@@ -441,8 +441,8 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
 
             # Receiving-end A/V offset (before the interrupt disturbs the stream).
             peer = server.server.peers[stats["id"]]
-            frame_log = server.call(lambda: list(peer.frame_log))
-            recorded = server.call(lambda: list(peer.recorded))
+            # One snapshot of both logs: frames keep flowing between two separate calls.
+            frame_log, recorded = server.call(lambda: (list(peer.frame_log), list(peer.recorded)))
             trace = page.evaluate("() => window.edgetalk.trace")
             report["av"] = _measure_av(trace, frame_log, recorded)
             (out / "serve_trace.json").write_text(json.dumps({"trace": trace, "log": frame_log}))
