@@ -544,6 +544,8 @@ class Decoder(_Module):
         self._grid0 = mx.array(base_grid(self.feat, self.feat).numpy())  # [hw*hw, 3]
         rows = (np.arange(self.res, dtype=np.float32) * 2 + 1) / self.res - 1
         self._rows = mx.array(rows.reshape(1, -1, 1, 1))  # channels-last: rows are axis 1
+        feat_rows = (np.arange(self.feat, dtype=np.float32) * 2 + 1) / self.feat - 1
+        self._feat_rows = mx.array(feat_rows.reshape(1, -1, 1, 1))
         self._sharp = 0.5 / self.res  # a quarter of the row spacing, as in torch
         self._identity = mx.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
@@ -578,12 +580,9 @@ class Decoder(_Module):
 
     def closing(self, app, grid_full, m):
         """The lip-closing displacement [C, R, R, 2] (models/decoder.py: Decoder.closing)."""
-        hw, res = self.feat, self.res
+        res, feat_rows = self.res, self._feat_rows
         logits = self.lip_out(gelu(self.lip_mid(gelu(self.lip_in(self.c(app))))))
         logits = logits.astype(F32)  # [1, h, w, 3]
-        feat_rows = mx.array(
-            ((np.arange(hw, dtype=np.float32) * 2 + 1) / hw - 1).reshape(1, -1, 1, 1)
-        )
         up = (mx.softmax(logits[..., 0:1], axis=1) * feat_rows).sum(axis=1, keepdims=True)
         low = (mx.softmax(logits[..., 1:2], axis=1) * feat_rows).sum(axis=1, keepdims=True)
         present = mx.sigmoid(logits[..., 2:3].max(axis=1, keepdims=True))

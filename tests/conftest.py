@@ -35,6 +35,16 @@ def seeded_model(cfg: ModelConfig, seed: int = 0) -> EdgeTalkModel:
     return model
 
 
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    """The seeded micro model saved as a checkpoint file, for commands that take --checkpoint."""
+    from edgetalk.models.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ck") / "micro.safetensors"
+    save_checkpoint(seeded_model(MICRO), path)
+    return path
+
+
 @pytest.fixture
 def micro_backend() -> TorchBackend:
     return TorchBackend(seeded_model(MICRO))

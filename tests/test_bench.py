@@ -20,22 +20,14 @@ from edgetalk.benchmarks.report import load_report
 from edgetalk.benchmarks.schema import SCHEMA, validate
 from edgetalk.cli import main
 from edgetalk.errors import EdgeTalkError, InputError
-from edgetalk.models.checkpoint import save_checkpoint
 from edgetalk.models.config import SAMPLES_PER_FRAME
 from edgetalk.runtime.avatar import prepare_avatar
 from edgetalk.runtime.backend import Backend
 from edgetalk.runtime.scheduler import StreamScheduler
 
-from .conftest import MICRO, seeded_model, speechlike
+from .conftest import MICRO, speechlike
 
 QUICK = ["--seconds", "1", "--repeats", "1", "--warmup", "0.2"]
-
-
-@pytest.fixture(scope="module")
-def micro_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ck") / "micro.safetensors"
-    save_checkpoint(seeded_model(MICRO), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from edgetalk.errors import BundleError, SinkError
-from edgetalk.models.checkpoint import save_checkpoint
 from edgetalk.runtime import sources
 from edgetalk.runtime.backend_torch import TorchBackend
 from edgetalk.runtime.session import Session
@@ -29,13 +28,6 @@ from .conftest import MICRO, av_ends, seeded_model, speechlike
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 AAC_FRAME_S = 1024 / 16000  # the encoder pads the last audio frame: the ends agree within it
-
-
-@pytest.fixture(scope="module")
-def micro_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "micro.safetensors"
-    save_checkpoint(seeded_model(MICRO), path)
-    return path
 
 
 @pytest.fixture(scope="module")
