@@ -28,7 +28,7 @@ import numpy as np
 
 from ..models.config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from ..models.config import SAMPLES_PER_FRAME, ModelConfig
-from ..models.decoder import LIP_PRESS
+from ..models.decoder import LIP_PRESS, LIP_ROLL, PRESENCE_FILL
 
 F32 = mx.float32
 NEG = -1e4  # the generator's additive mask value (models/generator.py)
@@ -585,14 +585,27 @@ class Decoder(_Module):
         logits = logits.astype(F32)  # [1, h, w, 3]
         up = (mx.softmax(logits[..., 0:1], axis=1) * feat_rows).sum(axis=1, keepdims=True)
         low = (mx.softmax(logits[..., 1:2], axis=1) * feat_rows).sum(axis=1, keepdims=True)
-        present = mx.sigmoid(logits[..., 2:3].max(axis=1, keepdims=True))
+        present = _close_columns(mx.sigmoid(logits[..., 2:3].max(axis=1, keepdims=True)))
         up, low, present = (interpolate_bilinear(t, (1, res)) for t in (up, low, present))
-        half = mx.maximum(low - up, 0.0) * 0.5 * present
+        half = mx.maximum(low - up, 0.0) * 0.5
+        half = (half + LIP_ROLL * mx.tanh(half / LIP_ROLL)) * present
         off = self._rows - (up + low) * 0.5  # [1, R, R, 1]
         reach = mx.logaddexp(self.lip_reach.astype(F32), 0.0)  # softplus
         field = half * mx.tanh(off / self._sharp) * mx.exp(-((off / (reach + half)) ** 2))
         dy = grid_sample(field, grid_full) * m[:, LIP_PRESS].astype(F32).reshape(-1, 1, 1, 1)
         return dy * mx.array([0.0, 1.0])
+
+
+def _close_columns(x, k: int = PRESENCE_FILL):
+    """decoder.close_columns for [B, 1, W, C]: a max, then a min, over 2k+1 columns."""
+
+    def max_over(v):
+        pad = mx.full(v.shape[:2] + (k,) + v.shape[3:], -mx.inf, dtype=v.dtype)
+        p = mx.concatenate([pad, v, pad], axis=2)
+        w = v.shape[2]
+        return mx.max(mx.stack([p[:, :, i : i + w] for i in range(2 * k + 1)]), axis=0)
+
+    return -max_over(-max_over(x))
 
 
 CLASSES = {

@@ -12,9 +12,10 @@ with a predicted alpha. The flow has four parts:
 - a lip-closing field for lip_press, built from where the photo's lips are rather than learned
   as a flow: a small head finds, in each column, the upper and lower inner-lip edge (soft-argmax
   over rows) and whether the mouth is there, and the field pulls both lips to their midline by
-  half the gap. Learned flows did not close a laughing photo wider than the training photos
-  (they must learn the gap's size from appearance); finding two edges is local, and the edges
-  are supervised directly from the training photos' landmarks.
+  half the gap and a little more (pressed lips roll in). Learned flows did not close a
+  laughing photo wider than the training photos (they must learn the gap's size from
+  appearance); finding two edges is local, and the edges are supervised directly from the
+  training photos' landmarks (training/train_lips.py trains the head on its own).
 The refinement head works at 1/2 resolution and emits its outputs (colour, alpha, flow correction)
 for each 2x2 block of output pixels (pixel shuffle), so none of them is bilinearly blurred.
 Only 4-D grid_sample is used: 5-D warps do not run on ONNX Runtime or CoreML.
@@ -41,6 +42,16 @@ def base_grid(h: int, w: int) -> torch.Tensor:
 
 
 LIP_PRESS = INDEX["lip_press"]
+# Pressed lips roll in: each lip is pulled this far (normalized rows: 1.8 px at 256) past the
+# midline. On photos the head has not seen it places each edge to ~1.4 px (leave-one-face-out
+# over the training faces), and an edge found inside the teeth leaves a white line that reads
+# as an open mouth; the roll hides it. It fades out for gaps smaller than itself, so photos
+# with closed lips are left as they are.
+LIP_ROLL = 0.014
+# A mouth is one interval of columns. On a held-out laugh the head's presence dipped to 0.3 in
+# the middle (bright front teeth) and the lips stayed apart there; its dips are filled over this
+# many columns each way (1/4 resolution: 2 is ~3% of the picture), its corners are kept.
+PRESENCE_FILL = 2
 
 
 def lip_edges(logits: torch.Tensor, rows: torch.Tensor):
@@ -50,15 +61,24 @@ def lip_edges(logits: torch.Tensor, rows: torch.Tensor):
     up = (torch.softmax(logits[:, 0:1], dim=2) * rows).sum(dim=2, keepdim=True)
     low = (torch.softmax(logits[:, 1:2], dim=2) * rows).sum(dim=2, keepdim=True)
     present = torch.sigmoid(logits[:, 2:3].amax(dim=2, keepdim=True))
-    return up, low, present
+    return up, low, close_columns(present, PRESENCE_FILL)
+
+
+def close_columns(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Morphological closing of [B, C, 1, W] along W (a max, then a min, over 2k+1 columns):
+    dips narrower than that are filled, the ends of an interval stay where they are."""
+    x = F.max_pool2d(x, (1, 2 * k + 1), stride=1, padding=(0, k))
+    return -F.max_pool2d(-x, (1, 2 * k + 1), stride=1, padding=(0, k))
 
 
 def closing_field(up, low, present, rows, reach) -> torch.Tensor:
     """[B, 1, H, W] vertical displacement (normalized units) that closes the lips at press 1, for
     edges [B, 1, 1, W] and rows [1, 1, H, 1]: rows above the midline sample from higher up, rows
-    below from lower down, by half the gap at the midline, fading out beyond the lips (reach +
-    half the gap). The sign flips within half a row: the teeth between the lips vanish."""
-    half = F.relu(low - up) * 0.5 * present
+    below from lower down, by half the gap at the midline plus the roll (LIP_ROLL), fading out
+    beyond the lips (reach + half the gap). The sign flips within half a row: the teeth between
+    the lips vanish."""
+    half = F.relu(low - up) * 0.5
+    half = (half + LIP_ROLL * torch.tanh(half / LIP_ROLL)) * present
     off = rows - (up + low) * 0.5
     sharp = 0.25 * (rows[0, 0, 1, 0] - rows[0, 0, 0, 0])
     return half * torch.tanh(off / sharp) * torch.exp(-((off / (reach + half)) ** 2))
@@ -98,9 +118,20 @@ class Decoder(nn.Module):
             self.refine_out.weight[4 * 4 :].zero_()  # no flow correction at first
             self.refine_out.bias[4 * 4 :].zero_()
             self.refine_out.bias[4 * 3 : 4 * 4] = -4.0
+        self._lip_out_closed()
+
+    def reset_lip_head(self) -> None:
+        """A fresh lip head (train_lips --fresh), as a new decoder has it."""
+        for m in (self.lip_in, self.lip_mid):
+            m.reset_parameters()
+        self._lip_out_closed()
+
+    def _lip_out_closed(self) -> None:
+        """The head's last layer at zero: its edges all on one row, so no gap, no field."""
+        with torch.no_grad():
             nn.init.zeros_(self.lip_out.weight)
             nn.init.zeros_(self.lip_out.bias)
-            self.lip_out.bias[2] = -3.0  # edges all at one row: no gap, no closing field
+            self.lip_out.bias[2] = -3.0
 
     def forward(
         self,

@@ -9,7 +9,14 @@ import torch
 from edgetalk.errors import BundleError
 from edgetalk.models.checkpoint import load_checkpoint, save_checkpoint
 from edgetalk.models.config import preset
-from edgetalk.models.decoder import LIP_PRESS, closing_field, lip_edges
+from edgetalk.models.decoder import (
+    LIP_PRESS,
+    LIP_ROLL,
+    PRESENCE_FILL,
+    close_columns,
+    closing_field,
+    lip_edges,
+)
 
 from .conftest import seeded_model
 
@@ -29,9 +36,10 @@ def test_field_pulls_both_lips_to_the_midline_by_half_the_gap():
         int(torch.searchsorted(rows, 0.0)) - 2,
         int(torch.searchsorted(rows, 0.0)) + 1,
     )
-    # a row just above the midline samples the upper lip (0.1 higher), just below the lower one
-    assert field[just_above] == pytest.approx(-0.1, abs=0.02)
-    assert field[just_below] == pytest.approx(0.1, abs=0.02)
+    # a row just above the midline samples the upper lip (0.1 higher, and the roll further),
+    # just below the lower one
+    assert field[just_above] == pytest.approx(-0.1 - LIP_ROLL, abs=0.01)
+    assert field[just_below] == pytest.approx(0.1 + LIP_ROLL, abs=0.01)
     assert field[rows < -0.7].abs().max() < 1e-3 and field[rows > 0.7].abs().max() < 1e-3
     # closed lips, or no mouth in the column: nothing moves
     assert closing_field(*_edges(0.05, 0.05, 1.0), ROWS, torch.tensor(0.1)).abs().max() == 0
@@ -39,6 +47,27 @@ def test_field_pulls_both_lips_to_the_midline_by_half_the_gap():
     # a wider gap is pulled further: the field scales with it, it is not a learned size
     wide = closing_field(*_edges(-0.2, 0.2, 1.0), ROWS, torch.tensor(0.1))[0, 0, :, 0]
     assert wide[just_above - 3] < field[just_above - 3] - 0.05
+
+
+def test_the_roll_fades_out_for_small_gaps():
+    """Closed or nearly closed lips are not rolled in: the roll is for hiding a gap."""
+    tiny = closing_field(*_edges(-0.001, 0.001, 1.0), ROWS, torch.tensor(0.1))
+    assert tiny.abs().max() < 0.003  # ~2x the half gap, not LIP_ROLL
+    wide = closing_field(*_edges(-0.1, 0.1, 1.0), ROWS, torch.tensor(0.1))
+    assert wide.abs().max() == pytest.approx(0.1 + LIP_ROLL, abs=0.005)
+
+
+def test_presence_dips_inside_the_mouth_are_filled_its_corners_kept():
+    k = PRESENCE_FILL
+    p = torch.zeros(1, 1, 1, 24)
+    p[..., 6:18] = 1.0
+    p[..., 11 : 11 + 2 * k] = 0.3  # a dip narrower than the window, inside the mouth
+    out = close_columns(p, k)
+    assert torch.allclose(out[..., 6:18], torch.ones(12))  # filled
+    assert (out[..., :6] == 0).all() and (out[..., 18:] == 0).all()  # not widened
+    wide_dip = p.clone()
+    wide_dip[..., 8:16] = 0.3  # wider than the window: a real gap between two things stays
+    assert (close_columns(wide_dip, k)[..., 10:14] == 0.3).all()
 
 
 def test_edges_are_a_soft_argmax_over_rows():

@@ -128,6 +128,37 @@ def test_augment_is_deterministic():
     assert np.allclose(pts, [[54.0, 20.0]])  # continuous coordinates: x -> 64 - x
 
 
+def test_degrade_damages_pixels_not_geometry():
+    pytest.importorskip("cv2")
+    ys, xs = np.mgrid[:64, :64]
+    rgb = np.stack([(xs * 4) % 256, (ys * 4) % 256, ((xs + ys) * 2) % 256], -1).astype(np.uint8)
+    a = faces.degrade(rgb, np.random.default_rng(5), 1.0)
+    assert np.array_equal(a, faces.degrade(rgb, np.random.default_rng(5), 1.0))  # seeded
+    assert a.shape == rgb.shape and a.dtype == np.uint8 and not np.array_equal(a, rgb)
+    assert np.array_equal(faces.degrade(rgb, np.random.default_rng(5), 0.0), rgb)
+    # blur, JPEG and noise leave the picture where it was: the mean colour of each half holds
+    for half in (slice(0, 32), slice(32, 64)):
+        assert np.abs(a[:, half].mean((0, 1)) - rgb[:, half].mean((0, 1))).max() < 12
+
+
+def test_transplanted_teeth_take_the_photos_colour_cast(astronaut):
+    from edgetalk.training import open_mouths, render
+
+    donor = render.prepare(astronaut.rgb, astronaut.landmarks, 128)
+    shut_rgb, shut_lm = render.render(donor, _motion(lip_press=1.0))
+    warm = np.clip(shut_rgb * np.array([1.15, 0.95, 0.75]), 0, 255).astype(np.uint8)
+    closed = render.prepare(warm, np.c_[shut_lm, donor.landmarks[:, 2:]])
+    rgb, lm = open_mouths.open_warp(closed, 0.4, 0.9, 0.8)
+    out = open_mouths.transplant_teeth(rgb, lm, donor)
+    inside = open_mouths._polygon_mask(rgb.shape, lm[open_mouths.INNER]) > 0.99
+    r, g, b = out[inside].astype(float).mean(0)
+    teeth = donor.rgb[
+        open_mouths._polygon_mask(donor.rgb.shape, donor.landmarks[open_mouths.INNER]) > 0.99
+    ]
+    r0, g0, b0 = teeth.astype(float).mean(0)
+    assert r / b > 1.2 * r0 / b0  # warm photo, warm teeth
+
+
 def test_rotation_moves_points_pixels_and_motion_together():
     pytest.importorskip("cv2")
     from edgetalk.training.train_render import mirror_motion, rotate_motion

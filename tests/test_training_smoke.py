@@ -42,6 +42,17 @@ def test_one_step_each_stage_then_assemble(tmp_path):
         model, meta = load_checkpoint(tmp_path / stage / "model.safetensors")
         assert meta["stage"] == stage
         assert (tmp_path / stage / "log.jsonl").exists() or stage  # logs appear every 25 steps
+    # the lip-head stage moves the lip head and nothing else
+    from safetensors.torch import load_file
+
+    from edgetalk.training import train_lips
+
+    init = tmp_path / "render" / "model.safetensors"
+    train_lips.main(["--init", str(init), "--out", str(tmp_path / "lips"), "--steps", "1"])
+    before, after = load_file(str(init)), load_file(str(tmp_path / "lips" / "model.safetensors"))
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed and all(k.startswith("decoder.lip_") for k in changed), changed
+    assert load_checkpoint(tmp_path / "lips" / "model.safetensors")[1]["stage"] == "lips"
     # resuming continues from the saved step
     train_render.main(
         ["--out", str(tmp_path / "render"), "--steps", "2", "--batch", "1", "--pool-clips", "1"]
@@ -52,4 +63,14 @@ def test_one_step_each_stage_then_assemble(tmp_path):
     info = assemble.assemble(tmp_path / "render", tmp_path / "motion", out)
     model, meta = load_checkpoint(out)
     assert meta["trained"] == "true" and info["render_steps"] == 2
+    # with the lip stage: its head, everything else from the render and motion stages
+    info = assemble.assemble(
+        tmp_path / "render", tmp_path / "motion", out, lips_dir=tmp_path / "lips"
+    )
+    joined, render = load_file(str(out)), load_file(str(init))
+    for k, v in joined.items():
+        src = after if k.startswith("decoder.lip_") else render
+        if k.startswith(("decoder.", "appearance.")):
+            assert (v == src[k].half().float()).all(), k
+    assert info["lips_steps"] is None  # one step: no log line yet
     assert float(model.generator.motion_std.min()) > 0

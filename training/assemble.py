@@ -1,8 +1,9 @@
 """Join the stage checkpoints into the shipped weights: appearance + decoder from the render
-stage, audio encoder + generator from the motion stage.
+stage, the decoder's lip head from the lip stage (if given), audio encoder + generator from the
+motion stage.
 
-    python -m edgetalk.training.assemble --render runs/render --motion runs/motion \
-        --out models/weights/tiny.safetensors
+    python -m edgetalk.training.assemble --render runs/render --lips runs/lips \
+        --motion runs/motion --out models/weights/tiny.safetensors
 """
 
 from __future__ import annotations
@@ -17,20 +18,40 @@ from safetensors.torch import load_file
 from ..models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
-def assemble(render_dir: Path, motion_dir: Path, out: Path, note: str = "") -> dict:
+def _tensors(run: Path) -> dict:
+    path = run / "model.safetensors"
+    read_metadata(path)  # refuses anything that is not an EdgeTalk checkpoint
+    return load_file(str(path))
+
+
+def _load_part(model, tensors: dict, prefix: str) -> None:
+    """Copy the tensors under prefix (a module path, e.g. "decoder.lip_") into model."""
+    sub = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    missing = [k for k in own if k.startswith(prefix) and k not in sub]
+    if missing or not sub:
+        raise ValueError(f"the checkpoint lacks {missing[:3] or prefix + '*'}")
+    own.update(sub)
+    model.load_state_dict(own)
+
+
+def assemble(
+    render_dir: Path, motion_dir: Path, out: Path, note: str = "", lips_dir: Path | None = None
+) -> dict:
     model, _ = load_checkpoint(render_dir / "model.safetensors")
-    motion_file = motion_dir / "model.safetensors"
-    read_metadata(motion_file)
-    motion = load_file(str(motion_file))
-    for part in ("audio", "generator"):
-        sub = {k[len(part) + 1 :]: v for k, v in motion.items() if k.startswith(part + ".")}
-        model.module(part).load_state_dict(sub)
+    motion = _tensors(motion_dir)
+    for part in ("audio.", "generator."):
+        _load_part(model, motion, part)
+    if lips_dir is not None:  # the lip-head stage (train_lips) trained only decoder.lip_*
+        _load_part(model, _tensors(lips_dir), "decoder.lip_")
     with torch.no_grad():  # both recipes train with a zero reference token
         model.appearance.ref_head.weight.zero_()
         model.appearance.ref_head.bias.zero_()
     info = {}
-    for name, d in (("render", render_dir), ("motion", motion_dir)):
-        lines = (d / "log.jsonl").read_text().splitlines()
+    stages = [("render", render_dir), ("motion", motion_dir)]
+    for name, d in stages + ([("lips", lips_dir)] if lips_dir is not None else []):
+        log = d / "log.jsonl"  # a run shorter than one logging interval has none
+        lines = log.read_text().splitlines() if log.exists() else []
         last = json.loads(lines[-1]) if lines else {}
         info[f"{name}_steps"] = last.get("step")
         info[f"{name}_minutes"] = round(last.get("time_s", 0) / 60, 1)
@@ -40,7 +61,7 @@ def assemble(render_dir: Path, motion_dir: Path, out: Path, note: str = "") -> d
         model.half().float(),
         out,
         trained="true",
-        recipe="training/train_render.py + training/train_motion.py; see MODEL_CARD.md",
+        recipe="training/train_render.py + train_lips.py + train_motion.py; see MODEL_CARD.md",
         **{k: str(v) for k, v in info.items()},
     )
     return info
@@ -51,9 +72,12 @@ def main(argv=None):
     ap.add_argument("--render", type=Path, default=Path("runs/render"))
     ap.add_argument("--motion", type=Path, default=Path("runs/motion"))
     ap.add_argument("--out", type=Path, default=Path("models/weights/tiny.safetensors"))
+    ap.add_argument(
+        "--lips", type=Path, help="a train_lips run: its lip head replaces the render's"
+    )
     ap.add_argument("--note", default="", help="training history to record in the metadata")
     args = ap.parse_args(argv)
-    print(assemble(args.render, args.motion, args.out, args.note))
+    print(assemble(args.render, args.motion, args.out, args.note, args.lips))
 
 
 if __name__ == "__main__":

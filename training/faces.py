@@ -366,6 +366,29 @@ def augment_points(points: np.ndarray, aug: Augment, size: int) -> np.ndarray:
     return out
 
 
+def degrade(rgb: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
+    """Photo-quality damage, each kind with a chance scaled by p: blur, a low-resolution
+    original scaled up, JPEG at a low quality, sensor noise. Users' photos are often all four;
+    the shipped faces are mostly clean. Geometry is unchanged, so landmarks still hold."""
+    import cv2
+
+    size = (rgb.shape[1], rgb.shape[0])
+    if rng.random() < p:
+        rgb = cv2.GaussianBlur(rgb, (0, 0), float(rng.uniform(0.5, 2.0)))
+    if rng.random() < 0.6 * p:
+        f = float(rng.uniform(1.5, 3.0))
+        small = cv2.resize(rgb, None, fx=1 / f, fy=1 / f, interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(small, size, interpolation=cv2.INTER_LINEAR)
+    if rng.random() < p:
+        quality = int(rng.integers(15, 80))
+        ok, buf = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        rgb = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if ok else rgb
+    if rng.random() < 0.6 * p:
+        noise = rng.normal(0.0, rng.uniform(2.0, 8.0), rgb.shape)
+        rgb = np.clip(rgb + noise, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb)
+
+
 def augment(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
     """Colour jitter, scale, small shift and horizontal flip, drawn from rng."""
     return apply_augment(rgb, sample_augment(rng, strength))

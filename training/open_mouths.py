@@ -8,7 +8,7 @@ help):
 
 - widen: a toothy smile opened wider by the mesh warp alone, so its own teeth stretch;
 - transplant: any face's mouth opened by the warp and filled with another photo's real teeth,
-  fitted to its inner-lip contour and tinted by its lighting (tilted, closed-mouth faces become
+  fitted to its inner-lip contour and tinted by its light, channel by channel (tilted, closed-mouth faces become
   tilted laughs).
 
 The results are references like a photo: prepared with the landmarks the warp moved, so the
@@ -64,9 +64,14 @@ def _polygon_mask(shape, points: np.ndarray) -> np.ndarray:
     return mask.astype(np.float32) / 255.0
 
 
+def _mean_colour(rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Mean RGB [3] inside the polygon."""
+    mask = _polygon_mask(rgb.shape, points)[..., None]
+    return (rgb.astype(np.float32) * mask).sum((0, 1)) / max(float(mask.sum()), 1.0)
+
+
 def _mean_luminance(rgb: np.ndarray, points: np.ndarray) -> float:
-    mask = _polygon_mask(rgb.shape, points)
-    return float((rgb.astype(np.float32).mean(2) * mask).sum() / max(mask.sum(), 1.0))
+    return float(_mean_colour(rgb, points).mean())
 
 
 def is_teeth_donor(ref: renderer.RefFace) -> bool:
@@ -98,9 +103,10 @@ def transplant_teeth(
         borderMode=cv2.BORDER_REPLICATE,
     )
     oval = renderer.FACE_OVAL
+    # Per channel: teeth in a warm photo are warm (a grey scale left them blue-white there).
     tint = np.clip(
-        (_mean_luminance(rgb, lm[oval]) + 1.0)
-        / (_mean_luminance(donor.rgb, donor.landmarks[oval]) + 1.0),
+        (_mean_colour(rgb, lm[oval]) + 1.0)
+        / (_mean_colour(donor.rgb, donor.landmarks[oval]) + 1.0),
         0.6,
         1.4,
     )

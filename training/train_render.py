@@ -30,6 +30,7 @@ MIRROR_NEG = [INDEX[k] for k in ("head_yaw", "head_roll", "head_tx")]
 SHIFT = [INDEX["head_tx"], INDEX["head_ty"]]
 BLINKS = (INDEX["blink_left"], INDEX["blink_right"])
 MOUTH_GAIN = 6.0  # loss weight in the box around the mouth
+LIP_WEIGHTS = (0.02, 0.05, 0.2)  # lip head: edge error in pixels, row cross-entropy, presence
 
 
 def mirror_motion(m: np.ndarray) -> np.ndarray:
@@ -306,14 +307,8 @@ def main(argv=None) -> None:
         ).mean()
         # The lip head is told where the photo's lips are (landmarks), not only through pixels.
         lip_px, lip_ce, lip_bce = lip_loss(model, app, lip_gt, size)
-        loss = (
-            render_loss(pred, target, weight)
-            + 0.05 * flow_err
-            + 0.1 * alpha_err
-            + 0.02 * lip_px
-            + 0.05 * lip_ce
-            + 0.2 * lip_bce
-        )
+        lip = sum(w * v for w, v in zip(LIP_WEIGHTS, (lip_px, lip_ce, lip_bce)))
+        loss = render_loss(pred, target, weight) + 0.05 * flow_err + 0.1 * alpha_err + lip
         run.update(loss)
         if run.step % 25 == 0:
             run.log(
