@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             app = model.appearance(photos)["app_feat"]
         px, ce, bce = lip_loss(model, app, targets, size)
-        loss = sum(w * v for w, v in zip(LIP_WEIGHTS, (px, ce, bce)))
+        loss = sum(w * v for w, v in zip(LIP_WEIGHTS, (px, ce, bce), strict=True))
         run.update(loss)
         if run.step % 50 == 0:
             run.log(

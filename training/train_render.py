@@ -307,7 +307,7 @@ def main(argv=None) -> None:
         ).mean()
         # The lip head is told where the photo's lips are (landmarks), not only through pixels.
         lip_px, lip_ce, lip_bce = lip_loss(model, app, lip_gt, size)
-        lip = sum(w * v for w, v in zip(LIP_WEIGHTS, (lip_px, lip_ce, lip_bce)))
+        lip = sum(w * v for w, v in zip(LIP_WEIGHTS, (lip_px, lip_ce, lip_bce), strict=True))
         loss = render_loss(pred, target, weight) + 0.05 * flow_err + 0.1 * alpha_err + lip
         run.update(loss)
         if run.step % 25 == 0:
