@@ -28,7 +28,7 @@ import numpy as np
 
 from ..models.config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from ..models.config import SAMPLES_PER_FRAME, ModelConfig
-from ..models.decoder import LIP_PRESS, LIP_ROLL, PRESENCE_FILL
+from ..models.decoder import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
 
 F32 = mx.float32
 NEG = -1e4  # the generator's additive mask value (models/generator.py)
@@ -542,11 +542,9 @@ class Decoder(_Module):
         self.lip_out = Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = mx.array([-2.0])
         self._grid0 = mx.array(base_grid(self.feat, self.feat).numpy())  # [hw*hw, 3]
-        rows = (np.arange(self.res, dtype=np.float32) * 2 + 1) / self.res - 1
-        self._rows = mx.array(rows.reshape(1, -1, 1, 1))  # channels-last: rows are axis 1
         feat_rows = (np.arange(self.feat, dtype=np.float32) * 2 + 1) / self.feat - 1
-        self._feat_rows = mx.array(feat_rows.reshape(1, -1, 1, 1))
-        self._sharp = 0.5 / self.res  # a quarter of the row spacing, as in torch
+        self._feat_rows = mx.array(feat_rows.reshape(1, -1, 1, 1))  # channels-last: axis 1
+        self._sharp = SHARP_ROWS * 2.0 / self.res
         self._identity = mx.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
     def __call__(self, app_feat, image, motion):
@@ -580,19 +578,21 @@ class Decoder(_Module):
 
     def closing(self, app, grid_full, m):
         """The lip-closing displacement [C, R, R, 2] (models/decoder.py: Decoder.closing)."""
-        res, feat_rows = self.res, self._feat_rows
+        feat_rows = self._feat_rows
         logits = self.lip_out(gelu(self.lip_mid(gelu(self.lip_in(self.c(app))))))
         logits = logits.astype(F32)  # [1, h, w, 3]
         up = (mx.softmax(logits[..., 0:1], axis=1) * feat_rows).sum(axis=1, keepdims=True)
         low = (mx.softmax(logits[..., 1:2], axis=1) * feat_rows).sum(axis=1, keepdims=True)
         present = _close_columns(mx.sigmoid(logits[..., 2:3].max(axis=1, keepdims=True)))
-        up, low, present = (interpolate_bilinear(t, (1, res)) for t in (up, low, present))
+        # The edges of the photo column each output pixel looks at, read there (one-row sample).
+        e = grid_sample(mx.concatenate([up, low, present], axis=-1), grid_full)  # [C, R, R, 3]
+        up, low, present = e[..., 0:1], e[..., 1:2], e[..., 2:3]
         half = mx.maximum(low - up, 0.0) * 0.5
         half = (half + LIP_ROLL * mx.tanh(half / LIP_ROLL)) * present
-        off = self._rows - (up + low) * 0.5  # [1, R, R, 1]
+        off = grid_full[..., 1:2] - (up + low) * 0.5  # the photo row looked at, from the midline
         reach = mx.logaddexp(self.lip_reach.astype(F32), 0.0)  # softplus
-        field = half * mx.tanh(off / self._sharp) * mx.exp(-((off / (reach + half)) ** 2))
-        dy = grid_sample(field, grid_full) * m[:, LIP_PRESS].astype(F32).reshape(-1, 1, 1, 1)
+        dy = half * mx.tanh(off / self._sharp) * mx.exp(-((off / (reach + half)) ** 2))
+        dy = dy * m[:, LIP_PRESS].astype(F32).reshape(-1, 1, 1, 1)
         return dy * mx.array([0.0, 1.0])
 
 

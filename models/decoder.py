@@ -9,7 +9,7 @@ with a predicted alpha. The flow has four parts:
 - a non-linear residual from motion-modulated features (FiLM) for what is not linear;
 - a full-resolution correction from the refinement head: closing open lips collapses the teeth
   between them into a line, a jump a 1/4-resolution flow blurs over ~4 pixels of visible teeth;
-- a lip-closing field for lip_press, built from where the photo's lips are rather than learned
+- a lip-closing field for lip_press, computed from where the photo's lips are rather than learned
   as a flow: a small head finds, in each column, the upper and lower inner-lip edge (soft-argmax
   over rows) and whether the mouth is there, and the field pulls both lips to their midline by
   half the gap and a little more (pressed lips roll in). Learned flows did not close a
@@ -52,6 +52,9 @@ LIP_ROLL = 0.014
 # the middle (bright front teeth) and the lips stayed apart there; its dips are filled over this
 # many columns each way (1/4 resolution: 2 is ~3% of the picture), its corners are kept.
 PRESENCE_FILL = 2
+# The closing field flips sign over this fraction of an output row: an output pixel that looks
+# this close to the midline shows a mix of the teeth, so the narrower the better.
+SHARP_ROWS = 0.05
 
 
 def lip_edges(logits: torch.Tensor, rows: torch.Tensor):
@@ -71,16 +74,15 @@ def close_columns(x: torch.Tensor, k: int) -> torch.Tensor:
     return -F.max_pool2d(-x, (1, 2 * k + 1), stride=1, padding=(0, k))
 
 
-def closing_field(up, low, present, rows, reach) -> torch.Tensor:
-    """[B, 1, H, W] vertical displacement (normalized units) that closes the lips at press 1, for
-    edges [B, 1, 1, W] and rows [1, 1, H, 1]: rows above the midline sample from higher up, rows
-    below from lower down, by half the gap at the midline plus the roll (LIP_ROLL), fading out
-    beyond the lips (reach + half the gap). The sign flips within half a row: the teeth between
-    the lips vanish."""
+def closing_field(up, low, present, y, reach, sharp) -> torch.Tensor:
+    """Vertical displacement (normalized units) that closes the lips at press 1, at photo rows y,
+    for the inner-lip edges and presence of the photo column there (all broadcast together):
+    rows above the midline sample from higher up, rows below from lower down, by half the gap
+    at the midline plus the roll (LIP_ROLL), fading out beyond the lips (reach + half the gap).
+    The sign flips within `sharp`: the teeth between the lips vanish."""
     half = F.relu(low - up) * 0.5
     half = (half + LIP_ROLL * torch.tanh(half / LIP_ROLL)) * present
-    off = rows - (up + low) * 0.5
-    sharp = 0.25 * (rows[0, 0, 1, 0] - rows[0, 0, 0, 0])
+    off = y - (up + low) * 0.5
     return half * torch.tanh(off / sharp) * torch.exp(-((off / (reach + half)) ** 2))
 
 
@@ -106,9 +108,9 @@ class Decoder(nn.Module):
         self.lip_out = nn.Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
-        for name, n in (("rows", self.feat), ("rows_full", self.res)):
-            rows = (torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1
-            self.register_buffer(name, rows.reshape(1, 1, -1, 1), persistent=False)
+        rows = (torch.arange(self.feat, dtype=torch.float32) * 2 + 1) / self.feat - 1
+        self.register_buffer("rows", rows.reshape(1, 1, -1, 1), persistent=False)
+        self.sharp = SHARP_ROWS * 2.0 / self.res  # the closing field's flip, normalized
         self.native_sampling = True  # exporters switch to the gather form (models/sampling.py)
         # Start as "show the photo": no flow, no affine change, refinement blended out.
         for m in (self.flow_out, self.affine, self.basis):
@@ -154,16 +156,17 @@ class Decoder(nn.Module):
         return lip_edges(self.lip_logits(app_feat), self.rows)
 
     def closing(self, app_feat, grid_full, press) -> torch.Tensor:
-        """[N, R, R, 2] displacement closing the photo's lips by press [N]. The field lives on the
-        photo at full resolution (a 1/4-resolution jump would leave ~4 rows of teeth) and is
-        read where each output pixel looks in the photo (the grid)."""
-        up, low, present = (
-            F.interpolate(t, size=(1, self.res), mode="bilinear", align_corners=False)
-            for t in self.lips(app_feat)
-        )
-        field = closing_field(up, low, present, self.rows_full, F.softplus(self.lip_reach))
+        """[N, R, R, 2] displacement closing the photo's lips by press [N], computed exactly
+        where each output pixel looks in the photo (the grid): the edges of that photo column
+        are read there (a one-row grid sample), so the field flips at the midline far within a
+        pixel. A field built on a pixel grid and resampled flips over a whole row, and that row
+        shows the teeth as a dotted white line between the closed lips."""
+        edges = torch.cat(self.lips(app_feat), dim=1)  # [1, 3, 1, w]: up, low, presence
         c = grid_full.shape[0]
-        dy = grid_sample_border(field.expand(c, -1, -1, -1), grid_full, self.native_sampling)
+        e = grid_sample_border(edges.expand(c, -1, -1, -1), grid_full, self.native_sampling)
+        y = grid_full[..., 1:2].permute(0, 3, 1, 2)  # [N, 1, R, R]: the photo row looked at
+        reach = F.softplus(self.lip_reach)
+        dy = closing_field(e[:, 0:1], e[:, 1:2], e[:, 2:3], y, reach, self.sharp)
         dy = dy * press.reshape(c, 1, 1, 1)
         # (0, dy) as a broadcast product: a concat with zeros exports as a frame-sized constant
         return dy.permute(0, 2, 3, 1) * torch.tensor([0.0, 1.0], device=dy.device)

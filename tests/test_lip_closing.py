@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edgetalk.errors import BundleError
 from edgetalk.models.checkpoint import load_checkpoint, save_checkpoint
@@ -13,6 +16,7 @@ from edgetalk.models.decoder import (
     LIP_PRESS,
     LIP_ROLL,
     PRESENCE_FILL,
+    base_grid,
     close_columns,
     closing_field,
     lip_edges,
@@ -22,6 +26,7 @@ from .conftest import seeded_model
 
 H = 64
 ROWS = ((torch.arange(H, dtype=torch.float32) * 2 + 1) / H - 1).reshape(1, 1, H, 1)
+SHARP = 0.25 * 2.0 / H
 
 
 def _edges(up: float, low: float, present: float, w: int = 8):
@@ -30,7 +35,7 @@ def _edges(up: float, low: float, present: float, w: int = 8):
 
 
 def test_field_pulls_both_lips_to_the_midline_by_half_the_gap():
-    field = closing_field(*_edges(-0.1, 0.1, 1.0), ROWS, reach=torch.tensor(0.1))[0, 0, :, 0]
+    field = closing_field(*_edges(-0.1, 0.1, 1.0), ROWS, torch.tensor(0.1), SHARP)[0, 0, :, 0]
     rows = ROWS[0, 0, :, 0]
     just_above, just_below = (
         int(torch.searchsorted(rows, 0.0)) - 2,
@@ -42,18 +47,18 @@ def test_field_pulls_both_lips_to_the_midline_by_half_the_gap():
     assert field[just_below] == pytest.approx(0.1 + LIP_ROLL, abs=0.01)
     assert field[rows < -0.7].abs().max() < 1e-3 and field[rows > 0.7].abs().max() < 1e-3
     # closed lips, or no mouth in the column: nothing moves
-    assert closing_field(*_edges(0.05, 0.05, 1.0), ROWS, torch.tensor(0.1)).abs().max() == 0
-    assert closing_field(*_edges(-0.1, 0.1, 0.0), ROWS, torch.tensor(0.1)).abs().max() == 0
+    assert closing_field(*_edges(0.05, 0.05, 1.0), ROWS, torch.tensor(0.1), SHARP).abs().max() == 0
+    assert closing_field(*_edges(-0.1, 0.1, 0.0), ROWS, torch.tensor(0.1), SHARP).abs().max() == 0
     # a wider gap is pulled further: the field scales with it, it is not a learned size
-    wide = closing_field(*_edges(-0.2, 0.2, 1.0), ROWS, torch.tensor(0.1))[0, 0, :, 0]
+    wide = closing_field(*_edges(-0.2, 0.2, 1.0), ROWS, torch.tensor(0.1), SHARP)[0, 0, :, 0]
     assert wide[just_above - 3] < field[just_above - 3] - 0.05
 
 
 def test_the_roll_fades_out_for_small_gaps():
     """Closed or nearly closed lips are not rolled in: the roll is for hiding a gap."""
-    tiny = closing_field(*_edges(-0.001, 0.001, 1.0), ROWS, torch.tensor(0.1))
+    tiny = closing_field(*_edges(-0.001, 0.001, 1.0), ROWS, torch.tensor(0.1), SHARP)
     assert tiny.abs().max() < 0.003  # ~2x the half gap, not LIP_ROLL
-    wide = closing_field(*_edges(-0.1, 0.1, 1.0), ROWS, torch.tensor(0.1))
+    wide = closing_field(*_edges(-0.1, 0.1, 1.0), ROWS, torch.tensor(0.1), SHARP)
     assert wide.abs().max() == pytest.approx(0.1 + LIP_ROLL, abs=0.005)
 
 
@@ -113,6 +118,34 @@ def test_lip_press_closes_a_painted_mouth_through_the_decoder():
     white = lambda f: ((f > 0.95).all(-1)).float().mean().item()  # noqa: E731
     assert white(frames[0]) > 0.07  # press 0: the teeth show
     assert white(frames[1]) < 0.1 * white(frames[0])  # press 1: the lips meet over them
+
+
+def test_pressed_lips_hide_the_teeth_where_the_midline_falls_between_pixels():
+    """Each output pixel looks at one lip or the other, not at the teeth between them, also
+    where the edges fall between pixel centres (a slanted mouth). A field built on the pixel
+    grid and resampled flipped over a whole row: 38% of such columns showed teeth there."""
+    model = seeded_model(preset("tiny"))
+    d = model.decoder
+    feat, res = d.feat, d.res
+    logits = torch.full((1, 3, feat, feat), -30.0)
+    for col in range(feat):  # edges between two rows, at a different fraction in each column
+        t = min(max((col * 0.37) % 1.0, 1e-4), 1 - 1e-4)
+        for ch, row in ((0, feat // 2 - 2), (1, feat // 2 + 1)):
+            logits[0, ch, row, col] = math.log(1 - t)
+            logits[0, ch, row + 1, col] = math.log(t)
+    logits[0, 2] = 10.0
+    d.lip_logits = lambda x: logits
+    app = torch.zeros(1, model.cfg.render.app_channels, feat, feat)
+    grid = base_grid(res, res).reshape(1, res, res, 3)[..., :2].contiguous()
+    with torch.no_grad():
+        look = grid[0, ..., 1] + d.closing(app, grid, torch.ones(1))[0, ..., 1]
+        up, low, _ = (
+            F.interpolate(t, size=(1, res), mode="bilinear", align_corners=False)[0, 0, 0]
+            for t in d.lips(app)
+        )
+    px = 2.0 / res
+    between = (look > up + px) & (look < low - px)  # more than a pixel inside the gap
+    assert between.any(0).float().mean() < 0.15
 
 
 def test_older_weights_without_the_lip_head(tmp_path):
