@@ -30,7 +30,7 @@ from torch import nn
 from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
 from .motion import INDEX
-from .sampling import grid_sample_border
+from .sampling import grid_sample_border, sample_columns
 
 
 def base_grid(h: int, w: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ class Decoder(nn.Module):
         shows the teeth as a dotted white line between the closed lips."""
         edges = torch.cat(self.lips(app_feat), dim=1)  # [1, 3, 1, w]: up, low, presence
         c = grid_full.shape[0]
-        e = grid_sample_border(edges.expand(c, -1, -1, -1), grid_full, self.native_sampling)
+        e = sample_columns(edges, grid_full, self.native_sampling)  # [N, 3, R, R]
         y = grid_full[..., 1:2].permute(0, 3, 1, 2)  # [N, 1, R, R]: the photo row looked at
         reach = F.softplus(self.lip_reach)
         dy = closing_field(e[:, 0:1], e[:, 1:2], e[:, 2:3], y, reach, self.sharp)

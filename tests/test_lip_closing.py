@@ -21,6 +21,7 @@ from edgetalk.models.decoder import (
     closing_field,
     lip_edges,
 )
+from edgetalk.models.sampling import sample_columns
 
 from .conftest import seeded_model
 
@@ -146,6 +147,18 @@ def test_pressed_lips_hide_the_teeth_where_the_midline_falls_between_pixels():
     px = 2.0 / res
     between = (look > up + px) & (look < low - px)  # more than a pixel inside the gap
     assert between.any(0).float().mean() < 0.15
+
+
+def test_column_sampling_is_grid_sample_on_one_row():
+    """The closing field reads each photo column's edges with two gathers (export form) or the
+    native kernel: both equal grid_sample on a one-row picture, borders included."""
+    row = torch.randn(1, 3, 1, 16)
+    grid = torch.rand(2, 5, 7, 2) * 2.4 - 1.2  # some outside [-1, 1]: border padding
+    want = F.grid_sample(
+        row.expand(2, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    for native in (True, False):
+        assert torch.allclose(sample_columns(row, grid, native), want, atol=1e-6)
 
 
 def test_older_weights_without_the_lip_head(tmp_path):
