@@ -26,7 +26,7 @@ from ..models.checkpoint import default_checkpoint, load_checkpoint
 from . import faces, synth
 from .loop import Run
 from .open_mouths import open_mouth_refs
-from .train_render import LIP_WEIGHTS, lip_loss, lip_targets
+from .train_render import lip_loss, lip_targets
 
 
 def lip_head_parameters(model) -> list[torch.nn.Parameter]:
@@ -98,8 +98,7 @@ def main(argv=None) -> None:
         t1 = time.time()
         with torch.no_grad():
             app = model.appearance(photos)["app_feat"]
-        px, ce, bce = lip_loss(model, app, targets, size)
-        loss = sum(w * v for w, v in zip(LIP_WEIGHTS, (px, ce, bce), strict=True))
+        loss, px, ce, bce = lip_loss(model, app, targets, size)
         run.update(loss)
         if run.step % 50 == 0:
             run.log(

@@ -145,8 +145,8 @@ def lip_targets(lm: np.ndarray, size: int, columns: int = 64) -> np.ndarray:
 
 
 def lip_loss(model, app_feat, target: torch.Tensor, size: int):
-    """(edge error in pixels, row cross-entropy, presence BCE) of the decoder's lip head over
-    the mouth's columns. The cross-entropy against a one-row-wide Gaussian at each edge trains
+    """(weighted total, edge error in pixels, row cross-entropy, presence BCE) of the decoder's
+    lip head over the mouth's columns (weights: LIP_WEIGHTS). The cross-entropy against a one-row-wide Gaussian at each edge trains
     the heatmaps directly; the soft-argmax error alone moved them slowly."""
     dec = model.decoder
     logits = dec.lip_logits(app_feat)
@@ -164,7 +164,8 @@ def lip_loss(model, app_feat, target: torch.Tensor, size: int):
         logp = torch.log_softmax(logits[:, ch], dim=1)
         ce = ce + (-(want * logp).sum(dim=1) * mask).sum() / n
     bce = F.binary_cross_entropy(present[:, 0, 0].clamp(1e-4, 1 - 1e-4), mask)
-    return edge_px, ce, bce
+    total = sum(w * v for w, v in zip(LIP_WEIGHTS, (edge_px, ce, bce), strict=True))
+    return total, edge_px, ce, bce
 
 
 def augment_map(maps, aug, size: int) -> np.ndarray:
@@ -306,8 +307,7 @@ def main(argv=None) -> None:
             * (1.0 - free)
         ).mean()
         # The lip head is told where the photo's lips are (landmarks), not only through pixels.
-        lip_px, lip_ce, lip_bce = lip_loss(model, app, lip_gt, size)
-        lip = sum(w * v for w, v in zip(LIP_WEIGHTS, (lip_px, lip_ce, lip_bce), strict=True))
+        lip, lip_px, _, _ = lip_loss(model, app, lip_gt, size)
         loss = render_loss(pred, target, weight) + 0.05 * flow_err + 0.1 * alpha_err + lip
         run.update(loss)
         if run.step % 25 == 0:
