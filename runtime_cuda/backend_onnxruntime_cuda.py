@@ -8,6 +8,9 @@ are uploaded as one small block and written into the device cache by a tiny Scat
 graph on the same provider, ping-ponging between two device buffers (ORT cannot write a slice of
 an OrtValue in place). Per-avatar inputs are re-uploaded only when they change.
 
+The bound OrtValues, the IOBinding and the KV mirror are per module and shared by every caller,
+so a lock per module serialises calls from sessions that share the backend (`serve`).
+
 `device="cpu"` with providers=["CPUExecutionProvider"] runs the same binding and residency code
 on CPU OrtValues; the registry never picks it, the tests use it to check the logic in CI.
 """
@@ -15,6 +18,7 @@ on CPU OrtValues; the registry never picks it, the tests use it to check the log
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +246,7 @@ class OnnxRuntimeCudaBackend(Backend):
                 list(t.shape), np.float32, *self.device
             )
 
+        self.locks = {module: threading.Lock() for module in self.io}
         self.inputs, self.outputs, self.bindings = {}, {}, {}
         self.shadows: dict[str, np.ndarray] = {}
         for module, spec in self.io.items():
@@ -273,6 +278,10 @@ class OnnxRuntimeCudaBackend(Backend):
         self.transfers.to_device(arr.nbytes)
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.locks[module]:
+            return self._run(module, inputs)
+
+    def _run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in self.inputs[module]:
             self._put(module, name, inputs[name])
         b = self.bindings[module]

@@ -5,6 +5,9 @@ the KV cache and per-avatar inputs resident on the GPU as in the cuda backend (r
 An engine is tied to the GPU model and the TensorRT version that built it. The export records
 both per module (manifest `modules.<m>.info`); a mismatch is refused with a message that says what
 was recorded and what is here, before TensorRT would fail to deserialise.
+
+An execution context is bound to its runner's fixed buffers, so it is used under that runner's
+lock (ModuleRunner.run): sessions sharing the backend take turns per module call.
 """
 
 from __future__ import annotations

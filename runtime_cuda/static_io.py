@@ -10,12 +10,16 @@ device addresses for the life of a backend. One call is:
 Inputs kept resident on the device (KV cache, per-avatar tensors; see residency.py) are not in the
 packed buffer; their mirrors upload only what changed, on the same copy stream, before compute.
 On a CPU device the same code runs without pinning, streams or graphs (that is how CI tests it).
+
+The buffers are the runner's, so one call at a time: `run` holds a lock from the host copy-in to
+the copy-out. Sessions sharing a backend (`serve`) would otherwise read each other's outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -76,11 +80,16 @@ class ModuleRunner:
         self.want_graph = graphs and self.cuda
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error = ""
+        self.lock = threading.Lock()  # the packed buffers and mirrors are shared state
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.capture_stream = torch.cuda.Stream(device)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.lock:
+            return self._run(inputs)
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, view in self.inp.host_views.items():
             np.copyto(view, inputs[name], casting="same_kind")
         with self._copy_stream():
