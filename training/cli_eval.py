@@ -18,8 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: embedded)")
     src.add_argument("--bundle", type=Path, help="an exported bundle (scored through its backend)")
     p.add_argument("--backend", help="override the bundle's backend")
-    p.add_argument("--clips", type=int, default=4, help="held-out monologue clips")
-    p.add_argument("--seconds", type=float, default=8.0, help="length of each clip")
+    p.add_argument(
+        "--clips", type=int, help="held-out monologue clips (default 4; --real: all held-out)"
+    )
+    p.add_argument(
+        "--seconds", type=float, help="length of each clip (default 8; --real: whole clips)"
+    )
     p.add_argument("--listen-clips", type=int, default=2, help="held-out dyadic clips")
     p.add_argument(
         "--long-minutes",
@@ -28,6 +32,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continuous stream for identity and drift (0 skips it)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--real",
+        type=Path,
+        metavar="DIR",
+        help="score on real talking clips instead: a folder with catalog.json, videos/ and audio/ "
+        "(its held-out identities; training/real_data.py lists them)",
+    )
+    p.add_argument(
+        "--previous",
+        type=Path,
+        metavar="CKPT",
+        help="with --real: also score these weights as 'previous' (default with --checkpoint: "
+        "the embedded weights)",
+    )
+    p.add_argument(
+        "--all-clips",
+        action="store_true",
+        help="with --real: every clip of the folder, not only the held-out identities",
+    )
+    p.add_argument(
+        "--no-fitted",
+        action="store_true",
+        help="with --real: skip the decoder-on-fitted-motion row (fitting costs time)",
+    )
     p.add_argument("--json", type=Path, help="write the full report here")
     p.set_defaults(func=main)
 
@@ -37,11 +65,13 @@ def main(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_report
 
     backend = open_backend(bundle=args.bundle, checkpoint=args.checkpoint, backend=args.backend)
+    if args.real is not None:
+        return main_real(args, backend)
     print(f"evaluating {backend.describe()} on held-out identities and voices ...")
     report = evaluate(
         backend,
-        clips=args.clips,
-        seconds=args.seconds,
+        clips=4 if args.clips is None else args.clips,
+        seconds=8.0 if args.seconds is None else args.seconds,
         long_minutes=args.long_minutes,
         listen_clips=args.listen_clips,
         seed=args.seed,
@@ -49,6 +79,39 @@ def main(args: argparse.Namespace) -> int:
     report["model"] = str(args.bundle or args.checkpoint or "embedded tiny")
     print(format_report(report))
     if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main_real(args: argparse.Namespace, backend) -> int:
+    from ..errors import InputError
+    from ..runtime.loader import open_backend
+    from .eval_real import evaluate_real, format_real_report
+
+    if not args.real.is_dir():
+        raise InputError(f"--real {args.real}: not a folder")
+    previous = None
+    if args.previous is not None or args.checkpoint is not None or args.bundle is not None:
+        previous = open_backend(checkpoint=args.previous)
+    split = "all" if args.all_clips else "eval"
+    print(f"evaluating {backend.describe()} on real clips in {args.real} ({split}) ...")
+    report = evaluate_real(
+        backend,
+        args.real,
+        previous=previous,
+        clips=args.clips,
+        max_seconds=args.seconds,
+        long_minutes=args.long_minutes,
+        split=split,
+        fitted=not args.no_fitted,
+        seed=args.seed,
+    )
+    report["model"] = str(args.bundle or args.checkpoint or "embedded tiny")
+    report["previous"] = str(args.previous or "embedded tiny") if previous else None
+    print(format_real_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float))
         print(f"wrote {args.json}")
     return 0

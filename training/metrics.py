@@ -210,3 +210,53 @@ class IdentityEmbedder:
             if e is not None:
                 sims.append(float(ref @ e / (np.linalg.norm(ref) * np.linalg.norm(e))))
         return float(np.mean(sims)) if sims else float("nan")
+
+
+# ---------------------------------------------------------------- scores on real people
+
+
+def mouth_signal(opening: np.ndarray) -> np.ndarray:
+    """Mouth opening made comparable across faces: gaps (no face) filled by interpolation,
+    lightly smoothed ([1, 2, 1] / 4, tracker jitter), z-scored. All-NaN or flat gives zeros."""
+    x = np.asarray(opening, np.float64).copy()
+    ok = np.isfinite(x)
+    if ok.sum() < 2:
+        return np.zeros_like(x)
+    idx = np.arange(len(x))
+    x[~ok] = np.interp(idx[~ok], idx[ok], x[ok])
+    x = np.convolve(np.pad(x, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+
+def lagged_corr(generated: np.ndarray, real: np.ndarray, max_lag: int = 5) -> tuple[int, float]:
+    """(lag, best Pearson correlation) within +-max_lag frames. Positive lag: generated late."""
+    return av_offset(np.asarray(generated), np.asarray(real), max_lag)
+
+
+def chance_corr(
+    generated: np.ndarray, real: np.ndarray, min_shift: int, max_lag: int = 5
+) -> np.ndarray:
+    """The lagged correlation against the real signal shifted circularly by every shift of at
+    least min_shift frames (both ways): what an unrelated mouth of the same person scores."""
+    n = len(real)
+    shifts = range(min_shift, n - min_shift + 1)
+    return np.array([lagged_corr(generated, np.roll(real, s), max_lag)[1] for s in shifts])
+
+
+def range_ratio(generated: np.ndarray, real: np.ndarray) -> float:
+    """(p90 - p10) of the generated mouth opening over the real one's (raw openings)."""
+    g, r = (np.asarray(x, np.float64) for x in (generated, real))
+    g, r = g[np.isfinite(g)], r[np.isfinite(r)]
+    if g.size < 3 or r.size < 3:
+        return float("nan")
+    span = float(np.subtract(*np.percentile(r, [90, 10])))
+    return float(np.subtract(*np.percentile(g, [90, 10]))) / span if span > 0 else float("nan")
+
+
+def loudness_db(pcm: np.ndarray, frames: int, samples_per_frame: int = 640) -> np.ndarray:
+    """Per-frame loudness (RMS in dB, floored at -80 dB)."""
+    x = np.asarray(pcm[: frames * samples_per_frame], np.float64)
+    x = np.pad(x, (0, frames * samples_per_frame - len(x)))
+    rms = np.sqrt(np.mean(x.reshape(frames, -1) ** 2, axis=1))
+    return 20 * np.log10(np.maximum(rms, 1e-4))
