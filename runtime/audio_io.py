@@ -55,6 +55,11 @@ def read_audio(path: str | Path, max_seconds: float = MAX_RUN_SECONDS) -> Audio:
         raise InputError(f"audio file not found: {p}")
     if p.is_dir():
         raise InputError(f"audio path is a directory, not a file: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"audio file {p} is empty (0 bytes)")
+    truncated = wav_truncation(p)
+    if truncated:
+        raise InputError(f"audio file {p}: {truncated}")
     notes: list[str] = []
     data, rate = _read_soundfile(p, max_seconds)
     if data is None:
@@ -80,9 +85,37 @@ def _read_soundfile(p: Path, max_seconds: float):
         raise InputError(f"audio file {p} is longer than the {max_seconds:.0f} s limit of `run`")
     try:
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise InputError(f"cannot read audio file {p}: {e}") from None
+    except Exception:
+        raise InputError(f"cannot read audio file {p}: the file is damaged") from None
     return data, rate
+
+
+def wav_truncation(p: Path) -> str:
+    """For a RIFF/WAVE file whose data chunk promises more bytes than the file holds, what is
+    missing ("the file is truncated: header says X s, found Y s"); else "". Readers silently
+    play what is there, so a cut download would render as a short video without a word."""
+    import struct
+
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return ""
+        pos, rate, align = 12, 0, 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            cid, n = struct.unpack("<4sI", f.read(8))
+            if cid == b"fmt " and n >= 16:
+                _, _, rate, _, align = struct.unpack("<HHIIH", f.read(14))
+            elif cid == b"data":
+                found = size - pos - 8
+                # 0 and 0xFFFFFFFF are what streaming writers put when the length is unknown
+                if n in (0, 0xFFFFFFFF) or n <= found or not rate or not align:
+                    return ""
+                said, got = n / align / rate, (found // align) / rate
+                return f"the file is truncated: header says {said:.2f} s, found {got:.2f} s"
+            pos += 8 + n + (n & 1)
+    return ""
 
 
 def _read_pyav(p: Path, max_seconds: float):
@@ -109,8 +142,10 @@ def _read_pyav(p: Path, max_seconds: float):
                 parts.append(out.to_ndarray().reshape(-1))
     except InputError:
         raise
-    except Exception as e:  # PyAV raises many error types for undecodable input
-        raise InputError(f"cannot read {p} as audio ({type(e).__name__}: {e})") from None
+    except Exception:  # PyAV's error text names FFmpeg internals, not the user's problem
+        raise InputError(
+            f"cannot read {p} as audio: not a format EdgeTalk reads, or the file is damaged"
+        ) from None
     data = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     return data[:, None], SAMPLE_RATE
 

@@ -7,7 +7,8 @@ the way the training faces were.
 from __future__ import annotations
 
 import importlib.resources
-import warnings
+import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import numpy as np
 from ..errors import InputError
 
 MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs before decoding whole frames
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a photo file; bigger is not a photo
+IMAGE_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "bmp": "BMP"}
+# FFmpeg's single-image demuxer per format: no probing, no protocols, no references to other files
+IMAGE_DEMUXERS = {"png": "png_pipe", "jpeg": "jpeg_pipe", "webp": "webp_pipe", "bmp": "bmp_pipe"}
 CROP_SCALE = 1.9  # crop side as a multiple of the detected face box side
 CROP_SHIFT_DOWN = 0.06  # face boxes sit high; move the crop down to keep the chin
 
@@ -28,63 +33,128 @@ class FaceBox:
     h: float
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to HxWx3 uint8 RGB (alpha dropped, grey and 16-bit converted)."""
-    import av
+def load_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8 RGB (alpha dropped, grey and 16-bit converted).
 
+    Only PNG, JPEG, WebP and BMP, recognised by their first bytes (never by the file name)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"avatar image not found: {p}")
     if p.is_dir():
         raise InputError(f"avatar image is a directory, not a file: {p}")
-    over = f"over the {MAX_IMAGE_PIXELS:,}-pixel limit; resize it first"
-    w, h = _header_size(p)
-    if w * h > MAX_IMAGE_PIXELS:
-        raise InputError(f"image {p} is {w}x{h}, {over}")
+    size = p.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise InputError(f"image {p} is {size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit")
+    return decode_image(p.read_bytes(), str(p), max_pixels)
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image format from the file's magic bytes: "png", "jpeg", "webp", "bmp" or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM" and len(data) >= 26:
+        return "bmp"
+    return None
+
+
+def decode_image(data: bytes, name: str = "the image", max_pixels: int | None = None) -> np.ndarray:
+    """Image bytes -> HxWx3 uint8 RGB. The format is taken from the magic bytes and decoded by
+    FFmpeg's demuxer and decoder for exactly that format (never a probe): a playlist, a video or
+    anything naming another file is refused before FFmpeg sees it. The pixel cap is checked from
+    the header first; FFmpeg's `max_pixels` guards formats whose header we could not read."""
+    import av
+
+    cap = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    kind = sniff_image(data)
+    if kind is None:
+        raise InputError(f"cannot read {name} as an image: it is not a PNG, JPEG, WebP or BMP file")
+    over = f"over the {cap:,}-pixel limit; resize it first"
+    w, h = _header_size(data)
+    if w * h > cap:
+        raise InputError(f"image {name} is {w}x{h}, {over}")
+    damaged = f"cannot read {name}: the {IMAGE_NAMES[kind]} data is damaged or truncated"
+    rgb = None
     try:
-        with av.open(str(p)) as container:
+        with av.open(io.BytesIO(data), mode="r", format=IMAGE_DEMUXERS[kind]) as container:
             stream = next((s for s in container.streams if s.type == "video"), None)
             if stream is None:
-                raise InputError(f"not an image file: {p}")
+                raise InputError(damaged)
             w, h = stream.codec_context.width, stream.codec_context.height
-            if w and h and w * h > MAX_IMAGE_PIXELS:
-                raise InputError(f"image {p} is {w}x{h}, {over}")
-            # FFmpeg's own cap: its decoder refuses to allocate a bigger frame, for the formats
-            # whose size is only known once decoding starts.
-            stream.codec_context.options = {"max_pixels": str(MAX_IMAGE_PIXELS)}
+            if w and h and w * h > cap:
+                raise InputError(f"image {name} is {w}x{h}, {over}")
+            stream.codec_context.options = {"max_pixels": str(cap)}
             for frame in container.decode(stream):
-                if frame.width * frame.height > MAX_IMAGE_PIXELS:
-                    raise InputError(f"image {p} is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+                if frame.width * frame.height > cap:
+                    raise InputError(f"image {name} is over the {cap:,}-pixel limit")
                 rgb = frame.to_ndarray(format="rgb24")
                 break
-            else:
-                raise InputError(f"image file has no picture in it: {p}")
     except InputError:
         raise
-    except Exception as e:  # PyAV raises many error types for undecodable input
-        raise InputError(f"cannot read {p} as an image ({type(e).__name__}: {e})") from None
+    except Exception:  # FFmpeg's own error text names its internals, not the user's problem
+        raise InputError(damaged) from None
+    if rgb is None:
+        raise InputError(damaged)
     if rgb.ndim != 3 or rgb.shape[0] < 16 or rgb.shape[1] < 16:
         raise InputError(
-            f"image {p} is too small ({rgb.shape[1]}x{rgb.shape[0]}); need 16x16 or more"
+            f"image {name} is too small ({rgb.shape[1]}x{rgb.shape[0]}); need 16x16 or more"
         )
     return np.ascontiguousarray(rgb)
 
 
-def _header_size(p: Path) -> tuple[int, int]:
-    """(width, height) from the file header without decoding, (0, 0) when unknown."""
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image header without decoding, (0, 0) when it cannot be read."""
     try:
-        from PIL import Image
-    except ImportError:
-        return 0, 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's own bomb warning: our cap decides
-            with Image.open(p) as im:
-                return im.size
-    except Image.DecompressionBombError:  # over Pillow's hard cap, far over ours
-        return 1 << 20, 1 << 20
-    except Exception:  # not an image Pillow reads: PyAV decides
-        return 0, 0
+        kind = sniff_image(data)
+        if kind == "png" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if kind == "bmp":
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER
+                return struct.unpack("<HH", data[18:22])
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)  # a negative height is a top-down bitmap
+        if kind == "webp":
+            chunk = data[12:16]
+            if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if chunk == b"VP8L" and data[20] == 0x2F:
+                bits = struct.unpack("<I", data[21:25])[0]
+                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+            if chunk == b"VP8X":
+                return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(
+                    data[27:30], "little"
+                )
+        if kind == "jpeg":
+            return _jpeg_size(data)
+    except (struct.error, IndexError):
+        pass
+    return 0, 0
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """The size in the first SOF marker (every JPEG coding: baseline, progressive, lossless)."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return 0, 0
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        if marker == 0xDA:  # scan data begins: no SOF before it
+            return 0, 0
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return 0, 0
 
 
 def detect_face(rgb: np.ndarray) -> FaceBox | None:

@@ -60,3 +60,84 @@ def test_cuda_backend_is_safe_to_share_between_threads():
     inputs = [_generator_inputs(be, 1), _generator_inputs(be, 2)]
     calls, wrong = _hammer(be, "generator", inputs, seconds=3.0)
     assert calls >= 20 and wrong == 0, f"{wrong} of {calls} outputs were another thread's"
+
+
+# ---- 2: only images, by magic bytes, with an explicit decoder -------------------------------------
+def _face_rgb() -> np.ndarray:
+    from edgetalk.runtime.avatar import default_avatar
+
+    return default_avatar()
+
+
+def _face_mp4(path) -> None:
+    import av
+
+    rgb = _face_rgb()
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = rgb.shape[1], rgb.shape[0], "yuv420p"
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_avatar_playlist_naming_a_local_file_is_refused(tmp_path):
+    """An HLS playlist `x.m3u8` whose line is file:///.../face.mp4 was decoded through FFmpeg's
+    probe and the local video's face came back. Now the magic bytes decide, and only PNG, JPEG,
+    WebP and BMP pass; the message is the same whether the named path exists or not."""
+    from edgetalk.runtime.avatar import load_image
+
+    _face_mp4(tmp_path / "face.mp4")
+    msgs = []
+    for target in (tmp_path / "face.mp4", tmp_path / "nothing.mp4"):
+        m3u8 = tmp_path / "x.m3u8"
+        m3u8.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile://{target}\n")
+        with pytest.raises(InputError, match="not a PNG, JPEG, WebP or BMP") as e:
+            load_image(m3u8)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] and "face.mp4" not in msgs[0]
+    with pytest.raises(InputError, match="not a PNG, JPEG, WebP or BMP"):
+        load_image(tmp_path / "face.mp4")  # a video is not an image either
+
+
+def test_image_errors_do_not_leak_ffmpeg_internals(tmp_path):
+    from edgetalk.runtime.avatar import load_image
+
+    from edgetalk.serve.server import png_bytes
+
+    png = png_bytes(_face_rgb())
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(png[:64] + bytes(200))  # a PNG header, then garbage
+    with pytest.raises(InputError) as e:
+        load_image(bad)
+    msg = str(e.value)
+    assert "damaged or truncated" in msg
+    assert "avcodec" not in msg and "Errno" not in msg and "Error" not in msg
+
+
+# ---- 12: truncated and empty audio ----------------------------------------------------------------
+def test_truncated_wav_says_so(tmp_path):
+    import io
+
+    import soundfile as sf
+
+    from edgetalk.runtime.audio_io import read_audio
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 5, np.float32), 16000, format="WAV", subtype="PCM_16")
+    p = tmp_path / "cut.wav"
+    p.write_bytes(buf.getvalue()[: 44 + 2 * 1920])  # the header promises 5 s; 0.12 s is there
+    with pytest.raises(InputError, match=r"truncated: header says 5\.00 s, found 0\.12 s"):
+        read_audio(p)
+
+
+def test_empty_wav_gets_a_clear_message(tmp_path):
+    from edgetalk.runtime.audio_io import read_audio
+
+    p = tmp_path / "empty.wav"
+    p.write_bytes(b"")
+    with pytest.raises(InputError) as e:
+        read_audio(p)
+    assert "empty (0 bytes)" in str(e.value) and "Errno" not in str(e.value)
