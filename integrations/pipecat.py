@@ -1,0 +1,171 @@
+"""EdgeTalk as a Pipecat video service: TTS audio in, a talking face (and its audio) out.
+
+    from edgetalk.integrations.pipecat import EdgeTalkVideoService, transport_params
+
+    avatar = EdgeTalkVideoService(avatar="me.jpg")
+    transport = SmallWebRTCTransport(connection, TransportParams(audio_in_enabled=True,
+                                     audio_out_enabled=True, **transport_params()))
+    Pipeline([transport.input(), stt, user_agg, llm, tts, avatar, transport.output(), asst_agg])
+
+What goes through it:
+- Every downstream `OutputAudioRawFrame` (TTS audio, any rate and channel count) is taken and fed
+  to one live `edgetalk.Session`. Out come, every 40 ms, an `OutputImageRawFrame` and the 640
+  samples (16 kHz mono) of that frame's span: a `TTSAudioRawFrame` where the span holds speech, a
+  plain `OutputAudioRawFrame` of silence while the avatar idles (the output transport counts only
+  TTS audio as the bot speaking). Image and audio of a frame leave together, paced by the
+  Session's clock, so a live video transport (`video_out_is_live`) shows each picture with its
+  sound. With `pass_audio=False` only images go out (and the TTS audio is still passed on).
+- Between utterances the Session feeds silence: the avatar idles (blinks, mouth closed) at 25 fps
+  and nothing in the pipeline waits for it.
+- Other frames that follow speech in order (TTSStoppedFrame, text, EndFrame, ...) are held until
+  the frame holding the end of that speech has gone out, so they do not overtake it.
+- An `InterruptionFrame` calls `Session.interrupt()`: queued speech and frames not yet shown are
+  dropped (the avatar is idle within one chunk) and the held frames are dropped too, except
+  uninterruptible ones. The output transport drops what it had queued when the interruption
+  reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    OutputImageRawFrame,
+    StartFrame,
+    SystemFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from ..models.config import FPS, SAMPLE_RATE
+from ._stream import AvatarFrame, AvatarStream, to_int16
+
+__all__ = ["EdgeTalkVideoService", "transport_params"]
+
+
+def transport_params(resolution: int = 256) -> dict:
+    """The `TransportParams` video settings the service needs: live video (each image shown as it
+    comes, at 25 fps) of the avatar's size."""
+    return dict(
+        video_out_enabled=True,
+        video_out_is_live=True,
+        video_out_width=resolution,
+        video_out_height=resolution,
+        video_out_framerate=FPS,
+    )
+
+
+class EdgeTalkVideoService(FrameProcessor):
+    """A local talking head for a Pipecat pipeline; put it right after the TTS."""
+
+    def __init__(
+        self,
+        *,
+        avatar: str | Path | np.ndarray | None = None,
+        bundle: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        backend=None,
+        threads: int | None = None,
+        pass_audio: bool = True,
+        seed: int = 0,
+        face_check: bool = True,
+        **kwargs,
+    ):
+        """avatar: a photo (path or HxWx3 array; None: the embedded one). bundle / checkpoint:
+        the model (None: the shipped weights). backend: a backend name, or an opened Backend
+        to share between sessions. threads: CPU threads for torch. pass_audio: send the
+        avatar's audio (True, in sync with the images) or only images (the TTS audio then goes
+        on untouched, unsynchronised)."""
+        super().__init__(**kwargs)
+        self._stream = AvatarStream(
+            avatar=avatar,
+            bundle=bundle,
+            checkpoint=checkpoint,
+            backend=backend,
+            threads=threads,
+            seed=seed,
+            face_check=face_check,
+        )
+        self._pass_audio = pass_audio
+        self._emit_task = None
+        self.first_tts_audio_at: float | None = None  # wall clock (time.time()) of the first audio
+
+    @property
+    def stream(self) -> AvatarStream:
+        """The live stream (its Session, and the measurements: speech_delays, fps)."""
+        return self._stream
+
+    # ---- frames in -------------------------------------------------------------------------------
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+
+        if isinstance(frame, StartFrame):
+            await self._stream.start()
+            await self.push_frame(frame, direction)
+            self._emit_task = self.create_task(self._emit())
+        elif isinstance(frame, InterruptionFrame):
+            held = self._stream.interrupt()
+            await self.push_frame(frame, direction)
+            for f in held:  # an EndFrame, say, must still get through
+                if not f.interruptible:
+                    await self._release(f)
+        elif isinstance(frame, CancelFrame):
+            await self._stop()
+            await self.push_frame(frame, direction)
+        elif isinstance(frame, SystemFrame) or direction == FrameDirection.UPSTREAM:
+            await self.push_frame(frame, direction)
+        elif isinstance(frame, OutputAudioRawFrame):
+            if self.first_tts_audio_at is None:
+                self.first_tts_audio_at = time.time()
+            await self._stream.push(frame.audio, frame.sample_rate, frame.num_channels)
+            if not self._pass_audio:
+                await self.push_frame(frame, direction)
+        else:
+            if isinstance(frame, TTSStoppedFrame):
+                await self._stream.flush()
+            if not await self._stream.mark(frame):
+                await self._release(frame)
+
+    async def _release(self, frame: Frame) -> None:
+        await self.push_frame(frame)
+        if isinstance(frame, EndFrame):
+            await self._stop()
+
+    # ---- frames out ------------------------------------------------------------------------------
+    async def _emit(self) -> None:
+        async for f in self._stream:
+            await self._push_avatar_frame(f)
+            for held in f.markers:
+                await self._release(held)
+
+    async def _push_avatar_frame(self, f: AvatarFrame) -> None:
+        rgb = np.ascontiguousarray(self.render_image(f))
+        h, w = rgb.shape[:2]
+        await self.push_frame(OutputImageRawFrame(image=rgb.tobytes(), size=(w, h), format="RGB"))
+        if self._pass_audio:
+            cls = TTSAudioRawFrame if f.speech else OutputAudioRawFrame
+            pcm = to_int16(f.audio).tobytes()
+            await self.push_frame(cls(audio=pcm, sample_rate=SAMPLE_RATE, num_channels=1))
+
+    def render_image(self, f: AvatarFrame) -> np.ndarray:
+        """The picture sent for a frame: its RGB. Override to draw an overlay."""
+        return f.rgb
+
+    async def _stop(self) -> None:
+        if self._emit_task is not None and self._emit_task is not asyncio.current_task():
+            await self.cancel_task(self._emit_task)
+        self._emit_task = None
+        await self._stream.aclose()
+
+    async def cleanup(self):
+        await super().cleanup()
+        await self._stop()
