@@ -13,6 +13,10 @@ from .edgetalk import EdgeTalkModel
 
 FORMAT = "edgetalk-checkpoint"
 FORMAT_VERSION = "1"
+# A checkpoint's config is read from a user file. Sizes are capped at 65,536 each (config.py),
+# which still multiply to models of terabytes: these caps are checked before anything is built.
+MAX_LAYERS = 256  # per stack (generator layers, audio conv layers, flow blocks)
+MAX_ELEMENTS = 500_000_000  # parameters + buffers (2 GB in fp32; `large` has 93 M)
 
 
 def save_checkpoint(model: EdgeTalkModel, path: str | Path, **info: str) -> None:
@@ -60,6 +64,7 @@ def load_checkpoint(
         cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     except (KeyError, ValueError) as e:
         raise BundleError(f"{path}: bad model config in checkpoint metadata ({e})") from None
+    check_model_size(cfg, path)
     model = EdgeTalkModel(cfg)
     state = load_file(str(path))
     try:
@@ -79,6 +84,40 @@ def load_checkpoint(
     if bad:
         raise BundleError(f"{path}: weights contain NaN or Inf ({bad[:3]})")
     return model.eval(), meta
+
+
+def check_model_size(cfg: ModelConfig, path: str | Path) -> None:
+    """Refuse a config whose model would be implausibly big, and weights whose names or shapes do
+    not match it, before one byte of the model is allocated: the model is first built on the meta
+    device (shapes only) and compared with the tensor shapes in the file's header."""
+    from safetensors import safe_open
+
+    stacks = {
+        "generator.layers": cfg.generator.layers,
+        "audio.conv_layers": cfg.audio.conv_layers,
+        "render.flow_blocks": cfg.render.flow_blocks,
+    }
+    for name, n in stacks.items():
+        if n > MAX_LAYERS:
+            raise BundleError(f"{path}: config {name} = {n} is over the limit of {MAX_LAYERS}")
+    with torch.device("meta"):
+        shell = EdgeTalkModel(cfg)
+    total = sum(t.numel() for t in (*shell.parameters(), *shell.buffers()))
+    if total > MAX_ELEMENTS:
+        raise BundleError(
+            f"{path}: its config describes a model of {total:,} parameters and buffers, over the "
+            f"limit of {MAX_ELEMENTS:,}; refused before building it"
+        )
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    with safe_open(str(path), framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    wrong = [k for k in want.keys() & have.keys() if want[k] != have[k]]
+    if wrong:
+        k = sorted(wrong)[0]
+        raise BundleError(
+            f"{path}: weights do not match the {cfg.name!r} config ({k}: {list(have[k])} in "
+            f"the file, {list(want[k])} in the model)"
+        )
 
 
 def default_checkpoint() -> Path:

@@ -1,5 +1,10 @@
 """Reading a bundle: manifest schema, file hashes, parity status and the I/O contract are all
-checked before any backend sees a file. Every refusal is a BundleError that names the problem."""
+checked before any backend sees a file. Every refusal is a BundleError that names the problem.
+
+Everything a backend will read is inside the bundle and hashed: no symlinks anywhere in the
+bundle's files (a link would let a hashed name point at any file), and an ONNX graph's
+external-data files must be relative paths inside the bundle, listed with a hash in the manifest.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +56,81 @@ def tree_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _refuse_links(root: Path, fname: str) -> None:
+    """No symlink at any step from the bundle root to the file, nor inside a directory artifact."""
+    p = root
+    for part in Path(fname).parts:
+        p = p / part
+        if p.is_symlink():
+            raise BundleError(
+                f"{root}: {fname} goes through a symbolic link ({p.relative_to(root)}); a bundle's "
+                "files must be regular files inside it"
+            )
+    if p.is_dir():
+        link = next((q for q in p.rglob("*") if q.is_symlink()), None)
+        if link is not None:
+            raise BundleError(
+                f"{root}: {link.relative_to(root)} is a symbolic link; a bundle's files must be "
+                "regular files inside it"
+            )
+
+
+def _verify(root: Path, fname: str, hashes: dict[str, str]) -> None:
+    p = root / fname
+    if not p.exists():
+        raise BundleError(f"{root}: {fname} is missing")
+    if tree_sha256(p) != hashes.get(fname):
+        raise BundleError(
+            f"{root}: {fname} does not match its sha256 in the manifest "
+            "(the file was changed or damaged); re-export the bundle"
+        )
+
+
+def onnx_external_data(path: Path) -> list[str]:
+    """The external-data locations an ONNX file names (every tensor: initializers, constants,
+    subgraphs). [] without the onnx package: onnxruntime itself confines paths to the model's
+    folder since 1.24, and the bundle's own files are hashed either way."""
+    try:
+        import onnx
+    except ImportError:
+        return []
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not parseable: the backend's loader reports it
+        return []
+    found: list[str] = []
+
+    def tensor(t) -> None:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            found.append(loc)
+
+    def graph(g) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for st in g.sparse_initializer:
+            tensor(st.values)
+            tensor(st.indices)
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    tensor(a.t)
+                for t in a.tensors:
+                    tensor(t)
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+
+    graph(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    tensor(a.t)
+    return sorted(set(found))
+
+
 def read_manifest(path: str | Path) -> dict:
     root = Path(path)
     if not root.exists():
@@ -62,6 +142,8 @@ def read_manifest(path: str | Path) -> dict:
         raise BundleError(
             f"{root} has no {MANIFEST}: not a bundle, or an export that did not finish"
         )
+    if mf.is_symlink():
+        raise BundleError(f"{mf} is a symbolic link; a bundle's files must be regular files")
     if mf.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{mf} is implausibly large ({mf.stat().st_size} bytes)")
     try:
@@ -118,15 +200,26 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         p = root / fname
         if Path(fname).is_absolute() or ".." in Path(fname).parts:
             raise BundleError(f"{root}: file entry {fname!r} points outside the bundle")
+        _refuse_links(root, fname)
         if not p.exists():
             raise BundleError(f"{root}: {role} file {fname} is missing")
         if verify:
-            got = tree_sha256(p)
-            if got != hashes.get(fname):
-                raise BundleError(
-                    f"{root}: {fname} does not match its sha256 in the manifest "
-                    "(the file was changed or damaged); re-export the bundle"
-                )
+            _verify(root, fname, hashes)
+        if fname.endswith(".onnx"):
+            for data in onnx_external_data(p):
+                rel = (Path(fname).parent / data).as_posix()
+                if Path(data).is_absolute() or ".." in Path(data).parts or not data.strip():
+                    raise BundleError(
+                        f"{root}: {fname} reads external data from {data!r}, outside the bundle"
+                    )
+                _refuse_links(root, rel)
+                if rel not in hashes:
+                    raise BundleError(
+                        f"{root}: {fname} reads external data {rel!r}, which the manifest does "
+                        "not hash; re-export the bundle"
+                    )
+                if verify:
+                    _verify(root, rel, hashes)
     parity = m.get("parity") or {}
     if not isinstance(parity, dict):
         raise BundleError(f"{root}: manifest parity block is malformed")

@@ -141,3 +141,117 @@ def test_empty_wav_gets_a_clear_message(tmp_path):
     with pytest.raises(InputError) as e:
         read_audio(p)
     assert "empty (0 bytes)" in str(e.value) and "Errno" not in str(e.value)
+
+
+# ---- 10: bundles and checkpoints ------------------------------------------------------------------
+def _fake_bundle(root):
+    from .fuzz.targets import fake_bundle
+
+    return fake_bundle(root)
+
+
+def _rewrite(root, manifest) -> None:
+    import json
+
+    from edgetalk.runtime.bundle import tree_sha256
+
+    names = {*manifest["files"].values(), *manifest.get("extra", [])}
+    manifest["sha256"] = {f: tree_sha256(root / f) for f in names}
+    (root / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items()}))
+
+
+def test_bundle_symlinks_are_refused(tmp_path):
+    """A module file that is a link to a file outside the bundle (same bytes, so the hash
+    matched) was followed."""
+    from edgetalk.runtime.bundle import open_bundle
+
+    root = tmp_path / "b"
+    _fake_bundle(root)
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes((root / "decoder.onnx").read_bytes())
+    (root / "decoder.onnx").unlink()
+    (root / "decoder.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="symbolic link"):
+        open_bundle(root)
+
+
+def _onnx_with_external_data(path, location: str) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[w],
+    )
+    onnx.save(helper.make_model(g), str(path))
+
+
+def test_onnx_external_data_is_confined_and_hashed(tmp_path):
+    from edgetalk.runtime.bundle import open_bundle
+
+    (tmp_path / "secret.bin").write_bytes(bytes(16))
+    root = tmp_path / "b"
+    manifest = _fake_bundle(root)
+    _onnx_with_external_data(root / "decoder.onnx", "../secret.bin")
+    _rewrite(root, manifest)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        open_bundle(root)
+    # inside the bundle but not hashed: refused; hashed: accepted, and a change is noticed
+    (root / "w.bin").write_bytes(bytes(16))
+    _onnx_with_external_data(root / "decoder.onnx", "w.bin")
+    _rewrite(root, manifest)
+    with pytest.raises(BundleError, match="does not hash"):
+        open_bundle(root)
+    _rewrite(root, {**manifest, "extra": ["w.bin"]})
+    open_bundle(root)
+    (root / "w.bin").write_bytes(b"\x01" * 16)
+    with pytest.raises(BundleError, match="w.bin does not match its sha256"):
+        open_bundle(root)
+
+
+def test_checkpoint_config_is_capped_before_building(tmp_path, monkeypatch):
+    """A few-kilobyte checkpoint whose config sets sizes near 65,536 built a huge model before
+    any shape was compared. Now the model is sized on the meta device first."""
+    import json
+
+    import torch
+
+    from edgetalk.models import checkpoint
+    from edgetalk.models.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(seeded_model(MICRO), path)
+    from safetensors.torch import load_file, save_file
+
+    from edgetalk.models.config import ModelConfig
+
+    cfg = MICRO.to_dict()
+    cfg["generator"].update(dim=65_536, mlp_ratio=64)
+    cfg["audio"].update(hidden=65_536)
+    cfg = ModelConfig.from_dict(cfg)  # a valid config: every size within 1..65,536
+    meta = {"format": "edgetalk-checkpoint", "format_version": "1", "config": cfg.to_json()}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    assert path.stat().st_size < 1_000_000
+
+    real = checkpoint.EdgeTalkModel
+
+    def spy(c):  # the model may be built on the meta device only
+        if torch.empty(0).device.type != "meta" and c == cfg:
+            raise AssertionError("built the huge model before checking its size")
+        return real(c)
+
+    monkeypatch.setattr(checkpoint, "EdgeTalkModel", spy)
+    t0 = time.monotonic()
+    with pytest.raises(BundleError, match="over the limit"):
+        load_checkpoint(path)
+    assert time.monotonic() - t0 < 10
+    assert json.loads(cfg.to_json())["generator"]["dim"] == 65_536
