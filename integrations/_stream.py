@@ -182,6 +182,10 @@ class AvatarStream:
             return False
         return await asyncio.get_running_loop().run_in_executor(self._pusher, self._mark, obj)
 
+    def emit_marker(self, obj) -> None:
+        """Hand `obj` out on its own, after the frames already waiting (call it on the loop)."""
+        self._queue.put_nowait(("marker", obj))
+
     def interrupt(self) -> list:
         """Barge-in: queued speech, frames not handed out and pending markers are dropped; the
         markers are returned in order."""
@@ -266,6 +270,9 @@ class AvatarStream:
                 return
             if isinstance(item, BaseException):
                 raise item
+            if item[0] == "marker":
+                yield item[1]
+                continue
             self._slots.release()
             epoch, f = item
             if epoch != self._epoch:  # handed out by the Session before an interrupt
