@@ -89,8 +89,9 @@ class EdgeTalkVideoGenerator(VideoGenerator):
             face_check=face_check,
         )
         self._started = asyncio.Lock()
-        # (timeline index, wall time, speech?, id of the VideoFrame) of each frame handed out
-        self.log: deque[tuple[int, float, bool, int]] = deque(maxlen=100_000)
+        # (timeline index, wall time, speaking?) of each frame handed out; the frames themselves
+        # carry their timeline index as `edgetalk_index`
+        self.log: deque[tuple[int, float, bool]] = deque(maxlen=100_000)
 
     @property
     def stream(self) -> AvatarStream:
@@ -127,17 +128,23 @@ class EdgeTalkVideoGenerator(VideoGenerator):
             rgb = np.ascontiguousarray(item.rgb)
             h, w = rgb.shape[:2]
             video = rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24, rgb.tobytes())
-            self.log.append((item.index, time.monotonic(), item.speech, id(video)))
-            yield video
+            sound = None
             if item.speech:  # idle frames go without audio, as the protocol expects: the runner
                 # counts every audio frame as playback of the current utterance
                 pcm = to_int16(item.audio)
-                yield rtc.AudioFrame(
+                sound = rtc.AudioFrame(
                     data=pcm.tobytes(),
                     sample_rate=SAMPLE_RATE,
                     num_channels=1,
                     samples_per_channel=pcm.shape[0],
                 )
+            video.edgetalk_index = item.index  # which timeline frame this is, for measurements
+            if sound is not None:
+                sound.edgetalk_index = item.index
+            self.log.append((item.index, time.monotonic(), item.speech))
+            yield video
+            if sound is not None:
+                yield sound
             for marker in item.markers:
                 yield marker
 
