@@ -9,11 +9,13 @@ check, the manifest with hashes, the atomic rename) is shared here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +102,7 @@ def export_bundle(
     model.set_streaming(cfg)
     io = module_io(cfg)
     out = Path(out) if out else default_out(cfg, target, precision)
+    _check_out(out, force)
     work = out.with_name(out.name + ".partial")
     if force:
         shutil.rmtree(work, ignore_errors=True)
@@ -185,14 +188,50 @@ def export_bundle(
     if ok:
         for f in work.glob(".*.key"):
             f.unlink()
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        work.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_out(work, out)
     result_path = out if ok else work
     return ExportResult(result_path, ok, results, e2e, time.time() - t_start, manifest)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """--out is a new or empty folder, or a bundle (it has a manifest.json). A folder holding
+    anything else is the user's: refused unless --force, and even then moved aside, never deleted."""
+    if out.exists() and not out.is_dir():
+        raise ExportFailed(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()) and not force:
+        raise ExportFailed(
+            f"--out {out} is not empty and not a bundle (it has no {MANIFEST}); export would "
+            "replace it. Choose a new folder, or pass --force (its contents are then moved "
+            f"aside to {out.name}.old-*, not deleted)"
+        )
+
+
+def _replace_out(work: Path, out: Path) -> None:
+    """Move the finished bundle to `out`. Of what was there, only the files the previous export
+    wrote (those its manifest names) are deleted; anything else is kept, moved aside."""
+    if not out.exists():
+        work.rename(out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))  # a fresh name
+    old = aside / out.name
+    out.rename(old)
+    work.rename(out)
+    try:
+        prev = json.loads((old / MANIFEST).read_text()) if (old / MANIFEST).is_file() else {}
+        names = {MANIFEST, *prev.get("files", {}).values(), *prev.get("sha256", {})}
+    except (ValueError, TypeError, AttributeError, OSError):
+        names = set()
+    for name in names:
+        safe = isinstance(name, str) and name and not Path(name).is_absolute()
+        if safe and ".." not in Path(name).parts and not (old / name).is_symlink():
+            _remove(old / name)
+    for d in sorted((p for p in old.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only empty folders go
+    if not any(old.iterdir()):
+        shutil.rmtree(aside)
+    else:
+        print(f"export: what was in {out} and not written by an export is kept in {old}")
 
 
 def end_to_end(reference: Backend, candidate: Backend, precision: str, frames: int) -> dict:

@@ -255,3 +255,63 @@ def test_checkpoint_config_is_capped_before_building(tmp_path, monkeypatch):
         load_checkpoint(path)
     assert time.monotonic() - t0 < 10
     assert json.loads(cfg.to_json())["generator"]["dim"] == 65_536
+
+
+# ---- 11: export --out never deletes what export did not write -------------------------------------
+def _fake_converter(monkeypatch):
+    """A target whose converter writes placeholder files: the test is about the folders."""
+    import sys
+    import types
+
+    from edgetalk.export import pipeline
+
+    conv = types.ModuleType("edgetalk.converters.fake")
+    conv.SUFFIX = ".bin"
+    conv.CONVERTERS = {
+        m: (lambda model, io, path, sample: path.write_bytes(b"graph"))
+        for m in ("appearance", "audio", "generator", "decoder")
+    }
+    conv.finish = lambda precision, src, dst, calibration: src.rename(dst) and {}
+    conv.checks = lambda path, io, precision: {}
+    conv.parity_backend = lambda bundle: "a placeholder target"
+    conv.tool_versions = lambda: {}
+    monkeypatch.setitem(sys.modules, "edgetalk.converters.fake", conv)
+    monkeypatch.setattr(pipeline, "TARGETS", (*pipeline.TARGETS, "fake"))
+    from edgetalk.models.io_spec import zeros_for
+
+    def record(backend):  # one call per module is all a placeholder converter needs
+        return types.SimpleNamespace(calls={m: [zeros_for(s)] for m, s in backend.io.items()})
+
+    monkeypatch.setattr(pipeline, "record_stream", record)
+
+
+def test_export_out_keeps_user_files(tmp_path, micro_ckpt, monkeypatch):
+    """Exporting into an existing folder that is not a bundle renamed it aside and deleted it."""
+    from edgetalk.export.pipeline import export_bundle
+
+    _fake_converter(monkeypatch)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    kw = dict(checkpoint=micro_ckpt, out=out, progress=False, e2e_frames=4)
+    with pytest.raises(EdgeTalkError, match="not empty and not a bundle"):
+        export_bundle("fake", "fp32", **kw)
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert export_bundle("fake", "fp32", force=True, **kw).ok  # --force: exported, notes kept
+    assert (out / "manifest.json").is_file()
+    kept = list(tmp_path.glob("mine.old-*/mine/notes.txt"))
+    assert [p.read_text() for p in kept] == ["my notes"]
+    # replacing a bundle deletes what its manifest names, and keeps anything else
+    from edgetalk.export.pipeline import _replace_out
+
+    work = tmp_path / "mine.partial"
+    work.mkdir()
+    (work / "manifest.json").write_text("{}")
+    (out / "trt_cache").mkdir()
+    (out / "trt_cache" / "engine").write_bytes(b"x")
+    _replace_out(work, out)
+    assert (out / "manifest.json").read_text() == "{}"
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert [p for p in left if "old-" in p and "notes" not in p] == [
+        next(p for p in left if p.endswith("trt_cache/engine") and "old-" in p)
+    ]
