@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the embedded weights)",
     )
     p.add_argument(
+        "--no-previous", action="store_true", help="with --real: do not score previous weights"
+    )
+    p.add_argument(
         "--all-clips",
         action="store_true",
         help="with --real: every clip of the folder, not only the held-out identities",
@@ -92,7 +95,8 @@ def main_real(args: argparse.Namespace, backend) -> int:
     if not args.real.is_dir():
         raise InputError(f"--real {args.real}: not a folder")
     previous = None
-    if args.previous is not None or args.checkpoint is not None or args.bundle is not None:
+    compare = args.previous is not None or args.checkpoint is not None or args.bundle is not None
+    if compare and not args.no_previous:
         previous = open_backend(checkpoint=args.previous)
     split = "all" if args.all_clips else "eval"
     print(f"evaluating {backend.describe()} on real clips in {args.real} ({split}) ...")

@@ -6,6 +6,10 @@ equal to the static-cache stream). Student forcing: on a share of steps the cont
 own chunk-by-chunk rollout, not the ground truth, so it learns to recover from its own errors.
 
     python -m edgetalk.training.train_motion --out runs/motion --minutes 60
+
+With `--real DIR` (and labels from `fit_motion`), a share of every batch is real speech paired
+with the motion fitted to its video (never a held-out identity), and the audio of both kinds is
+degraded as microphones, rooms and calls do (`augment.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ..models.checkpoint import default_checkpoint, load_checkpoint
 from ..models.config import SAMPLES_PER_FRAME
 from ..models.motion import INDEX, MOUTH
 from ..runtime.scheduler import talk_listen_mask
-from . import faces, synth
+from . import augment, faces, synth
 from .loop import Run
 
 LOSS_WEIGHT = np.ones(16, np.float32)
@@ -52,20 +56,33 @@ def build_motion_set(path: Path, n_clips: int, seed: int, split: str, seconds: f
 
 
 class WindowSampler:
-    def __init__(self, data: dict, frames: int, seed: int):
+    def __init__(
+        self, data: dict, frames: int, seed: int, real=None, real_share: float = 0.0, strong=False
+    ):
         self.data, self.frames = data, frames
         self.rng = np.random.default_rng(seed)
+        self.real, self.real_share, self.strong = real, real_share, strong
 
     def sample(self, batch: int, augment: bool = True):
         rng, t = self.rng, self.frames
         n, total = self.data["motion"].shape[:2]
         own, partner, motion, mask = [], [], [], []
         for _ in range(batch):
+            if augment and self.real is not None and rng.random() < self.real_share:
+                a, b, m = self.real.one()
+                mask.append(talk_listen_mask(a, None, t))
+                own.append(a)
+                partner.append(b)
+                motion.append(m)
+                continue
             k = int(rng.integers(n))
             s = int(rng.integers(0, total - t + 1))
             a = self.data["own"][k, s * SAMPLES_PER_FRAME : (s + t) * SAMPLES_PER_FRAME].copy()
             b = self.data["partner"][k, s * SAMPLES_PER_FRAME : (s + t) * SAMPLES_PER_FRAME].copy()
-            if augment:  # level and background noise vary in the wild
+            if augment and self.strong and abs(a).max() > 0:  # microphones, rooms, levels
+                a = _cheap_degrade(a, rng)
+                b *= np.float32(np.exp(rng.uniform(-1.0, 0.6)))
+            elif augment:  # level and background noise vary in the wild
                 a *= np.float32(np.exp(rng.uniform(-1.0, 0.6)))
                 b *= np.float32(np.exp(rng.uniform(-1.0, 0.6)))
                 a += rng.normal(0, 10 ** rng.uniform(-4, -2.3), a.shape).astype(np.float32)
@@ -77,6 +94,81 @@ class WindowSampler:
         f = lambda x: torch.from_numpy(np.stack(x))  # noqa: E731
         pcm = torch.stack([f(own), f(partner)], dim=1)
         return pcm, f(mask), f(motion)
+
+
+def load_real_pool(root: Path, labels: Path, variants: int, cache: Path, seed: int = 0) -> list:
+    """[(audio variants [V+1, N], motion [T, 16])] for every training clip with labels.
+
+    Variant 0 is the clean speech; the others went through `augment.degrade` once (codecs and
+    reverb are too slow to run per step on one core), cached as .npz.
+    """
+    from .fit_motion import load_labels
+    from .real_data import videos
+
+    items = videos(root, "train")
+    pool, missing = [], []
+    for it in items:
+        path = labels / f"{it.id}.npz"
+        if not path.exists():
+            missing.append(it.id)
+            continue
+        lab = load_labels(path)
+        if bool(lab["held_out"]) or it.held_out:  # belt and braces: never train on held-out
+            raise RuntimeError(f"{it.id} is held out but was offered for training")
+        m = lab["motion"].astype(np.float32)
+        # Light temporal smoothing: face-mesh jitter is not motion the model should learn.
+        m = np.concatenate([m[:1], m, m[-1:]])
+        m = 0.25 * m[:-2] + 0.5 * m[1:-1] + 0.25 * m[2:]
+        pool.append((it.id, lab["audio"].astype(np.float32), m))
+    if missing:
+        print(f"  no labels for {len(missing)} clips: {', '.join(missing)}")
+    key = cache / f"real_aug_{variants}_{len(pool)}.npz"
+    if key.exists():
+        with np.load(key, allow_pickle=False) as z:
+            aug = {k: z[k] for k in z.files}
+    else:
+        rng = np.random.default_rng(seed)
+        aug = {}
+        for cid, a, _ in pool:
+            aug[cid] = np.stack([augment.degrade(a, rng, strength=3.0) for _ in range(variants)])
+        key.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(key, **aug)
+    return [(np.concatenate([a[None], aug[cid]]), m) for cid, a, m in pool]
+
+
+class RealSampler:
+    """Windows of real speech and fitted motion, with speed changes (the motion follows)."""
+
+    def __init__(self, pool: list, frames: int, seed: int):
+        self.pool, self.frames = pool, frames
+        self.rng = np.random.default_rng(seed)
+        lengths = np.array([len(m) for _, m in pool], np.float64)
+        self.p = lengths / lengths.sum()
+
+    def one(self):
+        rng, t, spf = self.rng, self.frames, SAMPLES_PER_FRAME
+        audio, motion = self.pool[int(rng.choice(len(self.pool), p=self.p))]
+        speed = float(rng.uniform(0.85, 1.15)) if rng.random() < 0.3 else 1.0
+        span = min(int(round(t * speed)), len(motion))
+        s = int(rng.integers(0, len(motion) - span + 1))
+        a = audio[int(rng.integers(len(audio)))][s * spf : (s + span) * spf].copy()
+        m = motion[s : s + span]
+        if span != t:
+            a, m = augment.stretch(a, m, span / t, t)
+        a = _cheap_degrade(a, rng)
+        return a, np.zeros_like(a), m
+
+
+def _cheap_degrade(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-step augmentation cheap enough for every sample: colour, band, level, noise."""
+    if rng.random() < 0.3:
+        a = augment.mic_colour(a, rng)
+    if rng.random() < 0.2:
+        a = augment.band_limit(a, rng)
+    peak = float(np.abs(a).max()) or 1.0
+    a = a / peak * np.float32(rng.uniform(0.03, 0.95))
+    a = a + rng.normal(0, 10 ** (rng.uniform(-75, -25) / 20), a.shape).astype(np.float32)
+    return np.clip(a, -1, 1).astype(np.float32)
 
 
 def chunk_times(b: int, frames: int, chunk: int, steps: int, rng: torch.Generator):
@@ -122,6 +214,11 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
     ap.add_argument("--val-clips", type=int, default=60)
+    ap.add_argument("--real", type=Path, help="real-data folder (catalog.json): mix in real speech")
+    ap.add_argument("--labels", type=Path, default=Path("runs/real_labels"))
+    ap.add_argument("--real-share", type=float, default=0.4, help="share of real windows")
+    ap.add_argument("--real-variants", type=int, default=3, help="degraded copies per real clip")
+    ap.add_argument("--keep-norm", action="store_true", help="keep the init's motion normalization")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -135,15 +232,24 @@ def main(argv=None) -> None:
     model, _ = load_checkpoint(args.init or default_checkpoint())
     cfg = model.cfg
     gen = model.generator
+    real = None
+    if args.real is not None:
+        print("loading real speech and fitted motion ...", flush=True)
+        pool = load_real_pool(args.real, args.labels, args.real_variants, data_dir, args.seed)
+        print(f"  {len(pool)} real clips, {sum(len(m) for _, m in pool) / 25:.0f} s", flush=True)
+        real = RealSampler(pool, args.frames, args.seed + 77)
     with torch.no_grad():
-        flat = torch.from_numpy(train["motion"].reshape(-1, cfg.motion_dim))
-        gen.motion_mean.copy_(flat.mean(0))
-        gen.motion_std.copy_(flat.std(0).clamp(min=0.02))
+        if not args.keep_norm:
+            flat = torch.from_numpy(train["motion"].reshape(-1, cfg.motion_dim))
+            gen.motion_mean.copy_(flat.mean(0))
+            gen.motion_std.copy_(flat.std(0).clamp(min=0.02))
         model.appearance.ref_head.weight.zero_()
         model.appearance.ref_head.bias.zero_()
     params = list(model.audio.parameters()) + list(gen.parameters())
     run = Run(args.out, model, params, args.lr, args.steps)
-    sampler = WindowSampler(train, args.frames, args.seed + run.step)
+    sampler = WindowSampler(
+        train, args.frames, args.seed + run.step, real, args.real_share, strong=real is not None
+    )
     val_sampler = WindowSampler(val, args.frames, 1234)
     val_batch = val_sampler.sample(32, augment=False)
     g = torch.Generator().manual_seed(args.seed + run.step)
