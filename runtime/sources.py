@@ -20,15 +20,18 @@ Every message starts with a 4-byte big-endian unsigned header:
 | 2 .. 1,048,576, even    | AUDIO: that many bytes of s16le mono PCM at the server's rate follow    |
 | 0xFFFFFFFF              | INTERRUPT (barge-in): the avatar stops talking; queued speech is dropped |
 | 0xFFFFFFFE              | END: the sender is done; the live session flushes and ends              |
-| 0xFFFFFFFD              | AUTH: 1 byte n (1..255) then n bytes of UTF-8 token; must come first     |
-|                         | when the server has a token (--token), and is ignored otherwise         |
+| 0xFFFFFFFD              | AUTH: 1 byte n (1..255) then n bytes of UTF-8 token; must come first,    |
+|                         | within 5 s of connecting, when the server has a token (--token)         |
 | anything else           | protocol error (0, odd, over 1 MiB): that connection gets an error line |
 
 The server answers with text lines: `OK ...` when a client is accepted, `BUSY ...` (then it closes)
 when another client is already connected, and `ERROR <reason>` (then it closes) on a protocol error:
-a bad header, a frame cut short, an incomplete frame after 10 s, or a bad token. An error ends only
-that connection: the session keeps running (the avatar idles) and the next client is accepted.
-One client at a time; clients may come and go.
+a bad header, a frame cut short, an incomplete frame after 10 s, a bad token, or no AUTH within 5 s
+(so a silent peer cannot hold the only slot). An error ends only that connection: the session keeps
+running (the avatar idles) and the next client is accepted. One client at a time; clients may come
+and go. An address whose token was wrong (or which sent no AUTH in time) is refused for a while
+(1 s, doubling up to 60 s) before its next try: guessing tokens is slow. Refused connections get
+their line from a bounded number of threads; beyond that they are closed at once.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ipaddress
+import math
 import socket
 import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,6 +60,10 @@ CTRL_INTERRUPT = 0xFFFFFFFF
 CTRL_END = 0xFFFFFFFE
 CTRL_AUTH = 0xFFFFFFFD
 FRAME_TIMEOUT_S = 10.0  # a message must complete within this long of its start (slowloris)
+AUTH_TIMEOUT_S = 5.0  # with a token: AUTH must be complete this long after connecting
+AUTH_BACKOFF_S = (1.0, 60.0)  # an address's refusal after failed AUTH: first, doubling up to max
+MAX_LINGER_THREADS = 8  # refused connections being closed gracefully at once; more: closed at once
+MAX_TRACKED_ADDRESSES = 4096  # addresses remembered for the AUTH backoff
 MAX_SOURCE_SECONDS = 4.0  # audio a source holds for the session (socket, mic); bounded
 MAX_ERRORS_KEPT = 32  # recent per-connection error messages kept on a SocketSource
 
@@ -470,6 +478,8 @@ class SocketSource(AudioSource):
         self.protocol_errors = 0
         self._lock = threading.Lock()
         self._active: socket.socket | None = None
+        self._linger = threading.BoundedSemaphore(MAX_LINGER_THREADS)
+        self._auth_fails: OrderedDict[str, tuple[int, float]] = OrderedDict()  # ip -> (n, until)
         self._threads: list[threading.Thread] = []
         self._accept = threading.Thread(
             target=self._accept_loop, name="edgetalk-listen", daemon=True
@@ -488,6 +498,13 @@ class SocketSource(AudioSource):
                 continue
             except OSError:
                 break
+            wait = self._backoff_left(addr[0])
+            if wait > 0:
+                self.refused += 1
+                self._refuse(
+                    conn, f"ERROR failed AUTH from this address: try again in {math.ceil(wait)} s"
+                )
+                continue
             with self._lock:
                 busy = self._active is not None
                 if not busy:
@@ -496,17 +513,45 @@ class SocketSource(AudioSource):
             if busy:
                 self.refused += 1
                 self.log(f"edgetalk live: refused {addr[0]}:{addr[1]}: another client is connected")
-                _send_line(conn, "BUSY another client is connected; one client at a time")
-                threading.Thread(target=_linger_close, args=(conn,), daemon=True).start()
+                self._refuse(conn, "BUSY another client is connected; one client at a time")
                 continue
             t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
 
+    def _refuse(self, conn: socket.socket, line: str) -> None:
+        """Send the line and close; a bounded number of threads wait for it to arrive."""
+        _send_line(conn, line)
+        if not self._linger.acquire(blocking=False):
+            _close(conn)  # a flood: no thread per connection
+            return
+
+        def linger() -> None:
+            try:
+                _linger_close(conn)
+            finally:
+                self._linger.release()
+
+        threading.Thread(target=linger, name="edgetalk-refuse", daemon=True).start()
+
+    def _backoff_left(self, ip: str) -> float:
+        with self._lock:
+            _, until = self._auth_fails.get(ip, (0, 0.0))
+        return until - time.monotonic()
+
+    def _auth_failed(self, ip: str) -> None:
+        lo, hi = AUTH_BACKOFF_S
+        with self._lock:
+            n, _ = self._auth_fails.pop(ip, (0, 0.0))
+            self._auth_fails[ip] = (n + 1, time.monotonic() + min(hi, lo * 2**n))
+            while len(self._auth_fails) > MAX_TRACKED_ADDRESSES:
+                self._auth_fails.popitem(last=False)
+
     def _serve(self, conn: socket.socket, addr) -> None:
         who = f"{addr[0]}:{addr[1]}"
         resample = StreamResampler(self.rate)
         reader = FrameReader(self.token)
+        connected = time.monotonic()
         try:
             conn.settimeout(0.25)
             _send_line(conn, f"OK edgetalk live: s16le mono {self.rate} Hz")
@@ -534,11 +579,15 @@ class SocketSource(AudioSource):
                 elif started is None or reader.parts != parts:
                     started = now  # a new message began in this read
                 parts = reader.parts
+                if not reader.authed and now - connected > AUTH_TIMEOUT_S:
+                    raise ProtocolError(f"no AUTH within {AUTH_TIMEOUT_S:.0f} s of connecting")
                 if started is not None and now - started > FRAME_TIMEOUT_S:
                     raise ProtocolError(
                         f"incomplete frame: {reader.buffered} bytes after {FRAME_TIMEOUT_S:.0f} s"
                     )
         except ProtocolError as e:
+            if str(e) == "bad token" or "AUTH within" in str(e):
+                self._auth_failed(addr[0])  # a wrong token, or a peer that never sent one
             self.protocol_errors += 1
             self.errors.append(f"{who}: {e}")
             self.log(

@@ -315,3 +315,93 @@ def test_export_out_keeps_user_files(tmp_path, micro_ckpt, monkeypatch):
     assert [p for p in left if "old-" in p and "notes" not in p] == [
         next(p for p in left if p.endswith("trt_cache/engine") and "old-" in p)
     ]
+
+
+# ---- 4: the socket of `live --listen` -------------------------------------------------------------
+def _hello(addr, timeout=5.0):
+    import socket
+
+    c = socket.create_connection(addr, timeout=timeout)
+    return c, c.makefile("rb").readline().decode().strip()
+
+
+def _auth(token: bytes) -> bytes:
+    import struct
+
+    return struct.pack(">IB", 0xFFFFFFFD, len(token)) + token
+
+
+def test_silent_peer_cannot_hold_the_socket(monkeypatch):
+    """A client that connected and sent nothing held the only slot for ever: BUSY for the real one."""
+    import struct
+
+    from edgetalk.runtime import sources
+
+    monkeypatch.setattr(sources, "AUTH_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(sources, "AUTH_BACKOFF_S", (0.0, 0.0), raising=False)  # one address here
+    src = sources.SocketSource("127.0.0.1", 0, token="s3cret", log=lambda m: None)
+    try:
+        idle, hello = _hello(src.address)
+        assert hello.startswith("OK")
+        time.sleep(1.6)
+        # the silent peer was told and dropped; the real client gets the slot
+        assert "no AUTH within" in idle.makefile("rb").read().decode()
+        idle.close()
+        c, hello = _hello(src.address)
+        assert hello.startswith("OK"), hello
+        c.sendall(_auth(b"s3cret") + struct.pack(">Ihh", 4, 1, 2) + struct.pack(">I", 0xFFFFFFFE))
+        assert sum(p.shape[0] for p in src) == 2
+        c.close()
+    finally:
+        src.close()
+
+
+def test_wrong_tokens_are_slowed_down():
+    """Wrong tokens could be tried back to back; now an address that sent one waits (1 s,
+    doubling) before its next token is even read."""
+    from edgetalk.runtime.sources import SocketSource
+
+    src = SocketSource("127.0.0.1", 0, token="s3cret", log=lambda m: None)
+    try:
+        checked = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.9:
+            c, hello = _hello(src.address)
+            if hello.startswith("OK"):
+                c.sendall(_auth(b"guess%d" % checked))
+                reply = c.makefile("rb").read().decode()
+                assert "bad token" in reply
+                checked += 1
+            else:
+                assert "try again in" in hello
+            c.close()
+        assert checked == 1
+    finally:
+        src.close()
+
+
+def test_refused_connections_do_not_each_start_a_thread():
+    """100 refused connections (kept open) started 100 lingering threads."""
+    import socket
+
+    from edgetalk.runtime import sources
+
+    src = sources.SocketSource("127.0.0.1", 0, log=lambda m: None)
+    try:
+        first, hello = _hello(src.address)
+        assert hello.startswith("OK")
+        before = threading.active_count()
+        peak, others = before, []
+        for _ in range(60):
+            others.append(socket.create_connection(src.address, timeout=5))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5:  # the server accepts them meanwhile
+            peak = max(peak, threading.active_count())
+            time.sleep(0.01)
+        cap = getattr(sources, "MAX_LINGER_THREADS", 8)
+        assert peak <= before + cap + 1, f"{peak - before} threads for 60 refused connections"
+        for c in others:
+            c.close()
+        first.close()
+    finally:
+        src.close()
