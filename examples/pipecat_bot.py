@@ -30,7 +30,6 @@ import numpy as np
 from aiohttp import web
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
-    EndFrame,
     Frame,
     InterruptionFrame,
     StartFrame,
@@ -50,6 +49,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from edgetalk.errors import EdgeTalkError
 from edgetalk.integrations.pipecat import EdgeTalkVideoService, transport_params
+from edgetalk.runtime.loader import open_backend
 
 SCRIPT = [
     "Hello! I am a talking head that runs on this computer.",
@@ -104,12 +104,12 @@ class ScriptedReplies(FrameProcessor):
         self.lines, self.pause_s = list(lines), pause_s
         self.spoken = 0
         self.bot_stopped_at: list[float] = []
-        self._next = asyncio.Event()
+        self._go = asyncio.Event()
         self._task = None
 
     def begin(self) -> None:
         """Start talking (on client connection)."""
-        self._next.set()
+        self._go.set()
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -117,15 +117,19 @@ class ScriptedReplies(FrameProcessor):
             self._task = self.create_task(self._talk())
         elif isinstance(frame, BotStoppedSpeakingFrame) and direction == FrameDirection.UPSTREAM:
             self.bot_stopped_at.append(time.time())
-            self._next.set()
-        elif isinstance(frame, EndFrame) and self._task is not None:
-            await self.cancel_task(self._task)
+            self._go.set()
         await self.push_frame(frame, direction)
+
+    async def cleanup(self):
+        await super().cleanup()
+        if self._task is not None:
+            await self.cancel_task(self._task)
+            self._task = None
 
     async def _talk(self) -> None:
         while True:
-            await self._next.wait()
-            self._next.clear()
+            await self._go.wait()
+            self._go.clear()
             if self.spoken:
                 await asyncio.sleep(self.pause_s)
             await self.push_frame(TTSSpeakFrame(self.lines[self.spoken % len(self.lines)]))
@@ -189,7 +193,8 @@ class Bot:
         @self.transport.event_handler("on_client_connected")
         async def on_connected(transport, client):
             self.connected_at = time.time()
-            if self.replies is not None:
+            if self.replies is not None:  # talk once the face is there
+                await self.avatar.stream.start()
                 self.replies.begin()
 
         @self.transport.event_handler("on_client_disconnected")
@@ -370,7 +375,7 @@ async function start() {
 
 $("start").onclick = () => start().catch((e) => status("Could not start: " + e.message));
 $("interrupt").onclick = () =>
-  fetch("/api/interrupt?pc_id=" + window.edgetalk.pcId, { method: "POST" });
+  fetch("/api/interrupt?pc_id=" + encodeURIComponent(window.edgetalk.pcId), { method: "POST" });
 </script></body></html>
 """
 
@@ -387,17 +392,14 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=7860)
     args = ap.parse_args(argv)
 
-    def make_avatar():
-        return EdgeTalkVideoService(
-            avatar=args.avatar,
-            bundle=args.bundle,
-            checkpoint=args.checkpoint,
-            backend=args.backend,
-            threads=args.threads,
-        )
-
     try:
         make_brain(args.brain)  # a missing key or espeak-ng: say so now, not per connection
+        # One model for all connections (each gets its own Session on it), loaded up front.
+        backend = open_backend(bundle=args.bundle, checkpoint=args.checkpoint, backend=args.backend)
+
+        def make_avatar():
+            return EdgeTalkVideoService(avatar=args.avatar, backend=backend, threads=args.threads)
+
         app = create_app(make_avatar, args.brain)
     except EdgeTalkError as e:
         print(f"pipecat_bot: error: {e}")

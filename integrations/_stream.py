@@ -19,6 +19,7 @@ for it yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -111,6 +112,7 @@ class AvatarStream:
         self._queue: asyncio.Queue | None = None
         self._slots = threading.Semaphore(MAX_PENDING_FRAMES)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Task | None = None
         self._pump: threading.Thread | None = None
         self._closed = False
         # measurements: speech in -> its first frame out (per utterance), frames handed out
@@ -123,11 +125,15 @@ class AvatarStream:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Open the Session (in a thread: loading a backend takes a moment) and start the pump."""
-        if self.session is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
+        """Open the Session (in a thread: loading a backend takes a while) and start the pump.
+        Every call waits for the same opening; push() and iteration call it themselves."""
+        if self._opening is None:
+            self._loop = asyncio.get_running_loop()
+            self._queue = asyncio.Queue()
+            self._opening = self._loop.create_task(self._start())
+        await asyncio.shield(self._opening)
+
+    async def _start(self) -> None:
         self.session = await self._loop.run_in_executor(None, self._open)
         self.session.start()
         self._pump = threading.Thread(target=self._run_pump, name="edgetalk-pump", daemon=True)
@@ -152,6 +158,9 @@ class AvatarStream:
         if self._closed:
             return
         self._closed = True
+        if self._opening is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._opening)  # a half-open Session would leak its thread
         if self.session is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.session.abort)
         if self._pump is not None:
@@ -167,18 +176,19 @@ class AvatarStream:
         x = to_float(pcm, channels)
         if x.size == 0 or self._closed:
             return
+        await self.start()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pusher, self._push, x, sample_rate, self._epoch)
 
     async def flush(self) -> None:
         """End of an utterance: the resampler's held-back tail is pushed too."""
-        if not self._closed:
+        if not self._closed and self.session is not None:
             await asyncio.get_running_loop().run_in_executor(self._pusher, self._flush)
 
     async def mark(self, obj) -> bool:
         """Hand `obj` out after the speech pushed so far. Returns False (and does nothing) when
         no speech is pending: the caller passes it on at once."""
-        if self._closed:
+        if self._closed or self.session is None:
             return False
         return await asyncio.get_running_loop().run_in_executor(self._pusher, self._mark, obj)
 
@@ -264,6 +274,7 @@ class AvatarStream:
         return self._frames()
 
     async def _frames(self):
+        await self.start()
         while True:
             item = await self._queue.get()
             if item is None:

@@ -9,12 +9,14 @@
 
 What goes through it:
 - Every downstream `OutputAudioRawFrame` (TTS audio, any rate and channel count) is taken and fed
-  to one live `edgetalk.Session`. Out come, every 40 ms, an `OutputImageRawFrame` and the 640
-  samples (16 kHz mono) of that frame's span: a `TTSAudioRawFrame` where the span holds speech, a
-  plain `OutputAudioRawFrame` of silence while the avatar idles (the output transport counts only
-  TTS audio as the bot speaking). Image and audio of a frame leave together, paced by the
-  Session's clock, so a live video transport (`video_out_is_live`) shows each picture with its
-  sound. With `pass_audio=False` only images go out (and the TTS audio is still passed on).
+  to one live `edgetalk.Session`. Out comes, every 40 ms, an `OutputImageRawFrame`; while the
+  avatar speaks it is followed by a `TTSAudioRawFrame` with the 640 samples (16 kHz mono) of that
+  frame's span (more after frames dropped as late). The images are `sync_with_audio`: the output
+  transport queues them with the audio and shows each one when the audio before it has been sent,
+  so picture and sound stay on one clock (the audio's) even when the CPU hiccups and audio queues
+  up. Idle frames come without audio (the transport sends silence by itself), so a backlog from
+  a hiccup drains between utterances, and only speech counts as the bot speaking.
+  With `pass_audio=False` only images go out, unsynchronised, and the TTS audio is passed on.
 - Between utterances the Session feeds silence: the avatar idles (blinks, mouth closed) at 25 fps
   and nothing in the pipeline waits for it.
 - Other frames that follow speech in order (TTSStoppedFrame, text, EndFrame, ...) are held until
@@ -53,11 +55,12 @@ __all__ = ["EdgeTalkVideoService", "transport_params"]
 
 
 def transport_params(resolution: int = 256) -> dict:
-    """The `TransportParams` video settings the service needs: live video (each image shown as it
-    comes, at 25 fps) of the avatar's size."""
+    """The `TransportParams` video settings the service needs: video of the avatar's size sent at
+    25 fps, showing the latest image (`video_out_is_live=False`: the images come paced, queued
+    with the audio, see the module doc)."""
     return dict(
         video_out_enabled=True,
-        video_out_is_live=True,
+        video_out_is_live=False,
         video_out_width=resolution,
         video_out_height=resolution,
         video_out_framerate=FPS,
@@ -109,7 +112,8 @@ class EdgeTalkVideoService(FrameProcessor):
         await super().process_frame(frame, direction)
 
         if isinstance(frame, StartFrame):
-            await self._stream.start()
+            # The model opens in the background: the pipeline starts at once, the avatar shows
+            # up when it is ready, and TTS audio that comes first waits for it.
             await self.push_frame(frame, direction)
             self._emit_task = self.create_task(self._emit())
         elif isinstance(frame, InterruptionFrame):
@@ -150,11 +154,12 @@ class EdgeTalkVideoService(FrameProcessor):
     async def _push_avatar_frame(self, f: AvatarFrame) -> None:
         rgb = np.ascontiguousarray(self.render_image(f))
         h, w = rgb.shape[:2]
-        await self.push_frame(OutputImageRawFrame(image=rgb.tobytes(), size=(w, h), format="RGB"))
-        if self._pass_audio:
-            cls = TTSAudioRawFrame if f.speech else OutputAudioRawFrame
+        image = OutputImageRawFrame(image=rgb.tobytes(), size=(w, h), format="RGB")
+        image.sync_with_audio = self._pass_audio
+        await self.push_frame(image)
+        if self._pass_audio and f.speech:
             pcm = to_int16(f.audio).tobytes()
-            await self.push_frame(cls(audio=pcm, sample_rate=SAMPLE_RATE, num_channels=1))
+            await self.push_frame(TTSAudioRawFrame(pcm, sample_rate=SAMPLE_RATE, num_channels=1))
 
     def render_image(self, f: AvatarFrame) -> np.ndarray:
         """The picture sent for a frame: its RGB. Override to draw an overlay."""
