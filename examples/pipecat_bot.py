@@ -291,15 +291,16 @@ PAGE = """<!doctype html>
 <script>
 // One RTCPeerConnection: transceiver 0 audio (the microphone out, the bot's voice in),
 // transceiver 1 video (the avatar in), as Pipecat's SmallWebRTC transport expects.
-// With ?measure=1 it also logs each shown frame (time on screen, the brightness of its top-left
-// marker) and the loudness of the sound as played, for the tests' A/V measurement.
+// With ?measure=1 it also logs each shown frame (time on screen, the brightness of two marker
+// blocks at its top left) and the loudness of the sound as played, for the tests' measurements.
 const measure = new URLSearchParams(location.search).has("measure");
 const trace = { video: [], audio: [] };
 window.edgetalk = { trace, pcId: null, shown: 0, firstShownAt: null };
 const $ = (id) => document.getElementById(id);
 const status = (t) => { $("status").textContent = t; };
 const canvas = document.createElement("canvas");
-canvas.width = canvas.height = 8;
+canvas.width = 16;
+canvas.height = 8;
 const cx = canvas.getContext("2d", { willReadFrequently: true });
 
 function onFrame(now, meta) {
@@ -307,12 +308,12 @@ function onFrame(now, meta) {
   const w = window.edgetalk;
   w.shown += 1;
   if (w.firstShownAt === null) w.firstShownAt = performance.timeOrigin + now;
-  if (measure) {  // the mean of the marker block (top-left 1/16 of the picture)
-    cx.drawImage(video, 0, 0, video.videoWidth / 16, video.videoHeight / 16, 0, 0, 8, 8);
-    const d = cx.getImageData(0, 0, 8, 8).data;
-    let s = 0;
-    for (let i = 0; i < d.length; i += 4) s += d[i];
-    trace.video.push([performance.timeOrigin + meta.expectedDisplayTime, s / 64]);
+  if (measure) {  // the means of two marker blocks (top-left, each 1/16 of the picture wide)
+    cx.drawImage(video, 0, 0, video.videoWidth / 8, video.videoHeight / 16, 0, 0, 16, 8);
+    const d = cx.getImageData(0, 0, 16, 8).data;
+    const m = [0, 0];
+    for (let i = 0; i < d.length; i += 4) m[(i / 4) % 16 < 8 ? 0 : 1] += d[i] / 64;
+    trace.video.push([performance.timeOrigin + meta.expectedDisplayTime, m[0], m[1]]);
   }
   video.requestVideoFrameCallback(onFrame);
 }

@@ -2,7 +2,8 @@
 
 Speech (any rate, any channel count) goes in with `push()`; frames come out of `async for`, each
 with its RGB image, the 640 samples of its 40 ms span and whether that span holds pushed speech
-or idle silence. Between utterances the Session feeds silence itself, so frames keep coming at
+or idle silence. When the CPU falls behind, the Session drops late frames (late policy "drop")
+and their audio goes too, so picture, sound and the conversation stay on time. Between utterances the Session feeds silence itself, so frames keep coming at
 25 fps and the avatar idles.
 
 Markers: `mark(obj)` ties an object (a framework's end-of-segment marker, a control frame that
@@ -40,7 +41,7 @@ SPF = SAMPLES_PER_FRAME
 class AvatarFrame:
     index: int  # on the Session's timeline: pts = index / 25 s
     rgb: np.ndarray  # HxWx3 uint8
-    audio: np.ndarray  # float32 mono 16 kHz: this frame's span (plus frames dropped just before)
+    audio: np.ndarray  # float32 mono 16 kHz: this frame's 640 samples (see AvatarStream)
     speech: bool  # the span holds pushed speech (False: idle silence)
     markers: list  # objects whose speech ended within this frame; hand them on after it
     late: bool = False
@@ -122,6 +123,7 @@ class AvatarStream:
         self.frames_out = 0
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
+        self.late_audio_dropped_s = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -309,7 +311,12 @@ class AvatarStream:
         if self.first_frame_at is None:
             self.first_frame_at = now
         self.last_frame_at = now
-        return AvatarFrame(f.index, f.rgb, f.audio, speech, markers, f.late)
+        # A frame after frames dropped as late carries their audio too. Agent transports play
+        # audio on their own clock (filling gaps with silence), so audio that comes late would
+        # queue up behind and lag the conversation from then on: it is dropped with its frames.
+        audio = f.audio[-SPF:]
+        self.late_audio_dropped_s += (f.audio.shape[0] - audio.shape[0]) / (SPF * FPS)
+        return AvatarFrame(f.index, f.rgb, audio, speech, markers, f.late)
 
     @property
     def fps(self) -> float:

@@ -155,14 +155,13 @@ def test_video_service_in_a_pipeline():
     ]
     media = [(t, k, f) for (t, f), k in zip(got, kinds, strict=True) if k in ("img", "tts", "aud")]
     # Only images and speech come out (idle frames are images alone: the transport sends silence).
-    # A speaking image is followed by the 640 samples (16 kHz mono) of its span, 640 x k when
-    # k - 1 frames before it were dropped as late (their audio is never lost).
+    # A speaking image is followed by the 640 samples (16 kHz mono) of its span.
     assert "aud" not in kinds
     for (_, k0, _), (_, k1, f1) in zip(media, media[1:], strict=False):
         assert k0 == "img" or k1 == "img"  # never two audio frames in a row
         if k1 == "tts":
             assert f1.sample_rate == 16000 and f1.num_channels == 1
-            assert len(f1.audio) % (2 * 640) == 0 and len(f1.audio) > 0
+            assert len(f1.audio) == 2 * 640
     images = [(t, f) for t, k, f in media if k == "img"]
     assert images[0][1].size == (256, 256) and images[0][1].format == "RGB"
     assert all(f.sync_with_audio for _, f in images)  # queued with the audio by the transport
@@ -179,7 +178,11 @@ def test_video_service_in_a_pipeline():
         [np.frombuffer(f.audio, np.int16) for t, k, f in audio if t < marks["speak2"]]
     ).astype(np.float32)
     ref = soxr_mono16(first, rate)
-    assert _match(out, ref) > 0.99
+    dropped = avatar.stream.late_audio_dropped_s  # frames (and their audio) dropped as late
+    if dropped == 0:
+        assert _match(out, ref) > 0.99
+    else:  # what was not dropped went out
+        assert abs(out.shape[0] / 16000 + dropped - ref.shape[0] / 16000) < 0.3 + dropped
     ffd = first_speech[0] - marks["speak1"]
     stopped = [t for (t, f) in got if isinstance(f, TTSStoppedFrame)]
     assert len(stopped) == 1 and 0 <= stopped[0] - first_speech[-1] < 0.04
@@ -236,14 +239,17 @@ def _loudness_to_level(rms):
 
 
 class MarkedAvatar(EdgeTalkVideoService):
-    """Draws each frame's loudness as the brightness of its top-left block: the page reads it
-    back from the video it shows, so no frame numbering has to survive the transport."""
+    """Draws two blocks at the top left of each frame: the brightness of the first is the
+    frame's loudness, that of the second its index mod 4. The page reads them back from the
+    video it shows, so no frame numbering has to survive the transport, and a frame the
+    transport repeats is not counted as a new one."""
 
     def render_image(self, f):
         rgb = f.rgb.copy()
         h, w = rgb.shape[:2]
-        rms = float(np.sqrt(np.mean(np.square(f.audio[-640:])))) if f.audio.size else 0.0
+        rms = float(np.sqrt(np.mean(np.square(f.audio)))) if f.audio.size else 0.0
         rgb[: h // 16, : w // 16] = np.uint8(round(float(_loudness_to_level(rms))))
+        rgb[: h // 16, w // 16 : w // 8] = np.uint8(85 * (f.index % 4))
         return rgb
 
 
@@ -359,11 +365,13 @@ def test_example_bot_in_browser():
     finally:
         server.stop()
 
-    video = np.array(trace["video"], dtype=np.float64)  # [epoch ms on screen, marker level]
+    video = np.array(trace["video"], dtype=np.float64)  # [epoch ms on screen, loudness, index]
     audio = np.array(trace["audio"], dtype=np.float64)  # [epoch ms heard, rms]
     assert len(video) > 200 and len(audio) > 1000, (len(video), len(audio))
     span_s = (video[-1, 0] - video[0, 0]) / 1000
-    fps_browser = (len(video) - 1) / span_s
+    fps_shown = (len(video) - 1) / span_s  # frames the transport sent, repeats included
+    new = np.count_nonzero(np.diff(np.round(video[:, 2] / 85.0)) != 0)
+    fps_browser = new / span_s  # different frames shown per second
     # First frame on screen after the first TTS audio: the first shown frame whose marker says
     # "speech" (both clocks are this machine's wall clock).
     speaking = video[video[:, 1] > 40]
@@ -376,6 +384,7 @@ def test_example_bot_in_browser():
         ffd_service_ms=[d * 1000 for d in stats["speech_delays_s"]],
         ffd_on_screen_ms=ffd_screen * 1000,
         fps_browser=fps_browser,
+        fps_shown_with_repeats=fps_shown,
         fps_service=stats["fps"],
         av_offset_ms=lag,
         av_corr=r,
