@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
             )
             print(
                 f"edgetalk export: parity FAILED for {what}; the bundle was not written "
-                f"(inspect {result.path})"
+                f"(inspect {result.path}). A re-run rebuilds the failed modules; "
+                "--force rebuilds every module"
             )
             worst = EXIT_PARITY_FAILED
     return worst

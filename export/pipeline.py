@@ -171,6 +171,12 @@ def export_bundle(
         e2e = end_to_end(torch_backend, candidate, precision, e2e_frames)
 
     ok = all(r.parity.get("status") != "fail" for r in results) and e2e.get("status") != "fail"
+    if not ok:
+        # A module that failed its gate is never reused by the next run; when only the stream
+        # failed, no single module is to blame, so every module is rebuilt.
+        failed = [r.name for r in results if r.parity.get("status") == "fail"] or list(MODULES)
+        for part in failed:
+            (work / f".{part}.key").unlink(missing_ok=True)
     manifest = _manifest(
         cfg,
         target,
@@ -262,7 +268,10 @@ def end_to_end(reference: Backend, candidate: Backend, precision: str, frames: i
 
 def _export_key(ck: Path, cfg, target: str, precision: str) -> str:
     h = hashlib.sha256()
-    for part in (sha256(ck), cfg.to_json(), target, precision, __version__):
+    # The converter's own source is part of the key: a changed recipe (a precision policy, an op
+    # kept float) never reuses modules made by the old one.
+    conv = Path(importlib.import_module(f"edgetalk.converters.{target}").__file__)
+    for part in (sha256(ck), cfg.to_json(), target, precision, __version__, sha256(conv)):
         h.update(part.encode())
     return h.hexdigest()[:16]
 

@@ -25,7 +25,7 @@ from edgetalk.runtime.avatar import prepare_avatar
 from edgetalk.runtime.backend import Backend
 from edgetalk.runtime.scheduler import StreamScheduler
 
-from .conftest import MICRO, speechlike
+from .conftest import MICRO, need, speechlike
 
 QUICK = ["--seconds", "1", "--repeats", "1", "--warmup", "0.2"]
 
@@ -288,7 +288,7 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
 
 
 def test_bundle_only_backend_points_to_export(micro_ckpt):
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime", "the onnx extra is not installed")
     with pytest.raises(EdgeTalkError, match="--export onnx:fp32"):
         make_plan(Request(checkpoint=micro_ckpt, backends=["onnxruntime"]))
 
@@ -317,7 +317,7 @@ def test_bf16_alone_gets_an_fp32_reference(micro_ckpt):
 @pytest.fixture(scope="module")
 def exported(micro_ckpt, tmp_path_factory):
     """bench --export onnx:fp32 at chunk 2 into a cache dir (one real export, then a bench)."""
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime", "the onnx extra is not installed")
     root = tmp_path_factory.mktemp("bundles")
     out = root / "x.json"
     args = ["bench", "--checkpoint", micro_ckpt, "--export", "onnx:fp32", "--chunk", "2", *QUICK]

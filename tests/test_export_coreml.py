@@ -9,7 +9,9 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("coremltools", reason="coremltools is not installed (the coreml extra)")
+from .conftest import need  # noqa: E402
+
+need("coremltools", "coremltools is not installed (the coreml extra)")
 
 from edgetalk.cli import main  # noqa: E402
 from edgetalk.converters import coreml  # noqa: E402

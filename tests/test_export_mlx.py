@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-mx = pytest.importorskip(
-    "mlx.core", reason="mlx is not importable: pip install 'edgetalk[mlx]' (mlx[cpu] on Linux)"
-)
+from .conftest import need  # noqa: E402
+
+mx = need("mlx.core", "mlx is not importable: pip install 'edgetalk[mlx]' (mlx[cpu] on Linux)")
 
 from edgetalk.converters import mlx as conv  # noqa: E402
 from edgetalk.converters import mlx_models as M  # noqa: E402

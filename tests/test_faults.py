@@ -24,7 +24,7 @@ from edgetalk.runtime.backend_torch import TorchBackend
 from edgetalk.runtime.session import Session
 from edgetalk.runtime.sources import CTRL_END, SocketSource, feed
 
-from .conftest import MICRO, av_ends, seeded_model, speechlike
+from .conftest import MICRO, av_ends, need, seeded_model, speechlike
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 AAC_FRAME_S = 1024 / 16000  # the encoder pads the last audio frame: the ends agree within it
@@ -257,7 +257,7 @@ def test_signals_during_live_leave_a_playable_mp4(micro_ckpt, tmp_path, sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_during_export_leave_no_bundle(micro_ckpt, tmp_path, sig):
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime", "the onnx extra is not installed")
     from edgetalk.runtime.bundle import open_bundle
 
     out = tmp_path / "bundle"

@@ -264,7 +264,9 @@ def test_ten_minute_stream_flat_memory_no_drift(micro_model):
         f"{slope * 1000:.1f} kB/min, RSS slope {rss_slope * 1000:.1f} kB/min, "
         f"drift {(samples - total) / SPF:+.2f} frames"
     )
-    assert wall < 600  # faster than real time
+    # Faster than real time with room to spare: 4x (the 300 s test timeout would cut off any
+    # bound looser than 2x before it could fail).
+    assert wall < minutes * 60 / 4, f"{wall:.0f} s for a {minutes}-minute stream"
     print("traced MB per minute:", [round(t / 1e6, 3) for t in traced])
     assert abs(slope) < 0.05 and max(traced[2:]) - min(traced[2:]) < 1e6
     assert rss_slope < 1.0

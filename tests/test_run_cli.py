@@ -12,7 +12,7 @@ import soundfile as sf
 
 from edgetalk.cli import main
 
-from .conftest import speechlike
+from .conftest import need, speechlike
 
 
 def run_cli(args, capsys):
@@ -137,7 +137,7 @@ def test_no_face_check_accepts_centre_crop(tmp_path, wav_file, capsys):
 
 
 def test_user_photo_with_face(tmp_path, wav_file, capsys):
-    skimage = pytest.importorskip("skimage.data", reason="scikit-image gives a real face photo")
+    skimage = need("skimage.data", "scikit-image gives a real face photo")
     photo = tmp_path / "astronaut.png"
     _write_png(photo, skimage.astronaut())
     out = tmp_path / "o.mp4"

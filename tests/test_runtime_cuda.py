@@ -35,7 +35,7 @@ from edgetalk.runtime_cuda.residency import (
     take_slots,
 )
 
-from .conftest import MICRO, seeded_model, speechlike
+from .conftest import MICRO, need, seeded_model, speechlike
 
 GPU_REASON = torch_cuda_reason()
 needs_gpu = pytest.mark.skipif(bool(GPU_REASON), reason=f"needs a CUDA GPU: {GPU_REASON}")
@@ -86,7 +86,7 @@ def micro_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_bundle(micro_ckpt, tmp_path_factory):
-    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    need("onnxruntime", "the onnx extra is not installed")
     from edgetalk.export.pipeline import export_bundle
     from edgetalk.runtime.bundle import open_bundle
 

@@ -8,6 +8,8 @@ import pytest
 
 from edgetalk.benchmarks.soak import checks, rss_report, soak, summary
 
+from .conftest import need
+
 
 @pytest.fixture(scope="module")
 def report():
@@ -24,12 +26,13 @@ def report():
 def test_two_minute_soak_keeps_every_guarantee(report):
     print("\n" + summary(report))
     assert report["frames"] >= 2 * 60 * 25 * 0.9  # barge-ins drop about a second each
+    assert report["speed_x_realtime"] > 1.0, "the soak stream must run faster than real time"
     c = report["checks"]
     assert c["kv_constant"]["ok"] and len(report["kv_bytes"]) == 1
     assert c["av_aligned"]["ok"] and report["av"]["audio_samples_out"] == report["frames"] * 640
     assert c["rss_flat"]["ok"], c["rss_flat"]["what"]
-    pytest.importorskip("dlib", reason="identity needs the eval extra (dlib)")
-    pytest.importorskip("mediapipe", reason="head drift needs the eval extra (mediapipe)")
+    need("dlib", "identity needs the eval extra (dlib)")
+    need("mediapipe", "head drift needs the eval extra (mediapipe)")
     assert c["identity"]["ok"], c["identity"]["what"]
     assert c["no_drift"]["ok"], c["no_drift"]["what"]
     assert report["ok"]

@@ -8,6 +8,8 @@ import pytest
 from edgetalk.models.motion import INDEX, MOTION_DIM
 from edgetalk.training import faces, speech, visemes
 
+from .conftest import need, skip_or_fail
+
 needs_speech = pytest.mark.skipif(
     not speech.available(), reason="espeak-ng not installed (apt-get install espeak-ng)"
 )
@@ -22,12 +24,12 @@ def _motion(**kw) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def astronaut():
-    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is needed for face landmarks")
-    pytest.importorskip("skimage", reason="scikit-image ships the astronaut photo")
-    pytest.importorskip("cv2", reason="opencv-python-headless is needed for face detection")
+    need("mediapipe", "mediapipe==0.10.21 is needed for face landmarks")
+    need("skimage", "scikit-image ships the astronaut photo")
+    need("cv2", "opencv-python-headless is needed for face detection")
     ids = faces.load_identities(sources=("astronaut",))
     if not ids:
-        pytest.skip("mediapipe found no landmarks on the astronaut photo")
+        skip_or_fail("mediapipe found no landmarks on the astronaut photo")
     return ids[0]
 
 
@@ -118,7 +120,7 @@ def test_visemes_deterministic_and_listening():
 
 def test_augment_is_deterministic():
     rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    pytest.importorskip("cv2")
+    need("cv2", "opencv-python-headless is needed for face detection")
     a = faces.augment(rgb, np.random.default_rng(3))
     b = faces.augment(rgb, np.random.default_rng(3))
     assert np.array_equal(a, b) and a.shape == rgb.shape and a.dtype == np.uint8
@@ -129,7 +131,7 @@ def test_augment_is_deterministic():
 
 
 def test_degrade_damages_pixels_not_geometry():
-    pytest.importorskip("cv2")
+    need("cv2", "opencv-python-headless is needed for face detection")
     ys, xs = np.mgrid[:64, :64]
     rgb = np.stack([(xs * 4) % 256, (ys * 4) % 256, ((xs + ys) * 2) % 256], -1).astype(np.uint8)
     a = faces.degrade(rgb, np.random.default_rng(5), 1.0)
@@ -160,7 +162,7 @@ def test_transplanted_teeth_take_the_photos_colour_cast(astronaut):
 
 
 def test_rotation_moves_points_pixels_and_motion_together():
-    pytest.importorskip("cv2")
+    need("cv2", "opencv-python-headless is needed for face detection")
     from edgetalk.training.train_render import mirror_motion, rotate_motion
 
     aug = faces.Augment(flip=True, angle=np.radians(20), scale=1.1, shift=(0.05, -0.02))
@@ -262,8 +264,8 @@ def test_open_mouth_refs_are_deterministic_and_only_widen_toothy_photos(astronau
 
 
 def test_grace_hopper_is_a_training_face():
-    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is needed for face landmarks")
-    pytest.importorskip("matplotlib", reason="matplotlib ships the grace_hopper photo")
+    need("mediapipe", "mediapipe==0.10.21 is needed for face landmarks")
+    need("matplotlib", "matplotlib ships the grace_hopper photo")
     ids = faces.load_identities("train", sources=("matplotlib",))
     assert [i.name for i in ids] == ["grace_hopper"]
     assert ids[0].rgb.shape == (faces.CROP, faces.CROP, 3) and ids[0].landmarks.shape == (478, 3)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from edgetalk.models.checkpoint import load_checkpoint
+
+from .conftest import need
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed"),
@@ -14,7 +17,7 @@ pytestmark = [
 
 
 def test_one_step_each_stage_then_assemble(tmp_path):
-    pytest.importorskip("mediapipe", reason="mediapipe 0.10.21 is not installed")
+    need("mediapipe", "mediapipe 0.10.21 is not installed")
     from edgetalk.training import assemble, train_motion, train_render
 
     train_render.main(
@@ -41,7 +44,8 @@ def test_one_step_each_stage_then_assemble(tmp_path):
     for stage in ("render", "motion"):
         model, meta = load_checkpoint(tmp_path / stage / "model.safetensors")
         assert meta["stage"] == stage
-        assert (tmp_path / stage / "log.jsonl").exists() or stage  # logs appear every 25 steps
+        # exactly the one step asked for ran, and was saved with its optimiser state to resume
+        assert torch.load(tmp_path / stage / "optim.pt", weights_only=True)["step"] == 1
     # the lip-head stage moves the lip head and nothing else
     from safetensors.torch import load_file
 
