@@ -61,9 +61,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allow-remote",
         action="store_true",
-        help="allow --listen on a non-loopback address (needs --token)",
+        help="allow --listen on a non-loopback address (needs a token)",
     )
-    p.add_argument("--token", help="shared secret that socket clients send first (AUTH)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the shared secret socket clients send first (AUTH); or set "
+        "EDGETALK_TOKEN",
+    )
+    p.add_argument(
+        "--token", help="the shared secret itself (visible in `ps`: prefer --token-file)"
+    )
 
     out = p.add_mutually_exclusive_group()
     out.add_argument(
@@ -95,8 +103,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("choose an audio source: --mic, --pcm-stdin or --listen 127.0.0.1:PORT")
     if not (args.virtualcam or args.preview or args.out or args.null):
         raise InputError("choose an output: --virtualcam, --preview, --out OUT.mp4 or --null")
-    if args.token and not args.listen and not args.partner_listen:
-        raise InputError("--token is for --listen / --partner-listen")
+    if (args.token or args.token_file) and not args.listen and not args.partner_listen:
+        raise InputError("--token / --token-file are for --listen / --partner-listen")
     if args.seconds is not None and args.seconds <= 0:
         raise InputError("--seconds must be positive")
     if args.virtualcam:
@@ -109,6 +117,11 @@ def main(args: argparse.Namespace) -> int:
         PreviewSink.check_available()
 
     from .sources import MicSource, PcmStdinSource, SocketSource, parse_hostport
+    from .tokens import resolve_token
+
+    token = None
+    if args.listen or args.partner_listen:
+        token = resolve_token(args.token, args.token_file)
 
     sources = []
     try:
@@ -119,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             host, port = parse_hostport(args.listen)
             own = SocketSource(
-                host, port, rate=args.rate, allow_remote=args.allow_remote, token=args.token
+                host, port, rate=args.rate, allow_remote=args.allow_remote, token=token
             )
         sources.append(own)
         partner = None
@@ -128,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
         elif args.partner_listen:
             host, port = parse_hostport(args.partner_listen)
             partner = SocketSource(
-                host, port, rate=args.rate, allow_remote=args.allow_remote, token=args.token
+                host, port, rate=args.rate, allow_remote=args.allow_remote, token=token
             )
         if partner is not None:
             sources.append(partner)

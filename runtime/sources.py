@@ -455,10 +455,14 @@ class SocketSource(AudioSource):
             if not allow_remote:
                 raise InputError(
                     f"refusing to listen on {host}: other machines could reach it. Use "
-                    "127.0.0.1, or pass --allow-remote with --token T to accept remote clients"
+                    "127.0.0.1, or pass --allow-remote with --token-file FILE (or EDGETALK_TOKEN) to "
+                    "accept remote clients"
                 )
             if not token:
-                raise InputError("--allow-remote needs --token T: remote clients must authenticate")
+                raise InputError(
+                    "--allow-remote needs a token (--token-file FILE or EDGETALK_TOKEN): remote "
+                    "clients must authenticate"
+                )
         if token is not None and not 1 <= len(token.encode()) <= 255:
             raise InputError("--token must be 1 to 255 bytes")
         self.rate = StreamResampler(rate).rate

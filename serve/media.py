@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ VIDEO_CLOCK = 90_000
 OUT_RATE = 48_000  # outgoing audio: 20 ms Opus frames at 48 kHz
 OUT_FRAME = OUT_RATE // 50
 MAX_VIDEO_BACKLOG = 8  # frames waiting for the encoder; older ones are dropped beyond this
-CONNECT_TIMEOUT_S = 30.0  # an offer that never connects frees its slot after this
+CONNECT_TIMEOUT_S = 10.0  # an offer that never connects frees its slot after this (ICE here: <1 s)
 MIC_WAIT_S = 1.0  # after connecting, the session starts at the first mic audio or after this
 MEDIA_TIMEOUT_S = 10.0  # no microphone packets for this long: the tab is gone (crashed, offline)
 RECORD_FRAMES = 0  # frames (index, rgb) kept per peer for measurements; 0: none (tests raise it)
@@ -164,9 +165,14 @@ def make_tracks():
 class Peer:
     """One browser peer connection and its avatar Session."""
 
-    def __init__(self, server, pc, session, avatar_name: str):
+    def __init__(self, server, pc, session, avatar_name: str, client: str = "", max_s: float = 0):
         video_cls, audio_cls = make_tracks()
         self.id = uuid.uuid4().hex
+        # Only the offer's answer carries the secret: stats, interrupt and close need it, so one
+        # token holder cannot control another's session.
+        self.secret = secrets.token_urlsafe(32)
+        self.client = client  # the offering address: its pending offers are capped
+        self.max_s = max_s
         self.server = server
         self.pc = pc
         self.session = session
@@ -199,6 +205,9 @@ class Peer:
         self._tasks: list[asyncio.Task] = []
         self._timeout = self.loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout)
         self._fallback: asyncio.TimerHandle | None = None
+        self._limit = (
+            self.loop.call_later(max_s, self._length_limit) if max_s and max_s > 0 else None
+        )
 
     # ---- wiring ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -238,6 +247,11 @@ class Peer:
                     self.close(f"no audio from the browser for {MEDIA_TIMEOUT_S:.0f} s")
                 )
                 return
+
+    def _length_limit(self) -> None:
+        if not self.closed:
+            minutes = self.max_s / 60.0
+            self.loop.create_task(self.close(f"the session reached its {minutes:g}-minute limit"))
 
     def _connect_timeout(self) -> None:
         if self.connected_at is None and not self.closed:
@@ -288,9 +302,10 @@ class Peer:
                 rms = float(np.sqrt(np.mean(np.square(f.audio)))) if f.audio.size else 0.0
                 rgb = f.rgb if self._record else None
                 self.loop.call_soon_threadsafe(self._deliver, f.index, f.t, vf, afs, rms, rgb)
-        except Exception as e:  # the session failed: tell the page, free the slot
+        except Exception:  # the session failed: tell the page, free the slot
             log.exception("peer %s: session failed", self.id[:8])
-            self.error = f"{type(e).__name__}: {e}"
+            # The page sees a plain line; the exception text (paths, internals) stays in the log.
+            self.error = "the avatar session failed (the server log has the details)"
             self.loop.call_soon_threadsafe(
                 lambda: self.loop.create_task(self.close(f"session error: {self.error}"))
             )
@@ -411,6 +426,8 @@ class Peer:
         self._timeout.cancel()
         if self._fallback is not None:
             self._fallback.cancel()
+        if self._limit is not None:
+            self._limit.cancel()
         log.info("peer %s: closing (%s)", self.id[:8], reason)
         try:
             await self.loop.run_in_executor(None, self.session.abort)

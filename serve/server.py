@@ -3,18 +3,26 @@
     GET  /                      the page (serve/static/index.html)
     GET  /static/...            its script and style
     GET  /api/config            {token_required} (and, with the token, the backend and limits)
-    GET  /api/health            active / max sessions
+    GET  /api/health            active / max sessions (no session ids)
     POST /api/avatar            an image (raw body) -> prepare_avatar with the face check
     GET  /api/avatar/{id}.png   the prepared crop of an avatar ("default" or an upload)
-    POST /offer                 {sdp, type: "offer", avatar} -> {sdp, type: "answer", id}
+    POST /offer                 {sdp, type: "offer", avatar} -> {sdp, type: "answer", id, secret}
     GET  /api/stats?id=         the session's own measurements (JSON)
     POST /api/interrupt         {id} -> Session.interrupt()
-    POST /api/close?id=         stop a session (the page's Stop button and its pagehide beacon)
+    POST /api/close?id=         stop a session (the page's Stop button and its pagehide)
 
-Every /api and /offer request needs the token when the server has one (header X-EdgeTalk-Token or
-?token=). POSTs other than /api/close must carry that header (empty without a token): browsers
-will not send a custom header cross-site without a CORS preflight, which is never granted. On a
-loopback address only loopback Host headers are answered (no DNS rebinding).
+The token (when the server has one) travels only in the X-EdgeTalk-Token header, never in a URL:
+the page takes it from the URL's #fragment (which browsers never send) or from its token box.
+Every POST must carry that header (empty without a token): browsers will not send a custom header
+cross-site without a CORS preflight, which is never granted. On a loopback address only loopback
+Host headers are answered (no DNS rebinding). A session is controlled only with the secret its
+offer returned (X-EdgeTalk-Session header): another token holder cannot stop, interrupt or read it.
+
+Untrusted input is bounded before work is done: request bodies (size, and a time limit to arrive),
+headers (the connection's first request must arrive within HEADER_TIMEOUT_S), JSON bodies (types
+checked), SDP offers (64 KB, exactly the page's audio + video sections, parsed off the event loop),
+photos (PNG/JPEG/WebP/BMP by magic bytes, a pixel cap, decoded in a small pool, per-client rate),
+offers (per-client rate, one pending offer per client, a connect timeout, a maximum length).
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ import base64
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
-import tempfile
+import re
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +50,31 @@ log = logging.getLogger("edgetalk.serve")
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+UPLOAD_MAX_PIXELS = 4096 * 4096  # below the CLI's 50 MP: a phone photo fits, a bomb costs ~50 MB
+UPLOAD_WORKERS = 2  # photos decoded at once (their own threads: sessions keep the default pool)
+UPLOAD_QUEUE = 4  # photos decoding or waiting; more: "busy"
+UPLOADS_PER_MINUTE = 10  # per client address
+OFFERS_PER_MINUTE = 20  # per client address
+MAX_SDP_BYTES = 64 * 1024  # the page's offer is ~4 KB
+MAX_JSON_BYTES = MAX_SDP_BYTES + 4096
+BODY_TIMEOUT_S = 10.0  # a request body must arrive within this long
+HEADER_TIMEOUT_S = 10.0  # headers of a connection's request, and an idle keep-alive connection
 MAX_UPLOADED_AVATARS = 16
 TOKEN_HEADER = "X-EdgeTalk-Token"
+SESSION_HEADER = "X-EdgeTalk-Session"
 LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+AVATAR_ID = re.compile(r"default|[0-9a-f]{16}")
+SECURITY_HEADERS = {
+    # Only this server's own script, style and media; no framing (clickjacking), no plugins.
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -70,6 +103,52 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return b"".join(bytes(p) for p in codec.encode(frame))
 
 
+def display_name(filename: str) -> str:
+    """The client's file name as a label only (it never becomes a path): printable, short."""
+    name = re.sub(r"[^\w .,()+-]", "_", Path(filename.replace("\\", "/")).name)[:80].strip()
+    return name or "photo"
+
+
+def check_offer_sdp(sdp: str) -> None:
+    """Parse the offer (run it off the event loop) and allow exactly what the page sends: one
+    audio section (the microphone) and one video section (the avatar it receives)."""
+    from aiortc.sdp import SessionDescription
+
+    if len(sdp.encode()) > MAX_SDP_BYTES:
+        raise InputError(f"the offer's SDP is over {MAX_SDP_BYTES // 1024} KB")
+    try:
+        desc = SessionDescription.parse(sdp)
+    except Exception:  # aiortc raises many types on malformed SDP
+        raise InputError("the offer's SDP cannot be parsed") from None
+    kinds = sorted(m.kind for m in desc.media)
+    if kinds != ["audio", "video"]:
+        raise InputError(
+            "the offer must have exactly one audio section (the microphone) and one video "
+            f"section, as the page sends; it has {', '.join(kinds) or 'none'}"
+        )
+
+
+class RateLimit:
+    """At most `per_minute` events per key in any minute (a token bucket), for a bounded set of
+    keys (the least recently seen are forgotten)."""
+
+    def __init__(self, per_minute: int, keys: int = 4096):
+        self.rate = per_minute / 60.0
+        self.burst = float(per_minute)
+        self.keys = keys
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        level, last = self.buckets.pop(key, (self.burst, now))
+        level = min(self.burst, level + (now - last) * self.rate)
+        ok = level >= 1.0
+        self.buckets[key] = (level - 1.0 if ok else level, now)
+        while len(self.buckets) > self.keys:
+            self.buckets.popitem(last=False)
+        return ok
+
+
 @dataclass
 class ServeConfig:
     bundle: Path | None = None
@@ -84,7 +163,9 @@ class ServeConfig:
     late_policy: str = "drop"
     cert: Path | None = None
     key: Path | None = None
+    max_session_s: float = 2 * 3600.0  # 0: no limit
     extra: dict = field(default_factory=dict)
+    token_generated: bool = False
 
     def check(self) -> None:
         if self.max_sessions < 1:
@@ -92,12 +173,16 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be 0..65535, got {self.port}")
         if self.token is not None and not self.token.strip():
-            raise InputError("--token must not be empty")
+            raise InputError("the token must not be empty")
+        if self.max_session_s < 0:
+            raise InputError("--max-session-minutes must be 0 (no limit) or more")
         if not is_loopback(self.host) and not self.token:
-            raise InputError(
-                f"serving on {self.host} (not a loopback address) lets other machines in: "
-                "give --token T, and open the page as http://HOST:PORT/?token=T"
-            )
+            # Other machines can reach it: never without a token. One nobody can guess is made,
+            # and shown to the operator only (serve/cli.py saves it to a private file).
+            from ..runtime.tokens import generate_token
+
+            self.token = generate_token()
+            self.token_generated = True
         if (self.cert is None) != (self.key is None):
             raise InputError("give --cert and --key together")
 
@@ -122,9 +207,15 @@ class AvatarServer:
         )
         self.peers: dict[str, object] = {}
         self.reserved = 0
-        self.finished: OrderedDict[str, dict] = OrderedDict()  # last stats of ended sessions
+        self.pending: dict[str, int] = {}  # client address -> offers being set up
+        # last stats of ended sessions, with their secrets: id -> (secret, stats)
+        self.finished: OrderedDict[str, tuple[str, dict]] = OrderedDict()
         self.sessions_started = 0
         self._png_cache: dict[str, bytes] = {}
+        self.decoder = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="edgetalk-avatar")
+        self.decoding = 0  # photos in the decoder pool or waiting for it
+        self.upload_rate = RateLimit(UPLOADS_PER_MINUTE)
+        self.offer_rate = RateLimit(OFFERS_PER_MINUTE)
         self.warm_up()
 
     def warm_up(self, chunks: int = 3) -> None:
@@ -158,13 +249,22 @@ class AvatarServer:
     def unreserve(self) -> None:
         self.reserved = max(0, self.reserved - 1)
 
+    def pending_of(self, client: str) -> int:
+        """Offers of this client being set up or answered but not connected yet."""
+        waiting = sum(
+            1
+            for p in self.peers.values()
+            if getattr(p, "client", None) == client and p.connected_at is None
+        )
+        return waiting + self.pending.get(client, 0)
+
     def release(self, peer) -> None:
         if self.peers.pop(peer.id, None) is not None:
             try:
                 stats = peer.stats()
             except Exception:  # the slot is freed whatever happens
                 stats = {"id": peer.id, "closed": True, "close_reason": peer.close_reason}
-            self.finished[peer.id] = stats
+            self.finished[peer.id] = (peer.secret, stats)
             while len(self.finished) > 32:
                 self.finished.popitem(last=False)
             log.info(
@@ -183,24 +283,23 @@ class AvatarServer:
 
     # ---- avatars ---------------------------------------------------------------------------------
     def prepare_upload(self, data: bytes, filename: str) -> tuple[str, np.ndarray]:
-        """The same preparation and face check as the CLI's --avatar (runs in a worker thread)."""
+        """The same image rules and face check as the CLI's --avatar, from memory (no file is
+        written, so the client names nothing on disk), with the uploads' lower pixel cap. Runs in
+        the decoder pool."""
         import uuid
 
-        from ..runtime.avatar import prepare_avatar
+        from ..runtime.avatar import decode_image, prepare_avatar
 
         if not data:
             raise InputError("the uploaded file is empty")
-        name = Path(filename or "photo").name[:120] or "photo"
-        suffix = Path(name).suffix.lower()[:8] or ".img"
-        with tempfile.TemporaryDirectory(prefix="edgetalk-avatar-") as d:
-            path = Path(d) / f"upload{suffix}"
-            path.write_bytes(data)
-            try:
-                crop = prepare_avatar(path, self.resolution, face_check=True)
-            except InputError as e:
-                msg = str(e).replace(str(path), name)
-                cut = msg.find(", or pass --no-face-check")
-                raise InputError(msg[:cut] + "." if cut > 0 else msg) from None
+        name = display_name(filename)
+        rgb = decode_image(data, name, max_pixels=UPLOAD_MAX_PIXELS)
+        try:
+            crop = prepare_avatar(rgb, self.resolution, face_check=True)
+        except InputError as e:
+            msg = str(e).replace("the image", name, 1)
+            cut = msg.find(", or pass --no-face-check")
+            raise InputError(msg[:cut] + "." if cut > 0 else msg) from None
         avatar_id = uuid.uuid4().hex[:16]
         self.avatars[avatar_id] = (crop, name)
         while len(self.avatars) > MAX_UPLOADED_AVATARS + 1:
@@ -233,6 +332,7 @@ class AvatarServer:
             *(p.close("server stopping") for p in list(self.peers.values())),
             return_exceptions=True,
         )
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
@@ -246,16 +346,53 @@ def _error(message: str, status: int = 400, **extra):
     return _json({"error": message, **extra}, status=status)
 
 
+class _BodyTooBig(Exception):
+    pass
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes, arriving within BODY_TIMEOUT_S (a client that
+    declares 1 MB and sends 3 bytes does not hold a handler)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _BodyTooBig
+    parts, n = [], 0
+
+    async def read() -> None:
+        nonlocal n
+        while True:
+            chunk = await request.content.read(65536)
+            if not chunk:
+                return
+            n += len(chunk)
+            if n > limit:
+                raise _BodyTooBig
+            parts.append(chunk)
+
+    await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    return b"".join(parts)
+
+
+def _json_object(body: bytes, what: str) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{what} must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} must be a JSON object")
+    return data
+
+
 def build_app(server: AvatarServer):
     from aiohttp import web
 
     cfg = server.config
     loopback_only = is_loopback(cfg.host)
+    body_limits = {"/api/avatar": MAX_UPLOAD_BYTES}
 
     def token_ok(request) -> bool:
         if not cfg.token:
             return True
-        given = request.headers.get(TOKEN_HEADER) or request.query.get("token") or ""
+        given = request.headers.get(TOKEN_HEADER, "")
         return hmac.compare_digest(given.encode(), cfg.token.encode())
 
     @web.middleware
@@ -270,21 +407,39 @@ def build_app(server: AvatarServer):
         protected = path == "/offer" or (path.startswith("/api/") and path != "/api/config")
         if protected and not token_ok(request):
             return _error(
-                "this server needs its access token: open the page as "
-                "http://HOST:PORT/?token=YOUR_TOKEN (the value given to edgetalk serve --token)",
+                "this server needs its access token: type it into the page, or open the page as "
+                "http://HOST:PORT/#token=YOUR_TOKEN (the token edgetalk serve was given or made)",
                 status=401,
                 token_required=True,
             )
-        if (
-            request.method == "POST"
-            and path != "/api/close"
-            and TOKEN_HEADER not in request.headers
-        ):
-            return _error(f"missing {TOKEN_HEADER} header: requests must come from the page", 400)
+        if request.method == "POST":
+            if TOKEN_HEADER not in request.headers:
+                return _error(
+                    f"missing {TOKEN_HEADER} header: requests must come from the page", 400
+                )
+            try:
+                request["body"] = await _read_body(request, body_limits.get(path, MAX_JSON_BYTES))
+            except _BodyTooBig:
+                r = _error("the request body is too large", 413)
+                r.force_close()
+                return r
+            except asyncio.TimeoutError:
+                r = _error(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", 408)
+                r.force_close()
+                return r
         try:
             return await handler(request)
         except InputError as e:
             return _error(str(e), 400)
+        except web.HTTPException:
+            raise
+        except Exception:  # the log has the traceback; the client never sees internals
+            log.exception("%s %s failed", request.method, path)
+            return _error("internal error (the server log has the details)", 500)
+
+    async def security_headers(request, response) -> None:
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
 
     async def index(request):
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -306,25 +461,29 @@ def build_app(server: AvatarServer):
             {
                 "active": server.active,
                 "max_sessions": cfg.max_sessions,
-                "peers": list(server.peers),
                 "sessions_started": server.sessions_started,
             }
         )
 
     async def upload_avatar(request):
-        data = await request.read()
-        if len(data) > MAX_UPLOAD_BYTES:
-            return _error(f"the photo is over {MAX_UPLOAD_BYTES // 2**20} MB", 413)
+        client = request.remote or "?"
+        if not server.upload_rate.allow(client):
+            return _error(
+                f"too many photos: at most {UPLOADS_PER_MINUTE} a minute; wait a little", 429
+            )
+        if server.decoding >= UPLOAD_QUEUE:
+            return _error("busy checking other photos; try again in a few seconds", 503)
         from urllib.parse import unquote
 
         filename = unquote(request.headers.get("X-Filename", "photo"))
         loop = asyncio.get_running_loop()
+        server.decoding += 1
         try:
             avatar_id, crop = await loop.run_in_executor(
-                None, server.prepare_upload, data, filename
+                server.decoder, server.prepare_upload, request["body"], filename
             )
-        except InputError as e:
-            return _error(str(e), 400)
+        finally:
+            server.decoding -= 1
         preview = "data:image/png;base64," + base64.b64encode(png_bytes(crop)).decode()
         return _json({"id": avatar_id, "name": server.avatars[avatar_id][1], "preview": preview})
 
@@ -335,16 +494,34 @@ def build_app(server: AvatarServer):
         return web.Response(body=png, content_type="image/png")
 
     async def offer(request):
+        bad = "the offer must be JSON {sdp, type: 'offer', avatar}"
         try:
-            body = await request.json()
-            sdp, kind = body["sdp"], body["type"]
-        except (ValueError, KeyError, TypeError):
-            return _error("the offer must be JSON {sdp, type: 'offer', avatar}", 400)
-        if kind != "offer" or not isinstance(sdp, str):
-            return _error("the offer must be JSON {sdp, type: 'offer', avatar}", 400)
-        avatar_id = body.get("avatar") or "default"
-        if avatar_id not in server.avatars:
+            body = _json_object(request["body"], "the offer")
+        except InputError:
+            return _error(bad, 400)
+        sdp, kind, avatar_id = body.get("sdp"), body.get("type"), body.get("avatar", "default")
+        if kind != "offer" or not isinstance(sdp, str) or not isinstance(avatar_id, str | None):
+            return _error(bad, 400)
+        avatar_id = avatar_id or "default"
+        if not AVATAR_ID.fullmatch(avatar_id) or avatar_id not in server.avatars:
             return _error("unknown avatar (the server restarted?): upload the photo again", 400)
+        client = request.remote or "?"
+        if server.pending_of(client) >= 1:
+            return _error("this client already has an offer waiting to connect", 429)
+        if not server.offer_rate.allow(client):
+            return _error(f"too many offers: at most {OFFERS_PER_MINUTE} a minute", 429)
+        loop = asyncio.get_running_loop()
+        server.pending[client] = server.pending.get(client, 0) + 1
+        try:
+            # Parsed off the event loop, and before any Session exists.
+            await loop.run_in_executor(None, check_offer_sdp, sdp)
+            return await _start_peer(client, sdp, avatar_id)
+        finally:
+            server.pending[client] -= 1
+            if not server.pending[client]:
+                del server.pending[client]
+
+    async def _start_peer(client: str, sdp: str, avatar_id: str):
         if not server.try_reserve():
             return _error(server.busy_message(), 503, busy=True)
         peer = None
@@ -357,7 +534,7 @@ def build_app(server: AvatarServer):
             loop = asyncio.get_running_loop()
             session = await loop.run_in_executor(None, server.make_session, crop)
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing outside
-            peer = Peer(server, pc, session, name)
+            peer = Peer(server, pc, session, name, client=client, max_s=cfg.max_session_s)
             peer.attach()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             kinds = {t.kind for t in pc.getTransceivers()}
@@ -373,50 +550,67 @@ def build_app(server: AvatarServer):
             server.sessions_started += 1
             log.info("session %s: offer answered (avatar %s)", peer.id[:8], name)
             return _json(
-                {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "id": peer.id}
+                {
+                    "sdp": pc.localDescription.sdp,
+                    "type": pc.localDescription.type,
+                    "id": peer.id,
+                    "secret": peer.secret,
+                }
             )
         except Exception as e:
             server.unreserve()
             if peer is not None:
-                await peer.close(f"offer failed: {e}")
+                await peer.close("offer failed")
             if isinstance(e, InputError):
                 return _error(str(e), 400)
             log.exception("offer failed")
-            return _error(f"could not start a session: {type(e).__name__}: {e}", 500)
+            return _error("could not start a session (the server log has the details)", 500)
 
-    def _peer(request, body: dict | None = None):
-        pid = request.query.get("id") or (body or {}).get("id") or ""
-        return server.peers.get(pid), pid
+    def _secret_ok(request, secret: str) -> bool:
+        given = request.headers.get(SESSION_HEADER, "")
+        return hmac.compare_digest(given.encode(), secret.encode())
+
+    def _peer(request, pid: object):
+        """The caller's own live session, or None (unknown id and wrong secret look the same)."""
+        peer = server.peers.get(pid) if isinstance(pid, str) else None
+        if peer is None or not _secret_ok(request, peer.secret):
+            return None
+        return peer
 
     async def stats(request):
-        peer, pid = _peer(request)
-        if peer is None:
-            if pid in server.finished:
-                return _json({**server.finished[pid], "closed": True})
-            return _error("no such session", 404)
-        return _json(peer.stats())
+        pid = request.query.get("id", "")
+        peer = _peer(request, pid)
+        if peer is not None:
+            return _json(peer.stats())
+        done = server.finished.get(pid)
+        if done is not None and _secret_ok(request, done[0]):
+            return _json({**done[1], "closed": True})
+        return _error("no such session", 404)
 
     async def interrupt(request):
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        peer, _ = _peer(request, body)
+        body = _json_object(request["body"] or b"{}", "the interrupt request")
+        pid = body.get("id", request.query.get("id", ""))
+        if not isinstance(pid, str):
+            return _error("the interrupt request must be JSON {id: string}", 400)
+        peer = _peer(request, pid)
         if peer is None:
             return _error("no such session", 404)
         discarded = peer.interrupt()
         return _json({"discarded_frames": discarded, **peer.stats()})
 
     async def close(request):
-        peer, pid = _peer(request)
-        if peer is not None:
-            await peer.close("stopped by the page")
+        pid = request.query.get("id", "")
+        peer = _peer(request, pid)
+        if peer is None:
+            return _error("no such session", 404)
+        await peer.close("stopped by the page")
         return _json({"closed": pid})
 
     async def on_shutdown(app):
         await server.close_all()
 
     app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 65536, middlewares=[guard])
+    app.on_response_prepare.append(security_headers)
     app.add_routes(
         [
             web.get("/", index),
@@ -500,7 +694,11 @@ async def start_site(server: AvatarServer):
     cfg = server.config
     ssl_ctx = _ssl_context(cfg)
     app = build_app(server)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # keepalive_timeout also bounds how long a new connection may take to send its first request
+    # (aiohttp arms it at connect) and how long an idle keep-alive connection stays open.
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=HEADER_TIMEOUT_S
+    )
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_ctx)
     try:
@@ -526,9 +724,8 @@ async def serve_forever(server: AvatarServer, stop: asyncio.Event | None = None)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     cfg = server.config
-    shown = url + (f"?token={cfg.token}" if cfg.token else "")
     print(
-        f"serve: open {shown} in a browser; {server.backend.describe()}, "
+        f"serve: open {url} in a browser; {server.backend.describe()}, "
         f"{server.resolution}x{server.resolution}, up to {cfg.max_sessions} session(s); "
         "Ctrl-C to stop",
         flush=True,

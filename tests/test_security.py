@@ -104,7 +104,6 @@ def test_avatar_playlist_naming_a_local_file_is_refused(tmp_path):
 
 def test_image_errors_do_not_leak_ffmpeg_internals(tmp_path):
     from edgetalk.runtime.avatar import load_image
-
     from edgetalk.serve.server import png_bytes
 
     png = png_bytes(_face_rgb())
@@ -405,3 +404,37 @@ def test_refused_connections_do_not_each_start_a_thread():
         first.close()
     finally:
         src.close()
+
+
+def test_concurrent_sessions_on_one_backend_get_their_own_frames():
+    """Two Sessions (two users, two photos) sharing one CudaBackend, as `serve` shares its
+    backend: each must get exactly the frames it gets alone."""
+    from edgetalk.runtime.session import Session
+    from edgetalk.runtime_cuda.backend_cuda import CudaBackend
+
+    from .conftest import speechlike
+
+    be = CudaBackend(seeded_model(MICRO), precision="fp32", device="cpu")
+    photos = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8) for i in (1, 2)]
+    speech = [speechlike(1.2, seed=i) for i in (3, 4)]
+
+    def render(i: int) -> np.ndarray:
+        s = Session(avatar=photos[i], backend=be, face_check=False, realtime=False, seed=i)
+        for k in range(0, speech[i].shape[0], 640):
+            s.push_audio(speech[i][k : k + 640])
+        s.close()
+        return np.stack([f.rgb for f in s.frames()])
+
+    alone = [render(0), render(1)]
+    together: list = [None, None]
+
+    def run(i: int) -> None:
+        together[i] = render(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in (0, 1):
+        np.testing.assert_array_equal(together[i], alone[i])

@@ -76,12 +76,15 @@ def server():
 
 
 # ---- cheap tests ---------------------------------------------------------------------------------
-def test_remote_host_needs_token(capsys):
+def test_remote_host_needs_token(tmp_path, capsys):
     from edgetalk.cli import main
 
-    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    cfg = ServeConfig(host="0.0.0.0", port=0)
+    cfg.check()  # never open to other machines without a token: one is made
+    assert cfg.token and cfg.token_generated
+    assert main(["serve", "--host", "0.0.0.0", "--token-file", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
-    assert "not a loopback address" in err and "--token" in err
+    assert "cannot read --token-file" in err and "Traceback" not in err
 
 
 def test_upsampler_is_exact_and_flat():
@@ -114,13 +117,16 @@ def test_http_guard_and_upload(server, tmp_path):
     status, body = _request(
         url + "offer", data=b"{}", headers={"X-EdgeTalk-Token": "wrong"}, method="POST"
     )
-    assert status == 401 and "?token=" in body["error"]
+    assert status == 401 and "#token=" in body["error"]
     auth = {"X-EdgeTalk-Token": TOKEN}
     status, body = _request(url + "offer", data=b"not json", headers=auth, method="POST")
     assert status == 400 and "offer must be JSON" in body["error"]
-    # POSTs need the page's header (a cross-site form cannot send it), even with ?token=
+    # the token is never taken from a URL (logs, history, Referer)
     status, body = _request(url + f"api/interrupt?token={TOKEN}", data=b"{}", method="POST")
-    assert status == 400 and "X-EdgeTalk-Token" in body["error"]
+    assert status == 401
+    # POSTs need the page's header (a cross-site form cannot send it)
+    status, body = _request(url + "api/interrupt", data=b"{}", method="POST")
+    assert status == 401 and body["token_required"]
     # DNS rebinding: a loopback server answers only to loopback Host names
     status, _ = _request(url + "api/health", headers={**auth, "Host": "evil.example:80"})
     assert status == 403
@@ -485,10 +491,12 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
             assert _health(server)["active"] == 1
 
             # Closing the tab frees the session (its pagehide beacon, or the connection closing).
+            secret = page.evaluate("() => window.edgetalk.state.secret")  # the session's own
             page.close()
             report["freed_after_tab_close_s"] = _wait_active(server, 0, 40)
             final = _request(
-                server.url + f"api/stats?id={stats['id']}", headers={"X-EdgeTalk-Token": TOKEN}
+                server.url + f"api/stats?id={stats['id']}",
+                headers={"X-EdgeTalk-Token": TOKEN, "X-EdgeTalk-Session": secret},
             )[1]
             assert final["closed"] and final["frames"] > 300
 

@@ -5,7 +5,7 @@
   const $ = (id) => document.getElementById(id);
   const MAX_TRACE = 60000;
   const state = {
-    pc: null, mic: null, id: null, avatar: "default", timer: null, audioCtx: null,
+    pc: null, mic: null, id: null, secret: null, avatar: "default", timer: null, audioCtx: null,
     startedAt: null, firstFrameAt: null, shown: [], interruptions: 0,
   };
   // Receiving-end timing, kept for measurements (performance.now() milliseconds):
@@ -15,10 +15,20 @@
   const api = { state, trace, stats: null, browser: {}, lastError: "" };
   window.edgetalk = api;
 
-  const params = new URLSearchParams(location.search);
-  if (params.get("token")) $("token").value = params.get("token");
+  // The token travels only in a header. It comes from the URL's #token= fragment (browsers never
+  // send a fragment to a server), an old-style ?token= link, or the token box; it is kept for
+  // this tab only, and taken out of the address bar at once (history, screenshots, Referer).
+  const fromUrl = new URLSearchParams(location.hash.slice(1)).get("token") ||
+    new URLSearchParams(location.search).get("token");
+  if (fromUrl) {
+    sessionStorage.setItem("edgetalk-token", fromUrl);
+    history.replaceState(null, "", location.pathname);
+  }
+  $("token").value = sessionStorage.getItem("edgetalk-token") || "";
   const token = () => $("token").value.trim();
   const headers = (extra = {}) => ({ "X-EdgeTalk-Token": token(), ...extra });
+  // Stats, interrupt and close need the session's own secret (returned with the answer).
+  const sessionHeaders = () => headers({ "X-EdgeTalk-Session": state.secret || "" });
 
   function setStatus(text, error = false) {
     const el = $("status");
@@ -42,8 +52,14 @@
   }
 
   // ---- avatar ----------------------------------------------------------------------------------
-  function showDefaultAvatar() {
-    $("avatar-preview").src = `/api/avatar/default.png?token=${encodeURIComponent(token())}`;
+  async function showDefaultAvatar() {
+    try {
+      const res = await fetch("/api/avatar/default.png", { headers: headers() });
+      if (!res.ok) return;
+      const img = $("avatar-preview");
+      if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+      img.src = URL.createObjectURL(await res.blob());
+    } catch (e) { /* the preview is only a picture */ }
   }
 
   async function uploadPhoto(file) {
@@ -146,10 +162,13 @@
                                avatar: state.avatar }),
       });
       if (state.pc !== pc) { // stopped meanwhile: free the session it just got
-        fetch(`/api/close?id=${answer.id}`, { method: "POST", headers: headers() }).catch(() => {});
+        fetch(`/api/close?id=${encodeURIComponent(answer.id)}`, {
+          method: "POST", headers: headers({ "X-EdgeTalk-Session": answer.secret }),
+        }).catch(() => {});
         return;
       }
       state.id = answer.id;
+      state.secret = answer.secret;
       await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
     } catch (e) {
       stop(e.busy ? e.message : `Could not start: ${e.message}`, true);
@@ -209,7 +228,8 @@
     const pc = state.pc;
     if (!state.id || !pc) return;
     try {
-      const s = await call(`/api/stats?id=${state.id}`);
+      const s = await call(`/api/stats?id=${encodeURIComponent(state.id)}`,
+                           { headers: { "X-EdgeTalk-Session": state.secret } });
       api.stats = s;
       $("st-backend").textContent = s.backend;
       $("st-fps").textContent = fmt(s.fps_recent);
@@ -258,7 +278,7 @@
     try {
       const s = await call("/api/interrupt", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json", "X-EdgeTalk-Session": state.secret },
         body: JSON.stringify({ id: state.id }),
       });
       $("st-interruptions").textContent = String(s.interruptions);
@@ -272,10 +292,12 @@
     clearInterval(state.timer);
     state.timer = null;
     const id = state.id;
+    const closeHeaders = sessionHeaders();
     state.id = null;
+    state.secret = null;
     if (id) {
-      fetch(`/api/close?id=${id}`, { method: "POST", headers: headers(), keepalive: true })
-        .catch(() => {});
+      fetch(`/api/close?id=${encodeURIComponent(id)}`,
+            { method: "POST", headers: closeHeaders, keepalive: true }).catch(() => {});
     }
     if (state.pc) state.pc.close();
     state.pc = null;
@@ -295,9 +317,11 @@
   $("stop").addEventListener("click", () => stop());
   $("interrupt").addEventListener("click", interrupt);
   // A closed tab frees its session at once (the server also notices the connection closing).
+  // A keepalive fetch (unlike sendBeacon) can carry the token and session headers.
   window.addEventListener("pagehide", () => {
     if (state.id) {
-      navigator.sendBeacon(`/api/close?id=${state.id}&token=${encodeURIComponent(token())}`);
+      fetch(`/api/close?id=${encodeURIComponent(state.id)}`,
+            { method: "POST", headers: sessionHeaders(), keepalive: true }).catch(() => {});
     }
   });
 
@@ -306,10 +330,12 @@
       const cfg = await (await fetch("/api/config", { headers: headers() })).json();
       if (cfg.token_required && !cfg.backend) {
         $("token-box").hidden = false;
-        setStatus("This server needs its access token: open the page as " +
-                  `${location.origin}/?token=YOUR_TOKEN, or type it above.`, true);
-        $("token").addEventListener("change", () => location.assign(
-          `${location.pathname}?token=${encodeURIComponent(token())}`));
+        setStatus("This server needs its access token: type it above, or open the page as " +
+                  `${location.origin}/#token=YOUR_TOKEN.`, true);
+        $("token").addEventListener("change", () => {
+          sessionStorage.setItem("edgetalk-token", token());
+          location.reload();
+        });
         return;
       }
       $("st-backend").textContent = cfg.backend;
