@@ -219,3 +219,53 @@ def test_avatar_runner_drives_the_generator():
     assert ffd < 2.0
     assert -125 <= report["av_offset_ms_median"] <= 45  # ITU-R BT.1359 detectability window
     assert fps >= 20, fps
+
+
+def test_avatar_session_starts_the_worker(monkeypatch):
+    """EdgeTalkAvatarSession, as an agent uses it: the worker process gets the room URL and the
+    avatar options on its command line, the token only in its environment, and the agent's audio
+    goes to the avatar over a DataStream."""
+    from livekit.agents import AgentSession
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    from edgetalk.integrations.livekit import EdgeTalkAvatarSession
+
+    monkeypatch.setenv("LIVEKIT_API_KEY", "devkey")
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "a-secret-long-enough-for-hs256-signing")
+    room = FakeRoom()
+    room.local_participant.identity = "agent"
+    seen = {}
+
+    async def main():
+        session = AgentSession()
+        avatar = EdgeTalkAvatarSession(threads=1, livekit_url="ws://127.0.0.1:9")
+        await avatar.start(session, room=room)
+        try:
+            pid = avatar.process.pid
+            seen["argv"] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            seen["env"] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            seen["sink"] = session.output.audio
+        finally:
+            await avatar.aclose()
+        seen["rc"] = avatar.process.returncode
+
+    asyncio.run(main())
+    argv = [a.decode() for a in seen["argv"] if a]
+    assert argv[1:] == [
+        "-m",
+        "edgetalk.integrations.livekit",
+        "--url",
+        "ws://127.0.0.1:9",
+        "--threads",
+        "1",
+    ]
+    token = next(e for e in seen["env"] if e.startswith(b"EDGETALK_LIVEKIT_TOKEN="))
+    jwt = token.split(b"=", 1)[1]
+    assert jwt and not any(jwt in a for a in seen["argv"])
+    import jwt as pyjwt  # PyJWT, a livekit-api dependency
+
+    claims = pyjwt.decode(jwt, options={"verify_signature": False})
+    assert claims["sub"] == "edgetalk-avatar" and claims["video"]["room"] == "test-room"
+    assert claims["attributes"]["lk.publish_on_behalf"] == "agent"  # speaks for the agent
+    assert isinstance(seen["sink"], DataStreamAudioOutput)
+    assert seen["rc"] is not None  # the worker is gone with the session
