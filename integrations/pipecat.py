@@ -11,12 +11,13 @@ What goes through it:
 - Every downstream `OutputAudioRawFrame` (TTS audio, any rate and channel count) is taken and fed
   to one live `edgetalk.Session`. Out comes, every 40 ms, an `OutputImageRawFrame`; while the
   avatar speaks it is followed by a `TTSAudioRawFrame` with the 640 samples (16 kHz mono) of that
-  frame's span (when the CPU falls behind, late frames are dropped with their audio). The images are `sync_with_audio`: the output
-  transport queues them with the audio and shows each one when the audio before it has been sent,
-  so picture and sound stay on one clock (the audio's) even when the CPU hiccups and audio queues
-  up. Idle frames come without audio (the transport sends silence by itself), so a backlog from
-  a hiccup drains between utterances, and only speech counts as the bot speaking.
-  With `pass_audio=False` only images go out, unsynchronised, and the TTS audio is passed on.
+  frame's span (when the CPU falls behind, late frames are dropped with their audio). The images
+  are `sync_with_audio`: the output transport queues them with the audio and shows each one when
+  the audio before it has been sent, so picture and sound stay on one clock (the audio's) even
+  when the CPU hiccups and audio queues up; `transport_params()` has the matching settings. Idle
+  frames come without audio (the transport sends silence by itself), so a backlog from a hiccup
+  drains between utterances, and only speech counts as the bot speaking. With
+  `pass_audio=False` only images go out, unsynchronised, and the TTS audio is passed on.
 - Between utterances the Session feeds silence: the avatar idles (blinks, mouth closed) at 25 fps
   and nothing in the pipeline waits for it.
 - Other frames that follow speech in order (TTSStoppedFrame, text, EndFrame, ...) are held until
@@ -48,22 +49,23 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from ..models.config import FPS, SAMPLE_RATE
+from ..models.config import SAMPLE_RATE
 from ._stream import AvatarFrame, AvatarStream, to_int16
 
 __all__ = ["EdgeTalkVideoService", "transport_params"]
 
 
 def transport_params(resolution: int = 256) -> dict:
-    """The `TransportParams` video settings the service needs: video of the avatar's size sent at
-    25 fps, showing the latest image (`video_out_is_live=False`: the images come paced, queued
-    with the audio, see the module doc)."""
+    """The `TransportParams` video settings the service needs. The transport sends the latest
+    image (`video_out_is_live=False`: the images come queued with their audio, see the module
+    doc) 30 times a second, the rate aiortc stamps video frames at; the avatar's 25 fps frames go
+    out as they come, every sixth send repeating one."""
     return dict(
         video_out_enabled=True,
         video_out_is_live=False,
         video_out_width=resolution,
         video_out_height=resolution,
-        video_out_framerate=FPS,
+        video_out_framerate=30,
     )
 
 
