@@ -305,3 +305,23 @@ def test_token_sources_and_a_generated_token(tmp_path, monkeypatch):
     cfg.check()  # off loopback without a token: one is made, not refused
     assert cfg.token_generated and len(cfg.token) >= 32
     assert cfg.token not in masked(cfg.token)
+
+
+# ---- the first round's probes, again ----------------------------------------------------------------
+def test_first_round_probes_still_fail(srv):
+    """Path traversal out of /static, DNS rebinding, a cross-site form POST: all still refused."""
+    port = _port(srv)
+    for raw in (b"/static/../server.py", b"/static/..%2fserver.py", b"/static/%2e%2e/cli.py"):
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        c.sendall(b"GET " + raw + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := c.recv(65536):
+            reply += chunk
+        c.close()
+        assert reply.split(b" ")[1] in (b"403", b"404"), (raw, reply[:80])
+        assert b"AvatarServer" not in reply and b"import" not in reply
+    status, _, _ = _request(srv.url + "api/health", headers={**AUTH, "Host": "evil.example"})
+    assert status == 403  # DNS rebinding
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"}
+    status, _, _ = _request(srv.url + "api/close?id=x", data=b"a=1", headers=form, method="POST")
+    assert status in (400, 401)  # a cross-site form cannot send the token header
