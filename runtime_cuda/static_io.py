@@ -143,6 +143,8 @@ class ModuleRunner:
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
+        # thread_local: another session's thread may run (and synchronise) other modules while
+        # this one captures; "global" would make those calls fail the capture.
+        with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
             self._step()
         return graph
