@@ -88,8 +88,8 @@ def _verify(root: Path, fname: str, hashes: dict[str, str]) -> None:
 
 def onnx_external_data(path: Path) -> list[str]:
     """The external-data locations an ONNX file names (every tensor: initializers, constants,
-    subgraphs). [] without the onnx package: onnxruntime itself confines paths to the model's
-    folder since 1.24, and the bundle's own files are hashed either way."""
+    subgraphs). [] without the onnx package: recent onnxruntime releases confine the paths to the
+    model's folder themselves (microsoft/onnxruntime#26776), and the bundle's files are hashed."""
     try:
         import onnx
     except ImportError:
