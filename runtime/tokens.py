@@ -41,7 +41,11 @@ def generate_token() -> str:
 def save_private(token: str, path: Path) -> Path:
     """Write a generated token to a file only its owner can read."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, stat.S_IRUSR | stat.S_IWUSR)
+    except OSError as e:
+        raise InputError(f"cannot save the generated token to {path}: {e.strerror}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(token + "\n")
     os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)

@@ -325,3 +325,31 @@ def test_first_round_probes_still_fail(srv):
     form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"}
     status, _, _ = _request(srv.url + "api/close?id=x", data=b"a=1", headers=form, method="POST")
     assert status in (400, 401)  # a cross-site form cannot send the token header
+
+
+def test_generated_token_is_saved_privately_and_not_printed(tmp_path, monkeypatch, capsys):
+    import os
+    import stat
+
+    from edgetalk.cli import main
+    from edgetalk.serve import server as srv_mod
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("EDGETALK_TOKEN", raising=False)
+    seen = {}
+
+    class Stub:  # no model, no socket: only what the CLI prints and saves
+        def __init__(self, cfg):
+            seen["token"] = cfg.token
+
+    async def no_serve(server):
+        return None
+
+    monkeypatch.setattr(srv_mod, "AvatarServer", Stub)
+    monkeypatch.setattr(srv_mod, "serve_forever", no_serve)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 0
+    out = capsys.readouterr().out
+    saved = tmp_path / ".config" / "edgetalk" / "serve-token"
+    assert saved.read_text().strip() == seen["token"] and len(seen["token"]) >= 32
+    assert seen["token"] not in out and str(saved) in out
+    assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
