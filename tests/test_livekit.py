@@ -215,7 +215,7 @@ def test_avatar_runner_drives_the_generator():
     assert finished[1].interrupted and 0.3 < finished[1].playback_position < 2.0
     assert match > 0.99 or dropped > 0
     assert len(spoke_after) <= 5
-    assert len(idle_after) >= 3 and idle_after[-1] - idle_after[0] >= 25  # timeline frames
+    assert len(idle_after) >= 3 and idle_after[-1] - idle_after[0] >= 10  # timeline frames
     assert ffd < 2.0
     assert -125 <= report["av_offset_ms_median"] <= 45  # ITU-R BT.1359 detectability window
     assert fps >= 20, fps
