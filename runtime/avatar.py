@@ -158,35 +158,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
 
 
 def detect_face(rgb: np.ndarray) -> FaceBox | None:
-    """Largest frontal face (OpenCV Haar cascade), or None. Raises if OpenCV is missing."""
-    try:
-        import cv2
-    except ImportError:
-        raise InputError(
-            "face detection needs OpenCV: pip install 'edgetalk[face]' "
-            "(or pass --no-face-check to use a centre crop)"
-        ) from None
-    cascade_path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-    cascade = cv2.CascadeClassifier(str(cascade_path))
-    if cascade.empty():
-        raise InputError(f"OpenCV's face cascade is missing ({cascade_path}); install opencv<5")
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    # Detect on a bounded size: big photos gain nothing and cost seconds.
-    scale = min(1.0, 640.0 / max(grey.shape))
-    small = (
-        cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        if scale < 1
-        else grey
-    )
-    small = cv2.equalizeHist(small)
-    min_side = max(24, int(0.08 * min(small.shape)))
-    faces = cascade.detectMultiScale(
-        small, scaleFactor=1.1, minNeighbors=6, minSize=(min_side, min_side)
-    )
-    if len(faces) == 0:
-        return None
-    x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
-    return FaceBox(x / scale, y / scale, w / scale, h / scale)
+    """The photo's main face, or None (face_detect.py: BlazeFace, then the Haar cascade). Finds
+    faces that are tilted or look down; raises if OpenCV is missing."""
+    from .face_detect import detect_face as find
+
+    return find(rgb)
 
 
 def crop_box(shape: tuple[int, ...], face: FaceBox | None) -> tuple[float, float, float]:
@@ -202,7 +178,9 @@ def crop_box(shape: tuple[int, ...], face: FaceBox | None) -> tuple[float, float
 
 
 def crop_resize(rgb: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
-    """Cut the square box (edge pixels repeat outside the photo) and resize it to size x size."""
+    """Cut the square box and resize it to size x size. Where the box leaves the photo (a tight or
+    small photo), the photo is mirrored at its edge: repeating the edge pixels instead smeared
+    streaks over up to a quarter of the frame, which the decoder then warped along."""
     import torch
     import torch.nn.functional as F
 
@@ -210,14 +188,24 @@ def crop_resize(rgb: np.ndarray, box: tuple[float, float, float], size: int) -> 
     h, w = rgb.shape[:2]
     x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
     s = max(1, int(round(side)))
-    ys = np.clip(np.arange(y0, y0 + s), 0, h - 1)
-    xs = np.clip(np.arange(x0, x0 + s), 0, w - 1)
+    ys = _reflect(np.arange(y0, y0 + s), h)
+    xs = _reflect(np.arange(x0, x0 + s), w)
     patch = rgb[ys[:, None], xs[None, :]]
     t = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float()
     t = F.interpolate(
         t, size=(size, size), mode="bilinear", antialias=s > size, align_corners=False
     )
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
+    """Indices mirrored into 0..n-1 without repeating the edge (numpy's "reflect"), any distance
+    out: ... 2 1 | 0 1 2 ... n-1 | n-2 n-3 ..."""
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    i = np.mod(idx, period)
+    return np.where(i < n, i, period - i)
 
 
 def prepare_avatar(
