@@ -55,6 +55,7 @@ UPLOAD_WORKERS = 2  # photos decoded at once (their own threads: sessions keep t
 UPLOAD_QUEUE = 4  # photos decoding or waiting; more: "busy"
 UPLOADS_PER_MINUTE = 10  # per client address
 OFFERS_PER_MINUTE = 20  # per client address
+PENDING_GRACE_S = 3.0  # an offer still unconnected after this yields its slot to another client
 MAX_SDP_BYTES = 64 * 1024  # the page's offer is ~4 KB
 MAX_JSON_BYTES = MAX_SDP_BYTES + 4096
 BODY_TIMEOUT_S = 10.0  # a request body must arrive within this long
@@ -257,6 +258,21 @@ class AvatarServer:
             if getattr(p, "client", None) == client and p.connected_at is None
         )
         return waiting + self.pending.get(client, 0)
+
+    def stale_offer(self, client: str):
+        """The oldest session of another client still not connected PENDING_GRACE_S after its
+        offer (a browser on this network connects in well under a second), or None. Such an
+        offer gives its slot to a new one: repeating unconnected offers cannot hold a slot."""
+        now = time.monotonic()
+        stale = [
+            p
+            for p in self.peers.values()
+            if p.connected_at is None
+            and not p.closed
+            and p.client != client
+            and now - p.created > PENDING_GRACE_S
+        ]
+        return min(stale, key=lambda p: p.created, default=None)
 
     def release(self, peer) -> None:
         if self.peers.pop(peer.id, None) is not None:
@@ -523,7 +539,11 @@ def build_app(server: AvatarServer):
 
     async def _start_peer(client: str, sdp: str, avatar_id: str):
         if not server.try_reserve():
-            return _error(server.busy_message(), 503, busy=True)
+            stale = server.stale_offer(client)
+            if stale is not None:
+                await stale.close("did not connect; its slot went to another client")
+            if not server.try_reserve():
+                return _error(server.busy_message(), 503, busy=True)
         peer = None
         try:
             from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription

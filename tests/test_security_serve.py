@@ -353,3 +353,29 @@ def test_generated_token_is_saved_privately_and_not_printed(tmp_path, monkeypatc
     assert saved.read_text().strip() == seen["token"] and len(seen["token"]) >= 32
     assert seen["token"] not in out and str(saved) in out
     assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
+
+
+def test_an_unconnected_offer_cannot_hold_the_only_slot(srv, offer_sdp, monkeypatch):
+    """An offer that never connects held the only slot for 30 s, and repeating it for ever. Now
+    another client's offer takes the slot from an offer still unconnected after a grace period."""
+    import http.client
+
+    monkeypatch.setattr(server_mod, "PENDING_GRACE_S", 0.5)
+    status, squatter, _ = _post(srv, "offer", {"sdp": offer_sdp, "type": "offer"})
+    assert status == 200
+    time.sleep(0.8)
+    # another client (another loopback source address) now gets the slot
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", _port(srv), timeout=20, source_address=("127.0.0.2", 0)
+    )
+    body = json.dumps({"sdp": offer_sdp, "type": "offer"})
+    conn.request("POST", "/offer", body, {**AUTH, "Content-Type": "application/json"})
+    r = conn.getresponse()
+    other = json.loads(r.read())
+    conn.close()
+    assert r.status == 200, other
+    h = {**AUTH, "X-EdgeTalk-Session": squatter["secret"]}
+    st = _request(srv.url + f"api/stats?id={squatter['id']}", headers=h)[1]
+    assert st["closed"] and "another client" in st["close_reason"]
+    _post(srv, f"api/close?id={other['id']}", b"", {"X-EdgeTalk-Session": other["secret"]})
+    _wait_idle(srv)
