@@ -40,7 +40,7 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineWorker
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
@@ -180,14 +180,18 @@ class Bot:
             params=TransportParams(
                 audio_in_enabled=True,
                 audio_out_enabled=True,
-                audio_out_sample_rate=48000,
                 **transport_params(),
             ),
         )
         pipeline = Pipeline(
             [self.transport.input(), *before, avatar, self.transport.output(), *after]
         )
-        self.task = PipelineWorker(pipeline, enable_rtvi=False, idle_timeout_secs=None)
+        self.task = PipelineWorker(
+            pipeline,
+            params=PipelineParams(audio_out_sample_rate=48000),  # Opus's rate: no resampling
+            enable_rtvi=False,
+            idle_timeout_secs=None,
+        )
         self.connected_at: float | None = None
 
         @self.transport.event_handler("on_client_connected")

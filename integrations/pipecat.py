@@ -81,6 +81,7 @@ class EdgeTalkVideoService(FrameProcessor):
         backend=None,
         threads: int | None = None,
         pass_audio: bool = True,
+        audio_out_sample_rate: int | None = None,
         seed: int = 0,
         face_check: bool = True,
         **kwargs,
@@ -89,7 +90,8 @@ class EdgeTalkVideoService(FrameProcessor):
         the model (None: the shipped weights). backend: a backend name, or an opened Backend
         to share between sessions. threads: CPU threads for torch. pass_audio: send the
         avatar's audio (True, in sync with the images) or only images (the TTS audio then goes
-        on untouched, unsynchronised)."""
+        on untouched, unsynchronised). audio_out_sample_rate: the output transport's rate, when
+        its TransportParams set one (default: the pipeline's)."""
         super().__init__(**kwargs)
         self._stream = AvatarStream(
             avatar=avatar,
@@ -101,6 +103,8 @@ class EdgeTalkVideoService(FrameProcessor):
             face_check=face_check,
         )
         self._pass_audio = pass_audio
+        self._out_rate = audio_out_sample_rate
+        self._to_out = None  # 16 kHz -> the transport's rate, exactly rate / 25 samples a frame
         self._emit_task = None
         self.first_tts_audio_at: float | None = None  # wall clock (time.time()) of the first audio
 
@@ -108,6 +112,11 @@ class EdgeTalkVideoService(FrameProcessor):
     def stream(self) -> AvatarStream:
         """The live stream (its Session, and the measurements: speech_delays, fps)."""
         return self._stream
+
+    async def setup(self, setup):
+        await super().setup(setup)
+        self._out_rate = self._out_rate or setup.audio_out_sample_rate or SAMPLE_RATE
+        self._to_out = _frame_resampler(self._out_rate)
 
     # ---- frames in -------------------------------------------------------------------------------
     async def process_frame(self, frame: Frame, direction: FrameDirection):
@@ -160,8 +169,9 @@ class EdgeTalkVideoService(FrameProcessor):
         image.sync_with_audio = self._pass_audio
         await self.push_frame(image)
         if self._pass_audio and f.speech:
-            pcm = to_int16(f.audio).tobytes()
-            await self.push_frame(TTSAudioRawFrame(pcm, sample_rate=SAMPLE_RATE, num_channels=1))
+            rate, to_out = self._out_rate or SAMPLE_RATE, self._to_out or _frame_resampler(None)
+            pcm = to_int16(to_out(f.audio)).tobytes()
+            await self.push_frame(TTSAudioRawFrame(pcm, sample_rate=rate, num_channels=1))
 
     def render_image(self, f: AvatarFrame) -> np.ndarray:
         """The picture sent for a frame: its RGB. Override to draw an overlay."""
@@ -176,3 +186,18 @@ class EdgeTalkVideoService(FrameProcessor):
     async def cleanup(self):
         await super().cleanup()
         await self._stop()
+
+
+def _frame_resampler(rate: int | None):
+    """16 kHz -> `rate`, exactly rate / 25 samples for each frame's 640, with nothing held back:
+    the transport then cuts its 40 ms chunks on frame boundaries and needs no resampler of its
+    own, which would hold samples back and put each image ahead of its sound. 48 and 24 kHz use
+    serve's fixed ×3 filter (1 ms delay; 24 kHz keeps every other sample: speech at 16 kHz has
+    nothing above 8 kHz to alias). Other rates go out at 16 kHz for the transport to resample."""
+    if rate in (None, SAMPLE_RATE) or rate not in (24_000, 48_000):
+        return lambda x: x
+    from ..serve.media import Upsampler
+
+    up = Upsampler()
+    step = 48_000 // rate
+    return lambda x: up(x)[::step]

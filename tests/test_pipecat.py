@@ -155,13 +155,14 @@ def test_video_service_in_a_pipeline():
     ]
     media = [(t, k, f) for (t, f), k in zip(got, kinds, strict=True) if k in ("img", "tts", "aud")]
     # Only images and speech come out (idle frames are images alone: the transport sends silence).
-    # A speaking image is followed by the 640 samples (16 kHz mono) of its span.
+    # A speaking image is followed by its span's audio at the pipeline's output rate (24 kHz by
+    # default): exactly 40 ms, so the transport's 40 ms chunks fall on frame boundaries.
     assert "aud" not in kinds
     for (_, k0, _), (_, k1, f1) in zip(media, media[1:], strict=False):
         assert k0 == "img" or k1 == "img"  # never two audio frames in a row
         if k1 == "tts":
-            assert f1.sample_rate == 16000 and f1.num_channels == 1
-            assert len(f1.audio) == 2 * 640
+            assert f1.sample_rate == 24000 and f1.num_channels == 1
+            assert len(f1.audio) == 2 * 960
     images = [(t, f) for t, k, f in media if k == "img"]
     assert images[0][1].size == (256, 256) and images[0][1].format == "RGB"
     assert all(f.sync_with_audio for _, f in images)  # queued with the audio by the transport
@@ -174,9 +175,12 @@ def test_video_service_in_a_pipeline():
     speech_t = np.array([t for t, k, _ in audio if k == "tts"])
     first_speech = speech_t[(speech_t > marks["speak1"]) & (speech_t < marks["speak2"])]
     # The audio goes through whole and in order: the first utterance is in the output stream.
+    import soxr
+
     out = np.concatenate(
         [np.frombuffer(f.audio, np.int16) for t, k, f in audio if t < marks["speak2"]]
     ).astype(np.float32)
+    out = soxr.resample(out, 24000, 16000)
     ref = soxr_mono16(first, rate)
     dropped = avatar.stream.late_audio_dropped_s  # frames (and their audio) dropped as late
     if dropped == 0:
@@ -197,7 +201,7 @@ def test_video_service_in_a_pipeline():
     second = sum(
         len(f.audio) // 2 for t, k, f in audio if k == "tts" and marks["speak2"] < t < t_int
     )
-    assert 0.55 < second / 16000 < 2.0  # it was talking when interrupted (3 s of speech queued)
+    assert 0.55 < second / 24000 < 2.0  # it was talking when interrupted (3 s of speech queued)
     assert sum(1 for t in t_img if t > t_int + 0.2) >= 8  # and idles on
     assert avatar.stream.session is not None
     print(
