@@ -90,6 +90,14 @@ class AvatarStream:
     ):
         if threads is not None and threads < 1:
             raise InputError(f"threads must be 1 or more, got {threads}")
+        # The model opens later, in the background: a missing file is said now, in one line.
+        for what, path in (
+            ("avatar image", avatar),
+            ("bundle", bundle),
+            ("checkpoint", checkpoint),
+        ):
+            if isinstance(path, str | Path) and not Path(path).exists():
+                raise InputError(f"{what} not found: {path}")
         self._kwargs = dict(
             avatar=avatar,
             bundle=bundle,

@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     kwargs = {k: getattr(args, k) for k in ("avatar", "bundle", "checkpoint", "backend", "threads")}
     try:
         asyncio.run(run_avatar_worker(args.url, token, **kwargs))
-    except EdgeTalkError as e:
+    except (EdgeTalkError, rtc.ConnectError) as e:
         print(f"edgetalk livekit worker: error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -49,6 +49,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
+from ..errors import EdgeTalkError
 from ..models.config import SAMPLE_RATE
 from ._stream import AvatarFrame, AvatarStream, to_int16
 
@@ -157,10 +158,13 @@ class EdgeTalkVideoService(FrameProcessor):
 
     # ---- frames out ------------------------------------------------------------------------------
     async def _emit(self) -> None:
-        async for f in self._stream:
-            await self._push_avatar_frame(f)
-            for held in f.markers:
-                await self._release(held)
+        try:
+            async for f in self._stream:
+                await self._push_avatar_frame(f)
+                for held in f.markers:
+                    await self._release(held)
+        except EdgeTalkError as e:  # a photo with no face, a bad bundle: one line, upstream
+            await self.push_error(error_msg=f"edgetalk: {e}", exception=e, fatal=True)
 
     async def _push_avatar_frame(self, f: AvatarFrame) -> None:
         rgb = np.ascontiguousarray(self.render_image(f))

@@ -269,3 +269,14 @@ def test_avatar_session_starts_the_worker(monkeypatch):
     assert claims["attributes"]["lk.publish_on_behalf"] == "agent"  # speaks for the agent
     assert isinstance(seen["sink"], DataStreamAudioOutput)
     assert seen["rc"] is not None  # the worker is gone with the session
+
+
+def test_worker_cli_errors_are_one_line(monkeypatch, capsys):
+    from edgetalk.integrations.livekit import main
+
+    monkeypatch.delenv("EDGETALK_LIVEKIT_TOKEN", raising=False)
+    assert main(["--url", "ws://127.0.0.1:9"]) == 2
+    assert "set EDGETALK_LIVEKIT_TOKEN" in capsys.readouterr().out
+    monkeypatch.setenv("EDGETALK_LIVEKIT_TOKEN", "x")
+    assert main(["--url", "ws://127.0.0.1:9", "--avatar", "/nonexistent/me.jpg"]) == 2
+    assert "avatar image not found" in capsys.readouterr().out

@@ -111,6 +111,15 @@ async def _tts(task, pcm: np.ndarray, rate: int) -> None:
     await task.queue_frame(TTSStoppedFrame())
 
 
+def test_bad_input_is_one_line(tmp_path):
+    from edgetalk.errors import InputError
+
+    with pytest.raises(InputError, match="avatar image not found: .*nope.jpg"):
+        EdgeTalkVideoService(avatar=tmp_path / "nope.jpg")
+    with pytest.raises(InputError, match="threads must be 1 or more"):
+        EdgeTalkVideoService(threads=0)
+
+
 def test_video_service_in_a_pipeline():
     rate = 22050
     first = _speech(rate, 2.0)
