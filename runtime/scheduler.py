@@ -1,8 +1,9 @@
 """The streaming chunk scheduler, shared by every backend.
 
 It owns all state: the KV cache and its RAPR positions, the audio encoder's state, the audio not
-yet consumed (including the L-frame lookahead), the previous motion and the noise stream. Audio
-arrives in pieces of any size with no known total length; frames leave with presentation times.
+yet consumed (including the L-frame lookahead), the previous motion, the noise stream and the
+continuity of the shown motion across chunks (continuity.py). Audio arrives in pieces of any
+size with no known total length; frames leave with presentation times.
 
 Timeline: frame i shows audio samples [640 i, 640 (i + 1)) and is presented at i / 25 s. A chunk
 of C frames starting at frame s needs audio up to the end of frame s + C + L.
@@ -21,6 +22,7 @@ from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
 from .backend import Backend
 from .cache import KVCache
+from .continuity import BoundaryBlend
 
 SILENCE_RMS = 3e-3  # about -50 dBFS: below this a frame counts as silent
 MAX_QUEUED_SECONDS = 120.0  # cap on audio waiting to be consumed (live sources must not pile up)
@@ -118,6 +120,7 @@ class StreamScheduler:
         app = self._run("appearance", {"image": self.image})
         self.app_feat, self.ref_motion = app["app_feat"], app["ref_motion"]
         self.cache = KVCache(cfg)
+        self.blend = BoundaryBlend(cfg.chunk)
         self.reset()
 
     # ---- state -------------------------------------------------------------------------------
@@ -128,6 +131,7 @@ class StreamScheduler:
         self.pcm_state = np.zeros(shapes["pcm_state"], dtype=np.float32)
         self.conv_state = np.zeros(shapes["conv_state"], dtype=np.float32)
         self.cache.reset()
+        self.blend.reset()
         self.rng = np.random.default_rng(self.seed)
         self.prev_motion = np.zeros((1, self.cfg.motion_dim), dtype=np.float32)
         self.own = np.zeros(0, dtype=np.float32)  # audio not yet consumed, starting at next_frame
@@ -135,7 +139,7 @@ class StreamScheduler:
         self.partner_seen = False
         self.next_frame = 0
         self.samples_in = 0  # samples received on the own-voice timeline since the stream began
-        self.last_motion: np.ndarray | None = None
+        self.last_motion: np.ndarray | None = None  # the chunk's motion as shown [C, P]
 
     @property
     def queued_seconds(self) -> float:
@@ -245,8 +249,10 @@ class StreamScheduler:
             },
         )
         self.cache.write(gen["new_k"], gen["new_v"], self.next_frame)
-        motion = gen["motion"]
-        self.prev_motion = np.ascontiguousarray(motion[:, -1])
+        # The generator's own motion stays its context (prev_motion, cache); the decoder shows it
+        # made continuous across the chunk boundary (continuity.py: the judder fix).
+        self.prev_motion = np.ascontiguousarray(gen["motion"][:, -1])
+        motion = self.blend(gen["motion"][0])[None]
         self.last_motion = motion[0]
         dec = self._run(
             "decoder", {"app_feat": self.app_feat, "image": self.image, "motion": motion}

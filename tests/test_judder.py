@@ -46,3 +46,94 @@ def test_chunk_one_and_bad_input():
     with pytest.raises(ValueError):  # 4 frames hold no boundary at chunk 4
         judder_ratio(np.zeros((4, 2)), 4)
     assert judder_ratio(np.zeros((9, 2)), 4) == 1.0
+
+
+# ---- the fix: the scheduler shows motion made continuous across chunk boundaries ------------
+from edgetalk.models.motion import INDEX, MOTION_DIM  # noqa: E402
+from edgetalk.runtime.continuity import BoundaryBlend  # noqa: E402
+
+
+def _chunked(blend: BoundaryBlend, raw: np.ndarray, chunk: int) -> np.ndarray:
+    return np.concatenate([blend(raw[s : s + chunk]) for s in range(0, len(raw), chunk)])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 8])
+def test_blend_spreads_chunk_steps_without_drift(chunk):
+    rng = np.random.default_rng(chunk)
+    t = np.arange(96)
+    smooth = np.sin(t / 9.0)[:, None] * np.ones(MOTION_DIM)
+    steps = np.repeat(rng.normal(0, 0.3, (96 // chunk + 1, MOTION_DIM)), chunk, 0)[:96]
+    raw = (smooth + steps).astype(np.float32)  # a smooth path that jumps at every chunk start
+    shown = _chunked(BoundaryBlend(chunk), raw, chunk)
+    free = [i for i in range(MOTION_DIM) if i not in (INDEX["jaw_open"], INDEX["lip_press"])]
+    if chunk > 1:
+        assert judder_ratio(raw[:, free], chunk) > 2.0
+        assert judder_ratio(shown[:, free], chunk) < 1.3
+    # The lip-sync parameters stay exactly as generated; the first chunk too.
+    for p in ("jaw_open", "lip_press"):
+        assert np.array_equal(shown[:, INDEX[p]], raw[:, INDEX[p]])
+    assert np.array_equal(shown[:chunk], raw[:chunk])
+    # No drift: the shown path stays near the generator's, and returns to it once it is still.
+    assert np.abs(shown - raw).max() < 1.5
+    still = np.concatenate([raw, np.repeat(raw[-1:], 16 * max(chunk, 2), 0)])
+    shown = _chunked(BoundaryBlend(chunk), still, chunk)
+    assert np.abs(shown[-1] - still[-1]).max() < 1e-3
+
+
+def test_blend_is_causal_and_repeatable():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(24, MOTION_DIM)).astype(np.float32)
+    b = a.copy()
+    b[16:] += 5.0  # a different future
+    sa, sb = _chunked(BoundaryBlend(4), a, 4), _chunked(BoundaryBlend(4), b, 4)
+    assert np.array_equal(sa[:16], sb[:16])
+    assert np.array_equal(sa, _chunked(BoundaryBlend(4), a, 4))
+    assert sa.dtype == np.float32
+
+
+class _MotionOnly:
+    """The shipped model without its decoder (the costly part): records the generator's motion and
+    the motion the scheduler hands to the decoder."""
+
+    def __init__(self, chunk):
+        from edgetalk.runtime.backend_torch import TorchBackend
+
+        self.inner = TorchBackend.from_checkpoint(chunk=chunk)
+        self.cfg, self.io = self.inner.cfg, self.inner.io
+        self.generated, self.shown = [], []
+
+    def run(self, module, inputs):
+        if module == "decoder":
+            self.shown.append(inputs["motion"][0])
+            c, r = inputs["motion"].shape[1], self.cfg.render.resolution
+            return {"frames": np.zeros((c, r, r, 3), np.float32)}
+        out = self.inner.run(module, inputs)
+        if module == "generator":
+            self.generated.append(out["motion"][0])
+        return out
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 8])
+def test_shipped_model_streams_without_judder(chunk):
+    """The regression: with the shipped weights, head pose stepped 2-5x at chunk starts."""
+    import torch
+
+    from edgetalk.runtime.audio_io import default_speech, read_audio
+    from edgetalk.runtime.avatar import prepare_avatar
+    from edgetalk.runtime.scheduler import StreamScheduler
+
+    torch.set_num_threads(1)
+    backend = _MotionOnly(chunk)
+    sched = StreamScheduler(backend, prepare_avatar(None, backend.cfg.render.resolution), seed=3)
+    pcm = read_audio(default_speech()).pcm[: 16000 * 5]
+    for i in range(0, pcm.shape[0], 1000):
+        sched.push_audio(pcm[i : i + 1000])
+    std = backend.inner.model.generator.motion_std.numpy()
+    shown = np.concatenate(backend.shown) / std
+    generated = np.concatenate(backend.generated) / std
+    head = slice(INDEX["head_yaw"], MOTION_DIM)
+    assert judder_ratio(shown[:, head], chunk) <= 1.25
+    assert judder_ratio(shown, chunk) <= 1.15
+    # the generator's own motion is what it made (its context stays the trained one)
+    assert np.array_equal(sched.prev_motion[0], backend.generated[-1][-1])
+    assert not np.array_equal(shown, generated)
