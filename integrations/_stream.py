@@ -193,7 +193,8 @@ class AvatarStream:
     async def flush(self) -> None:
         """End of an utterance: the resampler's held-back tail is pushed too."""
         if not self._closed and self.session is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pusher, self._flush)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pusher, self._flush, self._epoch)
 
     async def mark(self, obj) -> bool:
         """Hand `obj` out after the speech pushed so far. Returns False (and does nothing) when
@@ -216,8 +217,8 @@ class AvatarStream:
             self._rs = None
             self._speech_in_at = None
             self._epoch += 1
-            if self.session is not None:
-                self.session.interrupt()
+        if self.session is not None:  # outside our lock: _push16 takes the two the other way
+            self.session.interrupt()
         return dropped
 
     def _push(self, x: np.ndarray, rate: int, epoch: int) -> None:
@@ -228,17 +229,17 @@ class AvatarStream:
         if self._rs is None or self._rs_rate != rate:
             tail = self._rs.flush() if self._rs is not None else None
             if tail is not None and tail.size:
-                self._push16(tail)
+                self._push16(tail, epoch)
             self._rs, self._rs_rate = StreamResampler(rate), rate
-        self._push16(self._rs(x))
+        self._push16(self._rs(x), epoch)
 
-    def _flush(self) -> None:
-        if self._rs is not None:
+    def _flush(self, epoch: int) -> None:
+        if self._rs is not None and epoch == self._epoch:
             tail = self._rs.flush()
             if tail.size:
-                self._push16(tail)
+                self._push16(tail, epoch)
 
-    def _push16(self, y: np.ndarray) -> None:
+    def _push16(self, y: np.ndarray, epoch: int) -> None:
         if y.size == 0:
             return
         s = self.session
@@ -246,6 +247,8 @@ class AvatarStream:
             s.push_audio(y)
             end = _timeline_end(s)
         with self._lock:
+            if epoch != self._epoch:  # interrupted meanwhile: the Session dropped this audio
+                return
             start = end - y.shape[0]
             if not (self._speech and self._speech[-1][1] > self._emitted_end):  # a new utterance
                 self._speech_in_at, self._speech_in_pos = time.monotonic(), start
