@@ -102,11 +102,16 @@ def wav_truncation(p: Path) -> str:
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return ""
         pos, rate, align = 12, 0, 0
-        while pos + 8 <= size:
+        for _ in range(1000):  # real files have a handful of chunks before "data"
+            if pos + 8 > size:
+                break
             f.seek(pos)
             cid, n = struct.unpack("<4sI", f.read(8))
             if cid == b"fmt " and n >= 16:
-                _, _, rate, _, align = struct.unpack("<HHIIH", f.read(14))
+                fmt = f.read(14)
+                if len(fmt) < 14:  # cut inside the format chunk: the readers will say so
+                    return ""
+                _, _, rate, _, align = struct.unpack("<HHIIH", fmt)
             elif cid == b"data":
                 found = size - pos - 8
                 # 0 and 0xFFFFFFFF are what streaming writers put when the length is unknown

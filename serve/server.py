@@ -59,6 +59,7 @@ PENDING_GRACE_S = 3.0  # an offer still unconnected after this yields its slot t
 MAX_SDP_BYTES = 64 * 1024  # the page's offer is ~4 KB
 MAX_JSON_BYTES = MAX_SDP_BYTES + 4096
 BODY_TIMEOUT_S = 10.0  # a request body must arrive within this long
+UPLOAD_TIMEOUT_S = 60.0  # ... a photo's (20 MB on a slow link)
 HEADER_TIMEOUT_S = 10.0  # headers of a connection's request, and an idle keep-alive connection
 MAX_UPLOADED_AVATARS = 16
 TOKEN_HEADER = "X-EdgeTalk-Token"
@@ -366,8 +367,8 @@ class _BodyTooBig(Exception):
     pass
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The whole body, at most `limit` bytes, arriving within BODY_TIMEOUT_S (a client that
+async def _read_body(request, limit: int, timeout: float) -> bytes:
+    """The whole body, at most `limit` bytes, arriving within `timeout` seconds (a client that
     declares 1 MB and sends 3 bytes does not hold a handler)."""
     if request.content_length is not None and request.content_length > limit:
         raise _BodyTooBig
@@ -384,7 +385,7 @@ async def _read_body(request, limit: int) -> bytes:
                 raise _BodyTooBig
             parts.append(chunk)
 
-    await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    await asyncio.wait_for(read(), timeout)
     return b"".join(parts)
 
 
@@ -403,7 +404,6 @@ def build_app(server: AvatarServer):
 
     cfg = server.config
     loopback_only = is_loopback(cfg.host)
-    body_limits = {"/api/avatar": MAX_UPLOAD_BYTES}
 
     def token_ok(request) -> bool:
         if not cfg.token:
@@ -434,13 +434,18 @@ def build_app(server: AvatarServer):
                     f"missing {TOKEN_HEADER} header: requests must come from the page", 400
                 )
             try:
-                request["body"] = await _read_body(request, body_limits.get(path, MAX_JSON_BYTES))
+                upload = path == "/api/avatar"
+                request["body"] = await _read_body(
+                    request,
+                    MAX_UPLOAD_BYTES if upload else MAX_JSON_BYTES,
+                    UPLOAD_TIMEOUT_S if upload else BODY_TIMEOUT_S,
+                )
             except _BodyTooBig:
                 r = _error("the request body is too large", 413)
                 r.force_close()
                 return r
             except asyncio.TimeoutError:
-                r = _error(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", 408)
+                r = _error("the request body did not arrive in time", 408)
                 r.force_close()
                 return r
         try:
