@@ -105,7 +105,8 @@ class EdgeTalkVideoService(FrameProcessor):
         )
         self._pass_audio = pass_audio
         self._out_rate = audio_out_sample_rate
-        self._to_out = None  # 16 kHz -> the transport's rate, exactly rate / 25 samples a frame
+        # 16 kHz -> the transport's rate, exactly rate / 25 samples a frame: (rate sent, function)
+        self._to_out = _frame_resampler(None)
         self._emit_task = None
         self.first_tts_audio_at: float | None = None  # wall clock (time.time()) of the first audio
 
@@ -173,7 +174,7 @@ class EdgeTalkVideoService(FrameProcessor):
         image.sync_with_audio = self._pass_audio
         await self.push_frame(image)
         if self._pass_audio and f.speech:
-            rate, to_out = self._out_rate or SAMPLE_RATE, self._to_out or _frame_resampler(None)
+            rate, to_out = self._to_out
             pcm = to_int16(to_out(f.audio)).tobytes()
             await self.push_frame(TTSAudioRawFrame(pcm, sample_rate=rate, num_channels=1))
 
@@ -192,16 +193,16 @@ class EdgeTalkVideoService(FrameProcessor):
         await self._stop()
 
 
-def _frame_resampler(rate: int | None):
+def _frame_resampler(rate: int | None) -> tuple[int, object]:
     """16 kHz -> `rate`, exactly rate / 25 samples for each frame's 640, with nothing held back:
     the transport then cuts its 40 ms chunks on frame boundaries and needs no resampler of its
     own, which would hold samples back and put each image ahead of its sound. 48 and 24 kHz use
     serve's fixed ×3 filter (1 ms delay; 24 kHz keeps every other sample: speech at 16 kHz has
     nothing above 8 kHz to alias). Other rates go out at 16 kHz for the transport to resample."""
-    if rate in (None, SAMPLE_RATE) or rate not in (24_000, 48_000):
-        return lambda x: x
+    if rate not in (24_000, 48_000):
+        return SAMPLE_RATE, lambda x: x
     from ..serve.media import Upsampler
 
     up = Upsampler()
     step = 48_000 // rate
-    return lambda x: up(x)[::step]
+    return rate, lambda x: up(x)[::step]
