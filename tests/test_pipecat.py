@@ -211,7 +211,7 @@ def test_video_service_in_a_pipeline():
         len(f.audio) // 2 for t, k, f in audio if k == "tts" and marks["speak2"] < t < t_int
     )
     assert 0.55 < second / 24000 < 2.0  # it was talking when interrupted (3 s of speech queued)
-    assert sum(1 for t in t_img if t > t_int + 0.2) >= 8  # and idles on
+    assert sum(1 for t in t_img if t > t_int + 0.2) >= 5  # and idles on
     assert avatar.stream.session is not None
     print(
         f"\npipecat service: FFD {ffd * 1000:.0f} ms after the first TTS audio "
