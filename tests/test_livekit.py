@@ -197,6 +197,8 @@ def test_avatar_runner_drives_the_generator():
         "playback": [(e[0], e[1] - marks["speak1"], str(e[2])) for e in events],
     }
     ARTIFACTS.mkdir(exist_ok=True)
+    if not (ARTIFACTS / ".gitignore").exists():
+        (ARTIFACTS / ".gitignore").write_text("*\n")
     (ARTIFACTS / "livekit_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(
         f"\nlivekit: FFD {report['ffd_ms']:.0f} ms after the first TTS audio, FPS {fps:.1f} "

@@ -325,8 +325,35 @@ def _av_offset(video: np.ndarray, audio: np.ndarray, t0: float, t1: float, max_m
     return best
 
 
+def _spy_on_sender(monkeypatch) -> dict:
+    """Log what the transport hands to aiortc (the sender side of the A/V offset): when each
+    10 ms of audio and each video frame is taken, with the audio's loudness and the frame's
+    loudness marker."""
+    from pipecat.transports.smallwebrtc import transport as smallwebrtc
+
+    sent: dict = {"audio": [], "video": []}
+    recv_audio, recv_video = smallwebrtc.RawAudioTrack.recv, smallwebrtc.RawVideoTrack.recv
+
+    async def audio(self):
+        f = await recv_audio(self)
+        x = f.to_ndarray().astype(np.float32) / 32768.0
+        sent["audio"].append((time.time() * 1000, float(np.sqrt(np.mean(np.square(x))))))
+        return f
+
+    async def video(self):
+        f = await recv_video(self)
+        h = f.height // 16
+        marker = float(f.to_ndarray(format="rgb24")[: h // 2, : h // 2, 0].mean())
+        sent["video"].append((time.time() * 1000, marker))
+        return f
+
+    monkeypatch.setattr(smallwebrtc.RawAudioTrack, "recv", audio)
+    monkeypatch.setattr(smallwebrtc.RawVideoTrack, "recv", video)
+    return sent
+
+
 @pytest.mark.timeout(240)
-def test_example_bot_in_browser():
+def test_example_bot_in_browser(monkeypatch):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -337,6 +364,7 @@ def test_example_bot_in_browser():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the bot has no voice")
     example = _load_example()
     avatars: list[MarkedAvatar] = []
+    sent = _spy_on_sender(monkeypatch)
 
     def make_avatar():
         avatars.append(MarkedAvatar(threads=1))
@@ -395,7 +423,12 @@ def test_example_bot_in_browser():
     t1 = min(video[-1, 0], audio[-1, 0]) - 300
     lag0, r0 = _av_offset(video, audio, t0, min(t1, t0 + 6000))  # the first 6 s
     lag, r = _av_offset(video, audio, max(t0, t1 - 8000), t1)  # settled: the last 8 s
+    sv, sa = np.array(sent["video"]), np.array(sent["audio"])
+    s0, s1 = max(sv[0, 0], sa[0, 0]) + 500, min(sv[-1, 0], sa[-1, 0]) - 300
+    lag_sent, r_sent = _av_offset(sv, sa, s0, s1)  # what goes into aiortc
     report.update(
+        av_offset_sender_ms=lag_sent,
+        av_corr_sender=r_sent,
         ffd_service_ms=[d * 1000 for d in stats["speech_delays_s"]],
         ffd_on_screen_ms=ffd_screen * 1000,
         fps_browser=fps_browser,
@@ -418,7 +451,7 @@ def test_example_bot_in_browser():
         f"\npipecat in the browser: FFD {ffd_screen * 1000:.0f} ms on screen after the first TTS "
         f"audio (service: {report['ffd_service_ms'][0]:.0f} ms), FPS browser {fps_browser:.1f} / "
         f"service {stats['fps']:.1f}; A/V offset first 6 s {lag0:.0f} ms (r={r0:.2f}), "
-        f"settled {lag:.0f} ms (r={r:.2f}); "
+        f"settled {lag:.0f} ms (r={r:.2f}); at the sender {lag_sent:.0f} ms (r={r_sent:.2f}); "
         f"runtime {report['test_runtime_s']:.0f} s"
     )
     assert stats["lines_spoken"] >= 2  # BotStoppedSpeaking came back after line 1
