@@ -1,0 +1,191 @@
+"""The shipped weights exported exactly as a user exports them (`edgetalk export` defaults): ONNX
+fp16 and INT8 at chunk 4 and 1, MLX INT8. Every gate passes at the README's thresholds, each bundle
+streams through the scheduler, the precision is real, and when an onnxruntime upgrade moves INT8
+results, the failure names the module that moved.
+
+The small seeded test model hides errors in the motion path (10% motion noise costs it 40 dB of
+stream PSNR less than it costs the shipped model), so this is the test that guards what ships."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetalk.converters.parity import THRESHOLDS
+from edgetalk.models.edgetalk import MODULES
+
+from .conftest import need
+
+need("onnxruntime", "the onnx extra is not installed")
+# A test's first use of an export pays for it (1-3 minutes on 2 cores).
+pytestmark = pytest.mark.timeout(900)
+
+# The README's table ("Exporting"), written out here so neither side can drift alone.
+README_THRESHOLDS = {
+    "fp32": {"psnr_db": 50.0, "cosine": 0.9999, "e2e_psnr_db": 45.0},
+    "fp16": {"psnr_db": 40.0, "cosine": 0.999, "e2e_psnr_db": 35.0},
+    "int8": {"psnr_db": 30.0, "cosine": 0.99, "e2e_psnr_db": 28.0},
+}
+EXPORTS = [("onnx", "fp16", 4), ("onnx", "int8", 4), ("onnx", "int8", 1), ("mlx", "int8", 4)]
+BASELINE = Path(__file__).parent / "data" / "int8_parity_shipped.json"
+# How far a gated INT8 figure may move before the test says which module moved. Same versions give
+# the same figures up to thread-count rounding, far inside these.
+COS_TOLERANCE = 0.002
+PSNR_TOLERANCE_DB = 1.0
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """Lazily export (target, precision, chunk) once per module run."""
+    from edgetalk.export.pipeline import export_bundle
+
+    root = tmp_path_factory.mktemp("shipped")
+    done = {}
+
+    def get(target, precision, chunk):
+        key = (target, precision, chunk)
+        if key not in done:
+            if target == "mlx":
+                need("mlx.core", "mlx is not importable (the mlx extra)")
+            out = root / f"{target}-{precision}-c{chunk}"
+            done[key] = export_bundle(target, precision, chunk=chunk, out=out, progress=False)
+        return done[key]
+
+    return get
+
+
+def test_thresholds_are_the_readmes():
+    assert THRESHOLDS == README_THRESHOLDS
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "frames PSNR ≥ 50 / 40 / 30 dB" in readme
+    assert "cosine ≥ 0.9999 / 0.999 / 0.99" in readme
+    assert "stream PSNR ≥ 45 / 35 / 28 dB" in readme
+
+
+@pytest.mark.parametrize(("target", "precision", "chunk"), EXPORTS)
+def test_shipped_export_passes_every_gate(shipped, target, precision, chunk):
+    r = shipped(target, precision, chunk)
+    th = README_THRESHOLDS[precision]
+    assert r.manifest["thresholds"] == th
+    assert r.manifest["checkpoint"]["trained"], "the default export must use the trained weights"
+    for name in MODULES:
+        par = r.manifest["parity"][name]
+        assert par["status"] == "pass", (name, par)
+        for out, entry in par["outputs"].items():
+            if entry.get("gated", True):
+                if "psnr_db" in entry:
+                    assert entry["psnr_db"] >= th["psnr_db"], (name, out, entry)
+                else:
+                    assert entry["cosine"] >= th["cosine"], (name, out, entry)
+    e2e = r.manifest["parity"]["end_to_end"]
+    assert e2e["frames"] == 100 and e2e["psnr_db"] >= th["e2e_psnr_db"], e2e
+    assert r.ok and r.path.exists()
+
+
+@pytest.mark.parametrize(("target", "precision", "chunk"), EXPORTS)
+def test_shipped_bundle_streams_through_the_scheduler(shipped, target, precision, chunk):
+    from edgetalk.runtime.audio_io import default_speech, read_audio
+    from edgetalk.runtime.avatar import prepare_avatar
+    from edgetalk.runtime.loader import open_backend
+    from edgetalk.runtime.scheduler import StreamScheduler
+
+    backend = open_backend(bundle=shipped(target, precision, chunk).path)
+    assert backend.precision == precision and backend.cfg.chunk == chunk
+    avatar = prepare_avatar(None, backend.cfg.render.resolution)
+    pcm = read_audio(default_speech()).pcm[8000 : 8000 + 16000]  # one second of speech
+    sched = StreamScheduler(backend, avatar, seed=3)
+    frames = sched.push_audio(pcm) + sched.flush()
+    assert len(frames) == 25 and frames[0].rgb.shape == avatar.shape
+    video = np.stack([f.rgb for f in frames]).astype(np.float32)
+    assert np.abs(np.diff(video, axis=0)).mean() > 0.05  # the face moves
+
+
+def test_onnx_int8_is_8bit_where_the_policy_says(shipped):
+    from edgetalk.converters.onnx import INT8_MODULES, int8_report
+
+    r = shipped("onnx", "int8", 4)
+    assert set(INT8_MODULES) == {"decoder"}  # the README documents this policy
+    for name in MODULES:
+        info = r.manifest["modules"][name]["info"]
+        rep = int8_report(r.path / f"{name}.onnx")
+        if name not in INT8_MODULES:
+            assert info["weights"] == "fp32" and "policy" in info["why"]
+            assert rep["int8_weight_tensors"] == 0
+            continue
+        assert info["weights"] == "int8" and rep["int8_weight_tensors"] > 0
+        unexplained = [n for n, why in rep["float_reasons"].items() if why == "unexplained"]
+        assert not unexplained, f"{name}: float compute nodes outside the policy: {unexplained}"
+        share = rep["int8_weight_share"]
+        assert share >= 0.7, f"{name}: only {share:.0%} of the compute weights are 8-bit"
+
+
+def test_onnx_fp16_weights_are_fp16(shipped):
+    from .test_export_onnx import fp16_weight_share
+
+    r = shipped("onnx", "fp16", 4)
+    for name in MODULES:
+        assert fp16_weight_share(r.path / f"{name}.onnx") >= 0.9, name
+
+
+@pytest.mark.parametrize("chunk", [4, 1])
+def test_int8_parity_has_not_moved(shipped, chunk):
+    """Per module, the gated INT8 figures match the ones recorded with the pinned versions in
+    constraints.txt. After an upgrade this names the module (and output) that moved."""
+    import onnxruntime
+
+    r = shipped("onnx", "int8", chunk)
+    recorded = json.loads(BASELINE.read_text())
+    base = recorded[f"c{chunk}"]
+    was = f"onnxruntime {recorded['tool_versions']['onnxruntime']}"
+    now = f"onnxruntime {onnxruntime.__version__}"
+    moved = []
+    for name in MODULES:
+        for out, ref in base[name].items():
+            got = r.manifest["parity"][name]["outputs"][out]
+            metric, tol = (
+                ("psnr_db", PSNR_TOLERANCE_DB) if "psnr_db" in ref else ("cosine", COS_TOLERANCE)
+            )
+            if abs(got[metric] - ref[metric]) > tol:
+                moved.append(
+                    f"{name}.{out} {metric} {ref[metric]} ({was}) -> {got[metric]} ({now})"
+                )
+    e2e = r.manifest["parity"]["end_to_end"]["psnr_db"]
+    if abs(e2e - base["end_to_end"]) > PSNR_TOLERANCE_DB:
+        moved.append(f"end-to-end PSNR {base['end_to_end']} ({was}) -> {e2e} ({now})")
+    assert not moved, "INT8 parity moved: " + "; ".join(moved)
+
+
+def record_baseline(manifests: dict) -> dict:
+    """The JSON this test reads, from INT8 bundle manifests {chunk: manifest}."""
+    import onnxruntime
+
+    doc: dict = {"tool_versions": {"onnxruntime": onnxruntime.__version__}}
+    for chunk, mf in manifests.items():
+        par = mf["parity"]
+        doc[f"c{chunk}"] = {
+            name: {
+                out: {k: round(v, 5) for k, v in e.items() if k in ("cosine", "psnr_db")}
+                for out, e in par[name]["outputs"].items()
+                if e.get("gated", True)
+            }
+            for name in MODULES
+        } | {"end_to_end": par["end_to_end"]["psnr_db"]}
+    return doc
+
+
+if __name__ == "__main__":
+    # Re-record after a deliberate upgrade of the pinned versions:
+    #   python -m edgetalk.tests.test_shipped_exports BUNDLE_C4 BUNDLE_C1
+    # (the two bundles from `edgetalk export --target onnx --precision int8 [--chunk 1]`).
+    import sys
+
+    mfs = {
+        c: json.loads((Path(b) / "manifest.json").read_text())
+        for c, b in zip((4, 1), sys.argv[1:3], strict=True)
+    }
+    BASELINE.parent.mkdir(exist_ok=True)
+    BASELINE.write_text(json.dumps(record_baseline(mfs), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {BASELINE}")
