@@ -23,6 +23,8 @@ IMAGE_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "bmp": "BMP"}
 IMAGE_DEMUXERS = {"png": "png_pipe", "jpeg": "jpeg_pipe", "webp": "webp_pipe", "bmp": "bmp_pipe"}
 CROP_SCALE = 1.9  # crop side as a multiple of the detected face box side
 CROP_SHIFT_DOWN = 0.06  # face boxes sit high; move the crop down to keep the chin
+PAD_FEATHER = 0.05  # outside the photo: mirrored for this share of the crop, then faded out
+PAD_BLUR_CELLS = 3  # further out: the crop seen at 3 x 3, a soft gradient with no features
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,9 @@ def crop_box(shape: tuple[int, ...], face: FaceBox | None) -> tuple[float, float
 
 def crop_resize(rgb: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
     """Cut the square box and resize it to size x size. Where the box leaves the photo (a tight or
-    small photo), the photo is mirrored at its edge: repeating the edge pixels instead smeared
-    streaks over up to a quarter of the frame, which the decoder then warped along."""
+    small photo), the photo is mirrored at its edge and, further out, blurred: repeating the edge
+    pixels smeared streaks over up to a quarter of the frame, and a plain mirror showed a second,
+    upside-down mouth or eye there."""
     import torch
     import torch.nn.functional as F
 
@@ -188,10 +191,19 @@ def crop_resize(rgb: np.ndarray, box: tuple[float, float, float], size: int) -> 
     h, w = rgb.shape[:2]
     x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
     s = max(1, int(round(side)))
-    ys = _reflect(np.arange(y0, y0 + s), h)
-    xs = _reflect(np.arange(x0, x0 + s), w)
-    patch = rgb[ys[:, None], xs[None, :]]
+    ys, xs = np.arange(y0, y0 + s), np.arange(x0, x0 + s)
+    patch = rgb[_reflect(ys, h)[:, None], _reflect(xs, w)[None, :]]
     t = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float()
+    # Distance outside the photo, per patch pixel: 0 inside, so the photo itself is untouched.
+    out_y = np.maximum(0, np.maximum(-ys, ys - (h - 1)))
+    out_x = np.maximum(0, np.maximum(-xs, xs - (w - 1)))
+    outside = np.maximum(out_y[:, None], out_x[None, :]).astype(np.float32)
+    if outside.any():
+        feather = max(2.0, PAD_FEATHER * s)
+        fade = torch.from_numpy(np.clip(outside / feather, 0.0, 1.0))[None, None]
+        coarse = F.interpolate(t, size=(PAD_BLUR_CELLS,) * 2, mode="area")
+        blurred = F.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
+        t = t * (1.0 - fade) + blurred * fade
     t = F.interpolate(
         t, size=(size, size), mode="bilinear", antialias=s > size, align_corners=False
     )
