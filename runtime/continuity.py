@@ -4,8 +4,9 @@ The generator samples each chunk from fresh noise with one frame of previous mot
 and it was trained on a jittered context (up to 0.3 of a parameter's std, several times what a
 head moves in one frame), so it treats that context as approximate: the first frame of a chunk
 lands off the trajectory. Head pose, blinks and brows then step at the chunk rate (the shipped
-weights: 3-6x the in-chunk change on the head, 1.7-2.8x in pixels); noise continuity and more
-flow steps do not remove it (measured, see the README).
+weights on real clips: 2-5x the in-chunk change on the head, 1.7-4x in pixels). Noise that
+continues across chunks (AR(1), rho 0.9 or 0.99) and 10 or 30 flow steps instead of 3 leave the
+head's ratio at 2.6-5: the step is the model's, not the sampler's.
 
 The fix lives here, in the scheduler every backend shares, not in any graph: each chunk's motion
 is offset so that its first frame continues the previous shown frame's velocity (damped by
