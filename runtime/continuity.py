@@ -6,7 +6,7 @@ head moves in one frame), so it treats that context as approximate: the first fr
 lands off the trajectory. Head pose, blinks and brows then step at the chunk rate (the shipped
 weights on real clips: 2-5x the in-chunk change on the head, 1.7-4x in pixels). Noise that
 continues across chunks (AR(1), rho 0.9 or 0.99) and 10 or 30 flow steps instead of 3 leave the
-head's ratio at 2.6-5: the step is the model's, not the sampler's.
+head's ratio at 2.3-6.9 (chunk 2-8): the step is the model's, not the sampler's.
 
 The fix lives here, in the scheduler every backend shares, not in any graph: each chunk's motion
 is offset so that its first frame continues the previous shown frame's velocity (damped by
