@@ -265,6 +265,7 @@ def _fake_converter(monkeypatch):
     from edgetalk.export import pipeline
 
     conv = types.ModuleType("edgetalk.converters.fake")
+    conv.__file__ = __file__  # the pipeline may hash a converter's source into its export key
     conv.SUFFIX = ".bin"
     conv.CONVERTERS = {
         m: (lambda model, io, path, sample: path.write_bytes(b"graph"))
