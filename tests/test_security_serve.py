@@ -360,7 +360,7 @@ def test_an_unconnected_offer_cannot_hold_the_only_slot(srv, offer_sdp, monkeypa
     another client's offer takes the slot from an offer still unconnected after a grace period."""
     import http.client
 
-    monkeypatch.setattr(server_mod, "PENDING_GRACE_S", 0.5)
+    monkeypatch.setattr(server_mod, "PENDING_GRACE_S", 0.5, raising=False)
     status, squatter, _ = _post(srv, "offer", {"sdp": offer_sdp, "type": "offer"})
     assert status == 200
     time.sleep(0.8)
