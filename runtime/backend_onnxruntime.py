@@ -43,6 +43,9 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+            # modules run one after another: a second pool of threads would only compete
+            opts.inter_op_num_threads = 1
+        self.threads = threads
         opts.log_severity_level = 3
         self.providers = self.choose_providers()
         self.sessions = {}

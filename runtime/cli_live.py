@@ -13,6 +13,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .threads import add_threads_option
+
     p = sub.add_parser(
         "live",
         help="live talking head from a microphone, a PCM pipe or a socket",
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--bundle", type=Path, help="exported bundle directory; picks the backend")
     p.add_argument("--backend", help="override the backend (e.g. torch, onnxruntime, mlx)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_threads_option(p)
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--mic", action="store_true", help="the default microphone (sounddevice)")
@@ -164,7 +167,9 @@ def main(args: argparse.Namespace) -> int:
 def session_from_args(args: argparse.Namespace, late_policy: str, chunk: int | None = None):
     """A realtime Session from the flags `live` and `run --realtime` share."""
     from .session import Session
+    from .threads import set_threads
 
+    set_threads(getattr(args, "threads", None))
     kwargs = {"chunk": chunk} if chunk is not None else {}
     return Session(
         avatar=args.avatar,

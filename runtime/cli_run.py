@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .threads import add_threads_option
+
     p = sub.add_parser(
         "run",
         help="render a talking-head mp4 from an audio file",
@@ -39,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("edgetalk.mp4"), help="output mp4")
     p.add_argument("--chunk", type=int, help="frames per generator call (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video)")
+    add_threads_option(p)
     p.add_argument(
         "--piece-ms",
         type=int,
@@ -84,7 +87,11 @@ def main(args: argparse.Namespace) -> int:
         partner = np.pad(pa.pcm, (0, n - pa.pcm.shape[0]))
 
     backend = open_backend(
-        bundle=args.bundle, checkpoint=args.checkpoint, backend=args.backend, chunk=args.chunk
+        bundle=args.bundle,
+        checkpoint=args.checkpoint,
+        backend=args.backend,
+        chunk=args.chunk,
+        threads=args.threads,
     )
     res = backend.cfg.render.resolution
     avatar = prepare_avatar(args.avatar, res, face_check=not args.no_face_check)

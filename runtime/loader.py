@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from ..errors import InputError
@@ -16,7 +17,19 @@ def open_backend(
     chunk: int | None = None,
     steps: int | None = None,
     window: int | None = None,
+    threads: int | None = None,
 ) -> Backend:
+    """`threads` (None: the default, runtime/threads.py) goes to torch and to backends that take
+    it (onnxruntime sessions)."""
+    from .threads import apply_torch_threads, resolve
+
+    n = resolve(threads)
+    be = _open(bundle, checkpoint, backend, chunk, steps, window, n)
+    apply_torch_threads(n)  # after opening: torch is configured only if something imported it
+    return be
+
+
+def _open(bundle, checkpoint, backend, chunk, steps, window, threads: int) -> Backend:
     if bundle is not None and checkpoint is not None:
         raise InputError("give --bundle or --checkpoint, not both")
     if bundle is not None:
@@ -32,6 +45,8 @@ def open_backend(
                     f"backend {backend!r} cannot run a {b.target!r} bundle "
                     f"(it runs: {', '.join(cls.targets)})"
                 )
+        if "threads" in inspect.signature(cls.__init__).parameters:
+            return cls(b, threads=threads)
         return cls.from_bundle(b)
     cls = backend_class(backend or "torch")
     if not hasattr(cls, "from_checkpoint"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..runtime.threads import add_threads_option
+
     p = sub.add_parser(
         "serve",
         help="web page: your microphone in, the talking head out (WebRTC)",
@@ -34,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-sessions", type=int, default=1, help="avatar sessions at once (default 1)"
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_threads_option(p)
     p.add_argument(
         "--late-policy",
         choices=("drop", "mark"),
@@ -65,8 +68,11 @@ def main(args: argparse.Namespace) -> int:
             f"edgetalk serve needs aiohttp and aiortc ({e.name} is missing): "
             "pip install 'edgetalk[serve]'"
         ) from None
+    from ..runtime.threads import set_threads
     from ..runtime.tokens import masked, resolve_token, save_private
     from .server import AvatarServer, ServeConfig, serve_forever
+
+    set_threads(args.threads)  # every session shares the backend opened with these threads
 
     cfg = ServeConfig(
         bundle=args.bundle,

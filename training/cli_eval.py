@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..runtime.threads import add_threads_option
+
     p = sub.add_parser(
         "eval",
         help="score lip sync, identity, stability, quality and listening on held-out data",
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continuous stream for identity and drift (0 skips it)",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_threads_option(p)
     p.add_argument(
         "--real",
         type=Path,
@@ -65,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..runtime.loader import open_backend
+    from ..runtime.threads import set_threads
+
+    set_threads(args.threads)
     from .evaluate import evaluate, format_report
 
     backend = open_backend(bundle=args.bundle, checkpoint=args.checkpoint, backend=args.backend)
