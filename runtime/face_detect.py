@@ -15,6 +15,7 @@ rule in avatar.py and the training crops were built on.
 from __future__ import annotations
 
 import importlib.resources
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +34,7 @@ NMS_IOU = 0.3  # MediaPipe's suppression threshold (weighted NMS)
 # (medians over 59 images; Haar's centre sits 0.14 of a side higher, its box is 1.12x larger)
 TO_HAAR_SIDE = 1.12
 TO_HAAR_SHIFT_Y = -0.14
+_NET_LOCK = threading.Lock()  # one shared network; setInput + forward must not interleave
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,10 @@ def blazeface(rgb: np.ndarray, min_score: float = MIN_SCORE) -> list[Detection]:
     canvas = np.zeros((INPUT, INPUT, 3), np.uint8)
     canvas[py : py + nh, px : px + nw] = small
     blob = (canvas.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
-    net = _blazeface()
-    net.setInput(np.ascontiguousarray(blob))
-    scores_raw, reg = net.forward(["classificators", "regressors"])
+    with _NET_LOCK:
+        net = _blazeface()
+        net.setInput(np.ascontiguousarray(blob))
+        scores_raw, reg = net.forward(["classificators", "regressors"])
     scores = 1.0 / (1.0 + np.exp(-np.clip(scores_raw.reshape(-1).astype(np.float64), -80, 80)))
     keep = np.flatnonzero(scores >= min_score)
     if keep.size == 0:
