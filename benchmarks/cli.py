@@ -46,7 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--json", type=Path, help="write the results here (schema: benchmarks/schema.py)"
     )
     p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (and onnxruntime)")
+    p.add_argument(
+        "--threads",
+        help="CPU threads for torch and onnxruntime; a comma list (1,2) measures each "
+        "(default: min(2, cores/2))",
+    )
+    p.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure every configuration with N busy processes beside it, and report "
+        "its FPS under load as a ratio of its quiet FPS (default 0: quiet only)",
+    )
     p.add_argument("--device-name", help="name of this machine in merged reports")
     p.add_argument("--piece-ms", type=float, default=20.0, help="paced audio piece length")
     p.add_argument(
@@ -87,8 +99,8 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--seconds must be in (0, 3600], got {args.seconds:g}")
     if args.repeats < 1:
         raise InputError(f"--repeats must be 1 or more, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be 1 or more, got {args.threads}")
+    if args.load < 0 or args.load > 64:
+        raise InputError(f"--load must be in [0, 64], got {args.load}")
     if args.piece_ms <= 0:
         raise InputError(f"--piece-ms must be positive, got {args.piece_ms:g}")
     if args.warmup < 0:
@@ -97,10 +109,33 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--json: folder {args.json.parent} does not exist")
 
 
+def parse_threads(text: str | None) -> list[int] | None:
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    out = []
+    for part in str(text).split(","):
+        try:
+            n = int(part.strip())
+        except ValueError:
+            raise InputError(f"--threads takes whole numbers like 1 or 1,2; got {text!r}") from None
+        if n < 1:
+            raise InputError(f"--threads must be 1 or more, got {n}")
+        if n not in out:
+            out.append(n)
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     import json
 
-    import torch
+    from ..runtime.threads import apply_torch_threads, default_threads, set_threads
+    from .deps import require_bench_extra
+
+    _check(args)
+    threads = parse_threads(args.threads)
+    require_bench_extra(plots=args.plots is not None)
 
     from .configs import Request, make_plan, parse_chunks
     from .device import device_info
@@ -109,9 +144,9 @@ def main(args: argparse.Namespace) -> int:
     from .report import render_run
     from .schema import validate
 
-    _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    first = threads[0] if threads else default_threads()
+    set_threads(first)
+    apply_torch_threads(first)
     exports = [s.strip() for spec in args.export for s in spec.split(",") if s.strip()]
     backends = [s.strip() for spec in args.backend for s in spec.split(",") if s.strip()]
     req = Request(
@@ -124,7 +159,6 @@ def main(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         bundles_root=args.bundles_root,
         seed=args.seed,
-        threads=args.threads,
     )
     settings = Settings(args.seconds, args.repeats, args.piece_ms, args.warmup, args.seed)
     plan = make_plan(req, log=print)
@@ -138,7 +172,9 @@ def main(args: argparse.Namespace) -> int:
 
     used = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
     command = [f"{k}={v}" for k, v in sorted(used.items()) if v not in (None, [], False)]
-    report = run_plan(plan, settings, device, command=command)
+    report = run_plan(
+        plan, settings, device, command=command, threads=threads or [first], load=args.load
+    )
     problems = validate(report)
     if problems:  # a bug here, not bad input: say so loudly
         raise AssertionError("bench report does not match its schema: " + "; ".join(problems))
@@ -156,6 +192,10 @@ def main(args: argparse.Namespace) -> int:
 
 def report_main(args: argparse.Namespace) -> int:
     from ..errors import InputError
+    from .deps import require_bench_extra
+
+    if args.report_plots is not None:
+        require_bench_extra(plots=True)
     from .plots import write_plots
     from .report import load_report, merge, render_merged
 

@@ -7,6 +7,7 @@ streaming config is added as the speedup reference wherever the user did not ask
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,11 +154,19 @@ def torch_opener(make_model: Callable, cfg: ModelConfig, precision: str) -> Call
     return open_
 
 
-def checkpoint_opener(source: ModelSource, name: str, chunk: int) -> Callable[[], Backend]:
+def checkpoint_opener(
+    source: ModelSource, name: str, chunk: int, precision: str = "fp32"
+) -> Callable[[], Backend]:
     def open_() -> Backend:
+        from ..runtime.backends import backend_class
         from ..runtime.loader import open_backend
 
-        return open_backend(checkpoint=source.checkpoint_path(), backend=name, chunk=chunk)
+        if precision == "fp32":
+            return open_backend(checkpoint=source.checkpoint_path(), backend=name, chunk=chunk)
+        # e.g. cuda:fp16, the CUDA fast path
+        return backend_class(name).from_checkpoint(
+            source.checkpoint_path(), chunk=chunk, precision=precision
+        )
 
     return open_
 
@@ -167,10 +176,11 @@ def bundle_opener(cls: type[Backend], path: Path, threads: int | None) -> Callab
         import inspect
 
         from ..runtime.bundle import open_bundle
+        from ..runtime.threads import resolve
 
         bundle = open_bundle(path)
-        if threads and "threads" in inspect.signature(cls.__init__).parameters:
-            return cls(bundle, threads=threads)
+        if "threads" in inspect.signature(cls.__init__).parameters:  # None: bench's current
+            return cls(bundle, threads=resolve(threads))
         return cls.from_bundle(bundle)
 
     return open_
@@ -221,15 +231,18 @@ def discover_bundles(root: Path) -> list[Path]:
     return found
 
 
-def bundle_config(path: Path, threads: int | None) -> Config:
-    """A Config for a bundle, run by the first backend that can run its target here.
+def bundle_config(
+    path: Path, threads: int | None, backends: dict[str, type[Backend]] | None = None
+) -> Config:
+    """A Config for a bundle, run by the backend named for its target (`backends`, from
+    --backend) or else the first backend that can run its target here.
 
     Raises BundleError for a bad bundle and BackendUnavailable when nothing here can run it."""
     from ..runtime.backends import backend_for_target
     from ..runtime.bundle import open_bundle
 
     bundle = open_bundle(path)
-    cls = backend_for_target(bundle.target)
+    cls = (backends or {}).get(bundle.target) or backend_for_target(bundle.target)
     cfg = bundle.cfg
     return Config(
         label=f"{cls.name} {bundle.precision} c{cfg.chunk}",
@@ -266,7 +279,13 @@ def export_is_current(out: Path, checkpoint: Path, cfg: ModelConfig, target: str
 
 
 def export_configs(
-    spec: str, source: ModelSource, chunks: list[int], req: Request, plan: Plan, log
+    spec: str,
+    source: ModelSource,
+    chunks: list[int],
+    req: Request,
+    plan: Plan,
+    log,
+    bundle_backends: dict[str, type[Backend]] | None = None,
 ) -> None:
     from ..export.pipeline import PRECISIONS, TARGETS, export_bundle
 
@@ -301,7 +320,7 @@ def export_configs(
                 )
                 continue
         try:
-            plan.configs.append(bundle_config(out, req.threads))
+            plan.configs.append(bundle_config(out, req.threads, bundle_backends))
         except (BundleError, BackendUnavailable) as e:
             plan.skipped.append({"config": f"export {name}", "reason": str(e)})
 
@@ -316,12 +335,13 @@ def make_plan(req: Request, log: Callable[[str], None] = print) -> Plan:
     auto = not (req.bundles or req.backends or req.exports)
     backends = ["torch"] if auto else list(req.backends)
 
+    export_targets = {split_spec(e, "--export")[0] for e in req.exports}
+    bundle_backends: dict[str, type[Backend]] = {}
     for spec in backends:
         name, precision = split_spec(spec, "--backend")
         cls, ok, why = lookup(name)
-        if not ok:
-            plan.skipped.append({"config": name, "reason": f"cannot run here: {why}"})
-            continue
+        if not ok:  # asked for by name: say why, do not measure something else instead
+            raise BackendUnavailable(f"backend {name!r} cannot run here: {why}")
         if name == "torch":
             precision = precision or "fp32"
             if precision not in TORCH_PRECISIONS:
@@ -345,31 +365,38 @@ def make_plan(req: Request, log: Callable[[str], None] = print) -> Plan:
                 )
             continue
         if not hasattr(cls, "from_checkpoint"):
+            mine = [t for t in cls.targets if t in export_targets]
+            if mine or req.bundles:  # it runs those bundles (onnxruntime-cuda, tensorrt, ...)
+                for t in cls.targets:
+                    bundle_backends[t] = cls
+                continue
             targets = ", ".join(f"--export {t}:fp32" for t in cls.targets) or "--bundle DIR"
             raise InputError(
                 f"backend {name!r} runs exported bundles, not checkpoints; use {targets} "
                 "(or --bundle DIR)"
             )
-        if precision not in (None, "fp32"):
+        takes = inspect.signature(cls.from_checkpoint).parameters
+        if precision not in (None, "fp32") and "precision" not in takes:
             raise InputError(f"backend {name!r} runs checkpoints in fp32 only; drop :{precision}")
+        precision = precision or "fp32"
         for chunk in chunks:
             cfg = source.cfg.with_streaming(chunk=chunk)
             plan.configs.append(
                 Config(
-                    label=f"{name} fp32 c{chunk}",
+                    label=f"{name} {precision} c{chunk}",
                     backend=name,
                     target="torch",
-                    precision="fp32",
+                    precision=precision,
                     cfg=cfg,
                     source=source.description,
                     size_bytes=source.size_bytes,
-                    opener=checkpoint_opener(source, name, chunk),
+                    opener=checkpoint_opener(source, name, chunk, precision),
                 )
             )
 
     for path in req.bundles:
         try:
-            cfg = bundle_config(Path(path), req.threads)
+            cfg = bundle_config(Path(path), req.threads, bundle_backends)
         except BackendUnavailable as e:
             plan.skipped.append({"config": str(path), "reason": str(e)})
             continue
@@ -380,7 +407,12 @@ def make_plan(req: Request, log: Callable[[str], None] = print) -> Plan:
         plan.configs.append(cfg)
 
     for spec in req.exports:
-        export_configs(spec, source, chunks, req, plan, log)
+        export_configs(spec, source, chunks, req, plan, log, bundle_backends)
+    if req.exports:  # an export that failed still leaves its torch reference to measure
+        for chunk in chunks:
+            if not any(c.cfg.chunk == chunk for c in plan.configs):
+                cfg = source.cfg.with_streaming(chunk=chunk)
+                plan.configs.append(reference_config(source, cfg, source.model, source.description))
 
     if auto:
         for path in discover_bundles(req.bundles_root):
@@ -411,24 +443,26 @@ def add_references(plan: Plan, source: ModelSource) -> None:
             seed = source.seed
             make = lambda cfg=cfg, seed=seed: random_model(cfg, seed)  # noqa: E731
             where = f"random weights (seed {seed}) with the config of {c.source}"
-        plan.configs.append(
-            Config(
-                label=f"torch fp32 c{cfg.chunk}",
-                backend="torch",
-                target="torch",
-                precision="fp32",
-                cfg=cfg,
-                source=where,
-                size_bytes=source.size_bytes if source.matches(cfg) else 0,
-                opener=torch_opener(make, cfg, "fp32"),
-                reference=True,
-                note="added as the speedup reference",
-            )
-        )
+        plan.configs.append(reference_config(source, cfg, make, where))
     order = {}
     for c in plan.configs:
         order.setdefault(c.key, len(order))
     plan.configs.sort(key=lambda c: (c.cfg.chunk, order[c.key], not c.reference))
+
+
+def reference_config(source: ModelSource, cfg: ModelConfig, make: Callable, where: str) -> Config:
+    return Config(
+        label=f"torch fp32 c{cfg.chunk}",
+        backend="torch",
+        target="torch",
+        precision="fp32",
+        cfg=cfg,
+        source=where,
+        size_bytes=source.size_bytes if source.matches(cfg) else 0,
+        opener=torch_opener(make, cfg, "fp32"),
+        reference=True,
+        note="added as the speedup reference",
+    )
 
 
 def dedupe_labels(configs: list[Config]) -> None:

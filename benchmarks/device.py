@@ -106,9 +106,11 @@ def default_name(cpu: str, cores: int, gpu: str | None) -> str:
 def device_info(
     name: str | None = None, gemm_size: int = GEMM_SIZE, gemm_seconds: float = 0.5
 ) -> dict:
-    import psutil
     import torch
 
+    from .deps import import_extra
+
+    psutil = import_extra("psutil", "describing this machine")
     cpu = cpu_model()
     cores = os.cpu_count() or 1
     gpu, gpu_mem = gpu_info()

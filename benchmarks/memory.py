@@ -25,8 +25,9 @@ def _vm_hwm_bytes() -> int | None:
 
 class PeakMemory:
     def __init__(self):
-        import psutil
+        from .deps import import_extra
 
+        psutil = import_extra("psutil", "measuring peak memory")
         self.process = psutil.Process()
         self.hwm_reset = False
         self.sampled = 0

@@ -17,8 +17,9 @@ STYLES = ("-", "--", ":", "-.")
 
 
 def _pyplot():
-    import matplotlib
+    from .deps import import_extra
 
+    matplotlib = import_extra("matplotlib", "writing plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

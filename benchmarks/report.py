@@ -69,6 +69,8 @@ COLUMNS = [
     ("C", lambda r: f"{r['chunk']}{'*' if r.get('chunk_fixed') else ''}"),
     ("L", lambda r: str(r["lookahead"])),
     ("res", lambda r: str(r["resolution"])),
+    ("thr", lambda r: str(r.get("threads", "-"))),
+    ("load", lambda r: str(r.get("load", 0))),
     (
         "FPS (min–max)",
         lambda r: (
@@ -88,6 +90,7 @@ COLUMNS = [
     ("GFLOP/s", lambda r: f"{r['gflops']:.1f}"),
     ("% peak", lambda r: f"{100 * r['fraction_of_peak']:.1f}"),
     ("× torch", lambda r: _f(r["speedup_vs_torch"], 2)),
+    ("× quiet", lambda r: _f(r.get("fps_vs_quiet"), 2)),
 ]
 
 
@@ -101,17 +104,34 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
+# shown only when some row has the field (bench --threads N,M / --load N)
+OPTIONAL = {"thr": "threads", "load": "load", "× quiet": "fps_vs_quiet"}
+
+
 def results_table(rows: list[dict], with_device: bool = False) -> str:
-    header = (["device"] if with_device else []) + [name for name, _ in COLUMNS]
+    cols = [
+        (name, fn)
+        for name, fn in COLUMNS
+        if name not in OPTIONAL or any(OPTIONAL[name] in r for r in rows)
+    ]
+    header = (["device"] if with_device else []) + [name for name, _ in cols]
     body = [
-        ([r["device"]] if with_device else []) + [fn(r) for _, fn in COLUMNS]
+        ([r["device"]] if with_device else []) + [fn(r) for _, fn in cols]
         for r in sorted(rows, key=_order)
     ]
     return markdown(header, body)
 
 
 def _order(r: dict):
-    return (r.get("device", ""), r["model"], r["chunk"], not r["reference"], r["label"])
+    return (
+        r.get("device", ""),
+        r["model"],
+        r["chunk"],
+        r.get("threads", 0),
+        r.get("load", 0),
+        not r["reference"],
+        r["label"],
+    )
 
 
 def device_table(devices: list[dict]) -> str:

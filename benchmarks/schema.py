@@ -171,6 +171,9 @@ RECORD = {
         "speedup_vs_torch": _d(_OPT_NUM, "fps / torch eager fp32 fps at the same config"),
         "load_seconds": _d(_NUM0, "time to open the backend (load, compile)"),
         "note": _d(_OPT_STR, "anything worth knowing about this row"),
+        "threads": _d({"type": "integer", "minimum": 1}, "CPU threads (bench --threads N,M)"),
+        "load": _d(_INT0, "busy processes running beside it (bench --load N); 0: quiet"),
+        "fps_vs_quiet": _d(_OPT_NUM, "under load: fps / fps of the same row quiet, same run"),
     },
 }
 

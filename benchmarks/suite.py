@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 from .. import __version__
 from ..errors import EdgeTalkError
+from ..runtime.threads import apply_torch_threads, set_threads
 from .configs import Config, Plan
+from .load import BusyLoad
 from .measure import Clock, Settings, Sleep, bench_audio, measure
 from .schema import FORMAT, SCHEMA_VERSION
 
@@ -74,13 +76,22 @@ def measure_config(
 
 
 def add_speedups(results: list[dict]) -> None:
-    """speedup_vs_torch = fps / fps of the torch fp32 reference with the same streaming config."""
-    refs = {r["_key"]: r["fps"] for r in results if r["reference"]}
+    """speedup_vs_torch = fps / fps of the torch fp32 reference with the same streaming config
+    (and the same threads and load); fps_vs_quiet = fps under load / fps of the same row quiet."""
+
+    def cond(r: dict):
+        return (r["_key"], r.get("threads"), r.get("load", 0))
+
+    refs = {cond(r): r["fps"] for r in results if r["reference"]}
+    quiet = {(r["_base"], r.get("threads")): r["fps"] for r in results if not r.get("load")}
     for r in results:
-        ref = refs.get(r["_key"])
+        ref = refs.get(cond(r))
         r["speedup_vs_torch"] = round(r["fps"] / ref, 4) if ref else None
         if r["reference"]:
             r["speedup_vs_torch"] = 1.0
+        if r.get("load"):
+            q = quiet.get((r["_base"], r.get("threads")))
+            r["fps_vs_quiet"] = round(r["fps"] / q, 4) if q else None
 
 
 def run_plan(
@@ -91,30 +102,51 @@ def run_plan(
     clock: Clock = time.perf_counter,
     sleep: Sleep = time.sleep,
     log: Callable[[str], None] = print,
+    threads: list[int] | None = None,
+    load: int = 0,
 ) -> dict:
+    """Every configuration at every thread count in `threads` (None: as the process is set), each
+    quiet and, with load > 0, right after under `load` busy processes (so the ratio compares
+    neighbouring measurements on a machine whose other work drifts)."""
     pcm = bench_audio(settings.seconds)
     peaks = device["gemm_peak_gflops"]
     flops_cache: dict = {}
     results: list[dict] = []
     skipped = list(plan.skipped)
-    n = len(plan.configs)
-    for i, config in enumerate(plan.configs, 1):
-        log(f"[{i}/{n}] {config.label} ({config.source})")
+    runs = [
+        (config, t, n_load)
+        for t in (threads or [None])
+        for config in plan.configs
+        for n_load in ((0, load) if load else (0,))
+    ]
+    n = len(runs)
+    for i, (config, t, n_load) in enumerate(runs, 1):
+        label = config.label + (f" t{t}" if threads else "") + (f" load{n_load}" if load else "")
+        log(f"[{i}/{n}] {label} ({config.source})")
+        if t is not None:
+            set_threads(t)
+            apply_torch_threads(t)
         try:
-            rec = measure_config(
-                config,
-                settings,
-                pcm,
-                peaks,
-                flops_cache,
-                clock,
-                sleep,
-                log=(lambda s, label=config.label: log(f"    {label}: {s}")),
-            )
+            with BusyLoad(n_load):
+                rec = measure_config(
+                    config,
+                    settings,
+                    pcm,
+                    peaks,
+                    flops_cache,
+                    clock,
+                    sleep,
+                    log=(lambda s, label=label: log(f"    {label}: {s}")),
+                )
         except EdgeTalkError as e:
-            skipped.append({"config": config.label, "reason": str(e)})
+            skipped.append({"config": label, "reason": str(e)})
             log(f"    skipped: {e}")
             continue
+        rec.update(_base=config.label, label=label)
+        if t is not None:
+            rec["threads"] = t
+        if load:
+            rec["load"] = n_load
         results.append(rec)
         log(
             f"    {rec['fps']:.1f} fps, FFD {rec['first_frame_delay_ms']:.0f} ms "
@@ -125,7 +157,7 @@ def run_plan(
         raise EdgeTalkError(f"no configuration could be benchmarked ({why})")
     add_speedups(results)
     for r in results:
-        del r["_key"]
+        del r["_key"], r["_base"]
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,

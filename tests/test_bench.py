@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -363,3 +364,89 @@ def test_loop_audio_is_trimmed_to_whole_frames():
     pcm = bench_audio(30.0)  # longer than the embedded sentence: looped
     assert pcm.shape == (750 * SAMPLES_PER_FRAME,) and pcm.dtype == np.float32
     assert bench_audio(0.01).shape == (SAMPLES_PER_FRAME,)
+
+
+# ---- optional dependencies, CUDA names, references kept, threads and load -------------------
+def test_missing_psutil_is_one_line_naming_the_extra(monkeypatch, micro_ckpt, capsys):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # as if `pip install edgetalk` alone
+    code, _, err = run_cli(["bench", "--checkpoint", micro_ckpt, "--backend", "torch"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "psutil" in err and "pip install 'edgetalk[bench]'" in err
+
+
+def test_missing_matplotlib_only_matters_for_plots(monkeypatch, tmp_path, capsys):
+    from edgetalk.benchmarks.deps import MissingExtra
+    from edgetalk.benchmarks.memory import PeakMemory
+    from edgetalk.benchmarks.plots import _pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = ["bench", "--preset", "tiny", "--backend", "torch", "--plots", tmp_path / "p"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "matplotlib" in err and "edgetalk[bench]" in err
+    with pytest.raises(MissingExtra, match=r"edgetalk\[bench\]"):
+        _pyplot()
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    with pytest.raises(MissingExtra, match="psutil"):
+        PeakMemory()
+
+
+def test_cuda_backend_by_name(monkeypatch, micro_ckpt, capsys):
+    import torch
+
+    from edgetalk.runtime_cuda.backend_cuda import CudaBackend
+
+    if not torch.cuda.is_available():  # here: one line saying why, not a parser refusal
+        code, _, err = run_cli(
+            ["bench", "--checkpoint", micro_ckpt, "--backend", "cuda:fp16"], capsys
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "backend 'cuda' cannot run here" in err and "CUDA" in err
+    # Where it can run, cuda:fp16 is planned (with its torch reference), not refused.
+    monkeypatch.setattr(CudaBackend, "availability", classmethod(lambda cls: (True, "")))
+    plan = make_plan(Request(checkpoint=micro_ckpt, backends=["cuda:fp16"], chunks=[2]))
+    assert [(c.label, c.precision, c.reference) for c in plan.configs] == [
+        ("torch fp32 c2", "fp32", True),
+        ("cuda fp16 c2", "fp16", False),
+    ]
+
+
+def test_failed_export_keeps_the_torch_reference(monkeypatch, micro_ckpt, tmp_path):
+    from edgetalk.export import pipeline
+
+    def fail(*a, **k):
+        raise EdgeTalkError("appearance: parity failed")
+
+    monkeypatch.setattr(pipeline, "export_bundle", fail)
+    req = Request(checkpoint=micro_ckpt, exports=["onnx:int8"], chunks=[1, 2], cache_dir=tmp_path)
+    plan = make_plan(req, log=lambda s: None)
+    assert [(c.label, c.reference) for c in plan.configs] == [
+        ("torch fp32 c1", True),
+        ("torch fp32 c2", True),
+    ]
+    assert [s["config"] for s in plan.skipped] == ["export onnx:int8 c1", "export onnx:int8 c2"]
+
+
+def test_busy_load_runs_only_while_inside():
+    from edgetalk.benchmarks.load import BusyLoad
+
+    with BusyLoad(2) as load:
+        procs = list(load.procs)
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_threads_and_load_in_one_run(micro_ckpt, tmp_path):
+    out = tmp_path / "t.json"
+    args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", "--chunk", "2"]
+    args += ["--seconds", "0.5", "--repeats", "1", "--warmup", "0", "--json", out]
+    args += ["--threads", "1,2", "--load", "1"]
+    assert main([str(a) for a in args]) == 0
+    data = json.loads(out.read_text())
+    assert validate(data) == []
+    rows = {(r["threads"], r["load"]): r for r in data["results"]}
+    assert set(rows) == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    for t in (1, 2):
+        quiet, loaded = rows[(t, 0)], rows[(t, 1)]
+        assert "fps_vs_quiet" not in quiet
+        assert loaded["fps_vs_quiet"] == pytest.approx(loaded["fps"] / quiet["fps"], rel=1e-3)
+        assert loaded["label"] == f"torch fp32 c2 t{t} load1"
