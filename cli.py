@@ -9,32 +9,70 @@ import sys
 from . import __version__
 from .errors import EdgeTalkError
 
-SUBCOMMANDS = (
-    "edgetalk.runtime.cli_run",
-    "edgetalk.runtime.cli_live",
-    "edgetalk.export.cli",
-    "edgetalk.training.cli_eval",
-    "edgetalk.benchmarks.cli",
-    "edgetalk.benchmarks.soak",
-    "edgetalk.runtime_cuda.doctor",
-    "edgetalk.serve.cli",
-)
+# command -> (module that registers it, its one-line help). Only the module of the command being
+# run is imported: `edgetalk --help` and `edgetalk doctor` must not pay for torch (seconds).
+# tests/test_cli_fast.py checks these help lines against what each module registers.
+COMMANDS = {
+    "run": ("edgetalk.runtime.cli_run", "render a talking-head mp4 from an audio file"),
+    "live": (
+        "edgetalk.runtime.cli_live",
+        "live talking head from a microphone, a PCM pipe or a socket",
+    ),
+    "export": (
+        "edgetalk.export.cli",
+        "export the model to ONNX, CoreML or MLX (static shapes, fp32/fp16/int8)",
+    ),
+    "eval": (
+        "edgetalk.training.cli_eval",
+        "score lip sync, identity, stability, quality and listening on held-out data",
+    ),
+    "bench": (
+        "edgetalk.benchmarks.cli",
+        "benchmark FPS, first-frame delay, RTF and per-module latency",
+    ),
+    "soak": (
+        "edgetalk.benchmarks.soak",
+        "long streaming soak: RSS slope, KV size, A/V alignment, identity and head drift",
+    ),
+    "doctor": (
+        "edgetalk.runtime_cuda.doctor",
+        "list the backends and export targets that can run here, and why others cannot",
+    ),
+    "serve": ("edgetalk.serve.cli", "web page: your microphone in, the talking head out (WebRTC)"),
+}
+SUBCOMMANDS = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, lazy: bool = False) -> argparse.ArgumentParser:
+    """Every command registered by its module; with lazy=True only `command`'s module is
+    imported, the others are listed by name and help (enough for `edgetalk --help`)."""
     parser = argparse.ArgumentParser(
         prog="edgetalk",
         description="Real-time talking heads on the edge: one photo + live audio -> live video.",
     )
     parser.add_argument("--version", action="version", version=f"edgetalk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        importlib.import_module(name).register(sub)
+    done = set()
+    for name, (module, help_) in COMMANDS.items():
+        if lazy and name != command:
+            sub.add_parser(name, help=help_)
+        elif module not in done:
+            done.add(module)
+            importlib.import_module(module).register(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command named on the line: the first word that is not an option."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv), lazy=True)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

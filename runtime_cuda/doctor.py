@@ -15,7 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "doctor",
         help="list the backends and export targets that can run here, and why others cannot",
         description="Check every backend (runtime/ and runtime_cuda/) and export target on this "
-        "machine and print the versions of torch, CUDA, onnxruntime, tensorrt, mlx and coremltools.",
+        "machine and print the versions of torch, CUDA, onnxruntime, tensorrt, mlx and coremltools, "
+        "and which extras are installed.",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="load every backend and converter to check it (seconds: imports torch and the "
+        "rest); without it doctor answers from installed package metadata at once",
     )
     p.set_defaults(func=main)
 
@@ -91,15 +98,105 @@ def version_rows() -> list[tuple[str, str]]:
     ]
 
 
-def report() -> str:
+# ---- the quick answer: package metadata only, nothing heavy imported ----------------------------
+# extras that are tooling, not features of the runtime
+SKIP_EXTRAS = ("all", "test")
+# backend -> (distributions it needs, any of which will do; needs a CUDA GPU; macOS only)
+QUICK_BACKENDS = {
+    "torch": (("torch",), False, False),
+    "onnxruntime": (("onnxruntime", "onnxruntime-gpu"), False, False),
+    "coreml": (("coremltools",), False, True),
+    "mlx": (("mlx",), False, False),
+    "cuda": (("torch",), True, False),
+    "onnxruntime-cuda": (("onnxruntime-gpu",), True, False),
+    "tensorrt": (("tensorrt", "tensorrt-cu12"), True, False),
+}
+
+
+def extra_requirements() -> dict[str, list[str]] | None:
+    """extra -> the distributions it installs on this platform (from edgetalk's own metadata)."""
+    import re
+
+    try:
+        reqs = metadata.requires("edgetalk") or []
+    except metadata.PackageNotFoundError:
+        return None
+    out: dict[str, list[str]] = {}
+    for req in reqs:
+        spec, _, marker = req.partition(";")
+        m = re.search(r"""extra\s*==\s*["']([\w-]+)["']""", marker)
+        if not m or m.group(1) in SKIP_EXTRAS:
+            continue
+        plat = re.search(r"""sys_platform\s*==\s*["'](\w+)["']""", marker)
+        if plat and plat.group(1) != sys.platform:
+            continue
+        name = re.match(r"[A-Za-z0-9_.\-]+", spec.strip()).group(0)
+        out.setdefault(m.group(1), []).append(name)
+    return out
+
+
+def extra_rows() -> list[tuple[str, str]]:
+    extras = extra_requirements()
+    if extras is None:
+        return [("?", "edgetalk is not installed as a package (pip install -e .)")]
+    rows = []
+    for extra, dists in sorted(extras.items()):
+        missing = [d for d in dists if _version(d) == "not installed"]
+        if missing:
+            text = f"missing {', '.join(missing)}: pip install 'edgetalk[{extra}]'"
+        else:
+            text = "installed (" + ", ".join(f"{d} {_version(d)}" for d in dists) + ")"
+        rows.append((extra, text))
+    return rows
+
+
+def quick_backend_rows() -> list[tuple[str, str]]:
+    from .gpu import probe
+
+    gpu, why_no_gpu = probe()  # ctypes against the driver: fast, imports nothing
+    rows = []
+    for name, (dists, needs_gpu, mac_only) in QUICK_BACKENDS.items():
+        have = [d for d in dists if _version(d) != "not installed"]
+        reasons = []
+        if mac_only and platform.system() != "Darwin":
+            reasons.append(f"runs only on macOS; this is {platform.system()}")
+        if not have:
+            reasons.append(f"{' or '.join(dists)} not installed")
+        if needs_gpu and gpu is None:
+            reasons.append(why_no_gpu)
+        rows.append(
+            (name, f"unavailable: {'; '.join(reasons)}" if reasons else f"installed ({have[0]})")
+        )
+    return rows
+
+
+def quick_version_rows() -> list[tuple[str, str]]:
+    from .gpu import probe
+
+    gpu, why = probe()
+    return [
+        ("python", f"{platform.python_version()} ({platform.system()} {platform.machine()})"),
+        (
+            "GPU",
+            f"{gpu.name}, compute capability {gpu.compute_capability}, driver CUDA {gpu.driver}"
+            if gpu
+            else why,
+        ),
+        *((d, _version(d)) for d in ("torch", "onnxruntime", "tensorrt", "mlx", "coremltools")),
+    ]
+
+
+def report(full: bool = True) -> str:
     from .. import __version__
 
-    lines = [f"edgetalk {__version__} doctor"]
-    for title, rows in (
-        ("backends", backend_rows()),
-        ("export targets", target_rows()),
-        ("versions", version_rows()),
-    ):
+    lines = [f"edgetalk {__version__} doctor" + ("" if full else " (quick: --full loads each)")]
+    sections = (
+        (("backends", backend_rows()), ("export targets", target_rows()))
+        if full
+        else (("backends", quick_backend_rows()),)
+    )
+    versions = version_rows() if full else quick_version_rows()
+    for title, rows in (*sections, ("extras", extra_rows()), ("versions", versions)):
         width = max(len(name) for name, _ in rows)
         lines += ["", title]
         lines += [f"  {name.ljust(width)}  {text}" for name, text in rows]
@@ -107,6 +204,6 @@ def report() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(report())
+    print(report(full=getattr(args, "full", False)))
     sys.stdout.flush()
     return 0

@@ -128,7 +128,7 @@ def test_everything_imports_and_is_discovered():
 def test_doctor_lists_every_backend_and_target(capsys):
     from edgetalk.export.pipeline import TARGETS
 
-    assert main(["doctor"]) == 0
+    assert main(["doctor", "--full"]) == 0
     out = capsys.readouterr().out
     sections = {}
     for block in out.split("\n\n")[1:]:
