@@ -33,6 +33,8 @@ DRIFT_SPEARMAN, DRIFT_FACE_HEIGHTS = 0.5, 0.05  # monotonic AND large: that is d
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..runtime.threads import add_threads_option
+
     p = sub.add_parser(
         "soak",
         help="long streaming soak: RSS slope, KV size, A/V alignment, identity and head drift",
@@ -45,16 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="backend for --checkpoint (default torch)")
     p.add_argument("--avatar", type=Path, help="avatar photo (default: the embedded one)")
     p.add_argument("--chunk", type=int, help="chunk size C (checkpoints only)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    add_threads_option(p)
     p.add_argument("--json", type=Path, help="write the report here")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    if args.threads:
-        import torch
+    from ..runtime.threads import set_threads
 
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # the backend soak opens takes them (torch and onnxruntime)
     report = soak(
         minutes=args.minutes,
         checkpoint=args.checkpoint,
