@@ -1,8 +1,9 @@
 """Motion labels from real video: the 16 explicit parameters per frame, fitted to the face mesh.
 
 The synthetic renderer (`render.deform`) says where every mediapipe landmark goes for a motion
-vector, relative to a reference face. Fitting inverts it: with the clip's first frame as the
-reference (as `edgetalk run` uses a photo), each frame's motion is the vector whose deformed
+vector, relative to a reference face. Fitting inverts it: with one frame of the clip as the
+reference (the first, as `edgetalk run` uses a photo, or for training labels the most closed
+mouth), each frame's motion is the vector whose deformed
 reference landmarks best match that frame's landmarks (least squares, bounded to the ranges the
 decoder knows, warm-started from the previous frame). Labels are cached as .npz (no pickle).
 
@@ -141,16 +142,27 @@ def crop_clip(frames: np.ndarray, size: int = RESOLUTION) -> tuple[np.ndarray, t
     return np.stack([crop_resize(f, box, size) for f in frames]), box
 
 
-def label_frames(crops: np.ndarray, log=None) -> dict:
-    """Fit a clip's crops (first crop = reference). Returns the arrays that are cached."""
+def label_frames(crops: np.ndarray, log=None, reference: str = "first") -> dict:
+    """Fit a clip's crops. Returns the arrays that are cached.
+
+    reference "first": relative to the first crop (the avatar of `edgetalk eval --real`).
+    "closed": relative to the frame with the most closed mouth. Training labels use it: with an
+    open-mouthed first frame, every frame is "less open than the photo" (lip_press high, jaw 0),
+    and the generator, which does not see the photo's mouth, would get contradicting targets.
+    """
     track = mesh_track(crops)
-    if not np.isfinite(track[0]).all():
-        raise ValueError("no face landmarks in the first frame")
-    ref = render.prepare(crops[0], track[0], crops.shape[1])
-    motion, valid, err = fit_landmarks(ref, track, log)
     h = np.linalg.norm(track[:, 152, :2] - track[:, 10, :2], axis=1)
     opening = np.linalg.norm(track[:, 14, :2] - track[:, 13, :2], axis=1) / h
+    if reference == "closed":
+        r = int(np.nanargmin(np.where(np.isfinite(opening), opening, np.inf)))
+    else:
+        r = 0
+    if not np.isfinite(track[r]).all():
+        raise ValueError("no face landmarks in the reference frame")
+    ref = render.prepare(crops[r], track[r], crops.shape[1])
+    motion, valid, err = fit_landmarks(ref, track, log)
     return {
+        "reference": np.array(r),
         "motion": motion,
         "valid": valid,
         "fit_error": err,
@@ -169,7 +181,7 @@ def label_item(item, out_dir: Path, log=print) -> Path:
     frames, pcm = read_clip(item)
     crops, box = crop_clip(frames)
     t0 = time.time()
-    lab = label_frames(crops, log)
+    lab = label_frames(crops, log, reference="closed")
     lab.update(audio=pcm, crop_box=np.array(box, np.float32), held_out=np.array(item.held_out))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

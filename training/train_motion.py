@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.checkpoint import default_checkpoint, load_checkpoint
+from ..models.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
 from ..models.config import SAMPLES_PER_FRAME
-from ..models.motion import INDEX, MOUTH
+from ..models.motion import HEAD, INDEX, MOUTH
 from ..runtime.scheduler import talk_listen_mask
 from . import augment, faces, synth
 from .loop import Run
@@ -218,6 +218,15 @@ def main(argv=None) -> None:
     ap.add_argument("--labels", type=Path, default=Path("runs/real_labels"))
     ap.add_argument("--real-share", type=float, default=0.4, help="share of real windows")
     ap.add_argument("--real-variants", type=int, default=3, help="degraded copies per real clip")
+    ap.add_argument(
+        "--head-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of head pose (real heads move ~5x the synthetic std; 0.2 keeps the "
+        "mouth in charge)",
+    )
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--snapshot-every", type=int, default=0, help="keep step_N.safetensors")
     ap.add_argument("--keep-norm", action="store_true", help="keep the init's motion normalization")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -253,7 +262,9 @@ def main(argv=None) -> None:
     val_sampler = WindowSampler(val, args.frames, 1234)
     val_batch = val_sampler.sample(32, augment=False)
     g = torch.Generator().manual_seed(args.seed + run.step)
-    weight = torch.from_numpy(LOSS_WEIGHT)
+    w = LOSS_WEIGHT.copy()
+    w[[INDEX[k] for k in HEAD]] *= args.head_weight
+    weight = torch.from_numpy(w)
     c, steps = cfg.chunk, cfg.generator.steps
 
     def flow_loss(pcm, mask, motion, student: bool):
@@ -297,8 +308,10 @@ def main(argv=None) -> None:
                 val_loss = flow_loss(*val_batch, student=False).item()
                 model.train()
             run.log(loss=loss.item(), val=val_loss, step_s=time.time() - t0, student=int(student))
-        if run.step % 250 == 0:
+        if run.step % args.save_every == 0:
             run.save(stage="motion")
+        if args.snapshot_every and run.step % args.snapshot_every == 0:
+            save_checkpoint(model, Path(args.out) / f"step_{run.step}.safetensors", stage="motion")
     run.save(stage="motion")
 
 
