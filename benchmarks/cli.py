@@ -172,9 +172,7 @@ def main(args: argparse.Namespace) -> int:
 
     used = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
     command = [f"{k}={v}" for k, v in sorted(used.items()) if v not in (None, [], False)]
-    report = run_plan(
-        plan, settings, device, command=command, threads=threads or [first], load=args.load
-    )
+    report = run_plan(plan, settings, device, command=command, threads=threads, load=args.load)
     problems = validate(report)
     if problems:  # a bug here, not bad input: say so loudly
         raise AssertionError("bench report does not match its schema: " + "; ".join(problems))
