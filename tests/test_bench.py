@@ -450,3 +450,12 @@ def test_threads_and_load_in_one_run(micro_ckpt, tmp_path):
         assert "fps_vs_quiet" not in quiet
         assert loaded["fps_vs_quiet"] == pytest.approx(loaded["fps"] / quiet["fps"], rel=1e-3)
         assert loaded["label"] == f"torch fp32 c2 t{t} load1"
+
+
+@pytest.mark.parametrize("module, backend, extra", [("onnxruntime", "onnxruntime", "onnx")])
+def test_missing_backend_library_names_its_extra(monkeypatch, micro_ckpt, module, backend, extra):
+    from edgetalk.errors import BackendUnavailable
+
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(BackendUnavailable, match=rf"pip install 'edgetalk\[{extra}\]'"):
+        make_plan(Request(checkpoint=micro_ckpt, backends=[backend], chunks=[2]))
