@@ -452,7 +452,9 @@ def test_threads_and_load_in_one_run(micro_ckpt, tmp_path):
         assert loaded["label"] == f"torch fp32 c2 t{t} load1"
 
 
-@pytest.mark.parametrize("module, backend, extra", [("onnxruntime", "onnxruntime", "onnx")])
+@pytest.mark.parametrize(
+    "module, backend, extra", [("onnxruntime", "onnxruntime", "onnx"), ("mlx", "mlx", "mlx")]
+)
 def test_missing_backend_library_names_its_extra(monkeypatch, micro_ckpt, module, backend, extra):
     from edgetalk.errors import BackendUnavailable
 
