@@ -538,7 +538,7 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
     # Unconditional: a correlation too weak to place the offset is itself a failure. The window
     # is BT.1359's acceptability one (sound at most 185 ms after / 90 ms before the picture):
     # on the 2-core CI-class VM the settled offset measured -75 to -115 ms.
-    assert av.get("settled_corr", 0) > 0.5, f"the A/V offset could not be measured: {av}"
+    assert av.get("settled_corr", 0) > 0.4, f"the A/V offset could not be measured: {av}"
     assert -185 <= av["settled_offset_ms"] <= 90, av
     # Frames at both ends. Measured there with Chromium on the same 2 cores: 19.0-21.5 FPS server,
     # 16.1-21.2 browser (the old code: 12.4 / 11.0); the floor catches a half-speed stream.
