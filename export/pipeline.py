@@ -99,7 +99,7 @@ def export_bundle(
         cfg = model.cfg.with_streaming(chunk=chunk, lookahead=lookahead, steps=steps, window=window)
     except ValueError as e:
         raise EdgeTalkError(str(e)) from None
-    model.set_streaming(cfg)
+    model = model.for_streaming(cfg)
     io = module_io(cfg)
     out = Path(out) if out else default_out(cfg, target, precision)
     _check_out(out, force)

@@ -113,6 +113,13 @@ class ModelConfig:
             )
         return cfg
 
+    def architecture(self) -> ModelConfig:
+        """This config with the streaming settings reset: equal for configs that share weights."""
+        base = dataclasses.replace(self, chunk=1)
+        return dataclasses.replace(
+            base, generator=dataclasses.replace(base.generator, steps=1, window=1)
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

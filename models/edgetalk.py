@@ -27,8 +27,14 @@ class EdgeTalkModel(nn.Module):
             raise KeyError(f"unknown module {name!r}; modules are {MODULES}")
         return getattr(self, name)
 
-    def set_streaming(self, cfg: ModelConfig) -> None:
-        """Switch chunk/window/steps (weights are shared; only the static shapes change)."""
-        self.cfg = cfg
-        for name in MODULES:
-            self.module(name).cfg = cfg
+    def for_streaming(self, cfg: ModelConfig) -> EdgeTalkModel:
+        """A model for other streaming settings (chunk, window, steps, lookahead) that shares this
+        one's weights. Each backend builds its own, so two backends never share a chunk size
+        through a mutable config; the weights are the same tensors, not copies."""
+        if cfg.architecture() != self.cfg.architecture():
+            raise ValueError("for_streaming changes streaming settings only, not the architecture")
+        twin = EdgeTalkModel(cfg)
+        # assign=True: the twin holds these very tensors (no copy, no extra memory); buffers that
+        # are not saved (filterbanks, grids) are rebuilt for the new shapes by the constructor.
+        twin.load_state_dict(self.state_dict(), assign=True)
+        return twin.train(self.training)

@@ -20,9 +20,9 @@ class TorchBackend(Backend):
 
     def __init__(self, model: EdgeTalkModel, cfg: ModelConfig | None = None, precision="fp32"):
         cfg = cfg or model.cfg
-        model.set_streaming(cfg)
         super().__init__(cfg, module_io(cfg), precision)
-        self.model = model.eval()
+        # its own model for its own streaming settings; the weights stay shared with `model`
+        self.model = (model if cfg == model.cfg else model.for_streaming(cfg)).eval()
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         if self.dtype != torch.float32:
             self.model = self.model.to(self.dtype)

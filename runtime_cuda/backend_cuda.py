@@ -92,8 +92,9 @@ class CudaBackend(Backend):
             if precision == "bf16" and not torch.cuda.is_bf16_supported():
                 raise BackendUnavailable(f"{torch.cuda.get_device_name()} has no bf16; use fp16")
         cfg = cfg or model.cfg
-        model.set_streaming(cfg)
         super().__init__(cfg, module_io(cfg), precision)
+        # its own model for its own streaming settings (weights shared until moved to the device)
+        model = model if cfg == model.cfg else model.for_streaming(cfg)
         self.model = model.eval().to(self.device)  # moves the caller's model
         self.amp = PRECISIONS[precision]
         self.graphs = graphs and self.device.type == "cuda"
