@@ -1,0 +1,81 @@
+"""The one export-target interface, and their discovery.
+
+A target is one file `converters/<name>.py` that sets `TARGET = <Target subclass>`; `targets()`
+finds them the way `runtime/backends.py` finds backends, so adding a target edits no list. The
+export pipeline (export/pipeline.py) owns everything shared: tracing inputs, calibration, parity
+by output name, the manifest and the atomic bundle write. A target only turns one torch module
+into one artifact at one precision and says how to check it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from functools import cache
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import EdgeTalkError
+from ..models.io_spec import ModuleIO
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class Target(ABC):
+    name: ClassVar[str]  # the --target value and the manifest's "target"
+    suffix: ClassVar[str]  # a module's artifact is <part><suffix>
+    parity_backend: ClassVar[str]  # the backend (runtime/backends.py) that runs the gate
+    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(can export here, why not). Cheap: imports only."""
+        return True, ""
+
+    @abstractmethod
+    def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
+        """Write the fp32 artifact of one module (`model.module(part)`) with static shapes."""
+
+    @abstractmethod
+    def apply_precision(
+        self, precision: str, src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
+    ) -> dict:
+        """Turn the fp32 artifact `src` into `dst` at `precision`; return what the manifest
+        records about it (the ops kept float, the weight dtypes)."""
+
+    def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
+        """Spec checks on the finished artifact (static shapes, 8-bit ops present); raise when
+        one fails, return what passed for the manifest."""
+        return {}
+
+    @abstractmethod
+    def tool_versions(self) -> dict:
+        """The converter tools' versions, recorded in the manifest."""
+
+
+@cache
+def targets() -> dict[str, type[Target]]:
+    """Every target class in converters/, by name."""
+    pkg = importlib.import_module("edgetalk.converters")
+    found: dict[str, type[Target]] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"edgetalk.converters.{info.name}")
+        cls = getattr(mod, "TARGET", None)
+        if isinstance(cls, type) and issubclass(cls, Target):
+            found[cls.name] = cls
+    return found
+
+
+def target(name: str) -> Target:
+    """The target called `name`, ready to use; one clear line when it is unknown or unusable."""
+    found = targets()
+    if name not in found:
+        raise EdgeTalkError(f"unknown target {name!r}; choose from {', '.join(sorted(found))}")
+    cls = found[name]
+    ok, why = cls.availability()
+    if not ok:
+        raise EdgeTalkError(f"cannot export {name}: {why}")
+    return cls()
