@@ -34,6 +34,10 @@ class Frame:
     index: int
     pts: float  # presentation time in seconds
     rgb: np.ndarray  # [R, R, 3] uint8
+    # The audio the frame shows, timeline samples [640 index, 640 (index + 1)) at 16 kHz: the
+    # scheduler's frames always carry it (zeros where the end of a stream was padded).
+    audio: np.ndarray | None = None  # own voice, [640] float32
+    partner: np.ndarray | None = None  # the partner's voice, or None when none was ever pushed
 
 
 class LatencyRing:
@@ -182,7 +186,9 @@ class StreamScheduler:
         )
 
     def flush(self) -> list[Frame]:
-        """End of stream: render every frame the received audio covers, the partial chunk too."""
+        """End of stream: render every frame the received audio covers, the partial chunk too.
+
+        The last frame carries the samples received, zero-padded to its 640."""
         total = math.ceil(self.samples_in / SAMPLES_PER_FRAME)
         frames: list[Frame] = []
         need = (self.chunk + self.lookahead) * SAMPLES_PER_FRAME
@@ -261,11 +267,14 @@ class StreamScheduler:
         rgb = (np.clip(dec["frames"], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         self.stats.convert_ms.append((self.clock() - t0) * 1000.0)
         start = self.next_frame
+        # Copied, so that frames kept by a caller do not pin the whole queued audio.
+        shown = own[: c * spf].reshape(c, spf).copy()
+        shown_p = partner[: c * spf].reshape(c, spf).copy() if self.partner_seen else [None] * c
         self.own, self.partner = self.own[c * spf :], self.partner[c * spf :]
         self.next_frame += c
         self.stats.chunks += 1
         self.stats.frames += c
-        return [Frame(start + i, (start + i) / FPS, rgb[i]) for i in range(c)]
+        return [Frame(start + i, (start + i) / FPS, rgb[i], shown[i], shown_p[i]) for i in range(c)]
 
 
 def _as_pcm(x: np.ndarray, what: str) -> np.ndarray:
