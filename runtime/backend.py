@@ -1,6 +1,8 @@
 """The one backend interface: run a module on named numpy arrays, get named numpy arrays back.
 
-Backends know nothing about streaming; the scheduler owns every piece of state. Each backend is
+Backends know nothing about streaming; the scheduler owns every piece of state, except where the
+KV cache's K/V are stored: `new_cache()` makes the scheduler's cache, numpy by default, device
+buffers on the GPU backends, so a GPU keeps its cache without a mirror. Each backend is
 one file named `backend_<name>.py` in `runtime/` or `runtime_cuda/` that sets `BACKEND = <class>`;
 `backends.py` discovers them, so a new backend touches no other file.
 """
@@ -14,6 +16,7 @@ import numpy as np
 
 from ..models.config import ModelConfig
 from ..models.io_spec import ModuleIO
+from .cache import KVCache
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -40,7 +43,12 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one module. Inputs and outputs are bound by name, per `self.io[module]`."""
+        """Run one module. Inputs and outputs are bound by name, per `self.io[module]`: numpy
+        float32, except k_cache/v_cache, which are the storage of a cache from `new_cache()`."""
+
+    def new_cache(self, cfg: ModelConfig | None = None) -> KVCache:
+        """A KV cache for one stream, stored where this backend's generator reads it."""
+        return KVCache(cfg or self.cfg)
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"

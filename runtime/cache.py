@@ -7,6 +7,11 @@ pinned by construction. Buffers never change shape; empty slots are masked by `v
 RAPR: raw position of frame f is f + 1 (the reference is 0). When a chunk would reach past D, the
 chunk and the window are shifted down together so relative offsets inside them hold and the newest
 frame sits at D; sink slots keep their raw positions. No position ever exceeds D.
+
+The backend that runs the generator owns the cache's storage (`Backend.new_cache`): this class
+keeps K/V in numpy, which every CPU backend takes as input; the GPU backends subclass it to keep
+K/V in device buffers and write each chunk's slots there in place (runtime_cuda/device_cache.py).
+The slot bookkeeping and RAPR positions are the same for all, and live only here.
 """
 
 from __future__ import annotations
@@ -22,15 +27,27 @@ class KVCache:
         self.chunk = cfg.chunk
         self.window = g.window
         self.max_pos = cfg.max_position
-        shape = (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.shape = (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
+        self.k, self.v = self._allocate(self.shape)
         self.valid = np.zeros((1, cfg.cache_slots), dtype=np.float32)
         self.slot_frame = np.full(cfg.cache_slots, -1, dtype=np.int64)  # frame held by each slot
 
-    def reset(self) -> None:
+    # ---- storage (what a device cache overrides) ----------------------------------------------
+    def _allocate(self, shape: tuple[int, ...]):
+        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+
+    def _clear(self) -> None:
         self.k[:] = 0.0
         self.v[:] = 0.0
+
+    def _store(self, slots: np.ndarray, new_k, new_v) -> None:
+        """Write the chunk's K/V ([layers, 1, heads, C, hd]) into `slots` (one per frame)."""
+        self.k[:, :, :, slots] = new_k
+        self.v[:, :, :, slots] = new_v
+
+    # ---- bookkeeping (shared) ------------------------------------------------------------------
+    def reset(self) -> None:
+        self._clear()
         self.valid[:] = 0.0
         self.slot_frame[:] = -1
 
@@ -52,15 +69,14 @@ class KVCache:
         q = (np.arange(chunk_start, chunk_start + self.chunk) + 1 - s).astype(np.float32)
         return pos[None], q[None]
 
-    def write(self, new_k: np.ndarray, new_v: np.ndarray, chunk_start: int) -> None:
+    def write(self, new_k, new_v, chunk_start: int) -> None:
         """Store the chunk's K/V ([layers, 1, heads, C, hd]) into its slots, in place."""
-        for i in range(self.chunk):
-            frame = chunk_start + i
-            slot = self.slot_for(frame)
-            self.k[:, :, :, slot] = new_k[:, :, :, i]
-            self.v[:, :, :, slot] = new_v[:, :, :, i]
-            self.valid[0, slot] = 1.0
-            self.slot_frame[slot] = frame
+        frames = np.arange(chunk_start, chunk_start + self.chunk)
+        slots = np.array([self.slot_for(int(f)) for f in frames], dtype=np.int64)
+        self._store(slots, new_k, new_v)
+        self.valid[0, slots] = 1.0
+        self.slot_frame[slots] = frames
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.valid.nbytes + self.slot_frame.nbytes
+        kv = 2 * int(np.prod(self.shape)) * 4
+        return kv + self.valid.nbytes + self.slot_frame.nbytes

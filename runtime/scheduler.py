@@ -21,7 +21,6 @@ import numpy as np
 from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
 from .backend import Backend
-from .cache import KVCache
 from .continuity import BoundaryBlend
 
 SILENCE_RMS = 3e-3  # about -50 dBFS: below this a frame counts as silent
@@ -123,7 +122,7 @@ class StreamScheduler:
         self.image = (avatar.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
         app = self._run("appearance", {"image": self.image})
         self.app_feat, self.ref_motion = app["app_feat"], app["ref_motion"]
-        self.cache = KVCache(cfg)
+        self.cache = backend.new_cache(cfg)  # the backend decides where K/V live
         self.blend = BoundaryBlend(cfg.chunk)
         self.reset()
 
