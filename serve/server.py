@@ -96,6 +96,10 @@ def _host_of(host_header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
+def secret_ok(given: str, secret: str) -> bool:
+    return hmac.compare_digest(given.encode(), secret.encode())
+
+
 def png_bytes(rgb: np.ndarray) -> bytes:
     import av
 
@@ -189,8 +193,114 @@ class ServeConfig:
             raise InputError("give --cert and --key together")
 
 
-class AvatarServer:
-    """Holds the opened backend, the avatars and the live peers (at most max_sessions)."""
+class SessionsBusy(Exception):
+    """Every slot is taken: the page shows the message as it is (HTTP 503, busy)."""
+
+
+class PageHost:
+    """What the page's HTTP API needs whoever runs the sessions: the config, the avatars (uploads
+    are checked here), the rate limits and the pending offers. Subclasses place the sessions:
+    AvatarServer in this process, serve/ray_front.py on Ray Serve replicas."""
+
+    def __init__(self, config: ServeConfig, resolution: int, default: np.ndarray, name: str):
+        self.config = config
+        self.resolution = resolution
+        self.avatars: OrderedDict[str, tuple[np.ndarray, str]] = OrderedDict(
+            default=(default, name)
+        )
+        self.pending: dict[str, int] = {}  # client address -> offers being set up
+        # last stats of ended sessions, with their secrets: id -> (secret, stats)
+        self.finished: OrderedDict[str, tuple[str, dict]] = OrderedDict()
+        self.sessions_started = 0
+        self._png_cache: dict[str, bytes] = {}
+        self.decoder = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="edgetalk-avatar")
+        self.decoding = 0  # photos in the decoder pool or waiting for it
+        self.upload_rate = RateLimit(UPLOADS_PER_MINUTE)
+        self.offer_rate = RateLimit(OFFERS_PER_MINUTE)
+
+    # ---- what a subclass provides ----------------------------------------------------------------
+    active: int = 0  # sessions in use or being set up
+
+    def describe_backend(self) -> str:
+        raise NotImplementedError
+
+    def pending_of(self, client: str) -> int:
+        raise NotImplementedError
+
+    async def open_session(self, client: str, sdp: str, avatar_id: str) -> dict:
+        """Answer an offer: {sdp, type, id, secret}. Raises SessionsBusy or InputError."""
+        raise NotImplementedError
+
+    async def session_stats(self, pid: str, secret: str) -> dict | None:
+        """The caller's own session's stats (ended ones too), or None: unknown id and wrong
+        secret look the same."""
+        raise NotImplementedError
+
+    async def interrupt_session(self, pid: str, secret: str) -> dict | None:
+        raise NotImplementedError
+
+    async def close_session(self, pid: str, secret: str) -> bool:
+        raise NotImplementedError
+
+    async def close_all(self) -> None:
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    # ---- shared ----------------------------------------------------------------------------------
+    def busy_message(self) -> str:
+        n = self.config.max_sessions
+        return (
+            f"busy: this server runs at most {n} avatar session{'s' if n != 1 else ''} at a time "
+            "and all are in use; try again when one ends"
+        )
+
+    # ---- avatars ---------------------------------------------------------------------------------
+    def prepare_upload(self, data: bytes, filename: str) -> tuple[str, np.ndarray]:
+        """The same image rules and face check as the CLI's --avatar, from memory (no file is
+        written, so the client names nothing on disk), with the uploads' lower pixel cap. Runs in
+        the decoder pool."""
+        import uuid
+
+        from ..runtime.avatar import decode_image, prepare_avatar
+
+        if not data:
+            raise InputError("the uploaded file is empty")
+        name = display_name(filename)
+        rgb = decode_image(data, name, max_pixels=UPLOAD_MAX_PIXELS)
+        try:
+            crop = prepare_avatar(rgb, self.resolution, face_check=True)
+        except InputError as e:
+            msg = str(e).replace("the image", name, 1)
+            cut = msg.find(", or pass --no-face-check")
+            raise InputError(msg[:cut] + "." if cut > 0 else msg) from None
+        avatar_id = uuid.uuid4().hex[:16]
+        self.avatars[avatar_id] = (crop, name)
+        while len(self.avatars) > MAX_UPLOADED_AVATARS + 1:
+            oldest = next(k for k in self.avatars if k != "default")
+            self.avatars.pop(oldest)
+            self._png_cache.pop(oldest, None)
+        return avatar_id, crop
+
+    def avatar_png(self, avatar_id: str) -> bytes | None:
+        if avatar_id not in self.avatars:
+            return None
+        if avatar_id not in self._png_cache:
+            self._png_cache[avatar_id] = png_bytes(self.avatars[avatar_id][0])
+        return self._png_cache[avatar_id]
+
+    def remember_finished(self, pid: str, secret: str, stats: dict) -> None:
+        self.finished[pid] = (secret, stats)
+        while len(self.finished) > 32:
+            self.finished.popitem(last=False)
+
+    def finished_stats(self, pid: str, secret: str) -> dict | None:
+        done = self.finished.get(pid)
+        if done is not None and secret_ok(secret, done[0]):
+            return {**done[1], "closed": True}
+        return None
+
+
+class AvatarServer(PageHost):
+    """Holds the opened backend and the live peers (at most max_sessions), in this process."""
 
     def __init__(self, config: ServeConfig):
         from ..runtime.avatar import prepare_avatar
@@ -201,23 +311,11 @@ class AvatarServer:
         self.backend = open_backend(
             bundle=config.bundle, checkpoint=config.checkpoint, backend=config.backend
         )
-        self.resolution = self.backend.cfg.render.resolution
-        default = prepare_avatar(config.avatar, self.resolution, face_check=True)
+        default = prepare_avatar(config.avatar, self.backend.cfg.render.resolution, face_check=True)
         name = config.avatar.name if config.avatar else "the embedded avatar"
-        self.avatars: OrderedDict[str, tuple[np.ndarray, str]] = OrderedDict(
-            default=(default, name)
-        )
+        super().__init__(config, self.backend.cfg.render.resolution, default, name)
         self.peers: dict[str, object] = {}
         self.reserved = 0
-        self.pending: dict[str, int] = {}  # client address -> offers being set up
-        # last stats of ended sessions, with their secrets: id -> (secret, stats)
-        self.finished: OrderedDict[str, tuple[str, dict]] = OrderedDict()
-        self.sessions_started = 0
-        self._png_cache: dict[str, bytes] = {}
-        self.decoder = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="edgetalk-avatar")
-        self.decoding = 0  # photos in the decoder pool or waiting for it
-        self.upload_rate = RateLimit(UPLOADS_PER_MINUTE)
-        self.offer_rate = RateLimit(OFFERS_PER_MINUTE)
         self.warm_up()
 
     def warm_up(self, chunks: int = 3) -> None:
@@ -281,56 +379,13 @@ class AvatarServer:
                 stats = peer.stats()
             except Exception:  # the slot is freed whatever happens
                 stats = {"id": peer.id, "closed": True, "close_reason": peer.close_reason}
-            self.finished[peer.id] = (peer.secret, stats)
-            while len(self.finished) > 32:
-                self.finished.popitem(last=False)
+            self.remember_finished(peer.id, peer.secret, stats)
             log.info(
                 "session %s ended (%s): %s",
                 peer.id[:8],
                 peer.close_reason,
                 peer.session.stats.summary().replace("\n", "; "),
             )
-
-    def busy_message(self) -> str:
-        n = self.config.max_sessions
-        return (
-            f"busy: this server runs at most {n} avatar session{'s' if n != 1 else ''} at a time "
-            "and all are in use; try again when one ends"
-        )
-
-    # ---- avatars ---------------------------------------------------------------------------------
-    def prepare_upload(self, data: bytes, filename: str) -> tuple[str, np.ndarray]:
-        """The same image rules and face check as the CLI's --avatar, from memory (no file is
-        written, so the client names nothing on disk), with the uploads' lower pixel cap. Runs in
-        the decoder pool."""
-        import uuid
-
-        from ..runtime.avatar import decode_image, prepare_avatar
-
-        if not data:
-            raise InputError("the uploaded file is empty")
-        name = display_name(filename)
-        rgb = decode_image(data, name, max_pixels=UPLOAD_MAX_PIXELS)
-        try:
-            crop = prepare_avatar(rgb, self.resolution, face_check=True)
-        except InputError as e:
-            msg = str(e).replace("the image", name, 1)
-            cut = msg.find(", or pass --no-face-check")
-            raise InputError(msg[:cut] + "." if cut > 0 else msg) from None
-        avatar_id = uuid.uuid4().hex[:16]
-        self.avatars[avatar_id] = (crop, name)
-        while len(self.avatars) > MAX_UPLOADED_AVATARS + 1:
-            oldest = next(k for k in self.avatars if k != "default")
-            self.avatars.pop(oldest)
-            self._png_cache.pop(oldest, None)
-        return avatar_id, crop
-
-    def avatar_png(self, avatar_id: str) -> bytes | None:
-        if avatar_id not in self.avatars:
-            return None
-        if avatar_id not in self._png_cache:
-            self._png_cache[avatar_id] = png_bytes(self.avatars[avatar_id][0])
-        return self._png_cache[avatar_id]
 
     def make_session(self, crop: np.ndarray):
         from ..runtime.session import Session
@@ -349,7 +404,86 @@ class AvatarServer:
             *(p.close("server stopping") for p in list(self.peers.values())),
             return_exceptions=True,
         )
-        self.decoder.shutdown(wait=False, cancel_futures=True)
+        await super().close_all()
+
+    # ---- the sessions (PageHost) -----------------------------------------------------------------
+    def describe_backend(self) -> str:
+        return self.backend.describe()
+
+    async def open_session(self, client: str, sdp: str, avatar_id: str) -> dict:
+        crop, name = self.avatars[avatar_id]
+        return await self.open_peer(client, sdp, crop, name)
+
+    async def open_peer(self, client: str, sdp: str, crop: np.ndarray, name: str) -> dict:
+        """A Session and its aiortc peer for this offer, in a free slot of this process."""
+        if not self.try_reserve():
+            stale = self.stale_offer(client)
+            if stale is not None:
+                await stale.close("did not connect; its slot went to another client")
+            if not self.try_reserve():
+                raise SessionsBusy(self.busy_message())
+        peer = None
+        try:
+            from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+            from .media import Peer
+
+            loop = asyncio.get_running_loop()
+            session = await loop.run_in_executor(None, self.make_session, crop)
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing outside
+            peer = Peer(self, pc, session, name, client=client, max_s=self.config.max_session_s)
+            peer.attach()
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "audio" not in kinds:
+                raise InputError("the offer has no audio: the page must send its microphone")
+            if "video" not in kinds:
+                raise InputError("the offer has no video to receive (addTransceiver('video'))")
+            peer.add_outgoing()
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+            self.peers[peer.id] = peer
+            self.unreserve()
+            self.sessions_started += 1
+            log.info("session %s: offer answered (avatar %s)", peer.id[:8], name)
+            return {
+                "sdp": pc.localDescription.sdp,
+                "type": pc.localDescription.type,
+                "id": peer.id,
+                "secret": peer.secret,
+            }
+        except BaseException:
+            self.unreserve()
+            if peer is not None:
+                await peer.close("offer failed")
+            raise
+
+    def own_peer(self, pid: object, secret: str):
+        """The caller's own live session, or None (unknown id and wrong secret look the same)."""
+        peer = self.peers.get(pid) if isinstance(pid, str) else None
+        if peer is None or not secret_ok(secret, peer.secret):
+            return None
+        return peer
+
+    async def session_stats(self, pid: str, secret: str) -> dict | None:
+        peer = self.own_peer(pid, secret)
+        if peer is not None:
+            return peer.stats()
+        return self.finished_stats(pid, secret)
+
+    async def interrupt_session(self, pid: str, secret: str) -> dict | None:
+        peer = self.own_peer(pid, secret)
+        if peer is None:
+            return None
+        discarded = peer.interrupt()
+        return {"discarded_frames": discarded, **peer.stats()}
+
+    async def close_session(self, pid: str, secret: str) -> bool:
+        peer = self.own_peer(pid, secret)
+        if peer is None:
+            return False
+        await peer.close("stopped by the page")
+        return True
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
@@ -399,7 +533,7 @@ def _json_object(body: bytes, what: str) -> dict:
     return data
 
 
-def build_app(server: AvatarServer):
+def build_app(server: PageHost):
     from aiohttp import web
 
     cfg = server.config
@@ -469,7 +603,7 @@ def build_app(server: AvatarServer):
         d = {"token_required": bool(cfg.token)}
         if token_ok(request):
             d.update(
-                backend=server.backend.describe(),
+                backend=server.describe_backend(),
                 resolution=server.resolution,
                 max_sessions=cfg.max_sessions,
                 active=server.active,
@@ -543,92 +677,36 @@ def build_app(server: AvatarServer):
                 del server.pending[client]
 
     async def _start_peer(client: str, sdp: str, avatar_id: str):
-        if not server.try_reserve():
-            stale = server.stale_offer(client)
-            if stale is not None:
-                await stale.close("did not connect; its slot went to another client")
-            if not server.try_reserve():
-                return _error(server.busy_message(), 503, busy=True)
-        peer = None
         try:
-            from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-
-            from .media import Peer
-
-            crop, name = server.avatars[avatar_id]
-            loop = asyncio.get_running_loop()
-            session = await loop.run_in_executor(None, server.make_session, crop)
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing outside
-            peer = Peer(server, pc, session, name, client=client, max_s=cfg.max_session_s)
-            peer.attach()
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            kinds = {t.kind for t in pc.getTransceivers()}
-            if "audio" not in kinds:
-                raise InputError("the offer has no audio: the page must send its microphone")
-            if "video" not in kinds:
-                raise InputError("the offer has no video to receive (addTransceiver('video'))")
-            peer.add_outgoing()
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
-            server.peers[peer.id] = peer
-            server.unreserve()
-            server.sessions_started += 1
-            log.info("session %s: offer answered (avatar %s)", peer.id[:8], name)
-            return _json(
-                {
-                    "sdp": pc.localDescription.sdp,
-                    "type": pc.localDescription.type,
-                    "id": peer.id,
-                    "secret": peer.secret,
-                }
-            )
-        except Exception as e:
-            server.unreserve()
-            if peer is not None:
-                await peer.close("offer failed")
-            if isinstance(e, InputError):
-                return _error(str(e), 400)
+            return _json(await server.open_session(client, sdp, avatar_id))
+        except SessionsBusy as e:
+            return _error(str(e), 503, busy=True)
+        except InputError as e:
+            return _error(str(e), 400)
+        except Exception:
             log.exception("offer failed")
             return _error("could not start a session (the server log has the details)", 500)
 
-    def _secret_ok(request, secret: str) -> bool:
-        given = request.headers.get(SESSION_HEADER, "")
-        return hmac.compare_digest(given.encode(), secret.encode())
-
-    def _peer(request, pid: object):
-        """The caller's own live session, or None (unknown id and wrong secret look the same)."""
-        peer = server.peers.get(pid) if isinstance(pid, str) else None
-        if peer is None or not _secret_ok(request, peer.secret):
-            return None
-        return peer
+    def _given_secret(request) -> str:
+        return request.headers.get(SESSION_HEADER, "")
 
     async def stats(request):
         pid = request.query.get("id", "")
-        peer = _peer(request, pid)
-        if peer is not None:
-            return _json(peer.stats())
-        done = server.finished.get(pid)
-        if done is not None and _secret_ok(request, done[0]):
-            return _json({**done[1], "closed": True})
-        return _error("no such session", 404)
+        st = await server.session_stats(pid, _given_secret(request))
+        return _error("no such session", 404) if st is None else _json(st)
 
     async def interrupt(request):
         body = _json_object(request["body"] or b"{}", "the interrupt request")
         pid = body.get("id", request.query.get("id", ""))
         if not isinstance(pid, str):
             return _error("the interrupt request must be JSON {id: string}", 400)
-        peer = _peer(request, pid)
-        if peer is None:
-            return _error("no such session", 404)
-        discarded = peer.interrupt()
-        return _json({"discarded_frames": discarded, **peer.stats()})
+        st = await server.interrupt_session(pid, _given_secret(request))
+        return _error("no such session", 404) if st is None else _json(st)
 
     async def close(request):
         pid = request.query.get("id", "")
-        peer = _peer(request, pid)
-        if peer is None:
+        if not await server.close_session(pid, _given_secret(request)):
             return _error("no such session", 404)
-        await peer.close("stopped by the page")
         return _json({"closed": pid})
 
     async def on_shutdown(app):
