@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
-from .motion import INDEX
+from .constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
 from .sampling import grid_sample_border, sample_columns
 
 
@@ -39,22 +39,6 @@ def base_grid(h: int, w: int) -> torch.Tensor:
     xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).reshape(h * w, 3)
-
-
-LIP_PRESS = INDEX["lip_press"]
-# Pressed lips roll in: each lip is pulled this far (normalized rows: 1.8 px at 256) past the
-# midline. On photos the head has not seen it places each edge to ~1.4 px (leave-one-face-out
-# over the training faces), and an edge found inside the teeth leaves a white line that reads
-# as an open mouth; the roll hides it. It fades out for gaps smaller than itself, so photos
-# with closed lips are left as they are.
-LIP_ROLL = 0.014
-# A mouth is one interval of columns. On a held-out laugh the head's presence dipped to 0.3 in
-# the middle (bright front teeth) and the lips stayed apart there; its dips are filled over this
-# many columns each way (1/4 resolution: 2 is ~3% of the picture), its corners are kept.
-PRESENCE_FILL = 2
-# The closing field flips sign over this fraction of an output row: an output pixel that looks
-# this close to the midline shows a mix of the teeth, so the narrower the better.
-SHARP_ROWS = 0.05
 
 
 def lip_edges(logits: torch.Tensor, rows: torch.Tensor):

@@ -7,10 +7,9 @@ from torch import nn
 from .appearance import AppearanceEncoder
 from .audio_encoder import AudioEncoder
 from .config import ModelConfig
+from .constants import MODULES
 from .decoder import Decoder
 from .generator import MotionGenerator
-
-MODULES = ("appearance", "audio", "generator", "decoder")
 
 
 class EdgeTalkModel(nn.Module):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .constants import NEG
 from .rope import apply_rope, rope_tables
 
 
@@ -62,9 +63,6 @@ def masked_attention(
     """Softmax attention with an additive bias (0 or a large negative) broadcast to the scores."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias
     return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-NEG = -1e4  # additive mask value; finite so fp16 exports stay NaN-free
 
 
 class MotionGenerator(nn.Module):
