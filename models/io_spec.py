@@ -110,12 +110,16 @@ def zeros_for(spec: ModuleIO) -> dict[str, np.ndarray]:
 
 
 def check_inputs(module: str, spec: ModuleIO, inputs: dict[str, np.ndarray]) -> None:
-    """Raise ValueError naming the first input that is missing or has the wrong shape/dtype."""
+    """Raise ValueError naming the first input that is missing, has the wrong shape, or has a
+    dtype that does not cast to the contract's: backends cast real numbers (float64, ints) to
+    float32, and refuse complex numbers, strings and objects here rather than mid-graph."""
     for t in spec.inputs:
         if t.name not in inputs:
-            raise ValueError(f"{module}: missing input {t.name!r}")
-        arr = inputs[t.name]
-        if tuple(arr.shape) != t.shape or str(arr.dtype) != t.dtype:
+            raise ValueError(
+                f"{module}: missing input {t.name!r} (it takes {', '.join(spec.input_names)})"
+            )
+        arr = np.asarray(inputs[t.name])
+        if tuple(arr.shape) != t.shape or not np.can_cast(arr.dtype, t.dtype, "same_kind"):
             raise ValueError(
                 f"{module}: input {t.name!r} is {arr.dtype}{list(arr.shape)}, "
                 f"the contract says {t.dtype}{list(t.shape)}"

@@ -1,4 +1,4 @@
-"""MLX backend: the MLX port of the modules (converters/mlx_models.py) with a bundle's weights.
+"""MLX backend: the MLX port of the modules (runtime/mlx/) with a bundle's weights.
 
 On Linux it runs mlx's CPU build; on a Mac, Metal (grid_sample then uses a Metal kernel). Each
 module file says its precision; int8 files name the layers they quantized, and the same layers
@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from ..errors import BackendUnavailable, BundleError
+from ..models.io_spec import check_inputs
 from .backend import Backend
 
 
@@ -37,7 +38,7 @@ class MlxBackend(Backend):
             raise BackendUnavailable(why)
         import mlx.core as mx
 
-        from ..converters.mlx import build_from_file
+        from .mlx.loader import load
 
         super().__init__(bundle.cfg, bundle.io, bundle.precision)
         self.device = str(mx.default_device())
@@ -45,7 +46,7 @@ class MlxBackend(Backend):
         for module in self.io:
             path = bundle.file(module)
             try:
-                mod, meta = build_from_file(path, bundle.cfg)
+                mod, meta = load(path, bundle.cfg)
             except ValueError as e:
                 raise BundleError(f"mlx cannot load {bundle.files[module]}: {e}") from None
             if meta.get("module") != module or meta.get("precision") != bundle.precision:
@@ -72,14 +73,7 @@ class MlxBackend(Backend):
         import mlx.core as mx
 
         spec = self.io[module]
-        for t in spec.inputs:
-            if t.name not in inputs:
-                raise ValueError(f"{module}: missing input {t.name!r}")
-            if tuple(np.shape(inputs[t.name])) != t.shape:
-                raise ValueError(
-                    f"{module}: input {t.name!r} has shape {list(np.shape(inputs[t.name]))}, "
-                    f"the contract says {list(t.shape)}"
-                )
+        check_inputs(module, spec, inputs)
         feed = {
             t.name: mx.array(np.ascontiguousarray(inputs[t.name], dtype=np.float32))
             for t in spec.inputs

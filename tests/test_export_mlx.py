@@ -4,6 +4,8 @@ int8 is really 8-bit, and the bundle runs through the scheduler on the mlx backe
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,13 +17,16 @@ from .conftest import need  # noqa: E402
 mx = need("mlx.core", "mlx is not importable: pip install 'edgetalk[mlx]' (mlx[cpu] on Linux)")
 
 from edgetalk.converters import mlx as conv  # noqa: E402
-from edgetalk.converters import mlx_models as M  # noqa: E402
+from edgetalk.converters.target import targets  # noqa: E402
 from edgetalk.export.pipeline import export_bundle  # noqa: E402
 from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
+from edgetalk.models.decoder import base_grid  # noqa: E402
 from edgetalk.models.edgetalk import MODULES  # noqa: E402
 from edgetalk.models.io_spec import module_io  # noqa: E402
 from edgetalk.runtime.bundle import open_bundle  # noqa: E402
 from edgetalk.runtime.loader import open_backend  # noqa: E402
+from edgetalk.runtime.mlx import decoder as mlx_decoder  # noqa: E402
+from edgetalk.runtime.mlx import layers as L  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
 
 from .conftest import MICRO, seeded_model, speechlike  # noqa: E402
@@ -67,7 +72,7 @@ def test_grid_sample_matches_torch(batch):
         padding_mode="border",
         align_corners=False,
     )
-    got = np.array(M.grid_sample(_nhwc(inp), mx.array(grid.numpy())))
+    got = np.array(L.grid_sample(_nhwc(inp), mx.array(grid.numpy())))
     assert got.shape == (3, 11, 6, 5)
     assert np.abs(got - ref.permute(0, 2, 3, 1).numpy()).max() < 1e-5
 
@@ -77,22 +82,46 @@ def test_interpolate_matches_torch(size):
     h, w, oh, ow = size
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
     ref = F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)
-    got = np.array(M.interpolate_bilinear(_nhwc(x), (oh, ow)))
+    got = np.array(L.interpolate_bilinear(_nhwc(x), (oh, ow)))
     assert np.abs(got - ref.permute(0, 2, 3, 1).numpy()).max() < 1e-5
 
 
 def test_pixel_shuffle_and_quantized_conv():
     x = torch.randn(2, 12, 5, 6)
     ref = F.pixel_shuffle(x, 2).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(np.array(M.pixel_shuffle(_nhwc(x), 2)), ref)
+    assert np.array_equal(np.array(L.pixel_shuffle(_nhwc(x), 2)), ref)
     # A conv whose reduction (3*3*5 = 45) is not a multiple of the group: zero-padded, still 8-bit.
-    c = M.Conv2d(5, 7, 3, stride=2, padding=1)
+    c = L.Conv2d(5, 7, 3, stride=2, padding=1)
     q = c.to_quantized(group_size=32, bits=8)
     assert q.weight.dtype == mx.uint32 and q.k_pad == 64
     xin = mx.random.normal((2, 9, 8, 5), key=mx.random.key(0))
     a, b = np.array(c(xin)), np.array(q(xin))
     assert a.shape == b.shape == (2, 5, 4, 7)
     assert np.abs(a - b).max() < 0.02 * np.abs(a).max()
+
+
+def test_base_grid_is_torchs_to_the_bit():
+    for h, w in [(8, 8), (64, 64), (7, 13)]:
+        assert np.array_equal(mlx_decoder.base_grid(h, w), base_grid(h, w).numpy())
+
+
+def test_mlx_runtime_imports_without_torch():
+    # The MLX backend and its port are torch-free to import (issue 17); torch is a converter's.
+    mods = ["edgetalk.runtime.backend_mlx"] + [
+        f"edgetalk.runtime.mlx.{m}"
+        for m in ("layers", "rope", "appearance", "audio_encoder", "generator", "decoder", "loader")
+    ]
+    code = (
+        f"import sys, {', '.join(mods)}; print([m for m in sys.modules if m.startswith('torch')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_target_is_discovered():
+    cls = targets()["mlx"]
+    assert cls is conv.MlxTarget and cls.suffix == ".safetensors" and cls.parity_backend == "mlx"
 
 
 # ---- the export ----------------------------------------------------------------------------------
@@ -155,7 +184,7 @@ def test_int8_check_refuses_float_weights(bundles, tmp_path):
         metadata=dict(meta, precision="int8", bits="8", group_size="32", quantized_layers="[]"),
     )
     with pytest.raises(RuntimeError, match="no 8-bit weights"):
-        conv.checks(fake, module_io(MICRO)["decoder"], "int8")
+        conv.MlxTarget().checks(fake, module_io(MICRO)["decoder"], "int8")
 
 
 def test_bundle_runs_through_scheduler(bundles):
@@ -181,3 +210,22 @@ def test_outputs_bound_by_name(bundles):
     for k in a:
         assert np.array_equal(a[k], b[k]) and a[k].dtype == np.float32
         assert a[k].shape == next(t.shape for t in io.outputs if t.name == k)
+
+
+def test_inputs_checked_against_the_contract(bundles):
+    backend = open_backend(bundle=bundles["fp32"].path)
+    io = backend.io["decoder"]
+    feed = {t.name: np.zeros(t.shape, np.float32) for t in io.inputs}
+    with pytest.raises(ValueError, match=r"decoder: missing input 'motion' \(it takes app_feat"):
+        backend.run("decoder", {k: v for k, v in feed.items() if k != "motion"})
+    bad = dict(feed, motion=np.zeros((1, 2, 3), np.float32))
+    with pytest.raises(
+        ValueError, match=r"input 'motion' is float32\[1, 2, 3\], the contract says"
+    ):
+        backend.run("decoder", bad)
+    with pytest.raises(ValueError, match="input 'image' is <U1"):
+        backend.run("decoder", dict(feed, image=np.full(io.inputs[1].shape, "a")))
+    # float64 is a real number: cast, as before
+    a = backend.run("decoder", feed)["frames"]
+    b = backend.run("decoder", {k: v.astype(np.float64) for k, v in feed.items()})["frames"]
+    assert np.array_equal(a, b)
