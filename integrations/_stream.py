@@ -222,7 +222,7 @@ class AvatarStream:
         return dropped
 
     def _push(self, x: np.ndarray, rate: int, epoch: int) -> None:
-        from ..runtime.sources import StreamResampler
+        from ..runtime.audio_io import StreamResampler
 
         if epoch != self._epoch:  # queued before an interrupt: that speech is gone
             return

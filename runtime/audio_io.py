@@ -1,4 +1,5 @@
-"""Audio in: any file soundfile or PyAV can read -> 16 kHz mono float32, with notes on what changed."""
+"""Audio in: any file soundfile or PyAV can read -> 16 kHz mono float32, with notes on what changed;
+and for streams, `StreamResampler` (continuous across pieces) and s16le decoding."""
 
 from __future__ import annotations
 
@@ -160,3 +161,43 @@ def default_speech() -> Path:
     import importlib.resources
 
     return Path(str(importlib.resources.files("edgetalk.models") / "assets" / "speech.wav"))
+
+
+class StreamResampler:
+    """[n] or [n, channels] at `rate` -> float32 mono 16 kHz, continuous across pieces.
+
+    Unlike resampling every piece on its own (to_mono_16k), the filter state carries over, so
+    piece boundaries leave no clicks. `flush()` returns the filter's tail at the end of a stream.
+    """
+
+    def __init__(self, rate: int):
+        check_rate(rate)
+        self.rate = int(rate)
+        self._rs = None
+        if self.rate != SAMPLE_RATE:
+            import soxr
+
+            self._rs = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+
+    def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 2:
+            x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+        if x.ndim != 1:
+            raise InputError(f"audio must be [samples] or [samples, channels], got {x.shape}")
+        if self._rs is not None:
+            x = self._rs.resample_chunk(np.ascontiguousarray(x), last=last)
+        x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+        return np.ascontiguousarray(np.clip(x, -1.0, 1.0), dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        if self._rs is None:
+            return np.zeros(0, np.float32)
+        out = self(np.zeros(0, np.float32), last=True)
+        self._rs = type(self._rs)(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        return out
+
+
+def s16le_to_float(data: bytes, channels: int = 1) -> np.ndarray:
+    pcm = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return pcm.reshape(-1, channels) if channels > 1 else pcm

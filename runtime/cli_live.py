@@ -119,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
 
         PreviewSink.check_available()
 
-    from .sources import MicSource, PcmStdinSource, SocketSource, parse_hostport
+    from .socket_source import SocketSource, parse_hostport
+    from .sources import MicSource, PcmStdinSource
     from .tokens import resolve_token
 
     token = None

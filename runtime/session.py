@@ -373,7 +373,7 @@ class Session:
             return frames
 
     def _convert(self, pcm, rate: int, which: str, what: str) -> np.ndarray:
-        from .sources import StreamResampler
+        from .audio_io import StreamResampler
 
         x = np.asarray(pcm)
         if x.dtype == np.int16:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..runtime.netaddr import LOOPBACK_NAMES, names_loopback
 
 log = logging.getLogger("edgetalk.serve")
 
@@ -64,7 +65,6 @@ HEADER_TIMEOUT_S = 10.0  # headers of a connection's request, and an idle keep-a
 MAX_UPLOADED_AVATARS = 16
 TOKEN_HEADER = "X-EdgeTalk-Token"
 SESSION_HEADER = "X-EdgeTalk-Session"
-LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
 AVATAR_ID = re.compile(r"default|[0-9a-f]{16}")
 SECURITY_HEADERS = {
     # Only this server's own script, style and media; no framing (clickjacking), no plugins.
@@ -77,16 +77,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-
-
-def is_loopback(host: str) -> bool:
-    h = host.strip("[]")
-    if h.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_of(host_header: str) -> str:
@@ -182,7 +172,7 @@ class ServeConfig:
             raise InputError("the token must not be empty")
         if self.max_session_s < 0:
             raise InputError("--max-session-minutes must be 0 (no limit) or more")
-        if not is_loopback(self.host) and not self.token:
+        if not names_loopback(self.host) and not self.token:
             # Other machines can reach it: never without a token. One nobody can guess is made,
             # and shown to the operator only (serve/cli.py saves it to a private file).
             from ..runtime.tokens import generate_token
@@ -537,7 +527,7 @@ def build_app(server: PageHost):
     from aiohttp import web
 
     cfg = server.config
-    loopback_only = is_loopback(cfg.host)
+    loopback_only = names_loopback(cfg.host)
 
     def token_ok(request) -> bool:
         if not cfg.token:
@@ -547,7 +537,7 @@ def build_app(server: PageHost):
 
     @web.middleware
     async def guard(request, handler):
-        if loopback_only and not is_loopback(_host_of(request.host or "")):
+        if loopback_only and not names_loopback(_host_of(request.host or "")):
             return web.Response(
                 status=403,
                 text="edgetalk serve answers only to loopback addresses (open http://127.0.0.1:"
@@ -833,7 +823,7 @@ async def serve_forever(server: AvatarServer, stop: asyncio.Event | None = None)
         "Ctrl-C to stop",
         flush=True,
     )
-    if not is_loopback(cfg.host) and cfg.cert is None:
+    if not names_loopback(cfg.host) and cfg.cert is None:
         print(
             "note: browsers give the microphone only to https pages or localhost: pass "
             "--cert/--key, or reach it through an ssh tunnel to 127.0.0.1",

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from edgetalk.errors import BundleError, SinkError
-from edgetalk.runtime import sources
+from edgetalk.runtime import socket_source
 from edgetalk.runtime.backend_torch import TorchBackend
 from edgetalk.runtime.session import Session
-from edgetalk.runtime.sources import CTRL_END, SocketSource, feed
+from edgetalk.runtime.socket_source import CTRL_END, SocketSource
+from edgetalk.runtime.sources import feed
 
 from .conftest import MICRO, av_ends, need, seeded_model, speechlike
 
@@ -105,7 +106,7 @@ def _wav(monkeypatch, seconds):
 @pytest.fixture
 def live_socket(backend, monkeypatch):
     """A realtime session (the avatar idles when no audio comes) fed by a socket source."""
-    monkeypatch.setattr(sources, "FRAME_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(socket_source, "FRAME_TIMEOUT_S", 1.0)
     log = []
     src = SocketSource("127.0.0.1", 0, log=log.append)
     s = Session(backend=backend, realtime=True, late_policy="drop")

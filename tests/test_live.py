@@ -24,14 +24,8 @@ from edgetalk.errors import InputError
 from edgetalk.models.checkpoint import save_checkpoint
 from edgetalk.runtime.backend_torch import TorchBackend
 from edgetalk.runtime.session import Session
-from edgetalk.runtime.sources import (
-    CTRL_END,
-    CTRL_INTERRUPT,
-    MAX_FRAME_BYTES,
-    PcmStdinSource,
-    SocketSource,
-    feed,
-)
+from edgetalk.runtime.socket_source import CTRL_END, CTRL_INTERRUPT, MAX_FRAME_BYTES, SocketSource
+from edgetalk.runtime.sources import PcmStdinSource, feed
 
 from .conftest import MICRO, av_ends, seeded_model, speechlike
 

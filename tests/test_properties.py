@@ -19,15 +19,15 @@ from hypothesis import strategies as st
 
 from edgetalk.errors import BundleError, InputError
 from edgetalk.models.config import SAMPLE_RATE
+from edgetalk.runtime.audio_io import StreamResampler
 from edgetalk.runtime.bundle import open_bundle
-from edgetalk.runtime.sources import (
+from edgetalk.runtime.socket_source import (
     CTRL_AUTH,
     CTRL_END,
     CTRL_INTERRUPT,
     MAX_FRAME_BYTES,
     FrameReader,
     ProtocolError,
-    StreamResampler,
 )
 
 from .fuzz import targets

@@ -335,11 +335,11 @@ def test_silent_peer_cannot_hold_the_socket(monkeypatch):
     """A client that connected and sent nothing held the only slot for ever: BUSY for the real one."""
     import struct
 
-    from edgetalk.runtime import sources
+    from edgetalk.runtime import socket_source
 
-    monkeypatch.setattr(sources, "AUTH_TIMEOUT_S", 1.0, raising=False)
-    monkeypatch.setattr(sources, "AUTH_BACKOFF_S", (0.0, 0.0), raising=False)  # one address here
-    src = sources.SocketSource("127.0.0.1", 0, token="s3cret", log=lambda m: None)
+    monkeypatch.setattr(socket_source, "AUTH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(socket_source, "AUTH_BACKOFF_S", (0.0, 0.0))  # one address here
+    src = socket_source.SocketSource("127.0.0.1", 0, token="s3cret", log=lambda m: None)
     try:
         idle, hello = _hello(src.address)
         assert hello.startswith("OK")
@@ -359,7 +359,7 @@ def test_silent_peer_cannot_hold_the_socket(monkeypatch):
 def test_wrong_tokens_are_slowed_down():
     """Wrong tokens could be tried back to back; now an address that sent one waits (1 s,
     doubling) before its next token is even read."""
-    from edgetalk.runtime.sources import SocketSource
+    from edgetalk.runtime.socket_source import SocketSource
 
     src = SocketSource("127.0.0.1", 0, token="s3cret", log=lambda m: None)
     try:
@@ -384,9 +384,9 @@ def test_refused_connections_do_not_each_start_a_thread():
     """100 refused connections (kept open) started 100 lingering threads."""
     import socket
 
-    from edgetalk.runtime import sources
+    from edgetalk.runtime import socket_source
 
-    src = sources.SocketSource("127.0.0.1", 0, log=lambda m: None)
+    src = socket_source.SocketSource("127.0.0.1", 0, log=lambda m: None)
     try:
         first, hello = _hello(src.address)
         assert hello.startswith("OK")
@@ -398,7 +398,7 @@ def test_refused_connections_do_not_each_start_a_thread():
         while time.monotonic() - t0 < 0.5:  # the server accepts them meanwhile
             peak = max(peak, threading.active_count())
             time.sleep(0.01)
-        cap = getattr(sources, "MAX_LINGER_THREADS", 8)
+        cap = socket_source.MAX_LINGER_THREADS
         assert peak <= before + cap + 1, f"{peak - before} threads for 60 refused connections"
         for c in others:
             c.close()

@@ -71,7 +71,7 @@ def fuzz_one(target: str) -> None:
     from PIL import Image  # noqa: F401
 
     with atheris.instrument_imports(include=["edgetalk"], enable_loader_override=False):
-        from edgetalk.runtime import audio_io, avatar, bundle, sources  # noqa: F401
+        from edgetalk.runtime import audio_io, avatar, bundle, socket_source, sources  # noqa: F401
 
         from . import targets
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from edgetalk.errors import BundleError, InputError
 from edgetalk.models.config import SAMPLE_RATE
-from edgetalk.runtime.sources import MAX_FRAME_BYTES, FrameReader, PcmStdinSource, ProtocolError
+from edgetalk.runtime.socket_source import MAX_FRAME_BYTES, FrameReader, ProtocolError
+from edgetalk.runtime.sources import PcmStdinSource
 
 _TMP = Path(tempfile.mkdtemp(prefix="edgetalk-fuzz-"))
 
