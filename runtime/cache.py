@@ -28,7 +28,8 @@ class KVCache:
         self.window = g.window
         self.max_pos = cfg.max_position
         self.shape = (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
-        self.k, self.v = self._allocate(self.shape)
+        self.k, self.v = self._allocate(self.shape)  # zeroed
+        self.dirty = False  # K/V written since the last clear
         self.valid = np.zeros((1, cfg.cache_slots), dtype=np.float32)
         self.slot_frame = np.full(cfg.cache_slots, -1, dtype=np.int64)  # frame held by each slot
 
@@ -47,7 +48,9 @@ class KVCache:
 
     # ---- bookkeeping (shared) ------------------------------------------------------------------
     def reset(self) -> None:
-        self._clear()
+        if self.dirty:  # on a GPU a clear is a device write; a fresh cache needs none
+            self._clear()
+            self.dirty = False
         self.valid[:] = 0.0
         self.slot_frame[:] = -1
 
@@ -74,6 +77,7 @@ class KVCache:
         frames = np.arange(chunk_start, chunk_start + self.chunk)
         slots = np.array([self.slot_for(int(f)) for f in frames], dtype=np.int64)
         self._store(slots, new_k, new_v)
+        self.dirty = True
         self.valid[0, slots] = 1.0
         self.slot_frame[slots] = frames
 

@@ -11,8 +11,10 @@ the KV cache resident on the device.
   changing the models: factory calls without a device (the flow-time embedding's `arange`) run
   under `torch.device(...)`, and `torch.tensor(<python list>, device=cuda)` (a synchronising copy,
   which capture forbids) is made once during warm-up and reused (_HoistConstants).
-- Residency: the KV cache and the per-avatar inputs live on the device; only slots that changed
-  are uploaded (residency.py). Every host<->device copy is counted in `self.transfers`.
+- Residency: the KV cache is made by this backend (`new_cache`) and lives on the device; each
+  chunk's K/V go from the generator's output buffers into their slots without leaving the GPU
+  (device_cache.py). Per-avatar inputs are uploaded when they change (residency.py). Every
+  host<->device copy is counted in `self.transfers`.
 
 Precision defaults to fp32, so callers that name none (the loader, the bench, which labels such
 runs fp32) get what they report; pass precision="fp16" or "bf16" for the fast path.
@@ -35,19 +37,18 @@ from ..models.config import ModelConfig
 from ..models.edgetalk import MODULES, EdgeTalkModel
 from ..models.io_spec import module_io
 from ..runtime.backend import Backend
+from .device_cache import TorchDeviceKVCache
 from .gpu import torch_cuda_reason
-from .residency import SlotMirror, TransferLog
+from .residency import TransferLog
 from .static_io import ModuleRunner
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 AMP_MODULES = ("generator", "decoder")
 GRAPH_MODULES = ("audio", "generator", "decoder")  # appearance runs once per avatar
-# Inputs kept on the device, with the axis along which they change: the KV cache by slot, the
-# per-avatar tensors as a whole (axis 0 is their batch of one).
-RESIDENT = {
-    "generator": {"k_cache": 3, "v_cache": 3},
-    "decoder": {"app_feat": 0, "image": 0},
-}
+# Per-avatar inputs kept on the device, uploaded when they change; the KV cache arrives on the
+# device already (new_cache).
+RESIDENT = {"decoder": ("app_feat", "image")}
+DEVICE_INPUTS = {"generator": ("k_cache", "v_cache")}
 
 
 class _HoistConstants(TorchFunctionMode):
@@ -101,21 +102,14 @@ class CudaBackend(Backend):
         self.compiled = compile
         self.transfers = TransferLog()
         self._constants: dict = {}
-        pin = self.device.type == "cuda"
-        self.mirrors: dict[str, dict[str, SlotMirror]] = {}
         self.runners: dict[str, ModuleRunner] = {}
         for name in MODULES:
-            spec = self.io[name]
-            shapes = {t.name: t.shape for t in spec.inputs}
-            self.mirrors[name] = {
-                k: SlotMirror(shapes[k], axis, self.device, self.transfers, pin)
-                for k, axis in RESIDENT.get(name, {}).items()
-            }
             runner = ModuleRunner(
-                spec,
+                self.io[name],
                 self.device,
                 self.transfers,
-                resident=self.mirrors[name],
+                resident=RESIDENT.get(name, ()),
+                device_inputs=DEVICE_INPUTS.get(name, ()),
                 graphs=self.graphs and name in GRAPH_MODULES,
             )
             runner.compute = self._compute_fn(name)
@@ -149,12 +143,9 @@ class CudaBackend(Backend):
 
     @classmethod
     def from_bundle(cls, bundle) -> CudaBackend:
-        return cls.from_checkpoint(
-            bundle.path / bundle.files["weights"],
-            chunk=bundle.cfg.chunk,
-            steps=bundle.cfg.generator.steps,
-            window=bundle.cfg.generator.window,
-            precision=bundle.precision if bundle.precision in PRECISIONS else "fp32",
+        # No export writes a "torch" bundle: only a hand-edited manifest gets here.
+        raise InputError(
+            f"{bundle.path}: the cuda backend runs checkpoints (--checkpoint), not bundles"
         )
 
     def _compute_fn(self, name: str):
@@ -183,11 +174,21 @@ class CudaBackend(Backend):
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runners[module].run(inputs)
 
+    def new_cache(self, cfg: ModelConfig | None = None) -> TorchDeviceKVCache:
+        return device_kv_cache(self, cfg)
+
     def describe(self) -> str:
         if self.device.type != "cuda":
             return f"cuda ({self.precision}, on {self.device} for testing)"
         graphs = "CUDA graphs" if self.graphs else "eager"
         return f"cuda ({self.precision}, {torch.cuda.get_device_name(self.device)}, {graphs})"
+
+
+def device_kv_cache(backend, cfg: ModelConfig | None) -> TorchDeviceKVCache:
+    """The cache of a backend whose generator runs on a ModuleRunner (cuda, tensorrt)."""
+    if cfg is not None and cfg != backend.cfg:
+        raise InputError("a backend's cache has the backend's own streaming settings")
+    return TorchDeviceKVCache(backend.cfg, backend.runners["generator"], backend.transfers)
 
 
 BACKEND = CudaBackend

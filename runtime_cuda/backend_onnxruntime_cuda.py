@@ -2,14 +2,15 @@
 cached on disk), else the CUDA execution provider; I/O bound on the device with io_binding().
 
 Every input and output is an OrtValue allocated once on the GPU and bound once; a call copies the
-per-chunk inputs in (`update_inplace`), runs, and copies the outputs out. The KV cache stays on
-the GPU between chunks (OrtKVMirror): the slots that changed since the last call (residency.py)
-are uploaded as one small block and written into the device cache by a tiny ScatterElements
-graph on the same provider, ping-ponging between two device buffers (ORT cannot write a slice of
-an OrtValue in place). Per-avatar inputs are re-uploaded only when they change.
+per-chunk inputs in (`update_inplace`), runs, and copies the outputs out. The KV cache is this
+backend's (`new_cache`, device_cache.py): its K/V are OrtValues on the GPU, bound to the
+generator as they are, and each chunk's new K/V go from the generator's output OrtValues into
+their slots through a tiny ScatterElements graph, never through the host. Per-avatar inputs are
+re-uploaded only when they change.
 
-The bound OrtValues, the IOBinding and the KV mirror are per module and shared by every caller,
-so a lock per module serialises calls from sessions that share the backend (`serve`).
+The bound OrtValues and the IOBinding are per module and shared by every caller, so a lock per
+module serialises calls from sessions that share the backend (`serve`); each session has its own
+cache.
 
 `device="cpu"` with providers=["CPUExecutionProvider"] runs the same binding and residency code
 on CPU OrtValues; the registry never picks it, the tests use it to check the logic in CI.
@@ -23,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, InputError
 from ..runtime.backend import Backend
+from .device_cache import OrtDeviceKVCache, OrtSlotWriter
 from .gpu import probe
-from .residency import TransferLog, changed_slots, put_slots, take_slots
+from .residency import TransferLog
 
 KV = ("k_cache", "v_cache")
-SLOT_AXIS = 3
 WHOLE = ("ref_motion", "app_feat", "image")  # per-avatar: upload only when the content changes
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -44,118 +45,6 @@ def trt_cache_dir(bundle) -> Path:
         return bundle.path / "trt_cache"
     key = bundle.manifest.get("export_key", "bundle")
     return Path.home() / ".cache" / "edgetalk" / "ort_trt" / f"{bundle.path.name}-{key}"
-
-
-def scatter_model(kv_shape: tuple[int, ...], chunk: int):
-    """ONNX graph: (k, v, rows [2, ..C..], slots [C]) -> k, v with rows written at the slots."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rows_shape = list(kv_shape)
-    rows_shape[SLOT_AXIS] = chunk
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    index_shape = [1] * len(kv_shape)
-    index_shape[SLOT_AXIS] = chunk
-    inits = [
-        numpy_helper.from_array(np.array(0, np.int64), "zero"),
-        numpy_helper.from_array(np.array(1, np.int64), "one"),
-        numpy_helper.from_array(np.array(index_shape, np.int64), "index_shape"),
-        numpy_helper.from_array(np.array(rows_shape, np.int64), "rows_shape"),
-    ]
-    nodes = [
-        helper.make_node("Gather", ["rows", "zero"], ["k_rows"], axis=0),
-        helper.make_node("Gather", ["rows", "one"], ["v_rows"], axis=0),
-        helper.make_node("Reshape", ["slots", "index_shape"], ["slot_col"]),
-        helper.make_node("Expand", ["slot_col", "rows_shape"], ["index"]),
-        helper.make_node("ScatterElements", ["k", "index", "k_rows"], ["k_out"], axis=SLOT_AXIS),
-        helper.make_node("ScatterElements", ["v", "index", "v_rows"], ["v_out"], axis=SLOT_AXIS),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "kv_slot_write",
-        [
-            helper.make_tensor_value_info("k", f32, list(kv_shape)),
-            helper.make_tensor_value_info("v", f32, list(kv_shape)),
-            helper.make_tensor_value_info("rows", f32, [2, *rows_shape]),
-            helper.make_tensor_value_info("slots", i64, [chunk]),
-        ],
-        [
-            helper.make_tensor_value_info("k_out", f32, list(kv_shape)),
-            helper.make_tensor_value_info("v_out", f32, list(kv_shape)),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # opset 17's IR; onnx's newest may be ahead of the installed runtime
-    return model
-
-
-def _provider_name(p) -> str:
-    return p[0] if isinstance(p, tuple) else p
-
-
-class OrtKVMirror:
-    """The KV cache as two pairs of device OrtValues (ping-pong), with a host shadow of the pair
-    in use. sync() makes the device cache equal the scheduler's and returns the OrtValues to bind."""
-
-    def __init__(self, kv_shape, chunk: int, device, providers, opts, log: TransferLog):
-        import onnxruntime as ort
-
-        def alloc(shape, dtype=np.float32):
-            return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, *device)
-
-        self.chunk, self.log, self.device = chunk, log, device
-        self.pairs = [(alloc(kv_shape), alloc(kv_shape)) for _ in range(2)]
-        for k, v in self.pairs:
-            zeros = np.zeros(kv_shape, np.float32)
-            k.update_inplace(zeros)
-            v.update_inplace(zeros)
-        self.current = 0
-        self.shadow = (np.zeros(kv_shape, np.float32), np.zeros(kv_shape, np.float32))
-        rows_shape = list(kv_shape)
-        rows_shape[SLOT_AXIS] = chunk
-        self.rows_host = np.zeros((2, *rows_shape), np.float32)  # K rows, V rows
-        self.rows = alloc(self.rows_host.shape)
-        self.slots = alloc((chunk,), np.int64)
-        model = scatter_model(tuple(kv_shape), chunk).SerializeToString()
-        # The slot write is a few kernels; a TensorRT engine for it would only cost build time.
-        plain = [p for p in providers if _provider_name(p) != "TensorrtExecutionProvider"]
-        self.session = ort.InferenceSession(model, sess_options=opts, providers=plain)
-        self.binding = self.session.io_binding()
-        self.uploaded_slots = 0
-
-    def sync(self, k: np.ndarray, v: np.ndarray):
-        sk, sv = self.shadow
-        slots = np.union1d(changed_slots(sk, k, SLOT_AXIS), changed_slots(sv, v, SLOT_AXIS))
-        n = len(slots)
-        cur_k, cur_v = self.pairs[self.current]
-        if n > self.chunk:  # a new stream or another caller: replace the whole cache (rare)
-            for ov, host, shadow in ((cur_k, k, sk), (cur_v, v, sv)):
-                ov.update_inplace(np.ascontiguousarray(host, np.float32))
-                self.log.to_device(host.nbytes)
-                shadow[...] = host
-        elif n:
-            # Pad to C with the first slot: a duplicate write of identical data is harmless.
-            padded = np.concatenate([slots, np.full(self.chunk - n, slots[0])]).astype(np.int64)
-            self.rows_host[0] = np.take(k, padded, axis=SLOT_AXIS)
-            self.rows_host[1] = np.take(v, padded, axis=SLOT_AXIS)
-            self.rows.update_inplace(self.rows_host)
-            self.slots.update_inplace(padded)
-            self.log.to_device(self.rows_host.nbytes)
-            self.log.to_device(padded.nbytes)
-            nxt_k, nxt_v = self.pairs[1 - self.current]
-            b = self.binding
-            b.bind_ortvalue_input("k", cur_k)
-            b.bind_ortvalue_input("v", cur_v)
-            b.bind_ortvalue_input("rows", self.rows)
-            b.bind_ortvalue_input("slots", self.slots)
-            b.bind_ortvalue_output("k_out", nxt_k)
-            b.bind_ortvalue_output("v_out", nxt_v)
-            self.session.run_with_iobinding(b)
-            self.current = 1 - self.current
-            put_slots(sk, slots, take_slots(k, slots, SLOT_AXIS), SLOT_AXIS)
-            put_slots(sv, slots, take_slots(v, slots, SLOT_AXIS), SLOT_AXIS)
-        self.uploaded_slots += n
-        return self.pairs[self.current]
 
 
 class OnnxRuntimeCudaBackend(Backend):
@@ -251,17 +140,20 @@ class OnnxRuntimeCudaBackend(Backend):
         self.shadows: dict[str, np.ndarray] = {}
         for module, spec in self.io.items():
             b = self.sessions[module].io_binding()
-            self.inputs[module] = {t.name: alloc(t) for t in spec.inputs if t.name not in KV}
+            # k_cache/v_cache: bound per call to the caller's cache; these take numpy K/V only
+            self.inputs[module] = {t.name: alloc(t) for t in spec.inputs}
             self.outputs[module] = {t.name: alloc(t) for t in spec.outputs}
             for name, ov in self.inputs[module].items():
-                b.bind_ortvalue_input(name, ov)
+                if name not in KV:
+                    b.bind_ortvalue_input(name, ov)
             for name, ov in self.outputs[module].items():
                 b.bind_ortvalue_output(name, ov)
             self.bindings[module] = b
         kv_shape = next(t.shape for t in self.io["generator"].inputs if t.name == "k_cache")
-        self.kv = OrtKVMirror(
-            kv_shape, self.cfg.chunk, self.device, self.providers, opts, self.transfers
+        self.slot_writer = OrtSlotWriter(
+            kv_shape, self.cfg.chunk, self.device, self.providers, opts
         )
+        self.returned: dict[str, dict[str, np.ndarray]] = {}
 
     @classmethod
     def from_bundle(cls, bundle):
@@ -277,18 +169,36 @@ class OnnxRuntimeCudaBackend(Backend):
         self.inputs[module][name].update_inplace(np.ascontiguousarray(arr, np.float32))
         self.transfers.to_device(arr.nbytes)
 
+    def new_cache(self, cfg=None) -> OrtDeviceKVCache:
+        if cfg is not None and cfg != self.cfg:
+            raise InputError("a backend's cache has the backend's own streaming settings")
+        return OrtDeviceKVCache(self.cfg, self, self.slot_writer, self.transfers)
+
+    def with_generator_output(self, new_k, new_v, use) -> bool:
+        """use((new_k, new_v) as OrtValues) if these are what the last generator call returned
+        (its output buffers still hold them); under the generator's lock. False otherwise."""
+        with self.locks["generator"]:
+            last = self.returned.get("generator", {})
+            if last.get("new_k") is not new_k or last.get("new_v") is not new_v:
+                return False
+            use((self.outputs["generator"]["new_k"], self.outputs["generator"]["new_v"]))
+            return True
+
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.locks[module]:
-            return self._run(module, inputs)
+            self.returned[module] = self._run(module, inputs)
+            return self.returned[module]
 
     def _run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name in self.inputs[module]:
-            self._put(module, name, inputs[name])
         b = self.bindings[module]
-        if module == "generator":
-            k, v = self.kv.sync(inputs["k_cache"], inputs["v_cache"])
-            b.bind_ortvalue_input("k_cache", k)
-            b.bind_ortvalue_input("v_cache", v)
+        for name in self.inputs[module]:
+            if name not in KV:
+                self._put(module, name, inputs[name])
+            elif isinstance(inputs[name], np.ndarray):  # not a cache of ours: upload it
+                self._put(module, name, inputs[name])
+                b.bind_ortvalue_input(name, self.inputs[module][name])
+            else:  # the device K/V of a cache from new_cache()
+                b.bind_ortvalue_input(name, inputs[name])
         self.sessions[module].run_with_iobinding(b)
         out = {}
         for name, ov in self.outputs[module].items():

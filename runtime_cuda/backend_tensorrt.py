@@ -1,6 +1,7 @@
 """TensorRT backend: the serialized engines of a tensorrt bundle (`edgetalk export --target
 tensorrt`), run with execute_async_v3 on fixed device buffers owned by torch (static_io.py), with
-the KV cache and per-avatar inputs resident on the GPU as in the cuda backend (residency.py).
+the KV cache and per-avatar inputs resident on the GPU as in the cuda backend (device_cache.py,
+residency.py).
 
 An engine is tied to the GPU model and the TensorRT version that built it. The export records
 both per module (manifest `modules.<m>.info`); a mismatch is refused with a message that says what
@@ -19,9 +20,9 @@ from ..errors import BackendUnavailable, BundleError
 from ..models.edgetalk import MODULES
 from ..models.io_spec import ModuleIO
 from ..runtime.backend import Backend
-from .backend_cuda import RESIDENT
+from .backend_cuda import DEVICE_INPUTS, RESIDENT, device_kv_cache
 from .gpu import probe, torch_cuda_reason
-from .residency import SlotMirror, TransferLog
+from .residency import TransferLog
 from .static_io import ModuleRunner
 
 ENGINE_KEYS = ("tensorrt", "gpu", "compute_capability")
@@ -123,7 +124,6 @@ class TensorRTBackend(Backend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)  # must outlive its engines
         self.engines, self.contexts, self.runners = {}, {}, {}
-        self.mirrors: dict[str, dict[str, SlotMirror]] = {}
         for module in MODULES:
             spec = self.io[module]
             engine = self.runtime.deserialize_cuda_engine(bundle.file(module).read_bytes())
@@ -138,12 +138,14 @@ class TensorRTBackend(Backend):
                     f"{bundle.files[module]} does not match the {module} contract: "
                     + "; ".join(problems)
                 )
-            shapes = {t.name: t.shape for t in spec.inputs}
-            self.mirrors[module] = {
-                k: SlotMirror(shapes[k], axis, self.device, self.transfers, pin=True)
-                for k, axis in RESIDENT.get(module, {}).items()
-            }
-            runner = ModuleRunner(spec, self.device, self.transfers, self.mirrors[module], graphs)
+            runner = ModuleRunner(
+                spec,
+                self.device,
+                self.transfers,
+                resident=RESIDENT.get(module, ()),
+                device_inputs=DEVICE_INPUTS.get(module, ()),
+                graphs=graphs,
+            )
             context = engine.create_execution_context()
             # Fixed buffers: every address is bound once, for the life of the backend.
             for name, t in {**runner.args, **runner.out.dev_views}.items():
@@ -154,6 +156,9 @@ class TensorRTBackend(Backend):
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runners[module].run(inputs)
+
+    def new_cache(self, cfg=None):
+        return device_kv_cache(self, cfg)
 
     def describe(self) -> str:
         return f"tensorrt ({self.precision}, {torch.cuda.get_device_name(self.device)})"

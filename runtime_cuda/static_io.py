@@ -7,8 +7,10 @@ device addresses for the life of a backend. One call is:
     compute: a CUDA-graph replay (or eager) reading the input views, writing the output views
     ONE device-to-host copy of every output into pinned memory -> numpy    (copy stream)
 
-Inputs kept resident on the device (KV cache, per-avatar tensors; see residency.py) are not in the
-packed buffer; their mirrors upload only what changed, on the same copy stream, before compute.
+Two kinds of input are not in the packed buffer. The KV cache arrives as the device tensors of a
+cache this backend made (device_cache.py) and is copied device-to-device into the runner's fixed
+input buffers, with no host traffic; numpy K/V (a direct call, the export's parity check) are
+uploaded instead. Per-avatar tensors are uploaded only when they change (residency.py).
 On a CPU device the same code runs without pinning, streams or graphs (that is how CI tests it).
 
 The buffers are the runner's, so one call at a time: `run` holds a lock from the host copy-in to
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from ..models.io_spec import ModuleIO, TensorSpec
-from .residency import SlotMirror, TransferLog
+from .residency import TransferLog, WholeMirror
 
 ALIGN = 64  # elements: every view starts on a 256-byte boundary (TensorRT wants aligned I/O)
 WARMUP_CALLS = 3  # eager runs on the capture stream before capture (cuDNN/cuBLAS workspaces)
@@ -64,39 +66,69 @@ class ModuleRunner:
         spec: ModuleIO,
         device: torch.device,
         log: TransferLog,
-        resident: Mapping[str, SlotMirror] | None = None,
+        resident: tuple[str, ...] = (),
+        device_inputs: tuple[str, ...] = (),
         graphs: bool = False,
     ):
         self.device = device
         self.cuda = device.type == "cuda"
         self.log = log
-        self.resident = dict(resident or {})
-        self.inp = Packed(
-            tuple(t for t in spec.inputs if t.name not in self.resident), device, self.cuda
-        )
+        shapes = {t.name: t.shape for t in spec.inputs}
+        self.resident = {k: WholeMirror(shapes[k], device, log) for k in resident}
+        # fixed device buffers for inputs that arrive on the device (the KV cache)
+        self.dev_in = {
+            k: torch.zeros(shapes[k], dtype=torch.float32, device=device) for k in device_inputs
+        }
+        kept = (*self.resident, *self.dev_in)
+        self.inp = Packed(tuple(t for t in spec.inputs if t.name not in kept), device, self.cuda)
         self.out = Packed(spec.outputs, device, self.cuda)
-        self.args = {**self.inp.dev_views, **{k: m.dev for k, m in self.resident.items()}}
+        self.args = {
+            **self.inp.dev_views,
+            **{k: m.dev for k, m in self.resident.items()},
+            **self.dev_in,
+        }
+        self.returned: dict[str, np.ndarray] = {}  # the last call's outputs, as handed out
         self.compute: Compute | None = None
         self.want_graph = graphs and self.cuda
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error = ""
-        self.lock = threading.Lock()  # the packed buffers and mirrors are shared state
+        self.lock = threading.Lock()  # the fixed buffers and mirrors are shared state
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.capture_stream = torch.cuda.Stream(device)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self.lock:
-            return self._run(inputs)
+            self.returned = self._run(inputs)
+            return self.returned
+
+    def with_output(self, name: str, handed_out: np.ndarray, use: Callable) -> bool:
+        """Call use(device tensor of output `name`) if `handed_out` is what the last call returned
+        for it, i.e. the device buffer still holds exactly that data (no other call ran since);
+        under the lock, so no call can overwrite it meanwhile. False: use the host array."""
+        with self.lock:
+            if self.returned.get(name) is not handed_out:
+                return False
+            use(self.out.dev_views[name])
+            return True
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, view in self.inp.host_views.items():
             np.copyto(view, inputs[name], casting="same_kind")
+        if self.cuda:  # device inputs were written on the caller's stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._copy_stream():
             self.inp.dev.copy_(self.inp.host, non_blocking=self.cuda)
             self.log.to_device(self.inp.nbytes)
             for name, mirror in self.resident.items():
                 mirror.sync(inputs[name])
+            for name, buf in self.dev_in.items():
+                x = inputs[name]
+                if isinstance(x, torch.Tensor):
+                    buf.copy_(x, non_blocking=True)  # device to device
+                else:
+                    buf.copy_(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+                    self.log.to_device(x.nbytes)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         with torch.inference_mode():

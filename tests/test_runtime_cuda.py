@@ -21,19 +21,14 @@ from edgetalk.errors import BackendUnavailable
 from edgetalk.models.checkpoint import save_checkpoint
 from edgetalk.runtime.backend_torch import TorchBackend
 from edgetalk.runtime.backends import lookup, registry
+from edgetalk.runtime.cache import KVCache
 from edgetalk.runtime.loader import open_backend
 from edgetalk.runtime.scheduler import StreamScheduler
 from edgetalk.runtime_cuda.backend_cuda import CudaBackend, _HoistConstants
 from edgetalk.runtime_cuda.backend_tensorrt import engine_io_problems, engine_mismatch
+from edgetalk.runtime_cuda.device_cache import TorchDeviceKVCache
 from edgetalk.runtime_cuda.gpu import torch_cuda_reason
-from edgetalk.runtime_cuda.residency import (
-    SlotMirror,
-    TransferLog,
-    changed_slots,
-    put_slots,
-    slot_runs,
-    take_slots,
-)
+from edgetalk.runtime_cuda.residency import TransferLog, WholeMirror
 
 from .conftest import MICRO, need, seeded_model, speechlike
 
@@ -105,28 +100,23 @@ def test_everything_imports_and_is_discovered():
         "backend_cuda",
         "backend_onnxruntime_cuda",
         "backend_tensorrt",
-        "doctor",
     ):
         importlib.import_module(f"edgetalk.runtime_cuda.{mod}")
-    conv = importlib.import_module("edgetalk.converters.tensorrt")
-    for attr in (
-        "SUFFIX",
-        "CONVERTERS",
-        "finish",
-        "checks",
-        "parity_backend",
-        "tool_versions",
-        "availability",
-    ):
-        assert hasattr(conv, attr)
+    from edgetalk.converters.onnx import OnnxTarget
+    from edgetalk.converters.target import targets
+
+    trt = targets()["tensorrt"]
+    assert issubclass(trt, OnnxTarget) and trt.convert is OnnxTarget.convert  # the same graphs
+    assert (trt.suffix, trt.parity_backend) == (".engine", "tensorrt")
     reg = registry()
+    assert trt.parity_backend in reg
     assert reg["cuda"].targets == ("torch",)
     assert reg["onnxruntime-cuda"].targets == ("onnx",)
     assert reg["tensorrt"].targets == ("tensorrt",)
 
 
 def test_doctor_lists_every_backend_and_target(capsys):
-    from edgetalk.export.pipeline import TARGETS
+    from edgetalk.converters.target import targets
 
     assert main(["doctor", "--full"]) == 0
     out = capsys.readouterr().out
@@ -135,7 +125,7 @@ def test_doctor_lists_every_backend_and_target(capsys):
         title, *rows = block.splitlines()
         sections[title] = {row.split()[0]: row.strip() for row in rows}
     assert set(sections["backends"]) == set(registry())
-    assert set(sections["export targets"]) == set(TARGETS)
+    assert set(sections["export targets"]) == set(targets())
     for name in CUDA_BACKENDS:
         ok, why = lookup(name)[1:]
         row = sections["backends"][name]
@@ -174,7 +164,8 @@ def test_onnxruntime_cuda_refuses_clearly_when_unavailable(onnx_bundle):
 
 
 def test_tensorrt_backend_and_adapter_refuse_clearly_when_unavailable(onnx_bundle):
-    from edgetalk.converters import tensorrt as conv
+    from edgetalk.converters.tensorrt import TensorRTTarget
+    from edgetalk.export.pipeline import parity_backend
     from edgetalk.runtime_cuda.backend_tensorrt import TensorRTBackend
 
     ok, why = TensorRTBackend.availability()
@@ -183,13 +174,14 @@ def test_tensorrt_backend_and_adapter_refuse_clearly_when_unavailable(onnx_bundl
     assert "tensorrt is not installed" in why or "no CUDA GPU" in why
     with pytest.raises(BackendUnavailable, match="backend 'tensorrt' cannot run here"):
         TensorRTBackend.from_bundle(onnx_bundle)
-    assert conv.parity_backend(onnx_bundle) == why  # the pipeline records "not run: <why>"
+    # the pipeline records "not run: <why>"
+    assert parity_backend(TensorRTTarget(), onnx_bundle) == why
 
 
 def test_export_tensorrt_fails_clearly_here(tmp_path, capsys):
-    from edgetalk.converters import tensorrt as conv
+    from edgetalk.converters.tensorrt import TensorRTTarget
 
-    ok, why = conv.availability()
+    ok, why = TensorRTTarget.availability()
     if ok:
         pytest.skip("tensorrt, onnx and a GPU are present: export can run")
     rc = main(
@@ -296,41 +288,49 @@ def test_fp32_pins_only_float_layers_of_the_listed_types(fake_trt):
     assert layers[1].precision is None and layers[3].precision is None
 
 
-# ---- residency bookkeeping (pure) ---------------------------------------------------------------
-def test_changed_slots_and_runs():
-    rng = np.random.default_rng(0)
-    shadow = rng.standard_normal((2, 1, 2, 8, 4)).astype(np.float32)
-    new = shadow.copy()
-    assert changed_slots(shadow, new, 3).tolist() == []
-    new[1, 0, 1, 6, 2] += 1.0  # one element of slot 6
-    new[:, :, :, 7] = 0.0
-    new[0, 0, 0, 0, 0] = np.nan
-    assert changed_slots(shadow, new, 3).tolist() == [0, 6, 7]
-    assert slot_runs(np.array([0, 6, 7])) == [(0, 0, 1), (1, 6, 8)]
-    assert slot_runs(np.array([2, 3, 4, 5])) == [(0, 2, 6)]  # a chunk's C slots: one copy
-    assert slot_runs(np.array([], dtype=np.int64)) == []
-    rows = take_slots(new, np.array([6, 7]), 3)
-    assert rows.shape == (2, 2, 1, 2, 4)
-    put_slots(shadow, np.array([6, 7]), rows, 3)
-    assert changed_slots(shadow, new, 3).tolist() == [0]
-    with pytest.raises(ValueError, match="not the mirror's"):
-        changed_slots(shadow, new[:, :, :, :4], 3)
+# ---- device caches and residency (CPU tensors) --------------------------------------------------
+class _NoRunner:
+    """A runner that never holds the written K/V on the device: the cache uploads them."""
+
+    device = torch.device("cpu")
+
+    def with_output(self, name, handed_out, use):
+        return False
 
 
-def test_slot_mirror_uploads_only_changed_slots_on_cpu():
+def test_device_cache_matches_the_numpy_cache_slot_for_slot():
+    cfg = MICRO.with_streaming(chunk=2, window=3)
     log = TransferLog()
-    shape = (2, 1, 2, 6, 4)
-    m = SlotMirror(shape, 3, torch.device("cpu"), log, pin=False)
-    host = np.zeros(shape, np.float32)
-    assert m.sync(host) == 0 and log.h2d == 0
-    host[:, :, :, 4:6] = 1.5  # a chunk of C=2 written at the ring's end
-    assert m.sync(host) == 2
-    assert log.h2d == 1 and log.h2d_bytes == host[:, :, :, 4:6].nbytes
-    host[:, :, :, 0] = 2.0
-    host[:, :, :, 5] = 3.0
-    assert m.sync(host) == 2 and log.h2d == 2
-    np.testing.assert_array_equal(m.dev.numpy(), host)
-    np.testing.assert_array_equal(m.shadow, host)
+    host, dev = KVCache(cfg), TorchDeviceKVCache(cfg, _NoRunner(), log)
+    rng = np.random.default_rng(0)
+    shape = (*host.shape[:3], cfg.chunk, host.shape[4])
+    for start in range(0, 2 * cfg.max_position, cfg.chunk):  # the ring wraps, RAPR shifts
+        k, v = rng.standard_normal((2, *shape)).astype(np.float32)
+        host.write(k, v, start)
+        dev.write(k, v, start)
+        for a, b in zip(host.positions(start), dev.positions(start), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(dev.k.numpy(), host.k)
+        np.testing.assert_array_equal(dev.v.numpy(), host.v)
+        np.testing.assert_array_equal(dev.valid, host.valid)
+    # every write uploaded K and V; slot index lists only once per distinct ring position
+    starts = range(0, 2 * cfg.max_position, cfg.chunk)
+    distinct = {tuple(host.slot_for(s + i) for i in range(cfg.chunk)) for s in starts}
+    assert len(distinct) == 4  # the sink's slots, then the ring's three phases (C=2, W=3)
+    assert log.h2d == 2 * len(starts) + len(distinct)
+    dev.reset()
+    assert not dev.k.any() and not dev.valid.any()
+
+
+def test_whole_mirror_uploads_only_when_the_content_changes():
+    log = TransferLog()
+    m = WholeMirror((1, 3, 4, 4), torch.device("cpu"), log)
+    a = np.ones((1, 3, 4, 4), np.float32)
+    assert m.sync(a) and log.h2d == 1
+    assert not m.sync(a.copy()) and log.h2d == 1  # same content, another array: no copy
+    a[0, 0, 0, 0] = 2.0  # the same array refilled (another avatar): copied
+    assert m.sync(a) and log.h2d == 2
+    np.testing.assert_array_equal(m.dev.numpy(), a)
 
 
 def test_hoisted_constants_are_made_once():
@@ -351,20 +351,37 @@ def test_cuda_backend_logic_on_cpu_matches_torch_and_keeps_kv_resident():
     got = render(be)
     np.testing.assert_array_equal(got, ref)  # same kernels, same inputs: bit-exact
 
-    layers, heads, hd = kv_dims(cfg)
-    slot_bytes = layers * heads * hd * 4
+    # K/V never cross to the host and back: a generator call sends the packed small inputs only
+    # (the cache is copied device to device), and returns its outputs once.
     packed = be.runners["generator"].inp.nbytes
     gen = [t for m, t in calls if m == "generator"]
-    assert (gen[0]["h2d"], gen[0]["d2h"], gen[0]["h2d_bytes"]) == (1, 1, packed)  # cache empty
-    steady = [t for t in gen[1:] if t["h2d_bytes"] == packed + 2 * cfg.chunk * slot_bytes]
-    # Every later chunk: packed inputs + C slots of K + C slots of V in, motion+new K/V out;
-    # only the first chunk after reset() sends more (every slot the old stream filled).
-    assert len(steady) == len(gen) - 2
-    assert all(t["h2d"] == 3 and t["d2h"] == 1 for t in gen[1:])
-    full_cache = 2 * cfg.cache_slots * slot_bytes
-    assert max(t["h2d_bytes"] - packed for t in gen) == full_cache  # after reset only
+    assert all((t["h2d"], t["d2h"], t["h2d_bytes"]) == (1, 1, packed) for t in gen)
+    # Outside the calls, the cache's writes copied only slot index lists (int64), each distinct
+    # ring position once; no K/V bytes.
+    in_calls = sum(t["h2d_bytes"] for _, t in calls)
+    cache_bytes = be.transfers.h2d_bytes - in_calls
+    assert 0 < cache_bytes <= 8 * MICRO.chunk * (MICRO.cache_slots + 1)
     dec = [t for m, t in calls if m == "decoder"]
     assert dec[0]["h2d"] == 3 and all(t["h2d"] == 1 and t["d2h"] == 1 for t in dec[1:])
+
+
+def test_cuda_backend_caches_are_per_stream():
+    """Two streams sharing one backend (serve's sessions) each keep their own device cache."""
+    model = seeded_model(MICRO)
+    be = CudaBackend(model, precision="fp32", device="cpu")
+    ref = render(TorchBackend(model), restart=False)
+    avatar = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    a, b = StreamScheduler(be, avatar, seed=3), StreamScheduler(be, avatar, seed=3)
+    pcm = speechlike(1.6, seed=2)
+    fa, fb = [], []
+    for i in range(0, pcm.shape[0], 1000):  # interleaved: b's calls land between a's run/write
+        fa += a.push_audio(pcm[i : i + 1000])
+        fb += b.push_audio(pcm[i : i + 1000])
+    fa, fb = fa + a.flush(), fb + b.flush()
+    assert a.cache.k is not b.cache.k
+    for frames in (fa, fb):
+        got = np.stack([f.rgb for f in frames]).astype(np.float32) / 255.0
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_cuda_backend_bf16_autocast_path_on_cpu():
@@ -386,20 +403,20 @@ def test_onnxruntime_cuda_logic_on_cpu_matches_onnxruntime(onnx_bundle):
     np.testing.assert_array_equal(got, ref)
 
     cfg = onnx_bundle.cfg
-    layers, heads, hd = kv_dims(cfg)
-    kv_bytes = 2 * cfg.chunk * layers * heads * hd * 4 + cfg.chunk * 8  # rows + slot indices
     small = [t for t in onnx_bundle.io["generator"].inputs if t.name not in (*KV, *WHOLE)]
     small_bytes = sum(int(np.prod(t.shape)) * 4 for t in small)
     gen = [t for m, t in calls if m == "generator"]
-    steady = [
-        t
-        for t in gen[1:]
-        if t["h2d"] == len(small) + 2 and t["h2d_bytes"] == small_bytes + kv_bytes
-    ]
-    assert len(steady) == len(gen) - 2  # all but the first chunk of each stream
+    # The cache's OrtValues are bound as they are: a call uploads the small inputs only (the
+    # first also the avatar's ref_motion, kept on the device after that).
+    assert gen[0]["h2d"] == len(small) + 1
+    assert all(t["h2d"] == len(small) and t["h2d_bytes"] == small_bytes for t in gen[1:])
     assert all(t["d2h"] == 3 for t in gen)
-    # C slots per chunk after each stream's first; every slot once at the reset
-    assert be.kv.uploaded_slots == (len(gen) - 2) * cfg.chunk + cfg.cache_slots
+    # Outside the calls: each stream's zeroed cache and the slot index lists, no K/V rows.
+    in_calls = sum(t["h2d_bytes"] for _, t in calls)
+    k_cache = next(t for t in onnx_bundle.io["generator"].inputs if t.name == "k_cache")
+    zeroing = 2 * 2 * int(np.prod(k_cache.shape)) * 4  # K and V, at open and at reset()
+    index_bytes = be.transfers.h2d_bytes - in_calls - zeroing
+    assert 0 < index_bytes <= 8 * cfg.chunk * (cfg.cache_slots + 1)
 
 
 def test_trt_cache_dir_choice(onnx_bundle, monkeypatch, tmp_path):
@@ -446,18 +463,15 @@ def test_cuda_kv_cache_stays_on_the_device():
     be = CudaBackend(seeded_model(MICRO), precision="fp16")
     calls = record_transfers(be)
     render(be, restart=False)
-    layers, heads, hd = kv_dims(MICRO)
     packed = be.runners["generator"].inp.nbytes
-    per_chunk_kv = 2 * MICRO.chunk * layers * heads * hd * 4
     gen = [t for m, t in calls if m == "generator"]
-    for t in gen[1:]:
-        assert (t["h2d"], t["d2h"]) == (3, 1)
-        assert t["h2d_bytes"] == packed + per_chunk_kv
-    # One chunk = audio (1 in, 1 out) + generator (3 in, 1 out) + decoder (1 in, 1 out).
+    for t in gen:  # the cache is copied device to device; only the small inputs go up
+        assert (t["h2d"], t["d2h"], t["h2d_bytes"]) == (1, 1, packed)
+    # One chunk = audio (1 in, 1 out) + generator (1 in, 1 out) + decoder (1 in, 1 out).
     chunks = [calls[i : i + 3] for i in range(1, len(calls), 3)]
     for chunk in chunks[1:]:
         assert [m for m, _ in chunk] == ["audio", "generator", "decoder"]
-        assert sum(t["h2d"] + t["d2h"] for _, t in chunk) == 8
+        assert sum(t["h2d"] + t["d2h"] for _, t in chunk) == 6
 
 
 @needs_gpu
@@ -481,10 +495,10 @@ def test_onnxruntime_cuda_on_the_gpu(onnx_bundle):
 def test_tensorrt_export_run_and_refusal(precision, micro_ckpt, tmp_path):
     import json
 
-    from edgetalk.converters import tensorrt as conv
+    from edgetalk.converters.tensorrt import TensorRTTarget
     from edgetalk.export.pipeline import export_bundle
 
-    ok, why = conv.availability()
+    ok, why = TensorRTTarget.availability()
     if not ok:
         pytest.skip(why)
     r = export_bundle(
