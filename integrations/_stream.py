@@ -13,8 +13,7 @@ the frames not yet handed out and the pending markers (returned, so the caller c
 that must survive a barge-in).
 
 Where speech lands on the Session's timeline (the silence it inserted while idle is on it too) is
-read under the Session's lock right after each push (`_timeline_end`): Session has no public call
-for it yet.
+what `Session.push_audio` returns; each frame's audio says which span of that timeline it shows.
 """
 
 from __future__ import annotations
@@ -67,11 +66,6 @@ def to_float(pcm, channels: int = 1) -> np.ndarray:
 
 def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
-
-
-def _timeline_end(session) -> int:
-    """Samples on the Session's timeline so far (delivered frames, rendering, queued input)."""
-    return session._timeline_samples_locked()
 
 
 class AvatarStream:
@@ -217,7 +211,7 @@ class AvatarStream:
             self._rs = None
             self._speech_in_at = None
             self._epoch += 1
-        if self.session is not None:  # outside our lock: _push16 takes the two the other way
+        if self.session is not None:  # outside our lock: the Session takes its own
             self.session.interrupt()
         return dropped
 
@@ -242,12 +236,9 @@ class AvatarStream:
     def _push16(self, y: np.ndarray, epoch: int) -> None:
         if y.size == 0:
             return
-        s = self.session
-        with s._cond:  # an RLock: push_audio takes it again; nothing runs between push and read
-            s.push_audio(y)
-            end = _timeline_end(s)
+        end = self.session.push_audio(y)  # where this speech ends on the Session's timeline
         with self._lock:
-            if epoch != self._epoch:  # interrupted meanwhile: the Session dropped this audio
+            if end is None or epoch != self._epoch:  # interrupted: the Session dropped it
                 return
             start = end - y.shape[0]
             if not (self._speech and self._speech[-1][1] > self._emitted_end):  # a new utterance

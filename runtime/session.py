@@ -9,22 +9,20 @@ Threads and queues (all bounded):
   at most MAX_INPUT_SECONDS; a push beyond that waits (backpressure) and an interrupt releases it.
   Unpaired partner audio (`push_partner`) is capped at MAX_PARTNER_SECONDS (oldest dropped).
 - One worker thread owns the StreamScheduler. It takes at most one chunk of audio at a time, so
-  an interrupt cuts in within one chunk of compute. In realtime mode, when the audio timeline falls
-  more than a chunk behind the wall clock (or no audio has come for a chunk), it feeds silence up
-  to the wall clock, so the avatar keeps idling: a stream never needs its length up front.
+  an interrupt cuts in within one chunk of compute.
 - Rendered frames wait in the output queue (MAX_QUEUED_FRAMES, plus the chunk being added) until
   `frames()` takes them; beyond that the worker waits.
 
 One A/V timeline: the frames the session hands out (or drops as late) are numbered 0, 1, 2, ...
 with pts = index / 25, and every frame carries the audio of its 640-sample span (`frame.audio`,
-including inserted silence), so a sink that writes each frame and then its audio stays in sync
-however long the stream runs. Frames discarded by an interrupt never reach the timeline.
+from the scheduler's frame, including inserted silence), so a sink that writes each frame and then
+its audio stays in sync however long the stream runs. `push_audio` returns where the pushed audio
+ends on that timeline. Frames discarded by an interrupt never reach the timeline.
 
-Real time: frame i is presented at t0 + i / 25, where t0 is when the first frame was delivered.
-`frames()` waits for that moment. A frame more than one chunk past it is late, and the late policy
-decides: "drop" skips it (its audio moves to the next delivered frame, the timeline advances) and
-the worker skips rendering audio whose frames would already be late, so it catches up; "mark"
-delivers it with `late=True`. Both are counted in `stats`.
+When frames are due, which are late, when silence is fed and what is skipped to catch up is the
+pacing policy's (pacing.py): in realtime mode frames are handed out at their presentation time,
+the avatar idles on silence while no audio comes, and with late policy "drop" late frames are
+skipped (their audio moves to the next delivered frame) while "mark" delivers them `late=True`.
 """
 
 from __future__ import annotations
@@ -40,13 +38,17 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from .audio_io import StreamResampler
+from .pacing import LATE_POLICIES, Pacer
 
 MAX_INPUT_SECONDS = 60.0  # audio waiting for the worker; push_audio waits beyond this
 MAX_PARTNER_SECONDS = 5.0  # unpaired partner audio waiting; the oldest is dropped beyond this
 MAX_QUEUED_FRAMES = 50  # rendered frames (2 s) waiting for frames(); the worker waits beyond this
 PUSH_PIECE_SECONDS = 1.0  # long pushes are queued in pieces of this size
 TICK_S = 0.01  # worker/reader poll period while idle
-LATE_POLICIES = ("drop", "mark")
+SPF = SAMPLES_PER_FRAME
+
+__all__ = ["LATE_POLICIES", "LiveFrame", "Session", "SessionClosed", "SessionStats"]
 
 
 class SessionClosed(InputError):
@@ -173,11 +175,9 @@ class Session:
         self.chunk_s = self.chunk / FPS
         self.max_queued_frames = max(1, int(max_queued_frames))
         self.clock = clock
+        self.pacer = Pacer(realtime, late_policy, self.chunk, self.scheduler.lookahead, clock)
         self._stats = SessionStats(
-            floor_s=(self.chunk + self.scheduler.lookahead) / FPS,
-            chunk=self.chunk,
-            realtime=realtime,
-            late_policy=late_policy,
+            floor_s=self.pacer.floor_s, chunk=self.chunk, realtime=realtime, late_policy=late_policy
         )
         self._cond = threading.Condition()
         # input side
@@ -185,22 +185,18 @@ class Session:
         self._in_samples = 0
         self._partner: deque[np.ndarray] = deque()
         self._partner_samples = 0
-        self._resamplers: dict[tuple[str, int], object] = {}
-        self._last_push: float | None = None
-        # worker side (the mirror is the audio the scheduler has queued, frame-aligned at its start)
-        self._m_own = np.zeros(0, np.float32)
-        self._m_partner = np.zeros(0, np.float32)
+        self._resamplers: dict[tuple[str, int], StreamResampler] = {}
+        # the timeline: frames handed to the output queue, and own-voice samples put on it so far
+        self._tl_next = 0
+        self._tl_end = 0
+        # worker side
         self._sched_interrupt = False
-        self._tl_next = 0  # next timeline index to hand out
-        self._compute_s = 0.0  # recent compute time of one chunk (moving average)
         self._epoch = 0
         # output side
         self._out: deque[_Out] = deque()
         self._carry: list[np.ndarray] = []
         self._carry_partner: list[np.ndarray] = []
-        self._t0: float | None = None
         # lifecycle
-        self._origin: float | None = None
         self._end: float | None = None
         self._thread: threading.Thread | None = None
         self._input_closed = False
@@ -215,8 +211,7 @@ class Session:
         with self._cond:
             if self._thread is not None:
                 return
-            if self.realtime:
-                self._origin = self._last_push = self.clock()
+            self.pacer.start()
             self._thread = threading.Thread(
                 target=self._worker, name="edgetalk-session", daemon=True
             )
@@ -262,8 +257,8 @@ class Session:
     def stats(self) -> SessionStats:
         with self._cond:
             s = dataclasses.replace(self._stats)
-            if self._origin is not None:
-                s.wall_s = (self._end or self.clock()) - self._origin
+            if self.pacer.origin is not None:
+                s.wall_s = (self._end or self.clock()) - self.pacer.origin
         return s
 
     @property
@@ -278,13 +273,17 @@ class Session:
         sample_rate: int = SAMPLE_RATE,
         block: bool = True,
         timeout: float | None = None,
-    ) -> None:
+    ) -> int | None:
         """Queue own-voice audio (and optionally the partner's, same length), any piece size.
 
         float32 in [-1, 1] or int16; mono, or [samples, channels] (downmixed). Other rates are
         resampled continuously across pieces. Waits while MAX_INPUT_SECONDS are queued (or raises
         InputError when block=False or after `timeout`); an interrupt() during the wait discards
         the rest of this piece.
+
+        Returns where the queued audio ends on the timeline, in 16 kHz samples: it fills the
+        samples just before that, and frame i shows samples [640 i, 640 (i + 1)). None when an
+        interrupt() discarded it while it waited.
         """
         self.start()
         own = self._convert(pcm, sample_rate, "own", "audio")
@@ -311,7 +310,7 @@ class Session:
                     if self._error is not None or self._done:
                         raise SessionClosed(f"the session stopped ({self._error or 'ended'})")
                     if self._epoch != epoch:
-                        return  # interrupted while waiting: the rest of this speech is dropped
+                        return None  # interrupted while waiting: the rest of this speech is dropped
                     if self._input_closed:
                         raise SessionClosed("the session closed while audio was waiting")
                     left = None if deadline is None else deadline - self.clock()
@@ -322,6 +321,7 @@ class Session:
                         )
                     self._cond.wait(0.1 if left is None else min(0.1, left))
                 self._enqueue_locked(own[i : i + n], None if par is None else par[i : i + n])
+            return self._tl_end
 
     def push_partner(self, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
         """Queue the partner's voice on its own (e.g. a second microphone). It is aligned to the
@@ -357,24 +357,22 @@ class Session:
             self._epoch += 1
             self._stats.interruptions += 1
             frames = sum(o.n for o in self._out if o.rgb is not None)
+            # Audio on the timeline but in no frame yet: queued, in the scheduler, or rendering.
+            unrendered = max(0, self._tl_end - self._tl_next * SPF)
+            self._stats.interrupted_frames += frames
+            self._stats.interrupted_audio_s += unrendered / SAMPLE_RATE
             if self._out:
                 self._tl_next = self._out[0].index  # those frames were never shown
             self._out.clear()
-            self._stats.interrupted_frames += frames
-            self._stats.interrupted_audio_s += (
-                self._in_samples + self._m_own.shape[0]
-            ) / SAMPLE_RATE
+            self._tl_end = self._tl_next * SPF
             self._in.clear()
             self._in_samples = 0
             self._sched_interrupt = True
-            if self.realtime:  # the avatar idles from here: silence may fill at once
-                self._last_push = self.clock() - 2 * self.chunk_s
+            self.pacer.interrupted()
             self._cond.notify_all()
             return frames
 
     def _convert(self, pcm, rate: int, which: str, what: str) -> np.ndarray:
-        from .audio_io import StreamResampler
-
         x = np.asarray(pcm)
         if x.dtype == np.int16:
             x = x.astype(np.float32) / 32768.0
@@ -396,12 +394,10 @@ class Session:
     def _enqueue_locked(self, own: np.ndarray, partner: np.ndarray | None) -> None:
         if own.size == 0:
             return
-        now = self.clock()
-        if self._origin is None:
-            self._origin = now  # offline: the timeline starts with the first audio
-        self._last_push = now
+        self.pacer.audio_arrived()
         self._in.append((own, partner))
         self._in_samples += own.shape[0]
+        self._tl_end += own.shape[0]
         self._cond.notify_all()
 
     # ---- output ----------------------------------------------------------------------------------
@@ -420,28 +416,16 @@ class Session:
                             self._carry_locked(head)
                             self._cond.notify_all()
                             continue
-                        now = self.clock()
-                        late = False
-                        if self.realtime and self._t0 is None:
-                            # Anchor the presentation clock. Audio that keeps coming in real time
-                            # needs (C + L) frames plus compute before its frame exists, so frames
-                            # rendered early from a burst wait for that delay: later frames keep it.
-                            self._t0 = max(
-                                now - head.index / FPS,
-                                self._origin + self._stats.floor_s + self._compute_s,
-                            )
-                        if self.realtime:
-                            due = self._t0 + head.index / FPS
-                            if now < due:
-                                self._cond.wait(min(due - now, 0.05))
-                                continue
-                            late = now - due > self.chunk_s
-                            if late and self.late_policy == "drop":
-                                self._out.popleft()
-                                self._carry_locked(head)
-                                self._stats.dropped += 1
-                                self._cond.notify_all()
-                                continue
+                        wait, late = self.pacer.present(head.index)
+                        if wait > 0:
+                            self._cond.wait(min(wait, 0.05))
+                            continue
+                        if late and self.pacer.drop_late:
+                            self._out.popleft()
+                            self._carry_locked(head)
+                            self._stats.dropped += 1
+                            self._cond.notify_all()
+                            continue
                         item = self._out.popleft()
                         self._cond.notify_all()
                         break
@@ -451,31 +435,30 @@ class Session:
                         return
                     self._cond.wait(0.05)
                 if self._stats.first_frame_delay_s is None:
-                    self._stats.first_frame_delay_s = now - (self._origin or now)
-                audio, partner = item.audio, item.partner
-                if self._carry:
-                    audio = np.concatenate([*self._carry, audio])
-                    if partner is not None or any(p is not None for p in self._carry_partner):
-                        partner = np.concatenate(
-                            [
-                                p if p is not None else np.zeros_like(a)
-                                for a, p in zip(
-                                    [*self._carry, item.audio],
-                                    [*self._carry_partner, item.partner],
-                                    strict=True,
-                                )
-                            ]
-                        )
-                    self._carry.clear()
-                    self._carry_partner.clear()
+                    now = self.clock()
+                    self._stats.first_frame_delay_s = now - (self.pacer.origin or now)
                 self._stats.frames += 1
                 self._stats.late += int(late)
-                frame = LiveFrame(item.index, item.rgb, late, audio, partner)
+                frame = LiveFrame(item.index, item.rgb, late, *self._with_carry_locked(item))
             yield frame
 
     def _carry_locked(self, item: _Out) -> None:
         self._carry.append(item.audio)
         self._carry_partner.append(item.partner)
+
+    def _with_carry_locked(self, item: _Out) -> tuple[np.ndarray, np.ndarray | None]:
+        """The item's audio, after that of the frames dropped or skipped just before it."""
+        if not self._carry:
+            return item.audio, item.partner
+        owns, partners = [*self._carry, item.audio], [*self._carry_partner, item.partner]
+        self._carry.clear()
+        self._carry_partner.clear()
+        audio = np.concatenate(owns)
+        if all(p is None for p in partners):
+            return audio, None
+        return audio, np.concatenate(
+            [p if p is not None else np.zeros_like(a) for a, p in zip(owns, partners, strict=True)]
+        )
 
     def _raise_error_locked(self) -> None:
         if self._error is not None:
@@ -500,7 +483,6 @@ class Session:
 
     def _loop(self) -> None:
         sched = self.scheduler
-        spf = SAMPLES_PER_FRAME
         while True:
             flush = False
             with self._cond:
@@ -510,42 +492,23 @@ class Session:
                     if self._sched_interrupt:
                         self._sched_interrupt = False
                         sched.interrupt()
-                        self._m_own = self._m_own[:0]
-                        self._m_partner = self._m_partner[:0]
-                    if self.realtime and self.late_policy == "drop":
-                        self._catch_up_locked()
+                    self._catch_up_locked()
                     if self._in_samples:
-                        own, partner = self._take_locked(self.chunk * spf)
+                        own, partner = self._take_locked(self.chunk * SPF)
                         break
                     if self._input_closed:
                         flush = True
                         break
-                    if self.realtime and self._fill_silence_locked():
+                    if self._fill_silence_locked():
                         continue
                     self._cond.wait(TICK_S)
                 epoch = self._epoch
             t_compute = time.perf_counter()
-            if flush:
-                frames = sched.flush()
-                n = len(frames) * spf
-                pad = max(0, n - self._m_own.shape[0])
-                self._m_own = np.pad(self._m_own, (0, pad))
-                self._m_partner = np.pad(self._m_partner, (0, pad))
-            else:
-                self._m_own = np.concatenate([self._m_own, own])
-                self._m_partner = np.concatenate(
-                    [self._m_partner, partner if partner is not None else np.zeros_like(own)]
-                )
-                frames = sched.push_audio(own, partner)
-            n = len(frames) * spf
-            if frames:
-                dt = (time.perf_counter() - t_compute) * self.chunk / len(frames)
-                self._compute_s = dt if not self._compute_s else 0.8 * self._compute_s + 0.2 * dt
-            audio, pa = self._m_own[:n], self._m_partner[:n]
-            self._m_own, self._m_partner = self._m_own[n:], self._m_partner[n:]
-            if flush:
-                self._m_own, self._m_partner = self._m_own[:0], self._m_partner[:0]
+            frames = sched.flush() if flush else sched.push_audio(own, partner)
+            compute_s = time.perf_counter() - t_compute
             with self._cond:
+                if frames:
+                    self.pacer.computed(compute_s, len(frames))
                 while (
                     frames
                     and len(self._out) >= self.max_queued_frames
@@ -556,18 +519,18 @@ class Session:
                 if self._epoch != epoch:
                     self._stats.interrupted_frames += len(frames)
                 elif not self._aborted:
-                    self._put_frames_locked(frames, audio, pa)
+                    self._put_frames_locked(frames)
                 if flush:
                     return
 
-    def _put_frames_locked(self, frames, audio: np.ndarray, partner: np.ndarray) -> None:
-        spf = SAMPLES_PER_FRAME
-        has_partner = self.scheduler.partner_seen or self._partner_samples > 0 or partner.any()
-        for i, f in enumerate(frames):
-            span = slice(i * spf, (i + 1) * spf)
-            self._out.append(
-                _Out(self._tl_next, f.rgb, audio[span], partner[span] if has_partner else None)
-            )
+    def _put_frames_locked(self, frames) -> None:
+        # Frames from before the partner's first audio carry silence for it, once it is there.
+        has_partner = self.scheduler.partner_seen or self._partner_samples > 0
+        for f in frames:
+            partner = f.partner
+            if partner is None and has_partner:
+                partner = np.zeros_like(f.audio)
+            self._out.append(_Out(self._tl_next, f.rgb, f.audio, partner))
             self._tl_next += 1
         self._cond.notify_all()
 
@@ -612,52 +575,38 @@ class Session:
         self._partner_samples -= got
         return out
 
-    def _timeline_samples_locked(self) -> int:
-        """Own-voice samples on the timeline so far: delivered/queued frames, audio in the
-        scheduler, and audio waiting in the input queue."""
-        return self._tl_next * SAMPLES_PER_FRAME + self._m_own.shape[0] + self._in_samples
-
     def _fill_silence_locked(self) -> bool:
-        """Realtime idling: keep the audio timeline up with the wall clock. Returns True if fed."""
-        now = self.clock()
-        gap = int((now - self._origin) * SAMPLE_RATE) - self._timeline_samples_locked()
-        idle = now - (self._last_push or self._origin) > self.chunk_s
-        if gap < SAMPLES_PER_FRAME or not (idle or gap > self.chunk * SAMPLES_PER_FRAME):
+        """Realtime idling: feed the silence the pacing policy asks for. Returns True if fed."""
+        n = self.pacer.silence_needed(self._tl_end)
+        if not n:
             return False
-        n = gap // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
         self._in.append((np.zeros(n, np.float32), None))
         self._in_samples += n
+        self._tl_end += n
         self._stats.silence_s += n / SAMPLE_RATE
         return True
 
     def _catch_up_locked(self) -> None:
-        """Late policy "drop": audio whose frames would be more than a chunk late when shown is
-        not rendered; its frames are dropped (counted) and the timeline moves on."""
-        if self._t0 is None:
-            return
-        # How late the next frame would be when ready (now + the usual compute time of a chunk).
-        behind = self.clock() + self._compute_s - (self._t0 + self._tl_next / FPS)
-        if behind <= self.chunk_s:
-            return
-        spf = SAMPLES_PER_FRAME
-        k = min(int(np.ceil(behind * FPS)), (self._m_own.shape[0] + self._in_samples) // spf)
+        """Skip rendering the audio of the frames the pacing policy says would be late: they are
+        dropped (counted), their audio goes to the next delivered frame, the timeline moves on."""
+        sched = self.scheduler
+        queued = sched.own.shape[0]  # in the scheduler, from its next frame on
+        k = self.pacer.frames_to_skip(self._tl_next, (queued + self._in_samples) // SPF)
         if k < 1:
             return
-        need = k * spf
-        own, par = self._m_own, self._m_partner
-        self.scheduler.interrupt()
-        self._m_own, self._m_partner = own[:0], par[:0]
+        need = k * SPF
+        own, par = sched.own, sched.partner
+        sched.interrupt()
         if own.shape[0] >= need:
             skipped, skipped_p = own[:need], par[:need]
             rest, rest_p = own[need:], par[need:]
             if rest.size:  # less than a chunk: goes back without rendering anything
-                self._m_own, self._m_partner = rest, rest_p
-                self.scheduler.push_audio(rest, rest_p if self.scheduler.partner_seen else None)
+                sched.push_audio(rest, rest_p if sched.partner_seen else None)
         else:
             more, more_p = self._take_locked(need - own.shape[0])
             skipped = np.concatenate([own, more])
             skipped_p = np.concatenate([par, more_p if more_p is not None else np.zeros_like(more)])
-        has_partner = self.scheduler.partner_seen or skipped_p.any()
+        has_partner = sched.partner_seen or skipped_p.any()
         self._out.append(_Out(self._tl_next, None, skipped, skipped_p if has_partner else None, k))
         self._tl_next += k
         self._stats.dropped += k

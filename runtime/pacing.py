@@ -1,0 +1,112 @@
+"""The pacing policy of a live Session: real time, late frames, catch-up and silence.
+
+It keeps the clocks and answers the Session's questions; the Session owns the queues and acts.
+
+- Real time: frame i is due at t0 + i / 25. t0 is anchored when the first frame is handed out,
+  no earlier than the first frame of audio arriving in real time could exist: (C + L) frames of
+  audio plus the compute of a chunk after the timeline began. Frames rendered early from a burst
+  wait for that delay, and later frames keep it.
+- Late frames: a frame more than one chunk past its time is late. Policy "drop" skips it (the
+  Session moves its audio to the next frame it hands out), "mark" hands it out marked.
+- Catch-up ("drop"): audio whose frames would be late when ready is not rendered at all.
+- Silence: while no audio comes, the audio timeline is kept up with the wall clock with silence,
+  so the avatar idles and a stream never needs its length up front.
+
+Offline (realtime=False) nothing waits, nothing is late, no silence is fed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ..errors import InputError
+from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+
+LATE_POLICIES = ("drop", "mark")
+
+
+class Pacer:
+    def __init__(
+        self,
+        realtime: bool,
+        late_policy: str,
+        chunk: int,
+        lookahead: int,
+        clock: Callable[[], float],
+    ):
+        if late_policy not in LATE_POLICIES:
+            raise InputError(f"late policy must be one of {LATE_POLICIES}, got {late_policy!r}")
+        self.realtime = realtime
+        self.late_policy = late_policy
+        self.chunk = chunk
+        self.chunk_s = chunk / FPS
+        self.floor_s = (chunk + lookahead) / FPS  # the audio the first chunk needs
+        self.clock = clock
+        self.origin: float | None = None  # when the timeline began (its sample 0)
+        self.t0: float | None = None  # frame i is due at t0 + i / FPS
+        self.last_push: float | None = None
+        self.compute_s = 0.0  # recent compute time of one chunk (moving average)
+
+    @property
+    def drop_late(self) -> bool:
+        return self.late_policy == "drop"
+
+    # ---- events --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The stream starts. In real time the timeline starts now: the avatar idles until audio
+        arrives. Offline it starts with the first audio."""
+        if self.realtime:
+            self.origin = self.last_push = self.clock()
+
+    def audio_arrived(self) -> None:
+        now = self.clock()
+        if self.origin is None:
+            self.origin = now
+        self.last_push = now
+
+    def interrupted(self) -> None:
+        """After a barge-in the avatar idles from here: silence may fill at once."""
+        if self.realtime:
+            self.last_push = self.clock() - 2 * self.chunk_s
+
+    def computed(self, seconds: float, frames: int) -> None:
+        """`frames` frames took `seconds` to render."""
+        dt = seconds * self.chunk / frames
+        self.compute_s = dt if not self.compute_s else 0.8 * self.compute_s + 0.2 * dt
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def silence_needed(self, timeline_samples: int) -> int:
+        """Samples of silence (whole frames) to feed now, or 0: when no audio came for a chunk, or
+        the audio timeline (`timeline_samples` long) fell more than a chunk behind the wall clock."""
+        if not self.realtime:
+            return 0
+        now = self.clock()
+        gap = int((now - self.origin) * SAMPLE_RATE) - timeline_samples
+        idle = now - (self.last_push or self.origin) > self.chunk_s
+        if gap < SAMPLES_PER_FRAME or not (idle or gap > self.chunk * SAMPLES_PER_FRAME):
+            return 0
+        return gap // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
+
+    def frames_to_skip(self, next_index: int, waiting_frames: int) -> int:
+        """Catch-up: how many of the next frames (whose audio waits, `waiting_frames` of them, not
+        yet rendered) would be more than a chunk late when ready. Skip them unrendered."""
+        if not (self.realtime and self.drop_late) or self.t0 is None:
+            return 0
+        # How late the next frame would be when ready (now + the usual compute time of a chunk).
+        behind = self.clock() + self.compute_s - (self.t0 + next_index / FPS)
+        if behind <= self.chunk_s:
+            return 0
+        return min(math.ceil(behind * FPS), waiting_frames)
+
+    def present(self, index: int) -> tuple[float, bool]:
+        """Frame `index` is next to be handed out: (seconds until it is due, whether it is late)."""
+        if not self.realtime:
+            return 0.0, False
+        now = self.clock()
+        if self.t0 is None:
+            self.t0 = max(now - index / FPS, self.origin + self.floor_s + self.compute_s)
+        due = self.t0 + index / FPS
+        if now < due:
+            return due - now, False
+        return 0.0, now - due > self.chunk_s

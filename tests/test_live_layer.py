@@ -1,0 +1,139 @@
+"""The live layer's shape: frames carry exactly the audio they show (so nothing downstream keeps
+a copy of the audio to re-attach it), and the live modules import without cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetalk.runtime.backend_torch import TorchBackend
+from edgetalk.runtime.scheduler import StreamScheduler
+from edgetalk.runtime.session import Session
+
+from .conftest import MICRO, seeded_model, speechlike
+
+SPF = 640
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return TorchBackend(seeded_model(MICRO))
+
+
+def padded(x: np.ndarray) -> np.ndarray:
+    return np.pad(x, (0, -x.shape[0] % SPF))
+
+
+def cat(frames, attr):
+    return np.concatenate([getattr(f, attr) for f in frames])
+
+
+def test_scheduler_frames_tile_the_pushed_audio(backend):
+    """Own and partner audio, odd piece sizes, an interrupt and a flush: the frames' audio,
+    concatenated, is the audio pushed, less exactly what the interrupt dropped."""
+    res = MICRO.render.resolution
+    sched = StreamScheduler(backend, np.zeros((res, res, 3), np.uint8))
+    own, par = speechlike(0.8), speechlike(0.8, seed=5)
+    cut, frames = 6000, []
+    for i in range(0, cut, 777):
+        frames += sched.push_audio(own[i : min(i + 777, cut)], par[i : min(i + 777, cut)])
+    kept = len(frames) * SPF  # the interrupt drops everything not yet shown
+    assert 0 < kept < cut
+    assert sched.interrupt() == cut - kept
+    frames += sched.push_audio(own[cut:], par[cut:])
+    frames += sched.flush()
+    assert [f.index for f in frames] == list(range(len(frames)))
+    want_own = padded(np.concatenate([own[:kept], own[cut:]]))
+    want_par = padded(np.concatenate([par[:kept], par[cut:]]))
+    assert all(f.audio.shape == (SPF,) and f.partner.shape == (SPF,) for f in frames)
+    np.testing.assert_array_equal(cat(frames, "audio"), want_own)
+    np.testing.assert_array_equal(cat(frames, "partner"), want_par)
+    # Without a partner stream the frames say so, and the flushed tail is zero-padded.
+    sched.reset()
+    frames = sched.push_audio(own[:3000]) + sched.flush()
+    assert all(f.partner is None for f in frames)
+    np.testing.assert_array_equal(cat(frames, "audio"), padded(own[:3000]))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_session_frames_tile_the_pushed_audio(backend, paired):
+    """Through a Session (its queues, its worker, an interrupt, close()): the delivered frames'
+    audio is the pushed audio, own and partner, sample for sample."""
+    own, par = speechlike(1.0), speechlike(1.0, seed=3)
+    with Session(backend=backend, realtime=False) as s:
+        if paired:
+            s.push_audio(own, par)
+        else:
+            s.push_partner(par)
+            s.push_audio(own)
+        s.close()
+        first = list(s.frames())
+    assert len(first) == 25
+    np.testing.assert_array_equal(cat(first, "audio"), own)
+    np.testing.assert_allclose(cat(first, "partner_audio"), par, atol=1e-6)
+
+    # An interrupt before anything was read: the first speech is gone, the second one tiles.
+    with Session(backend=backend, realtime=False) as s:
+        s.push_audio(own[:8000], par[:8000])
+        s.interrupt()
+        end = s.push_audio(own[8000:], par[8000:])
+        s.close()
+        frames = list(s.frames())
+    assert end == 8000  # where the pushed audio ends on the timeline (frames 0..12.5)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    np.testing.assert_array_equal(cat(frames, "audio"), padded(own[8000:]))
+    np.testing.assert_allclose(cat(frames, "partner_audio"), padded(par[8000:]), atol=1e-6)
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of this package that `path` imports, at module level or inside functions."""
+    mod = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    pkg = mod.rsplit(".", 1)[0].split(".")
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{target}.{a.name}" for a in node.names]
+            out |= {n for n in names if (PACKAGE / (n.replace(".", "/") + ".py")).exists()}
+            if (PACKAGE / (target.replace(".", "/") + ".py")).exists():
+                out.add(target)
+    return out
+
+
+def test_live_modules_import_without_cycles():
+    """No module of the live layer reaches itself through imports (lazy ones included), and the
+    session, the sources and the socket source import on their own."""
+    graph = {
+        ".".join(p.relative_to(PACKAGE).with_suffix("").parts): _imports(p)
+        for p in (PACKAGE / "runtime").glob("*.py")
+    }
+    live = ["runtime.session", "runtime.pacing", "runtime.sources", "runtime.socket_source"]
+    live += ["runtime.audio_io", "runtime.netaddr"]
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)):
+                return True
+        return False
+
+    assert all(m in graph for m in live), sorted(graph)
+    cycles = [m for m in live if reaches(m, m, set())]
+    assert not cycles, f"import cycles through {cycles}"
+    assert "runtime.socket_source" not in graph["runtime.sources"]
+    assert "runtime.sources" not in graph["runtime.session"]
+
+
+def test_two_loopback_questions():
+    """The served host and Host headers are judged by their text (no DNS: rebinding); a socket
+    to bind is judged by where it resolves."""
+    from edgetalk.runtime.netaddr import names_loopback, resolves_to_loopback
+
+    assert all(names_loopback(h) for h in ("localhost", "127.0.0.2", "[::1]", "LOCALHOST."))
+    assert not any(names_loopback(h) for h in ("0.0.0.0", "::", "example.com", "10.0.0.1"))
+    assert resolves_to_loopback("127.0.0.1") and resolves_to_loopback("localhost")
+    assert not resolves_to_loopback("0.0.0.0")
