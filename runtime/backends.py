@@ -1,9 +1,15 @@
-"""Backend discovery: every `backend_*.py` in runtime/ and runtime_cuda/ that sets BACKEND."""
+"""Backend discovery: every `backend_*.py` in runtime/ and runtime_cuda/ that sets BACKEND.
+
+Modules are imported only when needed: opening an ONNX bundle imports the onnxruntime backend,
+not torch through the torch and CUDA backends. A backend called `x-y` lives in `backend_x_y.py`,
+which lets `lookup` go straight to its file; the full scan stays the fallback.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterator
 from functools import cache
 
 from ..errors import BackendUnavailable
@@ -13,22 +19,42 @@ PACKAGES = ("edgetalk.runtime", "edgetalk.runtime_cuda")
 
 
 @cache
-def registry() -> dict[str, type[Backend]]:
-    found: dict[str, type[Backend]] = {}
+def _module_names() -> tuple[str, ...]:
+    names = []
     for pkg_name in PACKAGES:
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("backend_"):
-                continue
-            mod = importlib.import_module(f"{pkg_name}.{info.name}")
-            cls = getattr(mod, "BACKEND", None)
-            if cls is not None:
-                found[cls.name] = cls
-    return found
+            if info.name.startswith("backend_"):
+                names.append(f"{pkg_name}.{info.name}")
+    return tuple(names)
+
+
+@cache
+def _load(module: str) -> type[Backend] | None:
+    return getattr(importlib.import_module(module), "BACKEND", None)
+
+
+def _classes() -> Iterator[type[Backend]]:
+    """Backend classes in discovery order, each module imported when reached."""
+    for module in _module_names():
+        cls = _load(module)
+        if cls is not None:
+            yield cls
+
+
+def registry() -> dict[str, type[Backend]]:
+    """Every backend, by name (imports them all)."""
+    return {cls.name: cls for cls in _classes()}
 
 
 def lookup(name: str) -> tuple[type[Backend], bool, str]:
     """(class, can run here, why not). Unknown names raise BackendUnavailable."""
+    for module in _module_names():
+        if module.rsplit(".", 1)[1] == "backend_" + name.replace("-", "_"):
+            cls = _load(module)
+            if cls is not None and cls.name == name:
+                ok, why = cls.availability()
+                return cls, ok, why
     reg = registry()
     if name not in reg:
         raise BackendUnavailable(
@@ -47,18 +73,19 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def backends_for_target(target: str) -> list[type[Backend]]:
-    return [cls for cls in registry().values() if target in cls.targets]
+    return [cls for cls in _classes() if target in cls.targets]
 
 
 def backend_for_target(target: str) -> type[Backend]:
     """The first backend that can run bundles of this target here (the manifest picks it)."""
-    candidates = backends_for_target(target)
-    if not candidates:
-        raise BackendUnavailable(f"no backend runs {target!r} bundles")
     reasons = []
-    for cls in candidates:
+    for cls in _classes():  # stops at the first that runs here: later modules stay unimported
+        if target not in cls.targets:
+            continue
         ok, why = cls.availability()
         if ok:
             return cls
         reasons.append(f"{cls.name}: {why}")
+    if not reasons:
+        raise BackendUnavailable(f"no backend runs {target!r} bundles")
     raise BackendUnavailable(f"no backend can run this {target} bundle here ({'; '.join(reasons)})")

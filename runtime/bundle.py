@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import BundleError
 from ..models.config import ModelConfig
-from ..models.edgetalk import MODULES
+from ..models.constants import MODULES
 from ..models.io_spec import ModuleIO, module_io
 
 SCHEMA_VERSION = 1
