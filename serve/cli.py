@@ -51,6 +51,44 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=120.0,
         help="end a session after this long (default 120; 0: no limit)",
     )
+    ray = p.add_argument_group(
+        "Ray Serve (scale out)",
+        "--ray runs the sessions on Ray Serve worker replicas (pip install 'edgetalk[ray]'); the "
+        "page and its rules stay the same",
+    )
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray Serve: the cluster's address (ray://... or host:6379), or none to start "
+        "Ray on this machine",
+    )
+    ray.add_argument("--replicas", type=int, default=1, help="avatar worker replicas (default 1)")
+    ray.add_argument(
+        "--max-replicas",
+        type=int,
+        help="autoscale from --replicas up to this on sessions in use (default: fixed)",
+    )
+    ray.add_argument(
+        "--sessions-per-replica",
+        type=int,
+        default=1,
+        help="sessions one worker replica (one opened backend) runs at once (default 1)",
+    )
+    ray.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default 1)"
+    )
+    ray.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=0.0,
+        help="GPU fraction per replica, e.g. 0.25 for four replicas per GPU (default 0)",
+    )
+    ray.add_argument(
+        "--ice-host",
+        help="address in the replicas' ICE candidates (default: each Ray node's address)",
+    )
     p.set_defaults(func=main)
 
 
@@ -107,6 +145,53 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="serve: %(message)s")
     for name in ("aiortc", "aioice", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.ray is not None:
+        return _main_ray(args, cfg)
     server = AvatarServer(cfg)
     asyncio.run(serve_forever(server))
+    return 0
+
+
+def _main_ray(args: argparse.Namespace, cfg) -> int:
+    import signal
+    import threading
+
+    from ..errors import InputError
+
+    try:
+        import ray  # noqa: F401
+        from ray import serve
+    except ImportError:
+        raise InputError(
+            "edgetalk serve --ray needs Ray Serve: pip install 'edgetalk[ray]'"
+        ) from None
+    from .ray_app import APP_NAME, RayOptions, run
+
+    if args.max_sessions != 1:
+        raise InputError(
+            "with --ray, sessions are --replicas x --sessions-per-replica: drop --max-sessions"
+        )
+    options = RayOptions(
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        sessions_per_replica=args.sessions_per_replica,
+        cpus=args.replica_cpus,
+        gpus=args.replica_gpus,
+        threads=args.threads,
+        ice_host=args.ice_host,
+    )
+    options.check()
+    url = run(cfg, options, None if args.ray == "local" else args.ray)
+    print(
+        f"serve: open {url} in a browser; Ray Serve, {options.replicas}"
+        f"{'' if not options.max_replicas else f'..{options.max_replicas}'} avatar worker "
+        f"replica(s) x {options.sessions_per_replica} session(s); Ctrl-C to stop",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("serve: stopping", flush=True)
+    serve.delete(APP_NAME)
     return 0
