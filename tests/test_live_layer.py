@@ -4,12 +4,15 @@ a copy of the audio to re-attach it), and the live modules import without cycles
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgetalk.errors import InputError
 from edgetalk.runtime.backend_torch import TorchBackend
+from edgetalk.runtime.pacing import Pacer
 from edgetalk.runtime.scheduler import StreamScheduler
 from edgetalk.runtime.session import Session
 
@@ -87,6 +90,41 @@ def test_session_frames_tile_the_pushed_audio(backend, paired):
     assert [f.index for f in frames] == list(range(len(frames)))
     np.testing.assert_array_equal(cat(frames, "audio"), padded(own[8000:]))
     np.testing.assert_allclose(cat(frames, "partner_audio"), padded(par[8000:]), atol=1e-6)
+
+
+def test_pacing_policy_on_a_fake_clock():
+    """Silence up to the wall clock when idle, the presentation anchor, late frames and how many
+    to skip to catch up: decided from the clocks alone (chunk 2, lookahead 2: 80 ms, floor 160 ms)."""
+    t = [100.0]
+    p = Pacer(True, "drop", chunk=2, lookahead=2, clock=lambda: t[0])
+    p.start()
+    assert p.silence_needed(0) == 0
+    t[0] += 0.2  # 200 ms without audio
+    assert p.silence_needed(0) == 5 * SPF and p.silence_needed(5 * SPF) == 0
+    p.audio_arrived()
+    t[0] += 0.05
+    assert p.silence_needed(5 * SPF) == 0  # audio came 50 ms ago: not idle, not a chunk behind
+    assert p.present(0) == (0.0, False)  # anchored now: after the 160 ms floor already
+    wait, late = p.present(5)
+    assert wait == pytest.approx(0.2) and not late
+    t[0] += 0.2 + 0.1  # frame 5 is handed out 100 ms after its time: more than a chunk
+    assert p.present(5) == (0.0, True) and p.drop_late
+    assert p.frames_to_skip(5, waiting_frames=10) == 3  # 100 ms behind: 2.5 frames, rounded up
+    assert p.frames_to_skip(5, waiting_frames=2) == 2
+    assert p.frames_to_skip(8, waiting_frames=10) == 0  # frame 8 is due later: not behind
+    p.interrupted()  # a barge-in: the avatar idles from here
+    assert p.silence_needed(int(0.5 * 16000)) > 0
+    mark = Pacer(True, "mark", chunk=2, lookahead=2, clock=lambda: t[0])
+    mark.start()
+    mark.t0 = t[0] - 1.0
+    assert mark.frames_to_skip(0, 10) == 0 and mark.present(0) == (0.0, True)
+    offline = Pacer(False, "drop", chunk=2, lookahead=2, clock=lambda: t[0])
+    offline.start()
+    offline.audio_arrived()
+    t[0] += 10.0
+    assert offline.silence_needed(0) == 0 and offline.present(1000) == (0.0, False)
+    with pytest.raises(InputError, match="late policy"):
+        Pacer(True, "skip", chunk=2, lookahead=2, clock=time.monotonic)
 
 
 def _imports(path: Path) -> set[str]:
