@@ -184,30 +184,51 @@ def crop_resize(rgb: np.ndarray, box: tuple[float, float, float], size: int) -> 
     small photo), the photo is mirrored at its edge and, further out, blurred: repeating the edge
     pixels smeared streaks over up to a quarter of the frame, and a plain mirror showed a second,
     upside-down mouth or eye there."""
-    import torch
-    import torch.nn.functional as F
-
     cx, cy, side = box
     h, w = rgb.shape[:2]
     x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
     s = max(1, int(round(side)))
     ys, xs = np.arange(y0, y0 + s), np.arange(x0, x0 + s)
-    patch = rgb[_reflect(ys, h)[:, None], _reflect(xs, w)[None, :]]
-    t = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float()
+    t = rgb[_reflect(ys, h)[:, None], _reflect(xs, w)[None, :]].astype(np.float32)
     # Distance outside the photo, per patch pixel: 0 inside, so the photo itself is untouched.
     out_y = np.maximum(0, np.maximum(-ys, ys - (h - 1)))
     out_x = np.maximum(0, np.maximum(-xs, xs - (w - 1)))
     outside = np.maximum(out_y[:, None], out_x[None, :]).astype(np.float32)
     if outside.any():
         feather = max(2.0, PAD_FEATHER * s)
-        fade = torch.from_numpy(np.clip(outside / feather, 0.0, 1.0))[None, None]
-        coarse = F.interpolate(t, size=(PAD_BLUR_CELLS,) * 2, mode="area")
-        blurred = F.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
+        fade = np.clip(outside / feather, 0.0, 1.0)[..., None]
+        coarse = _resample(t, _area_weights(s, PAD_BLUR_CELLS))
+        blurred = _resample(coarse, _linear_weights(PAD_BLUR_CELLS, s))
         t = t * (1.0 - fade) + blurred * fade
-    t = F.interpolate(
-        t, size=(size, size), mode="bilinear", antialias=s > size, align_corners=False
-    )
-    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    t = _resample(t, _linear_weights(s, size))
+    return np.clip(np.round(t), 0, 255).astype(np.uint8)
+
+
+# Resizing is two small matrix products (rows, then columns), so the run path needs no torch or
+# OpenCV. The weights are torch's: `area` is adaptive average pooling, `bilinear` has
+# align_corners=False and, when shrinking, the antialiasing triangle filter (PIL's) over the
+# footprint of each output pixel.
+def _resample(img: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[H, W, C] float32 -> [h, w, C] with the same [out, in] weights on both axes."""
+    rows = np.tensordot(weights, img, axes=(1, 0))  # [h, W, C]
+    return np.tensordot(weights, rows, axes=(1, 1)).transpose(1, 0, 2).astype(np.float32)
+
+
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    w = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        w[i, lo:hi] = 1.0 / (hi - lo)
+    return w
+
+
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # shrinking widens the triangle to the output pixel's footprint
+    centers = (np.arange(n_out) + 0.5) * scale
+    taps = np.arange(n_in) + 0.5
+    w = np.clip(1.0 - np.abs(taps[None, :] - centers[:, None]) / support, 0.0, None)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _reflect(idx: np.ndarray, n: int) -> np.ndarray:

@@ -167,10 +167,11 @@ def test_onnx_bundle_opens_and_streams_without_torch(tmp_path):
     code = (
         "import sys, numpy as np\n"
         "from edgetalk.runtime.loader import open_backend\n"
+        "from edgetalk.runtime.avatar import prepare_avatar\n"
         "from edgetalk.runtime.scheduler import StreamScheduler\n"
         f"be = open_backend(bundle={str(out)!r})\n"
         "r = be.cfg.render.resolution\n"
-        "s = StreamScheduler(be, np.zeros((r, r, 3), np.uint8))\n"
+        "s = StreamScheduler(be, prepare_avatar(None, r))\n"
         "n = len(s.push_audio(np.zeros(16000, np.float32)))\n"
         "print(n, 'torch' in sys.modules)\n"
     )
