@@ -42,11 +42,11 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_bundle(cls, bundle) -> TorchBackend:
-        return cls.from_checkpoint(
-            bundle.path / bundle.files["weights"],
-            chunk=bundle.cfg.chunk,
-            steps=bundle.cfg.generator.steps,
-            window=bundle.cfg.generator.window,
+        from ..errors import InputError
+
+        # No export writes a "torch" bundle: only a hand-edited manifest gets here.
+        raise InputError(
+            f"{bundle.path}: the torch backend runs checkpoints (--checkpoint), not bundles"
         )
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
