@@ -20,7 +20,7 @@ COMMANDS = {
     ),
     "export": (
         "edgetalk.export.cli",
-        "export the model to ONNX, CoreML or MLX (static shapes, fp32/fp16/int8)",
+        "export the model to ONNX, CoreML, MLX or TensorRT (static shapes, fp32/fp16/int8)",
     ),
     "eval": (
         "edgetalk.training.cli_eval",
@@ -35,7 +35,7 @@ COMMANDS = {
         "long streaming soak: RSS slope, KV size, A/V alignment, identity and head drift",
     ),
     "doctor": (
-        "edgetalk.runtime_cuda.doctor",
+        "edgetalk.doctor",
         "list the backends and export targets that can run here, and why others cannot",
     ),
     "serve": ("edgetalk.serve.cli", "web page: your microphone in, the talking head out (WebRTC)"),

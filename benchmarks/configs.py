@@ -287,12 +287,14 @@ def export_configs(
     log,
     bundle_backends: dict[str, type[Backend]] | None = None,
 ) -> None:
-    from ..export.pipeline import PRECISIONS, TARGETS, export_bundle
+    from ..converters.target import PRECISIONS, targets
+    from ..export.pipeline import export_bundle
 
     target, precision = split_spec(spec, "--export")
     precision = precision or "fp32"
-    if target not in TARGETS:
-        raise InputError(f"unknown export target {target!r}; choose from {', '.join(TARGETS)}")
+    if target not in targets():
+        known = ", ".join(sorted(targets()))
+        raise InputError(f"unknown export target {target!r}; choose from {known}")
     if precision not in PRECISIONS:
         raise InputError(
             f"unknown precision {precision!r} for --export {spec}; choose from "

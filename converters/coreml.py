@@ -1,5 +1,5 @@
-"""CoreML: one convert_<part>() per module (as apple/ml-stable-diffusion's torch2coreml.py does),
-traced with torch.jit.trace, converted to an ML program with fixed shapes, saved as .mlpackage.
+"""CoreML: each module (as apple/ml-stable-diffusion's torch2coreml.py converts them) traced with
+torch.jit.trace, converted to an ML program with fixed shapes, saved as .mlpackage.
 
 - FP32: `compute_precision=FLOAT32`, deployment target macOS 14 / iOS 17 (spec 8, MIL opset CoreML7).
 - FP16: the fp32 program is loaded back from the package and re-converted with
@@ -22,8 +22,9 @@ Conversion fix (coremltools 9.0 with NumPy >= 2.4): torch.jit.trace records `ate
 values; coremltools 9.0 folds them with `int(val)` where `val` is a 1-element 1-D array, which
 NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars",
 apple/coremltools#2633, fixed upstream by #2632 after 9.0). `_numpy_scalar_cast_fix` swaps in a
-translation of `int`/`bool` that takes the array's single element, only for the duration of a
-conversion; the models are not changed.
+translation of `int`/`bool` that takes the array's single element. It is the target's
+`tool_patches`: in force only inside export/patching.py's context around one conversion, never at
+import, and coremltools' own translations are back after it, error or not.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import logging
-import platform
 import sys
 import warnings
 from collections import Counter
@@ -44,6 +44,7 @@ from .. import __version__
 from ..models.edgetalk import EdgeTalkModel
 from ..models.io_spec import ModuleIO
 from .graph import ModuleGraph, example_args
+from .target import Target
 
 SUFFIX = ".mlpackage"
 DEPLOYMENT_TARGET = "macOS14"  # spec version 8 == iOS17; MIL opset "CoreML7"
@@ -218,52 +219,6 @@ def _trace(model: EdgeTalkModel, part: str, io: ModuleIO, sample) -> torch.jit.S
     return traced
 
 
-def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:
-    ct = _ct()
-    traced = _trace(model, part, io, sample)
-    fixed = [0]
-    with _quiet(), _numpy_scalar_cast_fix(fixed):
-        mlmodel = ct.convert(
-            traced,
-            inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=np.float32) for t in io.inputs],
-            outputs=[ct.TensorType(name=t.name) for t in io.outputs],
-            convert_to="mlprogram",
-            minimum_deployment_target=_target(ct),
-            compute_precision=ct.precision.FLOAT32,
-            compute_units=ct.ComputeUnit.ALL,
-            skip_model_load=True,
-        )
-    _describe(mlmodel, part, io, "fp32", {"edgetalk.numpy_cast_fix_nodes": fixed[0]})
-    with _quiet():
-        mlmodel.save(str(path))
-    _check_io(path, io)
-    return path
-
-
-def convert_appearance(model, io, path, sample=None):
-    return _export(model, "appearance", io, path, sample)
-
-
-def convert_audio(model, io, path, sample=None):
-    return _export(model, "audio", io, path, sample)
-
-
-def convert_generator(model, io, path, sample=None):
-    return _export(model, "generator", io, path, sample)
-
-
-def convert_decoder(model, io, path, sample=None):
-    return _export(model, "decoder", io, path, sample)
-
-
-CONVERTERS = {
-    "appearance": convert_appearance,
-    "audio": convert_audio,
-    "generator": convert_generator,
-    "decoder": convert_decoder,
-}
-
-
 # ---- fp16 and int8 --------------------------------------------------------------------------
 def _ops(prog) -> list:
     return list(prog.functions["main"].operations)
@@ -419,18 +374,6 @@ def _fix_note(meta: dict) -> dict:
     return {"numpy_cast_fix_nodes": n} if n else {}
 
 
-def finish(precision: str, src: Path, dst: Path, calibration) -> dict:
-    """Weight-only int8 needs no calibration data; activations are not quantized on CoreML."""
-    if precision == "fp32":
-        meta = dict(_open(src).user_defined_metadata)
-        src.replace(dst)
-        info = {"compute_precision": "fp32", "deployment_target": DEPLOYMENT_TARGET}
-        return info | _precision_info(_open(dst)) | _fix_note(meta)
-    if precision == "fp16":
-        return to_fp16(src, dst)
-    return to_int8(src, dst)
-
-
 # ---- checks on the saved spec (no macOS needed) ---------------------------------------------
 def _check_io(path: Path, io: ModuleIO) -> dict:
     """Every input and output of the saved model has the contract's name, fixed shape and dtype."""
@@ -555,58 +498,102 @@ def _fp16_tensor_count(path: Path) -> int:
     )
 
 
-def checks(path: Path, io: ModuleIO, precision: str) -> dict:
-    out = {"spec_io": "pass", "model_type": "mlProgram", "deployment_target": DEPLOYMENT_TARGET}
-    out |= _check_io(path, io)
-    rep = int8_report(path)
-    fp16 = _fp16_tensor_count(path)
-    if precision == "int8" and rep["int8_weight_tensors"] == 0:
-        raise RuntimeError(f"{path.name}: no 8-bit weights in an int8 export")
-    if precision != "int8" and rep["int8_weight_tensors"]:
-        raise RuntimeError(f"{path.name}: 8-bit weights in a {precision} export")
-    if precision in ("fp16", "int8") and fp16 == 0:
-        raise RuntimeError(f"{path.name}: no fp16 compute in a {precision} export")
-    if precision == "fp32" and fp16:
-        raise RuntimeError(f"{path.name}: {fp16} fp16 tensors in an fp32 export")
-    out["fp16_tensors"] = fp16
-    if precision == "int8":
-        out["int8_weight_tensors"] = rep["int8_weight_tensors"]
-        out["int8_weights_check"] = "pass"
-    return out
+# ---- the target ----------------------------------------------------------------------------
+class CoreMLTarget(Target):
+    name = "coreml"
+    suffix = SUFFIX
+    parity_backend = "coreml"  # Core ML prediction: macOS only; elsewhere parity is "not run"
 
+    def __init__(self):
+        self._cast_fixes: list[int] | None = None  # counts the fix's uses while it is in force
 
-# ---- runtime hooks --------------------------------------------------------------------------
-def parity_backend(bundle):
-    if platform.system() != "Darwin":
-        return f"CoreML prediction needs macOS (this is {platform.system() or sys.platform})"
-    from ..runtime.backend_coreml import CoreMLBackend
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            ct = _ct()
+            import coremltools.libmilstoragepython  # noqa: F401  (writes ML program weights)
+        except ImportError as e:
+            return (
+                False,
+                f"coremltools is not installed or incomplete ({e}); pip install 'edgetalk[coreml]'",
+            )
+        major = int(ct.__version__.split(".")[0])
+        if major < 8:
+            return False, f"coremltools {ct.__version__} is too old; 8 or newer is needed"
+        return True, ""
 
-    ok, why = CoreMLBackend.availability()
-    if not ok:
-        return why
-    return CoreMLBackend.from_bundle(bundle)
+    @contextlib.contextmanager
+    def tool_patches(self):
+        counter = [0]
+        with _numpy_scalar_cast_fix(counter):
+            self._cast_fixes = counter
+            try:
+                yield
+            finally:
+                self._cast_fixes = None
 
-
-def tool_versions() -> dict:
-    ct = _ct()
-    return {
-        "torch": torch.__version__,
-        "coremltools": ct.__version__,
-        "numpy": np.__version__,
-        "coreml_deployment_target": DEPLOYMENT_TARGET,
-    }
-
-
-def availability():
-    try:
+    def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
+        if self._cast_fixes is None:
+            raise RuntimeError("CoreMLTarget.convert runs inside export.patching.export_patches")
         ct = _ct()
-        import coremltools.libmilstoragepython  # noqa: F401  (writes ML program weights)
-    except ImportError as e:
-        return (
-            False,
-            f"coremltools is not installed or incomplete ({e}); pip install 'edgetalk[coreml]'",
-        )
-    major = int(ct.__version__.split(".")[0])
-    if major < 8:
-        return False, f"coremltools {ct.__version__} is too old; 8 or newer is needed"
-    return True, ""
+        traced = _trace(model, part, io, sample)
+        with _quiet():
+            mlmodel = ct.convert(
+                traced,
+                inputs=[
+                    ct.TensorType(name=t.name, shape=t.shape, dtype=np.float32) for t in io.inputs
+                ],
+                outputs=[ct.TensorType(name=t.name) for t in io.outputs],
+                convert_to="mlprogram",
+                minimum_deployment_target=_target(ct),
+                compute_precision=ct.precision.FLOAT32,
+                compute_units=ct.ComputeUnit.ALL,
+                skip_model_load=True,
+            )
+        fixed = self._cast_fixes[0]
+        _describe(mlmodel, part, io, "fp32", {"edgetalk.numpy_cast_fix_nodes": fixed})
+        with _quiet():
+            mlmodel.save(str(path))
+        _check_io(path, io)
+
+    def apply_precision(self, precision: str, src: Path, dst: Path, calibration) -> dict:
+        """Weight-only int8 needs no calibration data; activations are not quantized on CoreML."""
+        if precision == "fp32":
+            meta = dict(_open(src).user_defined_metadata)
+            src.replace(dst)
+            info = {"compute_precision": "fp32", "deployment_target": DEPLOYMENT_TARGET}
+            return info | _precision_info(_open(dst)) | _fix_note(meta)
+        if precision == "fp16":
+            return to_fp16(src, dst)
+        return to_int8(src, dst)
+
+    def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
+        out = {"spec_io": "pass", "model_type": "mlProgram", "deployment_target": DEPLOYMENT_TARGET}
+        out |= _check_io(path, io)
+        rep = int8_report(path)
+        fp16 = _fp16_tensor_count(path)
+        if precision == "int8" and rep["int8_weight_tensors"] == 0:
+            raise RuntimeError(f"{path.name}: no 8-bit weights in an int8 export")
+        if precision != "int8" and rep["int8_weight_tensors"]:
+            raise RuntimeError(f"{path.name}: 8-bit weights in a {precision} export")
+        if precision in ("fp16", "int8") and fp16 == 0:
+            raise RuntimeError(f"{path.name}: no fp16 compute in a {precision} export")
+        if precision == "fp32" and fp16:
+            raise RuntimeError(f"{path.name}: {fp16} fp16 tensors in an fp32 export")
+        out["fp16_tensors"] = fp16
+        if precision == "int8":
+            out["int8_weight_tensors"] = rep["int8_weight_tensors"]
+            out["int8_weights_check"] = "pass"
+        return out
+
+    def tool_versions(self) -> dict:
+        ct = _ct()
+        return {
+            "torch": torch.__version__,
+            "coremltools": ct.__version__,
+            "numpy": np.__version__,
+            "coreml_deployment_target": DEPLOYMENT_TARGET,
+        }
+
+
+TARGET = CoreMLTarget

@@ -1,4 +1,8 @@
-"""ONNX: one convert_<part>() per module, static shapes, opset 17, then FP16 or INT8.
+"""ONNX: each module traced with static shapes at opset 17, then FP16 or INT8.
+
+- The decoder's bilinear sampling is traced in its gather form (`gather_sampling`): ONNX
+  Runtime's CPU GridSample kernel was half of the decoder's time, the gathers run several times
+  faster there.
 
 - FP16 uses onnxconverter-common with keep_io_types; grid_sample, normalisation reductions,
   Resize, Softmax and the DFT front end stay in fp32.
@@ -21,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.edgetalk import EdgeTalkModel
 from ..models.io_spec import ModuleIO
 from .graph import ModuleGraph, example_args
+from .target import Target
 
 OPSET = 17
 SUFFIX = ".onnx"
@@ -59,20 +63,6 @@ FLOAT_HEADS = ("/flow_out/", "/refine_out/", "/affine/", "/lip_", "/out/", "/in_
 INT8_MODULES = ("decoder",)
 
 
-def _export(model: EdgeTalkModel, part: str, io: ModuleIO, path: Path, sample) -> Path:
-    graph = ModuleGraph(model, part, io).eval()
-    # ONNX Runtime's CPU GridSample kernel was half of the decoder's time; the gather form of the
-    # same bilinear sampling (models/sampling.py) runs several times faster there.
-    native = model.decoder.native_sampling
-    model.decoder.native_sampling = False
-    try:
-        _trace(graph, io, path, sample)
-    finally:
-        model.decoder.native_sampling = native
-    _check_static(path, io)
-    return path
-
-
 def _trace(graph, io: ModuleIO, path: Path, sample) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -86,30 +76,6 @@ def _trace(graph, io: ModuleIO, path: Path, sample) -> None:
             dynamo=False,
             do_constant_folding=True,
         )
-
-
-def convert_appearance(model, io, path, sample=None):
-    return _export(model, "appearance", io, path, sample)
-
-
-def convert_audio(model, io, path, sample=None):
-    return _export(model, "audio", io, path, sample)
-
-
-def convert_generator(model, io, path, sample=None):
-    return _export(model, "generator", io, path, sample)
-
-
-def convert_decoder(model, io, path, sample=None):
-    return _export(model, "decoder", io, path, sample)
-
-
-CONVERTERS = {
-    "appearance": convert_appearance,
-    "audio": convert_audio,
-    "generator": convert_generator,
-    "decoder": convert_decoder,
-}
 
 
 def _check_static(path: Path, io: ModuleIO) -> None:
@@ -331,56 +297,59 @@ def _part(path: Path) -> str:
     return path.name.removesuffix(SUFFIX)  # the pipeline names module files <part>.onnx
 
 
-def finish(precision: str, src: Path, dst: Path, calibration) -> dict:
-    if precision == "fp32":
-        src.replace(dst)
-        return {}
-    if precision == "fp16":
-        return to_fp16(src, dst)
-    if _part(dst) not in INT8_MODULES:
-        src.replace(dst)
-        return {"weights": "fp32", "why": "kept float by the INT8 module policy (INT8_MODULES)"}
-    return to_int8(src, dst, calibration) | {"weights": "int8"}
+class OnnxTarget(Target):
+    name = "onnx"
+    suffix = SUFFIX
+    parity_backend = "onnxruntime"
+    gather_sampling = True
 
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnx and onnxruntime are not installed (pip install 'edgetalk[onnx]')"
+        return True, ""
 
-def checks(path: Path, io: ModuleIO, precision: str) -> dict:
-    _check_static(path, io)
-    out = {"static_shapes": "pass", "opset": OPSET}
-    if precision == "int8" and _part(path) in INT8_MODULES:
-        rep = int8_report(path)
-        if rep["quantized_compute_nodes"] == 0:
+    def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
+        _trace(ModuleGraph(model, part, io).eval(), io, path, sample)
+        _check_static(path, io)
+
+    def apply_precision(self, precision: str, src: Path, dst: Path, calibration) -> dict:
+        if precision == "fp32":
+            src.replace(dst)
+            return {}
+        if precision == "fp16":
+            return to_fp16(src, dst)
+        if _part(dst) not in INT8_MODULES:
+            src.replace(dst)
+            return {"weights": "fp32", "why": "kept float by the INT8 module policy (INT8_MODULES)"}
+        return to_int8(src, dst, calibration) | {"weights": "int8"}
+
+    def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
+        _check_static(path, io)
+        int8 = precision == "int8" and _part(path) in INT8_MODULES
+        if int8 and int8_report(path)["quantized_compute_nodes"] == 0:
             raise RuntimeError(f"{path.name}: no 8-bit compute nodes in an int8 export")
-    return out
+        return {"static_shapes": "pass", "opset": OPSET}
+
+    def tool_versions(self) -> dict:
+        import onnx
+        import onnxruntime
+
+        try:
+            import onnxconverter_common
+
+            occ = onnxconverter_common.__version__
+        except ImportError:
+            occ = None
+        return {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "onnxconverter_common": occ,
+        }
 
 
-def parity_backend(bundle):
-    from ..runtime.backend_onnxruntime import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend(bundle)
-
-
-def tool_versions() -> dict:
-    import onnx
-    import onnxruntime
-
-    try:
-        import onnxconverter_common
-
-        occ = onnxconverter_common.__version__
-    except ImportError:
-        occ = None
-    return {
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "onnxconverter_common": occ,
-    }
-
-
-def availability():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False, "onnx and onnxruntime are not installed (pip install 'edgetalk[onnx]')"
-    return True, ""
+TARGET = OnnxTarget

@@ -5,10 +5,14 @@ finds them the way `runtime/backends.py` finds backends, so adding a target edit
 export pipeline (export/pipeline.py) owns everything shared: tracing inputs, calibration, parity
 by output name, the manifest and the atomic bundle write. A target only turns one torch module
 into one artifact at one precision and says how to check it.
+
+What a target needs changed for conversion is declared here, not done to shared objects: the
+pipeline applies it in one patch context (export/patching.py) on a private copy of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
@@ -29,15 +33,24 @@ class Target(ABC):
     suffix: ClassVar[str]  # a module's artifact is <part><suffix>
     parity_backend: ClassVar[str]  # the backend (runtime/backends.py) that runs the gate
     precisions: ClassVar[tuple[str, ...]] = PRECISIONS
+    # Trace the decoder's bilinear sampling as gathers (models/sampling.py) instead of
+    # grid_sample, for runtimes whose GridSample kernel is slow. Applied to the traced copy only.
+    gather_sampling: ClassVar[bool] = False
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         """(can export here, why not). Cheap: imports only."""
         return True, ""
 
+    def tool_patches(self) -> contextlib.AbstractContextManager:
+        """Fixes to the converter's own tools, in force only while `convert` runs (entered by
+        export/patching.py, never at import) and undone after it, error or not."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
-        """Write the fp32 artifact of one module (`model.module(part)`) with static shapes."""
+        """Write the fp32 artifact of one module (`model.module(part)`) with static shapes.
+        `model` is the export copy from export/patching.py, with this target's patches on."""
 
     @abstractmethod
     def apply_precision(
@@ -50,6 +63,11 @@ class Target(ABC):
         """Spec checks on the finished artifact (static shapes, 8-bit ops present); raise when
         one fails, return what passed for the manifest."""
         return {}
+
+    def check_reused(self, part: str, info: dict) -> None:
+        """Raise when an artifact kept from an earlier run (its manifest `info`) cannot serve
+        here, e.g. an engine built for another GPU; the reuse key names no machine."""
+        return None
 
     @abstractmethod
     def tool_versions(self) -> dict:

@@ -1,7 +1,8 @@
 """TensorRT: serialized engines built from the ONNX export, FP16 or INT8 (FP32 too).
 
-- Each convert_<part>() is converters/onnx.py's: the same static-shape, opset-17 graph.
-- finish() builds the engine with trt.Builder + OnnxParser. FP16 sets BuilderFlag.FP16 and keeps
+- The target is the ONNX target's subclass: `convert` is converters/onnx.py's, the same
+  static-shape, opset-17 graph (gather-form sampling included).
+- apply_precision() builds the engine with trt.Builder + OnnxParser. FP16 sets BuilderFlag.FP16 and keeps
   grid_sample (and normalisation, softmax, reductions and unary math such as exp/log/sin/cos) in
   fp32 through layer precision constraints with OBEY_PRECISION_CONSTRAINTS. The audio encoder is
   built without FP16: its DFT front end feeds a log, as in the ONNX and CoreML fp16 exports.
@@ -20,16 +21,13 @@ import time
 from pathlib import Path
 
 from ..models.io_spec import ModuleIO
-from . import onnx as onnx_conv
+from .onnx import OnnxTarget, to_int8
 
 SUFFIX = ".engine"
 WORKSPACE_BYTES = 2 << 30
 # Layer types kept fp32 in FP16/INT8 engines (names of trt.LayerType members).
 FP32_LAYERS = ("GRID_SAMPLE", "NORMALIZATION", "SOFTMAX", "REDUCE", "UNARY")
 FP32_MODULES = ("audio",)  # built without FP16 altogether
-
-# The ONNX graphs are the engines' source: same tracing, same names, same static shapes.
-CONVERTERS = dict(onnx_conv.CONVERTERS)
 
 
 def _trt():
@@ -123,91 +121,87 @@ def int8_layers(engine) -> int:
     return count
 
 
-def finish(precision: str, src: Path, dst: Path, calibration) -> dict:
-    """src is the fp32 ONNX graph; dst the engine."""
-    info: dict = {}
-    graph = src
-    if precision == "int8":
-        graph = dst.with_name(f"{dst.stem}.qdq.onnx")
-        info.update(onnx_conv.to_int8(src, graph, calibration))
-    try:
-        info.update(build_engine(graph, dst, precision, dst.stem))
-    finally:
-        if graph != src:
-            graph.unlink(missing_ok=True)
-    return info
+class TensorRTTarget(OnnxTarget):
+    """The ONNX graphs are the engines' source: same tracing, same names, same static shapes."""
 
+    name = "tensorrt"
+    suffix = SUFFIX
+    parity_backend = "tensorrt"
 
-def checks(path: Path, io: ModuleIO, precision: str) -> dict:
-    from ..runtime_cuda.backend_tensorrt import engine_io_problems
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        from ..runtime_cuda.gpu import probe
 
-    _runtime, engine = _engine(path)
-    problems = engine_io_problems(engine, io)
-    if problems:
-        raise RuntimeError(
-            f"{path.name}: engine I/O differs from the contract: {'; '.join(problems)}"
-        )
-    out = {"static_shapes": "pass"}
-    if precision == "int8":
-        n = int8_layers(engine)
-        if n == 0:
-            raise RuntimeError(f"{path.name}: an int8 export whose engine has no INT8 layer")
-        out["int8_layers"] = n
-    return out
+        reasons = []
+        try:
+            _trt()
+        except ImportError:
+            reasons.append("tensorrt is not installed (pip install tensorrt)")
+        ok, why = OnnxTarget.availability()
+        if not ok:
+            reasons.append(why)
+        gpu, why = probe()
+        if gpu is None:
+            reasons.append(why)  # TensorRT builds and times its kernels on the GPU itself
+        return not reasons, "; ".join(reasons)
 
+    def apply_precision(self, precision: str, src: Path, dst: Path, calibration) -> dict:
+        """src is the fp32 ONNX graph; dst the engine."""
+        info: dict = {}
+        graph = src
+        if precision == "int8":
+            graph = dst.with_name(f"{dst.stem}.qdq.onnx")
+            info.update(to_int8(src, graph, calibration))
+        try:
+            info.update(build_engine(graph, dst, precision, dst.stem))
+        finally:
+            if graph != src:
+                graph.unlink(missing_ok=True)
+        return info
 
-def parity_backend(bundle):
-    from ..errors import EdgeTalkError
-    from ..models.edgetalk import MODULES
-    from ..runtime_cuda.backend_tensorrt import TensorRTBackend, engine_mismatch, engine_target
+    def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
+        from ..runtime_cuda.backend_tensorrt import engine_io_problems
 
-    ok, why = TensorRTBackend.availability()
-    if not ok:
-        return why
-    # The export reuses finished engines by checkpoint/config key, which does not name the GPU:
-    # an engine reused from another machine is an error here, not a bundle that fails later.
-    here = engine_target()
-    for part in MODULES:
-        marker = bundle.path / f".{part}.key"
-        info = json.loads(marker.read_text()).get("info", {}) if marker.exists() else {}
-        msg = engine_mismatch(part, info, here)
+        _runtime, engine = _engine(path)
+        problems = engine_io_problems(engine, io)
+        if problems:
+            raise RuntimeError(
+                f"{path.name}: engine I/O differs from the contract: {'; '.join(problems)}"
+            )
+        out = {"static_shapes": "pass"}
+        if precision == "int8":
+            n = int8_layers(engine)
+            if n == 0:
+                raise RuntimeError(f"{path.name}: an int8 export whose engine has no INT8 layer")
+            out["int8_layers"] = n
+        return out
+
+    def check_reused(self, part: str, info: dict) -> None:
+        """The export reuses finished engines by checkpoint/config key, which does not name the
+        GPU: an engine reused from another machine is an error here, not a bundle that fails
+        later."""
+        from ..errors import EdgeTalkError
+        from ..runtime_cuda.backend_tensorrt import engine_mismatch, engine_target
+
+        msg = engine_mismatch(part, info, engine_target())
         if msg:
             raise EdgeTalkError(f"{msg} (this export reused it: add --force)")
-    try:
-        return TensorRTBackend.from_bundle(bundle)
-    except EdgeTalkError as e:
-        return str(e)
+
+    def tool_versions(self) -> dict:
+        import onnx
+        import onnxruntime
+        import torch
+
+        from ..runtime_cuda.backend_tensorrt import engine_target
+
+        gpu = engine_target()
+        return {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "tensorrt": gpu.pop("tensorrt"),
+            **gpu,
+        }
 
 
-def tool_versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from ..runtime_cuda.backend_tensorrt import engine_target
-
-    gpu = engine_target()
-    return {
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "tensorrt": gpu.pop("tensorrt"),
-        **gpu,
-    }
-
-
-def availability() -> tuple[bool, str]:
-    from ..runtime_cuda.gpu import probe
-
-    reasons = []
-    try:
-        _trt()
-    except ImportError:
-        reasons.append("tensorrt is not installed (pip install tensorrt)")
-    ok, why = onnx_conv.availability()
-    if not ok:
-        reasons.append(why)
-    gpu, why = probe()
-    if gpu is None:
-        reasons.append(why)  # TensorRT builds and times its kernels on the GPU itself
-    return not reasons, "; ".join(reasons)
+TARGET = TensorRTTarget

@@ -1,4 +1,4 @@
-"""`edgetalk export`: checkpoint -> parity-gated bundle(s) for ONNX, CoreML or MLX."""
+"""`edgetalk export`: checkpoint -> parity-gated bundle(s) for any target in converters/."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ EXIT_PARITY_FAILED = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .pipeline import PRECISIONS, TARGETS
+    from ..converters.target import PRECISIONS, targets
 
     p = sub.add_parser(
         "export",
-        help="export the model to ONNX, CoreML or MLX (static shapes, fp32/fp16/int8)",
+        help="export the model to ONNX, CoreML, MLX or TensorRT (static shapes, fp32/fp16/int8)",
         description="Trace the four modules with static KV-cache shapes, quantize, check every "
         "module and a 100-frame stream against PyTorch, and write a self-describing bundle.",
     )
-    p.add_argument("--target", required=True, choices=[*TARGETS, "all"])
+    p.add_argument("--target", required=True, choices=[*sorted(targets()), "all"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument(
         "--checkpoint", type=Path, help="safetensors checkpoint (default: embedded tiny)"
@@ -40,23 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..converters.parity import headline
-    from .pipeline import TARGETS, export_bundle
+    from ..converters.target import targets
+    from .pipeline import export_bundle
 
-    targets = TARGETS if args.target == "all" else (args.target,)
+    chosen = [args.target]
     worst = 0
     if args.target == "all":  # "all" means every target this machine can build
-        import importlib
-
-        runnable = []
-        for t in targets:
-            conv = importlib.import_module(f"edgetalk.converters.{t}")
-            ok, why = conv.availability() if hasattr(conv, "availability") else (True, "")
+        chosen = []
+        for name, cls in sorted(targets().items()):
+            ok, why = cls.availability()
             if ok:
-                runnable.append(t)
+                chosen.append(name)
             else:
-                print(f"skipping {t}: {why}")
-        targets = tuple(runnable)
-    for target in targets:
+                print(f"skipping {name}: {why}")
+    for target in chosen:
         out = args.out
         if out is not None and args.target == "all":
             out = out / f"{target}-{args.precision}"

@@ -1,17 +1,16 @@
 """The export pipeline: checkpoint -> one bundle for one target and precision, parity-gated.
 
-Target specifics live in `converters/<target>.py`, which provides:
-    SUFFIX, CONVERTERS[part](model, io, path, sample), finish(precision, src, dst, calibration),
-    checks(path, io, precision), parity_backend(bundle) -> Backend | str, tool_versions().
-Everything else (calibration, skipping finished modules, parity by name, the end-to-end stream
-check, the manifest with hashes, the atomic rename) is shared here.
+Target specifics live in one `converters/<target>.py` each, a `Target` (converters/target.py):
+convert one module, apply the precision, check the artifact, name the backend that runs parity.
+Everything else (calibration, the export-only patches, skipping finished modules, parity by name,
+the end-to-end stream check, the manifest with hashes, the atomic rename) is shared here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
+import inspect
 import json
 import math
 import shutil
@@ -24,17 +23,19 @@ import numpy as np
 
 from .. import __version__
 from ..converters.parity import THRESHOLDS, compare_outputs, psnr
+from ..converters.target import Target
+from ..converters.target import target as find_target
 from ..errors import EdgeTalkError
 from ..models.checkpoint import default_checkpoint, load_checkpoint
 from ..models.edgetalk import MODULES
 from ..models.io_spec import module_io
 from ..runtime.backend import Backend
 from ..runtime.backend_torch import TorchBackend
+from ..runtime.backends import lookup
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
 from .calibration import pick, record_stream
+from .patching import export_patches
 
-TARGETS = ("onnx", "coreml", "mlx", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 E2E_FRAMES = 100
 PARITY_CALLS = 6
 CALIBRATION_CALLS = 64
@@ -83,15 +84,11 @@ def export_bundle(
 ) -> ExportResult:
     from tqdm import tqdm
 
-    if target not in TARGETS:
-        raise EdgeTalkError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    if precision not in PRECISIONS:
-        raise EdgeTalkError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    conv = importlib.import_module(f"edgetalk.converters.{target}")
-    if hasattr(conv, "availability"):
-        ok, why = conv.availability()
-        if not ok:
-            raise EdgeTalkError(f"cannot export {target}: {why}")
+    tgt = find_target(target)  # unknown or unusable here: one clear line
+    if precision not in tgt.precisions:
+        raise EdgeTalkError(
+            f"unknown precision {precision!r}; choose from {', '.join(tgt.precisions)}"
+        )
     t_start = time.time()
     ck_path = Path(checkpoint) if checkpoint else default_checkpoint()
     model, meta = load_checkpoint(ck_path)
@@ -107,14 +104,14 @@ def export_bundle(
     if force:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    key = _export_key(ck_path, cfg, target, precision)
+    key = _export_key(ck_path, cfg, tgt, precision)
 
     torch_backend = TorchBackend(model, cfg)
     recording = record_stream(torch_backend).calls
     files: dict[str, str] = {}
     results: list[ModuleResult] = []
     for part in MODULES:
-        fname = f"{part}{conv.SUFFIX}"
+        fname = f"{part}{tgt.suffix}"
         dst = work / fname
         res = ModuleResult(part)
         t0 = time.time()
@@ -127,36 +124,36 @@ def export_bundle(
             bar_format="{desc} {bar} {n_fmt}/{total_fmt} {postfix}",
         ) as bar:
             if reused:
+                tgt.check_reused(part, reused)
                 res.skipped = True
                 res.info = reused
                 bar.set_postfix_str("exists, skipped")
                 bar.update(3)
             else:
                 _remove(dst)
-                src = work / f"{part}.fp32{conv.SUFFIX}"
+                src = work / f"{part}.fp32{tgt.suffix}"
                 _remove(src)
                 bar.set_postfix_str("tracing")
-                conv.CONVERTERS[part](model, io[part], src, recording[part][0])
+                with export_patches(model, tgt) as patched:
+                    tgt.convert(patched, part, io[part], src, recording[part][0])
                 bar.update(1)
                 bar.set_postfix_str(f"{precision}")
-                res.info = (
-                    conv.finish(precision, src, dst, pick(recording[part], CALIBRATION_CALLS)) or {}
-                )
+                calibration = pick(recording[part], CALIBRATION_CALLS)
+                res.info = tgt.apply_precision(precision, src, dst, calibration) or {}
                 if src.exists() and src != dst:
                     _remove(src)
                 bar.update(1)
                 bar.set_postfix_str("checks")
-                res.info.update(conv.checks(dst, io[part], precision) or {})
+                res.info.update(tgt.checks(dst, io[part], precision) or {})
                 (work / f".{part}.key").write_text(json.dumps({"key": key, "info": res.info}))
                 bar.update(1)
         files[part] = fname
         res.size_bytes = _size(dst)
         res.seconds = time.time() - t0
         results.append(res)
-    files.update(conv.extra_files(work) if hasattr(conv, "extra_files") else {})
 
     draft = Bundle(work, {}, cfg, target, precision, io, files)
-    candidate = conv.parity_backend(draft)
+    candidate = parity_backend(tgt, draft)
     e2e: dict
     if isinstance(candidate, str):
         for r in results:
@@ -178,17 +175,7 @@ def export_bundle(
         for part in failed:
             (work / f".{part}.key").unlink(missing_ok=True)
     manifest = _manifest(
-        cfg,
-        target,
-        precision,
-        files,
-        work,
-        results,
-        e2e,
-        meta,
-        ck_path,
-        conv,
-        time.time() - t_start,
+        cfg, tgt, precision, files, work, results, e2e, meta, ck_path, time.time() - t_start
     )
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     if ok:
@@ -197,6 +184,15 @@ def export_bundle(
         _replace_out(work, out)
     result_path = out if ok else work
     return ExportResult(result_path, ok, results, e2e, time.time() - t_start, manifest)
+
+
+def parity_backend(tgt: Target, draft: Bundle) -> Backend | str:
+    """The backend the target names, opened on the draft bundle; or why it cannot run here
+    (Core ML off macOS, TensorRT without a GPU), which the manifest records as "not run"."""
+    cls, ok, why = lookup(tgt.parity_backend)
+    if not ok:
+        return why
+    return cls.from_bundle(draft)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -266,12 +262,17 @@ def end_to_end(reference: Backend, candidate: Backend, precision: str, frames: i
     }
 
 
-def _export_key(ck: Path, cfg, target: str, precision: str) -> str:
+def _export_key(ck: Path, cfg, tgt: Target, precision: str) -> str:
     h = hashlib.sha256()
-    # The converter's own source is part of the key: a changed recipe (a precision policy, an op
-    # kept float) never reuses modules made by the old one.
-    conv = Path(importlib.import_module(f"edgetalk.converters.{target}").__file__)
-    for part in (sha256(ck), cfg.to_json(), target, precision, __version__, sha256(conv)):
+    # The target's own source is part of the key (with the targets it builds on: tensorrt's
+    # graphs are onnx's): a changed recipe (a precision policy, an op kept float) never reuses
+    # modules made by the old one.
+    sources = [
+        sha256(Path(inspect.getfile(c)))
+        for c in type(tgt).__mro__
+        if issubclass(c, Target) and c is not Target
+    ]
+    for part in (sha256(ck), cfg.to_json(), tgt.name, precision, __version__, *sources):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -303,12 +304,12 @@ def _reuse(part: str, fname: str, key: str, work: Path, out: Path, force: bool) 
     return None
 
 
-def _manifest(cfg, target, precision, files, work, results, e2e, meta, ck_path, conv, seconds):
+def _manifest(cfg, tgt, precision, files, work, results, e2e, meta, ck_path, seconds):
     return {
         "schema_version": SCHEMA_VERSION,
         "edgetalk_version": __version__,
-        "export_key": _export_key(ck_path, cfg, target, precision),
-        "target": target,
+        "export_key": _export_key(ck_path, cfg, tgt, precision),
+        "target": tgt.name,
         "precision": precision,
         "config": cfg.to_dict(),
         "streaming": {
@@ -333,7 +334,7 @@ def _manifest(cfg, target, precision, files, work, results, e2e, meta, ck_path, 
         "thresholds": THRESHOLDS[precision],
         "files": files,
         "sha256": {f: tree_sha256(work / f) for f in files.values()},
-        "tool_versions": conv.tool_versions(),
+        "tool_versions": tgt.tool_versions(),
         "export_seconds": round(seconds, 1),
     }
 

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from edgetalk import cli
-from edgetalk.runtime_cuda import doctor
+from edgetalk import cli, doctor
 
 HEAVY = ("torch", "onnxruntime", "onnx", "coremltools", "mlx", "matplotlib", "cv2")
 

@@ -30,6 +30,7 @@ from .conftest import MICRO, seeded_model  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MAC = platform.system() == "Darwin"
+TARGET = coreml.CoreMLTarget()
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +99,11 @@ def test_specs_match_the_contract(bundles, prec):
         info = r.manifest["modules"][name]["info"]
         assert info["spec_io"] == "pass" and info["model_type"] == "mlProgram"
         assert r.manifest["modules"][name]["io"] == io[name].to_dict()
-        assert coreml.checks(path, io[name], prec)["spec_io"] == "pass"
+        assert TARGET.checks(path, io[name], prec)["spec_io"] == "pass"
     # A package that disagrees with the contract is refused by the check.
     wrong = module_io(MICRO.with_streaming(chunk=4))["decoder"]
     with pytest.raises(ValueError, match="contract says"):
-        coreml.checks(r.path / "decoder.mlpackage", wrong, prec)
+        TARGET.checks(r.path / "decoder.mlpackage", wrong, prec)
 
 
 def test_int8_is_really_8bit(bundles):
@@ -118,7 +119,7 @@ def test_int8_is_really_8bit(bundles):
             assert coreml.int8_report(path)["int8_weight_tensors"] == 0, (prec, name)
             # An "int8" artifact without 8-bit weights is an error, never a silent pass.
             with pytest.raises(RuntimeError, match="no 8-bit weights"):
-                coreml.checks(path, io[name], "int8")
+                TARGET.checks(path, io[name], "int8")
     # The DFT/mel front end stays float: it feeds a log.
     floats = bundles["int8"].manifest["modules"]["audio"]["info"]["float_weights"]
     assert any("front end" in why for why in floats.values())

@@ -259,24 +259,26 @@ def test_checkpoint_config_is_capped_before_building(tmp_path, monkeypatch):
 # ---- 11: export --out never deletes what export did not write -------------------------------------
 def _fake_converter(monkeypatch):
     """A target whose converter writes placeholder files: the test is about the folders."""
-    import sys
     import types
 
+    from edgetalk.converters.target import Target, targets
     from edgetalk.export import pipeline
 
-    conv = types.ModuleType("edgetalk.converters.fake")
-    conv.__file__ = __file__  # the pipeline may hash a converter's source into its export key
-    conv.SUFFIX = ".bin"
-    conv.CONVERTERS = {
-        m: (lambda model, io, path, sample: path.write_bytes(b"graph"))
-        for m in ("appearance", "audio", "generator", "decoder")
-    }
-    conv.finish = lambda precision, src, dst, calibration: src.rename(dst) and {}
-    conv.checks = lambda path, io, precision: {}
-    conv.parity_backend = lambda bundle: "a placeholder target"
-    conv.tool_versions = lambda: {}
-    monkeypatch.setitem(sys.modules, "edgetalk.converters.fake", conv)
-    monkeypatch.setattr(pipeline, "TARGETS", (*pipeline.TARGETS, "fake"))
+    class Fake(Target):
+        name, suffix, parity_backend = "fake", ".bin", "no such backend"
+
+        def convert(self, model, part, io, path, sample):
+            path.write_bytes(b"graph")
+
+        def apply_precision(self, precision, src, dst, calibration):
+            src.rename(dst)
+            return {}
+
+        def tool_versions(self):
+            return {}
+
+    monkeypatch.setitem(targets(), "fake", Fake)
+    monkeypatch.setattr(pipeline, "parity_backend", lambda tgt, bundle: "a placeholder target")
     from edgetalk.models.io_spec import zeros_for
 
     def record(backend):  # one call per module is all a placeholder converter needs

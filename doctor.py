@@ -1,10 +1,12 @@
 """`edgetalk doctor`: what can run here. Every discovered backend and export target, each
-"available" or "unavailable: <reason>", and the versions of the libraries behind them."""
+"available" or "unavailable: <reason>", and the versions of the libraries behind them.
+
+It sits at the CLI level because it reads both sides: runtime/ and runtime_cuda/ (backends) and
+converters/ (export targets), which do not import each other's layers."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
 from importlib import metadata
@@ -36,24 +38,19 @@ def _status(check) -> str:
 
 
 def backend_rows() -> list[tuple[str, str]]:
-    from ..runtime.backends import registry
+    from .runtime.backends import registry
 
     return [(name, _status(cls.availability)) for name, cls in registry().items()]
 
 
 def target_rows() -> list[tuple[str, str]]:
-    from ..export.pipeline import TARGETS
+    from .converters.target import targets
 
-    rows = []
-    for target in TARGETS:
-        try:
-            conv = importlib.import_module(f"edgetalk.converters.{target}")
-        except ImportError as e:
-            rows.append((target, f"unavailable: {e}"))
-            continue
-        check = getattr(conv, "availability", lambda: (True, ""))
-        rows.append((target, _status(check)))
-    return rows
+    try:
+        found = targets()
+    except Exception as e:  # a converter that does not import: a finding, not a crash
+        return [("converters", f"unavailable: {type(e).__name__}: {e}")]
+    return [(name, _status(cls.availability)) for name, cls in sorted(found.items())]
 
 
 def _version(dist: str) -> str:
@@ -66,7 +63,7 @@ def _version(dist: str) -> str:
 def version_rows() -> list[tuple[str, str]]:
     import torch
 
-    from .gpu import probe
+    from .runtime_cuda.gpu import probe
 
     gpu, why = probe()
     if torch.version.cuda is None:
@@ -151,7 +148,7 @@ def extra_rows() -> list[tuple[str, str]]:
 
 
 def quick_backend_rows() -> list[tuple[str, str]]:
-    from .gpu import probe
+    from .runtime_cuda.gpu import probe
 
     gpu, why_no_gpu = probe()  # ctypes against the driver: fast, imports nothing
     rows = []
@@ -171,7 +168,7 @@ def quick_backend_rows() -> list[tuple[str, str]]:
 
 
 def quick_version_rows() -> list[tuple[str, str]]:
-    from .gpu import probe
+    from .runtime_cuda.gpu import probe
 
     gpu, why = probe()
     return [
@@ -187,7 +184,7 @@ def quick_version_rows() -> list[tuple[str, str]]:
 
 
 def report(full: bool = True) -> str:
-    from .. import __version__
+    from . import __version__
 
     lines = [f"edgetalk {__version__} doctor" + ("" if full else " (quick: --full loads each)")]
     sections = (
