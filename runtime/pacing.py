@@ -26,6 +26,11 @@ from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 LATE_POLICIES = ("drop", "mark")
 
 
+def check_late_policy(late_policy: str) -> None:
+    if late_policy not in LATE_POLICIES:
+        raise InputError(f"late policy must be one of {LATE_POLICIES}, got {late_policy!r}")
+
+
 class Pacer:
     def __init__(
         self,
@@ -35,8 +40,7 @@ class Pacer:
         lookahead: int,
         clock: Callable[[], float],
     ):
-        if late_policy not in LATE_POLICIES:
-            raise InputError(f"late policy must be one of {LATE_POLICIES}, got {late_policy!r}")
+        check_late_policy(late_policy)
         self.realtime = realtime
         self.late_policy = late_policy
         self.chunk = chunk

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import InputError
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from .audio_io import StreamResampler
-from .pacing import LATE_POLICIES, Pacer
+from .pacing import LATE_POLICIES, Pacer, check_late_policy
 
 MAX_INPUT_SECONDS = 60.0  # audio waiting for the worker; push_audio waits beyond this
 MAX_PARTNER_SECONDS = 5.0  # unpaired partner audio waiting; the oldest is dropped beyond this
@@ -154,8 +154,7 @@ class Session:
         from .backend import Backend
         from .scheduler import StreamScheduler
 
-        if late_policy not in LATE_POLICIES:
-            raise InputError(f"late policy must be one of {LATE_POLICIES}, got {late_policy!r}")
+        check_late_policy(late_policy)  # before the model loads
         if isinstance(backend, Backend):
             if bundle is not None or checkpoint is not None:
                 raise InputError("give an opened backend or a bundle/checkpoint, not both")
