@@ -62,6 +62,26 @@ def build_parser(command: str | None = None, lazy: bool = False) -> argparse.Arg
     return parser
 
 
+# Packages that only some commands need, and the extra that installs each: `export`, `eval` and
+# the torch backend need torch, while running a bundle does not.
+OPTIONAL = {
+    "torch": "torch",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxconverter_common": "onnx",
+    "coremltools": "coreml",
+    "mlx": "mlx",
+    "cv2": "face",
+    "aiortc": "serve",
+    "aiohttp": "serve",
+    "sounddevice": "mic",
+    "pyvirtualcam": "cam",
+    "matplotlib": "bench",
+    "psutil": "bench",
+    "skimage": "eval",
+}
+
+
 def _command(argv: list[str]) -> str | None:
     """The command named on the line: the first word that is not an option."""
     for word in argv:
@@ -72,7 +92,10 @@ def _command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command(argv), lazy=True)
+    try:  # a command's options can come from its plug-ins (export targets need torch)
+        parser = build_parser(_command(argv), lazy=True)
+    except ModuleNotFoundError as e:
+        return _missing_extra(e, _command(argv) or "")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -84,11 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeTalkError as e:
         print(f"edgetalk {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        return _missing_extra(e, args.command)
     except KeyboardInterrupt:
         print(f"edgetalk {args.command}: interrupted", file=sys.stderr)
         return 143 if got.get("sigterm") else 130
     finally:
         restore()
+
+
+def _missing_extra(e: ModuleNotFoundError, command: str) -> int:
+    """One line naming the extra to install, for an optional package; anything else is a bug."""
+    package = (e.name or "").split(".")[0]
+    if package not in OPTIONAL:
+        raise e
+    print(
+        f"edgetalk {command}: error: this needs {package}, which is not installed: "
+        f"pip install 'edgetalk[{OPTIONAL[package]}]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _sigterm_as_keyboard_interrupt(got: dict):

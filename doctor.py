@@ -61,15 +61,20 @@ def _version(dist: str) -> str:
 
 
 def version_rows() -> list[tuple[str, str]]:
-    import torch
-
     from .runtime_cuda.gpu import probe
 
     gpu, why = probe()
-    if torch.version.cuda is None:
-        torch_cuda = "built without CUDA"
+    try:
+        import torch
+    except ImportError:  # a bundle-only install: the runtime needs no torch
+        torch_row = "not installed (only export, training, eval and the torch backend need it)"
     else:
-        torch_cuda = f"CUDA {torch.version.cuda}, GPU {'usable' if torch.cuda.is_available() else 'not usable'}"
+        if torch.version.cuda is None:
+            cuda = "built without CUDA"
+        else:
+            usable = "usable" if torch.cuda.is_available() else "not usable"
+            cuda = f"CUDA {torch.version.cuda}, GPU {usable}"
+        torch_row = f"{torch.__version__} ({cuda})"
     try:
         import onnxruntime as ort
 
@@ -87,7 +92,7 @@ def version_rows() -> list[tuple[str, str]]:
             if gpu
             else why,
         ),
-        ("torch", f"{torch.__version__} ({torch_cuda})"),
+        ("torch", torch_row),
         ("onnxruntime", onnxrt),
         ("tensorrt", trt),
         ("mlx", _version("mlx")),

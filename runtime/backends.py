@@ -29,9 +29,41 @@ def _module_names() -> tuple[str, ...]:
     return tuple(names)
 
 
+# A backend whose module needs a package that is not installed (torch for the torch backend on a
+# bundle-only install) is listed as unavailable, saying which extra to install.
+EXTRAS = {"torch": "torch", "onnxruntime": "onnx", "onnx": "onnx", "mlx": "mlx"}
+
+
 @cache
 def _load(module: str) -> type[Backend] | None:
-    return getattr(importlib.import_module(module), "BACKEND", None)
+    try:
+        return getattr(importlib.import_module(module), "BACKEND", None)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if not missing or missing == "edgetalk":
+            raise
+        return _missing(module, missing)
+
+
+def _missing(module: str, package: str) -> type[Backend]:
+    extra = EXTRAS.get(package, package)
+    backend_name = module.rsplit(".", 1)[1].removeprefix("backend_").replace("_", "-")
+    why = f"{package} is not installed (pip install 'edgetalk[{extra}]')"
+    if backend_name == "torch":
+        why += "; an exported bundle (--bundle) runs without it"
+
+    class Missing(Backend):
+        name = backend_name
+        targets = ()
+
+        @classmethod
+        def availability(cls):
+            return False, why
+
+        def run(self, module, inputs):  # never opened: availability is False
+            raise BackendUnavailable(why)
+
+    return Missing
 
 
 def _classes() -> Iterator[type[Backend]]:
