@@ -2,7 +2,7 @@
 
 The photo itself is warped at full resolution by a flow predicted at 1/4 resolution, then a small
 refinement head paints what a warp cannot show (mouth interior, teeth, eyelids) and blends it in
-with a predicted alpha. The flow has four parts:
+with a predicted alpha. The flow has five parts:
 - a learned global affine of the motion (head pose);
 - per-parameter basis fields predicted from the photo once per call, weighted by the motion
   (blendshape-like: "this is how *this* face moves when the jaw opens"), for flow and alpha;
