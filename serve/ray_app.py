@@ -160,13 +160,19 @@ class AvatarWorker:
             return {"gone": True}
         return {"live": {pid: p.state for pid, p in self.server.peers.items()}}
 
-    async def load(self) -> dict:
-        """Slots, threads and UDP sockets in use (tests check nothing leaks)."""
+    async def load(self, replica: str | None = None) -> dict:
+        """Slots, session threads and UDP sockets in use (tests check nothing leaks)."""
+        if replica is not None and replica != self.replica:
+            return {"gone": True}
+        names = [t.name for t in threading.enumerate()]
         return {
             **self.where,
             "active": self.server.active,
             "max_sessions": self.server.config.max_sessions,
-            "threads": threading.active_count(),
+            "threads": len(names),
+            "session_threads": sum(
+                n == "edgetalk-session" or n.startswith("edgetalk-serve-") for n in names
+            ),
             "udp_sockets": _udp_sockets(),
         }
 
