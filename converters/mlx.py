@@ -3,7 +3,9 @@
 The graphs are code (runtime/mlx/, the MLX port of the torch modules); the bundle holds one
 safetensors file of weights per module, with metadata that makes it self-describing (the format
 runtime/mlx/loader.py reads): the module, the model config, the precision and, for int8, the
-bits, group size and the exact layers that were quantized.
+bits, group size and the exact layers that were quantized. The audio file also carries the fixed
+front end (DFT basis, mel filterbank) taken from the torch module, so the MLX runtime computes
+with the very constants the parity gate's torch reference used, and needs no torch.
 
 - FP16: every weight stored as float16 and the module computes in float16 (inputs and outputs
   stay float32). The DFT/log-mel front end, RoPE/time tables, the Euler state, the motion
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.constants import MODULES
 from ..models.io_spec import ModuleIO
 from .target import Target
 
@@ -57,6 +58,16 @@ def torch_to_mlx(torch_module) -> dict[str, np.ndarray]:
     return out
 
 
+def torch_constants(part: str, torch_module) -> dict[str, np.ndarray]:
+    """The torch module's fixed arrays (non-persistent buffers) in the MLX port's names and
+    layouts (runtime/mlx: `Module.constant_names`)."""
+    if part != "audio":
+        return {}
+    dft = torch_module.dft.detach().cpu().float().numpy().transpose(0, 2, 1)  # OIK -> OKI
+    melfb = torch_module.melfb.detach().cpu().float().numpy()
+    return {"_dft": np.ascontiguousarray(dft), "_melfb": np.ascontiguousarray(melfb)}
+
+
 # ---- which layers int8 covers --------------------------------------------------------------------
 def quantizable(module, group_size: int = GROUP_SIZE) -> bool:
     """Every convolution (K is zero-padded to the group size) and every Linear whose input
@@ -73,7 +84,7 @@ def quantizable(module, group_size: int = GROUP_SIZE) -> bool:
 
 
 def float_layers(module) -> list[str]:
-    """Paths of the compute layers (quantized or not)."""
+    """Paths of the compute layers still in float (Linear, Conv): before quantizing, all of them."""
     import mlx.nn as nn
 
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -108,8 +119,10 @@ class MlxTarget(Target):
 
         from ..runtime.mlx.loader import FORMAT, FORMAT_VERSION, build
 
-        weights = {k: mx.array(v) for k, v in torch_to_mlx(model.module(part)).items()}
-        mlx_module = build(part, model.cfg)
+        torch_module = model.module(part)
+        weights = {k: mx.array(v) for k, v in torch_to_mlx(torch_module).items()}
+        constants = {k: mx.array(v) for k, v in torch_constants(part, torch_module).items()}
+        mlx_module = build(part, model.cfg, constants)
         mlx_module.load_weights(list(weights.items()), strict=True)  # names and shapes line up
         meta = {
             "format": FORMAT,
@@ -120,7 +133,7 @@ class MlxTarget(Target):
             "layout": "mlx channels-last: conv2d OHWI, conv1d OKI",
             "io": json.dumps(io.to_dict()),
         }
-        _save(Path(path), weights, meta)
+        _save(Path(path), {**weights, **mlx_module.constants()}, meta)
 
     def apply_precision(self, precision: str, src: Path, dst: Path, calibration=None) -> dict:
         """fp32: the converted file as it is. fp16: weights cast. int8: nn.quantize (8-bit).
@@ -174,7 +187,7 @@ class MlxTarget(Target):
         else:
             raise ValueError(f"unknown precision {precision!r}")
         arrays = dict(tree_flatten(module.parameters()))
-        _save(dst, arrays, meta)
+        _save(dst, {**arrays, **module.constants()}, meta)
         return info
 
     def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
@@ -246,37 +259,3 @@ class MlxTarget(Target):
 
 
 TARGET = MlxTarget
-
-
-# ---- the module-level protocol export/pipeline.py still calls (until it uses TARGET) ------------
-SUFFIX = MlxTarget.suffix
-availability = MlxTarget.availability
-
-
-def _converter(part: str):
-    def convert(model, io, path, sample=None):
-        MlxTarget().convert(model, part, io, path, sample)
-        return Path(path)
-
-    return convert
-
-
-CONVERTERS = {part: _converter(part) for part in MODULES}
-
-
-def finish(precision: str, src: Path, dst: Path, calibration=None) -> dict:
-    return MlxTarget().apply_precision(precision, src, dst, calibration)
-
-
-def checks(path: Path, io: ModuleIO, precision: str) -> dict:
-    return MlxTarget().checks(path, io, precision)
-
-
-def parity_backend(bundle):
-    from ..runtime.backend_mlx import MlxBackend
-
-    return MlxBackend.from_bundle(bundle)
-
-
-def tool_versions() -> dict:
-    return MlxTarget().tool_versions()

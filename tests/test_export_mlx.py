@@ -229,3 +229,45 @@ def test_inputs_checked_against_the_contract(bundles):
     a = backend.run("decoder", feed)["frames"]
     b = backend.run("decoder", {k: v.astype(np.float64) for k, v in feed.items()})["frames"]
     assert np.array_equal(a, b)
+
+
+def test_bundle_runs_without_torch(bundles):
+    # torch made unimportable in the process: loading (the audio front end comes from the file,
+    # not from models/) and streaming need no torch.
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from edgetalk.runtime.backend_mlx import MlxBackend\n"
+        "from edgetalk.runtime.bundle import open_bundle\n"
+        "from edgetalk.runtime.scheduler import StreamScheduler\n"
+        f"b = MlxBackend.from_bundle(open_bundle({str(bundles['int8'].path)!r}))\n"
+        "s = StreamScheduler(b, np.full((32, 32, 3), 128, np.uint8))\n"
+        "t = np.linspace(0, 60, 8000, dtype=np.float32)\n"
+        "print(len(s.push_audio(0.3 * np.sin(t)) + s.flush()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "13"
+
+
+def test_audio_constants_from_the_file(bundles, tmp_path):
+    from edgetalk.runtime.mlx.loader import load
+
+    src = bundles["fp32"].path / "audio.safetensors"
+    arrays, meta = mx.load(str(src), return_metadata=True)
+    assert {"_dft", "_melfb"} <= set(arrays) and meta["format_version"] == "2"
+    feed = {t.name: mx.ones(t.shape) * 0.1 for t in module_io(MICRO)["audio"].inputs}
+    want = np.array(load(src)[0](**feed)["audio_tokens"])
+    # A version 1 file (before the constants were stored) rebuilds them with torch: same output.
+    old = tmp_path / "audio.safetensors"
+    weights = {k: v for k, v in arrays.items() if not k.startswith("_")}
+    mx.save_safetensors(str(old), weights, metadata=dict(meta, format_version="1"))
+    assert np.array_equal(np.array(load(old)[0](**feed)["audio_tokens"]), want)
+    # The constants are checked like the weights.
+    bad = dict(arrays, _melfb=mx.zeros((3, 3)))
+    mx.save_safetensors(str(old), bad, metadata=meta)
+    with pytest.raises(ValueError, match=r"constant _melfb is mlx.core.float32\[3, 3\], expected"):
+        load(old)
+    mx.save_safetensors(str(old), dict(arrays, _extra=mx.zeros((1,))), metadata=meta)
+    with pytest.raises(ValueError, match="unexpected constants"):
+        load(old)

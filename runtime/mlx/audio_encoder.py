@@ -10,24 +10,30 @@ from .layers import F32, Conv1d, Module, gelu
 
 
 class AudioEncoder(Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        # The torch module's own functions build these constants (the same float64 trig and
-        # float32 linspace); torch is imported only here, when an audio module is built.
-        from ...models.audio_encoder import dft_basis, mel_filterbank
+    # The fixed front end: not parameters (leading underscore), always float32. The bundle file
+    # carries them, made by the torch module that the export's parity gate compares against, so
+    # running needs no torch (and no re-derivation: torch's linspace and pow round per CPU).
+    constant_names = ("_dft", "_melfb")
 
+    def __init__(self, cfg: ModelConfig, constants: dict | None = None):
+        super().__init__()
         a = cfg.audio
         self.cfg = cfg
         self.mels_per_frame = SAMPLES_PER_FRAME // a.hop
         self.pcm_context = a.n_fft - a.hop
-        # Fixed front end (not parameters: leading underscore), always float32.
-        self._dft = mx.array(dft_basis(a.n_fft).numpy().transpose(0, 2, 1))  # [2F, n_fft, 1]
-        self._melfb = mx.array(mel_filterbank(a.n_fft, a.n_mels).numpy())  # [F, mels]
+        constants = torch_constants(cfg) if constants is None else constants
+        self._dft = mx.array(constants["_dft"], dtype=F32)  # [2F, n_fft, 1]
+        self._melfb = mx.array(constants["_melfb"], dtype=F32)  # [F, mels]
         self.frame_in = nn.Linear(a.n_mels * self.mels_per_frame, a.hidden)
         self.convs = [Conv1d(a.hidden, a.hidden, a.kernel) for _ in range(a.conv_layers)]
         self.norms = [nn.LayerNorm(a.hidden, eps=1e-5) for _ in range(a.conv_layers)]
         self.lookahead_conv = Conv1d(a.hidden, a.hidden, a.lookahead + 1)
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
+
+    @staticmethod
+    def constant_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        n_freq = cfg.audio.n_fft // 2 + 1
+        return {"_dft": (2 * n_freq, cfg.audio.n_fft, 1), "_melfb": (n_freq, cfg.audio.n_mels)}
 
     def features(self, pcm):
         """[B, samples] -> per-video-frame features [B, T, H] (channels-last)."""
@@ -61,3 +67,20 @@ class AudioEncoder(Module):
             "pcm_state_out": pcm_state_out,
             "conv_state_out": mx.stack(states, axis=0).transpose(0, 1, 3, 2).astype(F32),
         }
+
+
+def torch_constants(cfg: ModelConfig) -> dict:
+    """The front end rebuilt by the torch module's own functions, for files that predate the
+    constants being stored (format version 1); needs torch."""
+    try:
+        from ...models.audio_encoder import dft_basis, mel_filterbank
+    except ImportError as e:
+        raise ValueError(
+            f"this audio file was written by an older EdgeTalk and needs torch to rebuild its "
+            f"front end ({e}); re-export the bundle, or install torch"
+        ) from None
+    a = cfg.audio
+    return {
+        "_dft": dft_basis(a.n_fft).numpy().transpose(0, 2, 1),
+        "_melfb": mel_filterbank(a.n_fft, a.n_mels).numpy(),
+    }

@@ -20,6 +20,15 @@ class Module(nn.Module):
 
     dtype = F32
     fp32_params: tuple[str, ...] = ()  # parameters that stay float32 in an fp16 file
+    # Fixed arrays that are not parameters (names start with "_") but travel in the file.
+    constant_names: tuple[str, ...] = ()
+
+    @staticmethod
+    def constant_shapes(cfg) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def constants(self) -> dict[str, mx.array]:
+        return {k: getattr(self, k) for k in self.constant_names}
 
     def c(self, x: mx.array) -> mx.array:
         return x.astype(self.dtype)
