@@ -67,19 +67,26 @@ class RayOptions:
 
 def _udp_sockets() -> int | None:
     """UDP sockets this process holds (ICE ports), from /proc (Linux); None elsewhere."""
+    inodes = set()
     try:
-        inodes = set()
-        for fd in os.listdir("/proc/self/fd"):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-        n = 0
-        for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
-            with open(table) as f:
-                n += sum(1 for line in f.readlines()[1:] if line.split()[9] in inodes)
-        return n
+        fds = os.listdir("/proc/self/fd")
     except OSError:
         return None
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    n = 0
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        try:
+            with open(table) as f:
+                n += sum(1 for line in f.readlines()[1:] if line.split()[9] in inodes)
+        except OSError:
+            continue
+    return n
 
 
 class AvatarWorker:

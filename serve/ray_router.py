@@ -17,6 +17,7 @@ Calls with neither (load, sessions listing) go to any replica.
 from __future__ import annotations
 
 import math
+import random
 
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
@@ -41,7 +42,8 @@ class SessionRouter(FIFOMixin, RequestRouter):
                 return [candidate_replicas[:1]]
             fresh.sort(key=lambda r: -float((r.routing_stats or {}).get("free", 0)))
             return [[r] for r in fresh]
-        return [candidate_replicas]
+        # Any replica, in random order (one rank of all would favour the first on equal queues).
+        return [[r] for r in random.sample(candidate_replicas, len(candidate_replicas))]
 
 
 def sessions_policy(ctx) -> tuple[int, dict]:
