@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="local",
         metavar="ADDRESS",
-        help="run on Ray Serve: the cluster's address (ray://... or host:6379), or none to start "
+        help="run on Ray Serve: the cluster's address (HEAD_IP:6379), or none to start "
         "Ray on this machine",
     )
     ray.add_argument("--replicas", type=int, default=1, help="avatar worker replicas (default 1)")
