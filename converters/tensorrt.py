@@ -1,7 +1,9 @@
 """TensorRT: serialized engines built from the ONNX export, FP16 or INT8 (FP32 too).
 
 - The target is the ONNX target's subclass: `convert` is converters/onnx.py's, the same
-  static-shape, opset-17 graph (gather-form sampling included).
+  static-shape, opset-17 graph, except that sampling stays GridSample (`gather_sampling = False`):
+  TensorRT has a native grid-sample layer, which the FP16 build pins to fp32 below; the gather
+  form exists for ONNX Runtime's CPU kernel, and in FP16 its index math would lose precision.
 - apply_precision() builds the engine with trt.Builder + OnnxParser. FP16 sets BuilderFlag.FP16 and keeps
   grid_sample (and normalisation, softmax, reductions and unary math such as exp/log/sin/cos) in
   fp32 through layer precision constraints with OBEY_PRECISION_CONSTRAINTS. The audio encoder is
@@ -127,6 +129,7 @@ class TensorRTTarget(OnnxTarget):
     name = "tensorrt"
     suffix = SUFFIX
     parity_backend = "tensorrt"
+    gather_sampling = False  # TensorRT's own grid-sample layer, kept fp32 (FP32_LAYERS)
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -3,6 +3,10 @@
 On Linux it runs mlx's CPU build; on a Mac, Metal (grid_sample then uses a Metal kernel). Each
 module file says its precision; int8 files name the layers they quantized, and the same layers
 are quantized here before the weights are loaded. Numpy float32 in and out, bound by name.
+
+The KV cache is the backend's own (`new_cache`): K/V stay MLX arrays between chunks and each
+chunk's new K/V go into their slots as MLX arrays, so no call converts the whole cache from numpy.
+The per-chunk modules run through `mx.compile` (shapes are static; the weights are constants).
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ import json
 
 import numpy as np
 
-from ..errors import BackendUnavailable, BundleError
+from ..errors import BackendUnavailable, BundleError, InputError
 from ..models.io_spec import check_inputs
 from .backend import Backend
+from .cache import KVCache
+
+KV = ("k_cache", "v_cache")
+COMPILED = ("audio", "generator", "decoder")  # appearance runs once per avatar
 
 
 class MlxBackend(Backend):
@@ -32,7 +40,7 @@ class MlxBackend(Backend):
             )
         return True, ""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, compile: bool = True):
         ok, why = self.availability()
         if not ok:
             raise BackendUnavailable(why)
@@ -64,6 +72,12 @@ class MlxBackend(Backend):
                     f"{bundle.files[module]}: its quantized layers differ from the manifest's"
                 )
             self.modules[module] = mod
+        self.compiled = compile
+        self.calls = {
+            m: _compiled(mod, self.io[m]) if compile and m in COMPILED else mod
+            for m, mod in self.modules.items()
+        }
+        self.returned: dict[str, dict] = {}  # the last call's outputs: numpy and MLX
 
     @classmethod
     def from_bundle(cls, bundle):
@@ -73,20 +87,87 @@ class MlxBackend(Backend):
         import mlx.core as mx
 
         spec = self.io[module]
-        check_inputs(module, spec, inputs)
+        resident = {k: v for k, v in inputs.items() if k in KV and isinstance(v, mx.array)}
+        # a cache of ours is already MLX: checked by shape through a zero-cost stand-in
+        stand_in = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in resident.items()}
+        check_inputs(module, spec, {**inputs, **stand_in})
         feed = {
-            t.name: mx.array(np.ascontiguousarray(inputs[t.name], dtype=np.float32))
+            t.name: resident[t.name]
+            if t.name in resident
+            else mx.array(np.ascontiguousarray(inputs[t.name], dtype=np.float32))
             for t in spec.inputs
         }
-        out = self.modules[module](**feed)
+        out = self.calls[module](**feed)
         arrays = [out[t.name] for t in spec.outputs]
         mx.eval(arrays)
-        return {
+        got = {
             t.name: np.array(a, dtype=np.float32) for t, a in zip(spec.outputs, arrays, strict=True)
         }
+        self.returned[module] = {
+            "numpy": got,
+            "mlx": dict(zip(spec.output_names, arrays, strict=True)),
+        }
+        return got
+
+    def new_cache(self, cfg=None) -> MlxKVCache:
+        if cfg is not None and cfg != self.cfg:
+            raise InputError("a backend's cache has the backend's own streaming settings")
+        return MlxKVCache(self.cfg, self)
+
+    def as_mlx(self, name: str, arr):
+        """The MLX array the last generator call returned as `arr`, or `arr` converted."""
+        import mlx.core as mx
+
+        last = self.returned.get("generator", {})
+        if last.get("numpy", {}).get(name) is arr:
+            return last["mlx"][name]
+        return mx.array(np.ascontiguousarray(arr, dtype=np.float32))
 
     def describe(self) -> str:
         return f"mlx ({self.precision}, {self.device})"
+
+
+def _compiled(module, spec):
+    """mx.compile over the module's call, inputs by position (compile traces positional arrays)."""
+    import mlx.core as mx
+
+    names, outs = spec.input_names, spec.output_names
+
+    def call(*arrays):
+        out = module(**dict(zip(names, arrays, strict=True)))
+        return tuple(out[n] for n in outs)
+
+    fn = mx.compile(call)
+
+    def run(**feed):
+        return dict(zip(outs, fn(*(feed[n] for n in names)), strict=True))
+
+    return run
+
+
+class MlxKVCache(KVCache):
+    """K/V as MLX arrays; the slot bookkeeping and positions are cache.py's."""
+
+    def __init__(self, cfg, backend: MlxBackend):
+        self.backend = backend
+        super().__init__(cfg)
+
+    def _allocate(self, shape):
+        import mlx.core as mx
+
+        return mx.zeros(shape, dtype=mx.float32), mx.zeros(shape, dtype=mx.float32)
+
+    def _clear(self) -> None:
+        self.k, self.v = self._allocate(self.shape)
+
+    def _store(self, slots: np.ndarray, new_k, new_v) -> None:
+        import mlx.core as mx
+
+        k, v = self.backend.as_mlx("new_k", new_k), self.backend.as_mlx("new_v", new_v)
+        for i, slot in enumerate(slots.tolist()):
+            self.k[:, :, :, slot] = k[:, :, :, i]
+            self.v[:, :, :, slot] = v[:, :, :, i]
+        mx.eval(self.k, self.v)  # one small graph per chunk, not a chain across the stream
 
 
 BACKEND = MlxBackend

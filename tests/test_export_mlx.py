@@ -271,3 +271,33 @@ def test_audio_constants_from_the_file(bundles, tmp_path):
     mx.save_safetensors(str(old), dict(arrays, _extra=mx.zeros((1,))), metadata=meta)
     with pytest.raises(ValueError, match="unexpected constants"):
         load(old)
+
+
+def test_cache_stays_mlx_and_compiled_equals_eager(bundles):
+    """The scheduler's cache is the backend's: K/V are MLX arrays across chunks (no numpy round
+    trip of the whole cache per call), and mx.compile changes nothing in the frames."""
+    from edgetalk.runtime.backend import Backend
+    from edgetalk.runtime.backend_mlx import MlxBackend
+
+    b = open_bundle(bundles["fp32"].path)
+    avatar = np.full((32, 32, 3), 128, np.uint8)
+    pcm = speechlike(1.2)
+
+    def stream(backend):
+        sched = StreamScheduler(backend, avatar, seed=4)
+        frames = []
+        for i in range(0, pcm.shape[0], 2000):
+            frames += sched.push_audio(pcm[i : i + 2000])
+        frames += sched.flush()
+        return sched, np.stack([f.rgb for f in frames]).astype(np.int16)
+
+    compiled = MlxBackend(b)
+    sched, got = stream(compiled)
+    assert isinstance(sched.cache.k, mx.array) and isinstance(sched.cache.v, mx.array)
+    assert compiled.compiled and sched.cache.valid.sum() > 0
+    eager = MlxBackend(b, compile=False)
+    eager.new_cache = lambda cfg=None: Backend.new_cache(eager, cfg)  # the numpy cache
+    sched_np, ref = stream(eager)
+    assert isinstance(sched_np.cache.k, np.ndarray)
+    assert np.abs(got - ref).max() <= 1  # the same model; fused kernels may round differently
+    np.testing.assert_allclose(np.array(sched.cache.k), sched_np.cache.k, atol=1e-4)

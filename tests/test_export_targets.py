@@ -194,3 +194,16 @@ def test_torch_backends_refuse_bundles_clearly(tmp_path):
         open_backend(bundle=forged)
     with pytest.raises(InputError, match=r"cuda backend runs checkpoints"):
         CudaBackend.from_bundle(open_bundle(forged))
+
+
+def test_each_target_traces_the_sampling_its_runtime_runs_best():
+    """ONNX Runtime gets the gather form (its GridSample kernel was half the decoder's time);
+    TensorRT keeps GridSample, its own layer, which the FP16 build pins to fp32."""
+    found = targets()
+    assert found["onnx"].gather_sampling is True
+    assert found["tensorrt"].gather_sampling is False
+    model = seeded_model(MICRO, seed=1)
+    with export_patches(model, found["tensorrt"]()) as twin:
+        assert twin.decoder.native_sampling is True
+    with export_patches(model, found["onnx"]()) as twin:
+        assert twin.decoder.native_sampling is False
