@@ -38,7 +38,7 @@ def _status(check) -> str:
 
 
 def backend_rows() -> list[tuple[str, str]]:
-    from .runtime.backends import registry
+    from .runtime.registry import registry
 
     return [(name, _status(cls.availability)) for name, cls in registry().items()]
 

@@ -158,8 +158,8 @@ def checkpoint_opener(
     source: ModelSource, name: str, chunk: int, precision: str = "fp32"
 ) -> Callable[[], Backend]:
     def open_() -> Backend:
-        from ..runtime.backends import backend_class
         from ..runtime.loader import open_backend
+        from ..runtime.registry import backend_class
 
         if precision == "fp32":
             return open_backend(checkpoint=source.checkpoint_path(), backend=name, chunk=chunk)
@@ -238,8 +238,8 @@ def bundle_config(
     --backend) or else the first backend that can run its target here.
 
     Raises BundleError for a bad bundle and BackendUnavailable when nothing here can run it."""
-    from ..runtime.backends import backend_for_target
     from ..runtime.bundle import open_bundle
+    from ..runtime.registry import backend_for_target
 
     bundle = open_bundle(path)
     cls = (backends or {}).get(bundle.target) or backend_for_target(bundle.target)
@@ -329,7 +329,7 @@ def export_configs(
 
 # ---- the plan -----------------------------------------------------------------------------------
 def make_plan(req: Request, log: Callable[[str], None] = print) -> Plan:
-    from ..runtime.backends import lookup
+    from ..runtime.registry import lookup
 
     source = ModelSource(req.checkpoint, req.preset, req.seed, req.cache_dir)
     chunks = req.chunks or [source.cfg.chunk]

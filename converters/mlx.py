@@ -101,6 +101,7 @@ class MlxTarget(Target):
     name = "mlx"
     suffix = ".safetensors"
     parity_backend = "mlx"
+    recipe_packages = ("edgetalk.runtime.mlx",)  # its layers decide what int8 quantizes
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

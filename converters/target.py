@@ -1,7 +1,7 @@
 """The one export-target interface, and their discovery.
 
 A target is one file `converters/<name>.py` that sets `TARGET = <Target subclass>`; `targets()`
-finds them the way `runtime/backends.py` finds backends, so adding a target edits no list. The
+finds them the way `runtime/registry.py` finds backends, so adding a target edits no list. The
 export pipeline (export/pipeline.py) owns everything shared: tracing inputs, calibration, parity
 by output name, the manifest and the atomic bundle write. A target only turns one torch module
 into one artifact at one precision and says how to check it.
@@ -31,8 +31,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 class Target(ABC):
     name: ClassVar[str]  # the --target value and the manifest's "target"
     suffix: ClassVar[str]  # a module's artifact is <part><suffix>
-    parity_backend: ClassVar[str]  # the backend (runtime/backends.py) that runs the gate
+    parity_backend: ClassVar[str]  # the backend (runtime/registry.py) that runs the gate
     precisions: ClassVar[tuple[str, ...]] = PRECISIONS
+    # packages whose code shapes this target's artifacts, hashed into the export key (the
+    # target's own file and models/ always are): a changed recipe never reuses old modules
+    recipe_packages: ClassVar[tuple[str, ...]] = ()
     # Trace the decoder's bilinear sampling as gathers (models/sampling.py) instead of
     # grid_sample, for runtimes whose GridSample kernel is slow. Applied to the traced copy only.
     gather_sampling: ClassVar[bool] = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -31,8 +32,8 @@ from ..models.edgetalk import MODULES
 from ..models.io_spec import module_io
 from ..runtime.backend import Backend
 from ..runtime.backend_torch import TorchBackend
-from ..runtime.backends import lookup
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
+from ..runtime.registry import lookup
 from .calibration import pick, record_stream
 from .patching import export_patches
 
@@ -272,6 +273,11 @@ def _export_key(ck: Path, cfg, tgt: Target, precision: str) -> str:
         for c in type(tgt).__mro__
         if issubclass(c, Target) and c is not Target
     ]
+    # So are the traced model code and any package the target's artifacts depend on (the MLX
+    # port decides which layers an int8 file quantizes).
+    for package in ("edgetalk.models", *tgt.recipe_packages):
+        folder = Path(importlib.import_module(package).__file__).parent
+        sources += [sha256(f) for f in sorted(folder.glob("*.py"))]
     for part in (sha256(ck), cfg.to_json(), tgt.name, precision, __version__, *sources):
         h.update(part.encode())
     return h.hexdigest()[:16]

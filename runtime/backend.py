@@ -4,7 +4,7 @@ Backends know nothing about streaming; the scheduler owns every piece of state, 
 KV cache's K/V are stored: `new_cache()` makes the scheduler's cache, numpy by default, device
 buffers on the GPU backends, so a GPU keeps its cache without a mirror. Each backend is
 one file named `backend_<name>.py` in `runtime/` or `runtime_cuda/` that sets `BACKEND = <class>`;
-`backends.py` discovers them, so a new backend touches no other file.
+`registry.py` discovers them, so a new backend touches no other file.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .backend import Backend
-from .backends import backend_class, backend_for_target
+from .registry import backend_class, backend_for_target
 
 
 def open_backend(

@@ -15,8 +15,8 @@ from edgetalk.converters.target import PRECISIONS, Target, target, targets
 from edgetalk.errors import EdgeTalkError, InputError
 from edgetalk.export.patching import export_patches
 from edgetalk.models.io_spec import module_io
-from edgetalk.runtime.backends import registry
 from edgetalk.runtime.bundle import open_bundle
+from edgetalk.runtime.registry import registry
 
 from .conftest import MICRO, need, seeded_model
 
@@ -155,6 +155,18 @@ def test_export_key_covers_the_targets_a_target_builds_on(monkeypatch):
     monkeypatch.setattr(pipeline, "sha256", lambda p: hashed.append(Path(p).name) or "x")
     pipeline._export_key(Path("ck"), MICRO, TensorRTTarget(), "fp16")
     assert {"tensorrt.py", "onnx.py"} <= set(hashed) and "target.py" not in hashed
+    assert {"decoder.py", "generator.py"} <= set(hashed)  # the traced model code
+
+
+def test_export_key_covers_the_mlx_port(monkeypatch):
+    """The MLX port's layers decide what an int8 file quantizes: changing them re-exports."""
+    from edgetalk.converters.mlx import MlxTarget
+    from edgetalk.export import pipeline
+
+    hashed = []
+    monkeypatch.setattr(pipeline, "sha256", lambda p: hashed.append(str(p)) or "x")
+    pipeline._export_key(Path("ck"), MICRO, MlxTarget(), "int8")
+    assert any(h.endswith("runtime/mlx/layers.py") for h in hashed), hashed
 
 
 # ---- backends that run checkpoints refuse bundles in one line -------------------------------

@@ -20,9 +20,9 @@ from edgetalk.converters.parity import THRESHOLDS, psnr
 from edgetalk.errors import BackendUnavailable
 from edgetalk.models.checkpoint import save_checkpoint
 from edgetalk.runtime.backend_torch import TorchBackend
-from edgetalk.runtime.backends import lookup, registry
 from edgetalk.runtime.cache import KVCache
 from edgetalk.runtime.loader import open_backend
+from edgetalk.runtime.registry import lookup, registry
 from edgetalk.runtime.scheduler import StreamScheduler
 from edgetalk.runtime_cuda.backend_cuda import CudaBackend, _HoistConstants
 from edgetalk.runtime_cuda.backend_tensorrt import engine_io_problems, engine_mismatch
