@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
 from .backend import Backend
+from .cache import KVCache
 from .continuity import BoundaryBlend
 
 SILENCE_RMS = 3e-3  # about -50 dBFS: below this a frame counts as silent
@@ -122,7 +123,9 @@ class StreamScheduler:
         self.image = (avatar.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
         app = self._run("appearance", {"image": self.image})
         self.app_feat, self.ref_motion = app["app_feat"], app["ref_motion"]
-        self.cache = backend.new_cache(cfg)  # the backend decides where K/V live
+        # the backend decides where K/V live; a duck-typed wrapper without new_cache gets numpy
+        make_cache = getattr(backend, "new_cache", None)
+        self.cache = make_cache(cfg) if make_cache else KVCache(cfg)
         self.blend = BoundaryBlend(cfg.chunk)
         self.reset()
 
