@@ -62,26 +62,6 @@ def build_parser(command: str | None = None, lazy: bool = False) -> argparse.Arg
     return parser
 
 
-# Packages that only some commands need, and the extra that installs each: `export`, `eval` and
-# the torch backend need torch, while running a bundle does not.
-OPTIONAL = {
-    "torch": "torch",
-    "onnx": "onnx",
-    "onnxruntime": "onnx",
-    "onnxconverter_common": "onnx",
-    "coremltools": "coreml",
-    "mlx": "mlx",
-    "cv2": "face",
-    "aiortc": "serve",
-    "aiohttp": "serve",
-    "sounddevice": "mic",
-    "pyvirtualcam": "cam",
-    "matplotlib": "bench",
-    "psutil": "bench",
-    "skimage": "eval",
-}
-
-
 def _command(argv: list[str]) -> str | None:
     """The command named on the line: the first word that is not an option."""
     for word in argv:
@@ -118,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _missing_extra(e: ModuleNotFoundError, command: str) -> int:
     """One line naming the extra to install, for an optional package; anything else is a bug."""
+    from .errors import EXTRAS
+
     package = (e.name or "").split(".")[0]
-    if package not in OPTIONAL:
+    if package not in EXTRAS:
         raise e
     print(
         f"edgetalk {command}: error: this needs {package}, which is not installed: "
-        f"pip install 'edgetalk[{OPTIONAL[package]}]'",
+        f"pip install 'edgetalk[{EXTRAS[package]}]'",
         file=sys.stderr,
     )
     return 2

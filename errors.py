@@ -19,3 +19,25 @@ class BackendUnavailable(EdgeTalkError):
 
 class SinkError(EdgeTalkError):
     """Frames can no longer be delivered (disk full, virtual camera gone); what was written stays."""
+
+
+# Packages that only some commands or backends need, and the extra that installs each (the CLI's
+# and the backend registry's one-line answers): export, eval and the torch backend need torch,
+# running a bundle does not.
+EXTRAS = {
+    "torch": "torch",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxconverter_common": "onnx",
+    "coremltools": "coreml",
+    "mlx": "mlx",
+    "cv2": "face",
+    "aiortc": "serve",
+    "aiohttp": "serve",
+    "sounddevice": "mic",
+    "pyvirtualcam": "cam",
+    "matplotlib": "bench",
+    "psutil": "bench",
+    "skimage": "eval",
+    "ray": "ray",
+}

@@ -12,7 +12,7 @@ import pkgutil
 from collections.abc import Iterator
 from functools import cache
 
-from ..errors import BackendUnavailable
+from ..errors import EXTRAS, BackendUnavailable
 from .backend import Backend
 
 PACKAGES = ("edgetalk.runtime", "edgetalk.runtime_cuda")
@@ -30,8 +30,7 @@ def _module_names() -> tuple[str, ...]:
 
 
 # A backend whose module needs a package that is not installed (torch for the torch backend on a
-# bundle-only install) is listed as unavailable, saying which extra to install.
-EXTRAS = {"torch": "torch", "onnxruntime": "onnx", "onnx": "onnx", "mlx": "mlx"}
+# bundle-only install) is listed as unavailable, saying which extra to install (errors.EXTRAS).
 
 
 @cache
