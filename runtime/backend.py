@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ..errors import InputError
 from ..models.config import ModelConfig
 from ..models.io_spec import ModuleIO
 from .cache import KVCache
@@ -47,8 +48,14 @@ class Backend(ABC):
         float32, except k_cache/v_cache, which are the storage of a cache from `new_cache()`."""
 
     def new_cache(self, cfg: ModelConfig | None = None) -> KVCache:
-        """A KV cache for one stream, stored where this backend's generator reads it."""
-        return KVCache(cfg or self.cfg)
+        """A KV cache for one stream, stored where this backend's generator reads it. It has the
+        backend's own streaming settings (its graphs' shapes); backends override `_cache`."""
+        if cfg is not None and cfg != self.cfg:
+            raise InputError("a backend's cache has the backend's own streaming settings")
+        return self._cache()
+
+    def _cache(self) -> KVCache:
+        return KVCache(self.cfg)
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"

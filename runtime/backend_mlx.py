@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from ..errors import BackendUnavailable, BundleError, InputError
+from ..errors import BackendUnavailable, BundleError
 from ..models.io_spec import check_inputs
 from .backend import Backend
 from .cache import KVCache
@@ -109,9 +109,7 @@ class MlxBackend(Backend):
         }
         return got
 
-    def new_cache(self, cfg=None) -> MlxKVCache:
-        if cfg is not None and cfg != self.cfg:
-            raise InputError("a backend's cache has the backend's own streaming settings")
+    def _cache(self) -> MlxKVCache:
         return MlxKVCache(self.cfg, self)
 
     def as_mlx(self, name: str, arr):

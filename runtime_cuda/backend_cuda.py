@@ -174,8 +174,8 @@ class CudaBackend(Backend):
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runners[module].run(inputs)
 
-    def new_cache(self, cfg: ModelConfig | None = None) -> TorchDeviceKVCache:
-        return device_kv_cache(self, cfg)
+    def _cache(self) -> TorchDeviceKVCache:
+        return device_kv_cache(self)
 
     def describe(self) -> str:
         if self.device.type != "cuda":
@@ -184,10 +184,8 @@ class CudaBackend(Backend):
         return f"cuda ({self.precision}, {torch.cuda.get_device_name(self.device)}, {graphs})"
 
 
-def device_kv_cache(backend, cfg: ModelConfig | None) -> TorchDeviceKVCache:
+def device_kv_cache(backend) -> TorchDeviceKVCache:
     """The cache of a backend whose generator runs on a ModuleRunner (cuda, tensorrt)."""
-    if cfg is not None and cfg != backend.cfg:
-        raise InputError("a backend's cache has the backend's own streaming settings")
     return TorchDeviceKVCache(backend.cfg, backend.runners["generator"], backend.transfers)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable, InputError
+from ..errors import BackendUnavailable
 from ..runtime.backend import Backend
 from .device_cache import OrtDeviceKVCache, OrtSlotWriter
 from .gpu import probe
@@ -169,9 +169,7 @@ class OnnxRuntimeCudaBackend(Backend):
         self.inputs[module][name].update_inplace(np.ascontiguousarray(arr, np.float32))
         self.transfers.to_device(arr.nbytes)
 
-    def new_cache(self, cfg=None) -> OrtDeviceKVCache:
-        if cfg is not None and cfg != self.cfg:
-            raise InputError("a backend's cache has the backend's own streaming settings")
+    def _cache(self) -> OrtDeviceKVCache:
         return OrtDeviceKVCache(self.cfg, self, self.slot_writer, self.transfers)
 
     def with_generator_output(self, new_k, new_v, use) -> bool:

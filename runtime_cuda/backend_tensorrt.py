@@ -157,8 +157,8 @@ class TensorRTBackend(Backend):
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runners[module].run(inputs)
 
-    def new_cache(self, cfg=None):
-        return device_kv_cache(self, cfg)
+    def _cache(self):
+        return device_kv_cache(self)
 
     def describe(self) -> str:
         return f"tensorrt ({self.precision}, {torch.cuda.get_device_name(self.device)})"

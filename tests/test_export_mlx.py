@@ -276,8 +276,8 @@ def test_audio_constants_from_the_file(bundles, tmp_path):
 def test_cache_stays_mlx_and_compiled_equals_eager(bundles):
     """The scheduler's cache is the backend's: K/V are MLX arrays across chunks (no numpy round
     trip of the whole cache per call), and mx.compile changes nothing in the frames."""
-    from edgetalk.runtime.backend import Backend
     from edgetalk.runtime.backend_mlx import MlxBackend
+    from edgetalk.runtime.cache import KVCache
 
     b = open_bundle(bundles["fp32"].path)
     avatar = np.full((32, 32, 3), 128, np.uint8)
@@ -296,7 +296,7 @@ def test_cache_stays_mlx_and_compiled_equals_eager(bundles):
     assert isinstance(sched.cache.k, mx.array) and isinstance(sched.cache.v, mx.array)
     assert compiled.compiled and sched.cache.valid.sum() > 0
     eager = MlxBackend(b, compile=False)
-    eager.new_cache = lambda cfg=None: Backend.new_cache(eager, cfg)  # the numpy cache
+    eager._cache = lambda: KVCache(eager.cfg)  # the numpy cache
     sched_np, ref = stream(eager)
     assert isinstance(sched_np.cache.k, np.ndarray)
     assert np.abs(got - ref).max() <= 1  # the same model; fused kernels may round differently
