@@ -53,9 +53,9 @@ def bench_audio(seconds: float) -> np.ndarray:
     return np.tile(speech, reps)[:n].astype(np.float32)
 
 
-def first_frame_floor_ms(chunk: int, lookahead: int) -> float:
-    """The audio the first chunk needs: C*40 ms + L*40 ms."""
-    return (chunk + lookahead) * FRAME_S * 1000.0
+def first_frame_floor_ms(chunk: int, lookahead_samples: int) -> float:
+    """The audio the first chunk needs: C*40 ms + the lookahead (60 ms: 960 samples)."""
+    return chunk * FRAME_S * 1000.0 + lookahead_samples * 1000.0 / SAMPLE_RATE
 
 
 def deadline_misses(arrivals: list[float]) -> tuple[float, float]:
@@ -228,7 +228,8 @@ def measure(
         return s
 
     # Warm-up (excluded): at least two chunks' worth past the lookahead.
-    warm_frames = max(int(round(settings.warmup_seconds * FPS)), 2 * cfg.chunk + cfg.lookahead)
+    look_frames = -(-cfg.lookahead_samples // SAMPLES_PER_FRAME)
+    warm_frames = max(int(round(settings.warmup_seconds * FPS)), 2 * cfg.chunk + look_frames)
     warm = np.tile(pcm, -(-warm_frames * SAMPLES_PER_FRAME // pcm.shape[0]))
     throughput_run(scheduler(), warm[: warm_frames * SAMPLES_PER_FRAME], clock, memory)
 
@@ -253,7 +254,7 @@ def measure(
     late, _ = _stat([m[1] for m in misses], 3)
     return {
         "chunk": cfg.chunk,
-        "lookahead": cfg.lookahead,
+        "lookahead_ms": cfg.lookahead_ms,
         "resolution": cfg.render.resolution,
         "steps": cfg.generator.steps,
         "window": cfg.generator.window,
@@ -262,7 +263,7 @@ def measure(
         "media_seconds": round(runs[0].frames * FRAME_S, 4),
         "fps": fps,
         "first_frame_delay_ms": ffd,
-        "first_frame_floor_ms": round(first_frame_floor_ms(cfg.chunk, cfg.lookahead), 3),
+        "first_frame_floor_ms": round(first_frame_floor_ms(cfg.chunk, cfg.lookahead_samples), 3),
         "rtf": rtf,
         "rtf_throughput": rtf_tp,
         "deadline_miss_rate": miss,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from .schema import FORMAT, validate
+from .schema import FORMAT, SCHEMA_VERSION, validate
 
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 
@@ -26,10 +26,24 @@ def load_report(path: str | Path) -> dict:
         raise InputError(f"{p} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f'{p} is not an edgetalk bench report (no "format": "{FORMAT}")')
-    problems = validate(data)
+    problems = validate(upgrade(data))
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"{p} does not match the bench schema: {'; '.join(problems[:3])}{more}")
+    return data
+
+
+def upgrade(data: dict) -> dict:
+    """A schema version 1 report in version 2 terms: its `lookahead` counted whole frames
+    (40 ms each); version 2 says lookahead_ms. Anything else is left for validate() to judge."""
+    if data.get("schema_version") != 1 or not isinstance(data.get("results"), list):
+        return data
+    for r in data["results"]:
+        frames = r.get("lookahead") if isinstance(r, dict) else None
+        if isinstance(frames, int) and not isinstance(frames, bool) and "lookahead_ms" not in r:
+            r["lookahead_ms"] = frames * 40.0
+            del r["lookahead"]
+    data["schema_version"] = SCHEMA_VERSION
     return data
 
 
@@ -67,7 +81,7 @@ COLUMNS = [
     ("backend", lambda r: r["backend"]),
     ("prec", lambda r: r["precision"]),
     ("C", lambda r: f"{r['chunk']}{'*' if r.get('chunk_fixed') else ''}"),
-    ("L", lambda r: str(r["lookahead"])),
+    ("look ms", lambda r: f"{r['lookahead_ms']:g}"),
     ("res", lambda r: str(r["resolution"])),
     ("thr", lambda r: str(r.get("threads", "-"))),
     ("load", lambda r: str(r.get("load", 0))),
@@ -157,7 +171,7 @@ def device_table(devices: list[dict]) -> str:
 
 LEGEND = (
     "FPS: frames/s end to end, audio as fast as consumed. FFD: first-frame delay with audio paced "
-    "in real time; floor = C*40 ms + L*40 ms. RTF: compute / media time (paced). miss: frames "
+    "in real time; floor = C*40 ms + lookahead. RTF: compute / media time (paced). miss: frames "
     "later than first-frame time + i*40 ms (max: worst lateness). Latencies are ms per call (p50/p95). "
     "C* = chunk fixed by the bundle. × torch: FPS / torch eager fp32 FPS at the same chunk."
 )

@@ -14,7 +14,9 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
 - first_frame_delay_ms (FFD): audio paced in real time from wall time 0 (the first sample), in
   pieces of `settings.piece_ms` pushed at the instant their last sample would have arrived, the
   scheduler running inline. FFD is the wall time at which the first frame reached the sink.
-  first_frame_floor_ms = C*40 + L*40 ms: the audio the first chunk needs; FFD - floor is compute.
+  first_frame_floor_ms = C*40 ms + lookahead_ms: the audio the first chunk needs; FFD - floor is
+  compute. Reports of schema version 1 gave the lookahead in whole frames (`lookahead`, 2 = 80 ms);
+  `bench report` reads them as lookahead_ms (report.py).
 - rtf: compute time / media time in the paced run, compute time being the wall time spent inside
   the scheduler (push_audio and flush). rtf_throughput is the throughput run's wall time / media
   time (= 25 / fps).
@@ -41,7 +43,7 @@ from __future__ import annotations
 from typing import Any
 
 FORMAT = "edgetalk-bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lookahead_ms replaces lookahead (whole frames)
 
 _NUM = {"type": "number"}
 _NUM0 = {"type": "number", "minimum": 0}
@@ -89,7 +91,7 @@ RECORD = {
         "target",
         "precision",
         "chunk",
-        "lookahead",
+        "lookahead_ms",
         "resolution",
         "steps",
         "window",
@@ -124,7 +126,7 @@ RECORD = {
         "target": _d(_STR, "what it ran: 'torch' (a checkpoint) or a bundle target"),
         "precision": _d(_STR, "fp32, fp16, bf16, int8"),
         "chunk": _d({"type": "integer", "minimum": 1}, "C, frames per generator call"),
-        "lookahead": _d(_INT0, "L, frames of audio lookahead"),
+        "lookahead_ms": _d(_NUM0, "audio the encoder hears past a frame's end, ms (60)"),
         "resolution": _d({"type": "integer", "minimum": 1}, "output frames are R x R"),
         "steps": _d({"type": "integer", "minimum": 1}, "flow-matching Euler steps N"),
         "window": _d({"type": "integer", "minimum": 1}, "rolling KV window W"),
@@ -136,7 +138,7 @@ RECORD = {
         "media_seconds": _d(_NUM0, "frames / 25"),
         "fps": _d(_NUM0, "throughput, frames per wall second, end to end (median)"),
         "first_frame_delay_ms": _d(_NUM0, "FFD with paced audio (median)"),
-        "first_frame_floor_ms": _d(_NUM0, "C*40 + L*40 ms"),
+        "first_frame_floor_ms": _d(_NUM0, "C*40 ms + lookahead_ms"),
         "rtf": _d(_NUM0, "paced run: compute time / media time (median)"),
         "rtf_throughput": _d(_NUM0, "throughput run: wall time / media time (median)"),
         "deadline_miss_rate": _d(

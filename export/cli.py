@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--chunk", type=int, help="frames per generator call C (default: the model's)")
     p.add_argument(
-        "--lookahead", type=int, help="audio lookahead L in frames (fixed by the weights)"
+        "--lookahead",
+        type=float,
+        metavar="MS",
+        help="audio lookahead in ms: a check only, since the weights fix it (refused if they differ)",
     )
     p.add_argument("--steps", type=int, help="flow-matching Euler steps N")
     p.add_argument("--window", type=int, help="rolling KV window W in frames")
@@ -62,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
             args.precision,
             checkpoint=args.checkpoint,
             chunk=args.chunk,
-            lookahead=args.lookahead,
+            lookahead_ms=args.lookahead,
             steps=args.steps,
             window=args.window,
             out=out,

@@ -75,7 +75,7 @@ def export_bundle(
     precision: str,
     checkpoint: str | Path | None = None,
     chunk: int | None = None,
-    lookahead: int | None = None,
+    lookahead_ms: float | None = None,
     steps: int | None = None,
     window: int | None = None,
     out: str | Path | None = None,
@@ -94,7 +94,9 @@ def export_bundle(
     ck_path = Path(checkpoint) if checkpoint else default_checkpoint()
     model, meta = load_checkpoint(ck_path)
     try:
-        cfg = model.cfg.with_streaming(chunk=chunk, lookahead=lookahead, steps=steps, window=window)
+        cfg = model.cfg.with_streaming(
+            chunk=chunk, lookahead_ms=lookahead_ms, steps=steps, window=window
+        )
     except ValueError as e:
         raise EdgeTalkError(str(e)) from None
     model = model.for_streaming(cfg)
@@ -320,7 +322,8 @@ def _manifest(cfg, tgt, precision, files, work, results, e2e, meta, ck_path, sec
         "config": cfg.to_dict(),
         "streaming": {
             "chunk": cfg.chunk,
-            "lookahead": cfg.lookahead,
+            "lookahead_samples": cfg.lookahead_samples,
+            "lookahead_ms": cfg.lookahead_ms,
             "cache_slots": cfg.cache_slots,
             "sink": cfg.sink,
             "window": cfg.generator.window,

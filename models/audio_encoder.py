@@ -1,9 +1,18 @@
-"""Streaming audio encoder: causal except for a fixed lookahead of L video frames.
+"""Streaming audio encoder: causal except for a fixed lookahead of `lookahead_samples`.
 
-Each call takes the PCM of C + L frames starting at the first frame of the chunk (the last L
-overlap the next call) and returns one token per frame of the chunk. Token t depends on audio up
-to the end of frame t + L and on nothing later. The state it returns describes the history up to
-the end of frame s + C only, so the overlap is never counted twice.
+Each call takes the PCM of the chunk's C frames and the lookahead after them (C*640 + lookahead
+samples, starting at the first frame of the chunk; the lookahead overlaps the next call) and
+returns one token per frame of the chunk. Token t depends on audio up to lookahead samples after
+the end of frame t and on nothing later. The state it returns describes the history up to the end
+of frame s + C only, so the overlap is never counted twice.
+
+A lookahead of Lw whole frames and a part of r mel hops (60 ms: Lw = 1, r = 2 of 4) works so:
+the causal conv stack runs over whole frames up to t + Lw; the part-heard frame j = t + Lw + 1 gets
+a pseudo feature from its r mel frames (`part_in`) that goes through the same conv stack as a last
+frame (each layer sees the real history before it), and the lookahead conv takes it in place of
+frame j. Every token thus sees exactly the lookahead, whatever its place in the chunk, and
+streaming equals encoding the whole sequence. With r = 0 (checkpoints from before, 80 ms) it is the
+plain whole-frame encoder.
 
 Features are log-mel from a conv1d with a fixed DFT basis, which exports to ONNX, CoreML and MLX.
 Own voice and partner voice share the encoder; a talk/listen mask gates them after extraction.
@@ -47,6 +56,16 @@ def dft_basis(n_fft: int) -> torch.Tensor:
     return basis.float().unsqueeze(1)
 
 
+def _windows(real: torch.Tensor, last: torch.Tensor, n: int) -> torch.Tensor:
+    """Kernel windows side by side: window t = real[t .. t+n-1] then last[t], so that a stride-1
+    conv of kernel n+1 gives window t's output at position t*(n+1) (the rest is discarded).
+    real [B, H, >= C+n-1], last [B, H, C] -> [B, H, C*(n+1)]. Calling the conv module itself, not
+    slices of its weight, keeps it one quantizable layer in every exported form."""
+    b, h, c = last.shape
+    taps = [real[:, :, m : m + c] for m in range(n)] + [last]
+    return torch.stack(taps, dim=3).reshape(b, h, c * (n + 1))
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -54,6 +73,8 @@ class AudioEncoder(nn.Module):
         self.cfg = cfg
         self.mels_per_frame = SAMPLES_PER_FRAME // a.hop
         self.pcm_context = a.n_fft - a.hop  # samples of history the first STFT window needs
+        self.whole = a.lookahead_samples // SAMPLES_PER_FRAME  # Lw: lookahead frames heard whole
+        self.part = a.lookahead_samples % SAMPLES_PER_FRAME // a.hop  # r: mels of the next one
         self.register_buffer("dft", dft_basis(a.n_fft), persistent=False)
         self.register_buffer("melfb", mel_filterbank(a.n_fft, a.n_mels), persistent=False)
         self.frame_in = nn.Linear(a.n_mels * self.mels_per_frame, a.hidden)
@@ -62,39 +83,71 @@ class AudioEncoder(nn.Module):
         )
         # Per-frame LayerNorm: statistics over channels only, so nothing leaks across time.
         self.norms = nn.ModuleList(nn.LayerNorm(a.hidden) for _ in range(a.conv_layers))
-        # Lookahead head: token t sees features of frames t .. t+L.
-        self.lookahead_conv = nn.Conv1d(a.hidden, a.hidden, a.lookahead + 1)
+        # Lookahead head: token t sees features of frames t .. t+Lw, and the part-heard frame.
+        self.lookahead_conv = nn.Conv1d(a.hidden, a.hidden, self.whole + 1 + (self.part > 0))
+        if self.part:  # the part-heard frame's r mels -> a stand-in for its features
+            self.part_in = nn.Linear(a.n_mels * self.part, a.hidden)
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
 
-    def features(self, pcm: torch.Tensor) -> torch.Tensor:
-        """[B, samples] (with pcm_context samples of history) -> per-video-frame features [B, H, T]."""
+    def log_mel(self, pcm: torch.Tensor) -> torch.Tensor:
+        """[B, samples] (with pcm_context samples of history) -> log-mel [B, M, mels], one per hop."""
         n_freq = self.cfg.audio.n_fft // 2 + 1
         spec = F.conv1d(pcm.unsqueeze(1), self.dft, stride=self.cfg.audio.hop)  # [B, 2F, M]
         power = spec[:, :n_freq] ** 2 + spec[:, n_freq:] ** 2
-        mel = torch.log(torch.matmul(power.transpose(1, 2), self.melfb) + 1e-6)  # [B, M, mels]
+        return torch.log(torch.matmul(power.transpose(1, 2), self.melfb) + 1e-6)
+
+    def features(self, pcm: torch.Tensor) -> torch.Tensor:
+        """[B, samples] (with pcm_context samples of history) -> per-video-frame features [B, H, T]."""
+        return self.frame_in(self._whole_frames(self.log_mel(pcm))).transpose(1, 2)
+
+    def _whole_frames(self, mel: torch.Tensor) -> torch.Tensor:
+        """[B, M, mels] -> the whole video frames among them, mels side by side [B, T, 4*mels]."""
         b, m, n = mel.shape
-        frames = mel.reshape(b, m // self.mels_per_frame, self.mels_per_frame * n)
-        return self.frame_in(frames).transpose(1, 2)  # [B, H, T]
+        t = m // self.mels_per_frame
+        return mel[:, : t * self.mels_per_frame].reshape(b, t, self.mels_per_frame * n)
+
+    def _part_mels(self, mel: torch.Tensor, c: int) -> torch.Tensor:
+        """The first r mels of frames Lw+1 .. C+Lw (the part-heard frame of each token): those of
+        the chunk's later whole frames, then the tail of the call. [B, M, mels] -> [B, C, r*mels]."""
+        b, _, n = mel.shape
+        frames = self._whole_frames(mel)
+        tail = mel[:, frames.shape[1] * self.mels_per_frame :].reshape(b, 1, self.part * n)
+        if c == 1:
+            return tail
+        return torch.cat([frames[:, self.whole + 1 :, : self.part * n], tail], dim=1)
 
     def forward(
         self,
-        pcm: torch.Tensor,  # [B, 2, (C+L)*640]: own voice, partner voice
+        pcm: torch.Tensor,  # [B, 2, C*640 + lookahead_samples]: own voice, partner voice
         talk_mask: torch.Tensor,  # [B, C]: 1 = the avatar speaks, 0 = it listens
         pcm_state: torch.Tensor,  # [B, 2, n_fft-hop]
         conv_state: torch.Tensor,  # [layers, 2B, H, kernel-1]
     ) -> dict[str, torch.Tensor]:
         b, c = talk_mask.shape
         full = torch.cat([pcm_state, pcm], dim=2)
-        x = self.features(full.reshape(2 * b, full.shape[2]))  # own/partner as batch: [2B, H, C+L]
+        mel = self.log_mel(full.reshape(2 * b, full.shape[2]))  # own/partner as batch
+        x = self.frame_in(self._whole_frames(mel)).transpose(1, 2)  # [2B, H, C+Lw]
+        if self.part:
+            p = self.part_in(self._part_mels(mel, c)).transpose(1, 2)  # [2B, H, C]
         keep = c * SAMPLES_PER_FRAME  # the state advances by the chunk, not the lookahead
         pcm_state_out = pcm[:, :, keep - self.pcm_context : keep]
         k = self.cfg.audio.kernel - 1
+        lw = self.whole
         states = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            xin = torch.cat([conv_state[i], x], dim=2)  # [2B, H, k + C + L]
+            xin = torch.cat([conv_state[i], x], dim=2)  # [2B, H, k + C + Lw]
             states.append(xin[:, :, c : c + k])  # history ending at frame s + C
+            if self.part:
+                # Frame j = t+Lw+1 as the last frame of the causal kernel, after the real frames
+                # j-k .. j-1 (xin t+Lw+1 .. t+Lw+k).
+                z = _windows(xin[:, :, lw + 1 :], p, k)
+                p = p + F.gelu(norm(conv(z)[:, :, :: k + 1].transpose(1, 2)).transpose(1, 2))
             x = x + F.gelu(norm(conv(xin).transpose(1, 2)).transpose(1, 2))
-        y = self.lookahead_conv(x).reshape(b, 2, -1, c).transpose(2, 3)  # [B, 2, C, H]
+        if self.part:  # frames t .. t+Lw, then the stand-in for the part-heard one
+            y = self.lookahead_conv(_windows(x, p, lw + 1))[:, :, :: lw + 2]
+        else:
+            y = self.lookahead_conv(x)
+        y = y.reshape(b, 2, -1, c).transpose(2, 3)  # [B, 2, C, H]
         own, partner = y[:, 0], y[:, 1]
         m = talk_mask.unsqueeze(2)  # [B, C, 1]
         tokens = self.mix(torch.cat([own * m, partner * (1.0 - m), m], dim=2))
@@ -107,13 +160,12 @@ class AudioEncoder(nn.Module):
     def encode_sequence(self, pcm: torch.Tensor, talk_mask: torch.Tensor) -> torch.Tensor:
         """Whole clips in one call (training): pcm [B, 2, T*640], mask [B, T] -> tokens [B, T, A].
 
-        The end is padded with L frames of silence, as the scheduler's flush does; the start has
-        zero state, as a new stream does. Equal to streaming the clip chunk by chunk.
+        The end is padded with the lookahead in silence, as the scheduler's flush does; the start
+        has zero state, as a new stream does. Equal to streaming the clip chunk by chunk.
         """
         b, t = talk_mask.shape
         a = self.cfg.audio
-        pad = self.cfg.lookahead * SAMPLES_PER_FRAME
-        pcm = F.pad(pcm, (0, pad))
+        pcm = F.pad(pcm, (0, a.lookahead_samples))
         pcm_state = pcm.new_zeros(b, 2, self.pcm_context)
         conv_state = pcm.new_zeros(a.conv_layers, 2 * b, a.hidden, a.kernel - 1)
         return self(pcm, talk_mask, pcm_state, conv_state)["audio_tokens"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 
 from .motion import MOTION_DIM
@@ -13,6 +12,7 @@ SAMPLE_RATE = 16_000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 LOOKAHEAD_MS = 60
+MS_SAMPLES = SAMPLE_RATE // 1000  # 16 samples per millisecond
 MAX_SIZE = 1 << 16  # no size in a config goes beyond this (configs are read from user files)
 
 
@@ -25,7 +25,10 @@ class AudioConfig:
     conv_layers: int = 4
     kernel: int = 5  # causal temporal kernel over video frames
     token_dim: int = 64
-    lookahead: int = math.ceil(LOOKAHEAD_MS / (1000 / FPS))  # smallest L covering 60 ms -> 2
+    # Audio after a frame's end that its token may use, in samples: 60 ms is 960, i.e. one whole
+    # frame and the first half of the next. A multiple of the hop (a mel frame ends on each hop);
+    # checkpoints from before stored `lookahead` in whole frames (80 ms = 2), read as 1280.
+    lookahead_samples: int = LOOKAHEAD_MS * MS_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,17 @@ class ModelConfig:
 
     # Derived streaming sizes (the static-shape contract).
     @property
-    def lookahead(self) -> int:
-        return self.audio.lookahead
+    def lookahead_samples(self) -> int:
+        return self.audio.lookahead_samples
+
+    @property
+    def lookahead_ms(self) -> float:
+        return self.audio.lookahead_samples / MS_SAMPLES
+
+    @property
+    def chunk_samples(self) -> int:
+        """PCM one audio call takes: the chunk's C frames and the lookahead after them."""
+        return self.chunk * SAMPLES_PER_FRAME + self.lookahead_samples
 
     @property
     def sink(self) -> int:
@@ -87,19 +99,21 @@ class ModelConfig:
     def with_streaming(
         self,
         chunk: int | None = None,
-        lookahead: int | None = None,
+        lookahead_ms: float | None = None,
         steps: int | None = None,
         window: int | None = None,
     ) -> ModelConfig:
-        """A copy with other streaming settings (export/run flags). Weights do not depend on C or W."""
+        """A copy with other streaming settings (export/run flags). Weights do not depend on C or W.
+
+        lookahead_ms is only checked: the lookahead is part of the audio encoder's weights."""
         cfg = self
         if chunk is not None:
             _check_positive("chunk", chunk)
             cfg = dataclasses.replace(cfg, chunk=chunk)
-        if lookahead is not None and lookahead != cfg.audio.lookahead:
+        if lookahead_ms is not None and lookahead_ms != cfg.lookahead_ms:
             raise ValueError(
-                f"lookahead {lookahead} does not match the trained audio encoder "
-                f"(L={cfg.audio.lookahead}); the lookahead is part of the weights"
+                f"lookahead {lookahead_ms:g} ms does not match the trained audio encoder "
+                f"({cfg.lookahead_ms:g} ms); the lookahead is part of the weights"
             )
         if steps is not None:
             _check_positive("steps", steps)
@@ -134,7 +148,7 @@ class ModelConfig:
                 name=d["name"],
                 motion_dim=d["motion_dim"],
                 chunk=d["chunk"],
-                audio=AudioConfig(**d["audio"]),
+                audio=AudioConfig(**_audio_fields(d["audio"])),
                 generator=GeneratorConfig(**d["generator"]),
                 render=RenderConfig(**d["render"]),
             )
@@ -153,7 +167,7 @@ class ModelConfig:
             for f in dataclasses.fields(part):
                 v = getattr(part, f.name)
                 if f.type in ("int", int):
-                    low = 0 if f.name == "lookahead" else 1
+                    low = 0 if f.name == "lookahead_samples" else 1
                     if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_SIZE:
                         raise ValueError(
                             f"{f.name} must be an integer in {low}..{MAX_SIZE}, got {v!r}"
@@ -162,10 +176,31 @@ class ModelConfig:
                     not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < 1e9
                 ):
                     raise ValueError(f"{f.name} must be a positive number, got {v!r}")
-        g, r = self.generator, self.render
-        if g.dim % g.heads or r.resolution % 4 or self.audio.hop > self.audio.n_fft:
-            raise ValueError("inconsistent config: dim % heads, resolution % 4 or hop > n_fft")
+        g, r, a = self.generator, self.render, self.audio
+        if g.dim % g.heads or r.resolution % 4 or a.hop > a.n_fft or SAMPLES_PER_FRAME % a.hop:
+            raise ValueError(
+                "inconsistent config: dim % heads, resolution % 4, hop > n_fft or 640 % hop"
+            )
+        if a.lookahead_samples % a.hop:
+            raise ValueError(
+                f"lookahead_samples must be a multiple of the hop ({a.hop}), "
+                f"got {a.lookahead_samples}"
+            )
         return self
+
+
+def _audio_fields(d: dict) -> dict:
+    """Audio config fields; a config written before the lookahead was counted in samples has
+    `lookahead` in whole video frames (tiny: 2 = 80 ms), which is the same encoder."""
+    d = dict(d)
+    if "lookahead" in d:
+        if "lookahead_samples" in d:
+            raise ValueError("audio config has both lookahead (frames) and lookahead_samples")
+        frames = d.pop("lookahead")
+        if not isinstance(frames, int) or isinstance(frames, bool) or not 0 <= frames <= 64:
+            raise ValueError(f"lookahead must be a number of frames in 0..64, got {frames!r}")
+        d["lookahead_samples"] = frames * SAMPLES_PER_FRAME
+    return d
 
 
 def _check_positive(name: str, v: int) -> None:

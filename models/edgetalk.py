@@ -27,7 +27,7 @@ class EdgeTalkModel(nn.Module):
         return getattr(self, name)
 
     def for_streaming(self, cfg: ModelConfig) -> EdgeTalkModel:
-        """A model for other streaming settings (chunk, window, steps, lookahead) that shares this
+        """A model for other streaming settings (chunk, window, steps) that shares this
         one's weights. Each backend builds its own, so two backends never share a chunk size
         through a mutable config; the weights are the same tensors, not copies."""
         if cfg.architecture() != self.cfg.architecture():

@@ -1,7 +1,8 @@
 """The static-shape I/O contract of every module: names, shapes and dtypes.
 
 One source of truth for the torch backend, the exporters, the bundle manifest and the scheduler.
-Batch is 1; every dimension is a fixed integer for a given config (chunk C, lookahead L, window W).
+Batch is 1; every dimension is a fixed integer for a given config (chunk C, lookahead in samples,
+window W).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import SAMPLES_PER_FRAME, ModelConfig
+from .config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class ModuleIO:
 
 def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
     a, g, r = cfg.audio, cfg.generator, cfg.render
-    c, lk, p = cfg.chunk, cfg.lookahead, cfg.motion_dim
+    c, p = cfg.chunk, cfg.motion_dim
     res, feat = r.resolution, r.resolution // 4
     kv = (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
     new_kv = (g.layers, 1, g.heads, c, cfg.head_dim)
@@ -68,7 +69,7 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
         ),
         "audio": ModuleIO(
             (
-                T("pcm", (1, 2, (c + lk) * SAMPLES_PER_FRAME)),
+                T("pcm", (1, 2, cfg.chunk_samples)),  # C*640 + lookahead_samples
                 T("talk_mask", (1, c)),
                 T("pcm_state", (1, 2, a.n_fft - a.hop)),
                 T("conv_state", (a.conv_layers, 2, a.hidden, a.kernel - 1)),

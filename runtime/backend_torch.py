@@ -34,10 +34,12 @@ class TorchBackend(Backend):
         chunk: int | None = None,
         steps: int | None = None,
         window: int | None = None,
-        lookahead: int | None = None,
+        lookahead_ms: float | None = None,
     ) -> TorchBackend:
         model, _ = load_checkpoint(path or default_checkpoint())
-        cfg = model.cfg.with_streaming(chunk=chunk, steps=steps, window=window, lookahead=lookahead)
+        cfg = model.cfg.with_streaming(
+            chunk=chunk, steps=steps, window=window, lookahead_ms=lookahead_ms
+        )
         return cls(model, cfg)
 
     @classmethod

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BundleError
-from ..models.config import ModelConfig
+from ..models.config import SAMPLES_PER_FRAME, ModelConfig
 from ..models.constants import MODULES
 from ..models.io_spec import ModuleIO, module_io
 
@@ -155,6 +155,18 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _lookahead_samples(streaming: dict) -> int:
+    """The manifest's lookahead in samples. Bundles exported before it was counted in samples say
+    `lookahead` in whole frames (80 ms = 2); their config reads the same way (models/config.py),
+    so they still open and run, with the 80 ms encoder they were exported with."""
+    if "lookahead_samples" in streaming:
+        return streaming["lookahead_samples"]
+    frames = streaming["lookahead"]
+    if not isinstance(frames, int) or isinstance(frames, bool):
+        raise ValueError(f"lookahead {frames!r} is not a number of frames")
+    return frames * SAMPLES_PER_FRAME
+
+
 def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool = True) -> Bundle:
     root = Path(path)
     m = read_manifest(root)
@@ -171,13 +183,13 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         files = {str(k): str(v) for k, v in m["files"].items()}
         hashes = {str(k): str(v) for k, v in m["sha256"].items()}
         streaming = m["streaming"]
-        declared = (streaming["chunk"], streaming["lookahead"], streaming["cache_slots"])
+        declared = (streaming["chunk"], _lookahead_samples(streaming), streaming["cache_slots"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{root}: manifest is missing or has a malformed field ({e})") from None
 
     if declared != (
         cfg.chunk,
-        cfg.lookahead,
+        cfg.lookahead_samples,
         cfg.cache_slots,
     ):
         raise BundleError(f"{root}: manifest streaming block disagrees with its model config")

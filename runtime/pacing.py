@@ -37,7 +37,7 @@ class Pacer:
         realtime: bool,
         late_policy: str,
         chunk: int,
-        lookahead: int,
+        lookahead_samples: int,
         clock: Callable[[], float],
     ):
         check_late_policy(late_policy)
@@ -45,7 +45,8 @@ class Pacer:
         self.late_policy = late_policy
         self.chunk = chunk
         self.chunk_s = chunk / FPS
-        self.floor_s = (chunk + lookahead) / FPS  # the audio the first chunk needs
+        # the audio the first chunk needs: C frames and the lookahead after them
+        self.floor_s = chunk / FPS + lookahead_samples / SAMPLE_RATE
         self.clock = clock
         self.origin: float | None = None  # when the timeline began (its sample 0)
         self.t0: float | None = None  # frame i is due at t0 + i / FPS

@@ -1,7 +1,7 @@
 """The streaming chunk scheduler, shared by every backend.
 
 It owns all state: the KV cache and its RAPR positions, the audio encoder's state, the audio not
-yet consumed (including the L-frame lookahead), the previous motion, the noise stream and the
+yet consumed (including the lookahead), the previous motion, the noise stream and the
 continuity of the shown motion across chunks (continuity.py). Audio arrives in pieces of any
 size with no known total length; frames leave with presentation times.
 
@@ -116,7 +116,7 @@ class StreamScheduler:
         self.backend = backend
         self.cfg = cfg
         self.chunk = cfg.chunk
-        self.lookahead = cfg.lookahead
+        self.lookahead_samples = cfg.lookahead_samples
         self.seed = seed
         self.clock = clock
         self.stats = StreamStats()
@@ -175,7 +175,7 @@ class StreamScheduler:
         self.partner = np.concatenate([self.partner, partner])
         self.samples_in += own.shape[0]
         frames: list[Frame] = []
-        need = (self.chunk + self.lookahead) * SAMPLES_PER_FRAME
+        need = self.cfg.chunk_samples  # the chunk and the lookahead after it
         while self.own.shape[0] >= need:
             frames.extend(self._step())
         return frames
@@ -193,7 +193,7 @@ class StreamScheduler:
         The last frame carries the samples received, zero-padded to its 640."""
         total = math.ceil(self.samples_in / SAMPLES_PER_FRAME)
         frames: list[Frame] = []
-        need = (self.chunk + self.lookahead) * SAMPLES_PER_FRAME
+        need = self.cfg.chunk_samples  # the chunk and the lookahead after it
         while self.next_frame < total:
             pad = max(0, need - self.own.shape[0])
             self.own = np.concatenate([self.own, np.zeros(pad, np.float32)])
@@ -226,7 +226,7 @@ class StreamScheduler:
 
     def _step(self) -> list[Frame]:
         c, spf = self.chunk, SAMPLES_PER_FRAME
-        n = (c + self.lookahead) * spf
+        n = self.cfg.chunk_samples
         own, partner = self.own[:n], self.partner[:n]
         mask = talk_listen_mask(own, partner if self.partner_seen else None, c)[None]
         audio = self._run(

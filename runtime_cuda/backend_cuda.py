@@ -127,7 +127,7 @@ class CudaBackend(Backend):
         chunk: int | None = None,
         steps: int | None = None,
         window: int | None = None,
-        lookahead: int | None = None,
+        lookahead_ms: float | None = None,
         precision: str = "fp32",
         graphs: bool = True,
         compile: bool = False,
@@ -138,7 +138,9 @@ class CudaBackend(Backend):
             if not ok:  # before loading weights: the refusal is the message, not a traceback
                 raise BackendUnavailable(f"backend 'cuda' cannot run here: {why}")
         model, _ = load_checkpoint(path or default_checkpoint())
-        cfg = model.cfg.with_streaming(chunk=chunk, steps=steps, window=window, lookahead=lookahead)
+        cfg = model.cfg.with_streaming(
+            chunk=chunk, steps=steps, window=window, lookahead_ms=lookahead_ms
+        )
         return cls(model, cfg, precision, graphs, compile, device)
 
     @classmethod

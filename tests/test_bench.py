@@ -86,9 +86,10 @@ class TimedBackend(Backend):
 MS = {"appearance": 7.0, "audio": 2.0, "generator": 5.0, "decoder": 3.0}
 
 
-def test_floor_is_chunk_plus_lookahead_frames():
-    assert first_frame_floor_ms(1, 2) == pytest.approx(120.0)
-    assert first_frame_floor_ms(4, 2) == pytest.approx(240.0)
+def test_floor_is_chunk_plus_lookahead():
+    assert first_frame_floor_ms(1, 960) == pytest.approx(100.0)  # 60 ms is 60 ms
+    assert first_frame_floor_ms(4, 960) == pytest.approx(220.0)
+    assert first_frame_floor_ms(1, 1280) == pytest.approx(120.0)  # an 80 ms checkpoint
     assert first_frame_floor_ms(24, 0) == pytest.approx(960.0)
 
 
@@ -109,19 +110,20 @@ def test_paced_audio_is_paced_and_ffd_is_floor_plus_compute(micro_backend):
     pcm = speechlike(frames * SAMPLES_PER_FRAME / 16000)
     t.now = 100.0  # wall time 0 of the stream is whenever it starts
     run = paced_run(sched, pcm, piece_ms=20, clock=t.clock, sleep=t.sleep)
-    c, lookahead = MICRO.chunk, MICRO.lookahead
+    c, floor = MICRO.chunk, first_frame_floor_ms(MICRO.chunk, MICRO.lookahead_samples)
     per_chunk = MS["audio"] + MS["generator"] + MS["decoder"]
     assert run.frames == frames
-    # The first chunk can only start once C+L frames of audio have arrived in real time.
-    assert run.ffd_ms == pytest.approx(first_frame_floor_ms(c, lookahead) + per_chunk)
+    # The first chunk can only start once its C frames and the lookahead have arrived.
+    assert floor == pytest.approx(c * 40 + 60)
+    assert run.ffd_ms == pytest.approx(floor + per_chunk)
     assert run.wall_s >= frames * 0.04  # the stream took (at least) its media time
     assert len(t.sleeps) >= frames  # it waited for the audio, piece by piece
     # Constant compute well under real time: every frame on time; RTF = compute / media.
     assert run.misses() == (0.0, 0.0)
     assert run.rtf == pytest.approx((frames // c) * per_chunk / 1000.0 / (frames * 0.04))
     # Frames of chunk k arrive when its audio (and lookahead) has arrived, plus compute.
-    for i in range(0, frames - c - lookahead, c):
-        assert run.arrivals[i] == pytest.approx((i + c + lookahead) * 0.04 + per_chunk / 1000)
+    for i in range(0, frames - c - 2, c):
+        assert run.arrivals[i] == pytest.approx(i * 0.04 + (floor + per_chunk) / 1000)
 
 
 def test_late_chunks_count_as_deadline_misses(micro_backend):
@@ -144,7 +146,7 @@ def test_measure_numbers_with_a_known_clock(micro_backend):
     assert rec["frames"] == 25
     # 25 frames at C=2 is 13 calls (the last one, in flush, renders one frame).
     assert rec["fps"] == pytest.approx(25 / (13 * per_chunk), rel=1e-3)
-    assert rec["first_frame_floor_ms"] == pytest.approx((MICRO.chunk + MICRO.lookahead) * 40)
+    assert rec["first_frame_floor_ms"] == pytest.approx(MICRO.chunk * 40 + 60)
     assert rec["first_frame_delay_ms"] == pytest.approx(
         rec["first_frame_floor_ms"] + 1000 * per_chunk, abs=1e-3
     )
@@ -167,7 +169,7 @@ def test_real_paced_run_takes_media_time(micro_backend):
     run = paced_run(sched, speechlike(0.4))
     assert time.perf_counter() - t0 >= 0.4 - 1e-3
     assert run.wall_s >= 0.4 - 1e-3
-    assert run.ffd_ms >= first_frame_floor_ms(MICRO.chunk, MICRO.lookahead)
+    assert run.ffd_ms >= first_frame_floor_ms(MICRO.chunk, MICRO.lookahead_samples)
 
 
 # ---- the CLI end to end ----------------------------------------------------------------------
@@ -185,8 +187,8 @@ def test_bench_json_validates_and_holds_every_field(bench_run):
     assert dev["gemm_peak_gflops"]["cpu"] > 0 and dev["cores_logical"] >= 1
     assert "torch" in dev["versions"]
     for r in results:
-        assert r["lookahead"] == MICRO.lookahead and r["resolution"] == 32
-        assert r["first_frame_floor_ms"] == pytest.approx((r["chunk"] + MICRO.lookahead) * 40)
+        assert r["lookahead_ms"] == 60 and r["resolution"] == 32
+        assert r["first_frame_floor_ms"] == pytest.approx(r["chunk"] * 40 + 60)
         assert r["first_frame_delay_ms"] >= r["first_frame_floor_ms"]
         assert r["frames"] == 25 and r["fps"] > 0 and r["rtf"] > 0
         assert 0 <= r["deadline_miss_rate"] <= 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -79,7 +78,8 @@ def test_streaming_overrides():
     cfg = preset("tiny").with_streaming(chunk=1, window=6)
     assert (cfg.chunk, cfg.generator.window, cfg.cache_slots) == (1, 6, 7)
     with pytest.raises(ValueError, match="lookahead"):
-        preset("tiny").with_streaming(lookahead=5)
+        preset("tiny").with_streaming(lookahead_ms=80)
+    assert preset("tiny").with_streaming(lookahead_ms=60) == preset("tiny")
     with pytest.raises(ValueError):
         preset("tiny").with_streaming(chunk=0)
-    assert np.isclose(preset("tiny").lookahead * 40, 80)  # smallest L covering 60 ms
+    assert preset("tiny").lookahead_samples == 960 and preset("tiny").lookahead_ms == 60

@@ -185,7 +185,7 @@ def _bundle(root: Path, target: str) -> Path:
         "config": MICRO.to_dict(),
         "target": target,
         "precision": "fp32",
-        "streaming": {k: getattr(MICRO, k) for k in ("chunk", "lookahead", "cache_slots")},
+        "streaming": {k: getattr(MICRO, k) for k in ("chunk", "lookahead_samples", "cache_slots")},
         "modules": {m: {"io": io[m].to_dict()} for m in MODULES},
         "files": files,
         "sha256": {f: tree_sha256(root / f) for f in files.values()},

@@ -94,9 +94,9 @@ def test_session_frames_tile_the_pushed_audio(backend, paired):
 
 def test_pacing_policy_on_a_fake_clock():
     """Silence up to the wall clock when idle, the presentation anchor, late frames and how many
-    to skip to catch up: decided from the clocks alone (chunk 2, lookahead 2: 80 ms, floor 160 ms)."""
+    to skip to catch up: decided from the clocks alone (chunk 2, lookahead 1280 samples: 80 ms, floor 160 ms)."""
     t = [100.0]
-    p = Pacer(True, "drop", chunk=2, lookahead=2, clock=lambda: t[0])
+    p = Pacer(True, "drop", chunk=2, lookahead_samples=1280, clock=lambda: t[0])
     p.start()
     assert p.silence_needed(0) == 0
     t[0] += 0.2  # 200 ms without audio
@@ -114,17 +114,17 @@ def test_pacing_policy_on_a_fake_clock():
     assert p.frames_to_skip(8, waiting_frames=10) == 0  # frame 8 is due later: not behind
     p.interrupted()  # a barge-in: the avatar idles from here
     assert p.silence_needed(int(0.5 * 16000)) > 0
-    mark = Pacer(True, "mark", chunk=2, lookahead=2, clock=lambda: t[0])
+    mark = Pacer(True, "mark", chunk=2, lookahead_samples=1280, clock=lambda: t[0])
     mark.start()
     mark.t0 = t[0] - 1.0
     assert mark.frames_to_skip(0, 10) == 0 and mark.present(0) == (0.0, True)
-    offline = Pacer(False, "drop", chunk=2, lookahead=2, clock=lambda: t[0])
+    offline = Pacer(False, "drop", chunk=2, lookahead_samples=1280, clock=lambda: t[0])
     offline.start()
     offline.audio_arrived()
     t[0] += 10.0
     assert offline.silence_needed(0) == 0 and offline.present(1000) == (0.0, False)
     with pytest.raises(InputError, match="late policy"):
-        Pacer(True, "skip", chunk=2, lookahead=2, clock=time.monotonic)
+        Pacer(True, "skip", chunk=2, lookahead_samples=1280, clock=time.monotonic)
 
 
 def _imports(path: Path) -> set[str]:

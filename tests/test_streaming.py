@@ -130,10 +130,10 @@ def test_ten_thousand_chunks_flat_memory():
         sched.push_audio(piece, piece)
     grown = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    assert sched.stats.chunks >= 10_000 - cfg.lookahead
+    assert sched.stats.chunks >= 10_000 - -(-cfg.lookahead_samples // (cfg.chunk * 640))
     assert (sched.cache.k.shape, sched.pcm_state.shape, sched.conv_state.shape) == shapes
     assert sched.cache.slot_frame.max() == sched.next_frame - 1
-    assert sched.own.shape[0] < (cfg.chunk + cfg.lookahead) * 640
+    assert sched.own.shape[0] < cfg.chunk_samples
     assert grown < 64 * 1024, f"traced memory grew by {grown} bytes"
 
 
@@ -141,7 +141,7 @@ def test_audio_encoder_is_causal_with_fixed_lookahead():
     cfg = preset("tiny")
     model = seeded_model(cfg)
     backend = TorchBackend(model)
-    c, lk = cfg.chunk, cfg.lookahead
+    c, lk = cfg.chunk, -(-cfg.lookahead_samples // 640)  # frames the lookahead reaches into
 
     def tokens(pcm):
         sched = StreamScheduler(backend, np.zeros((256, 256, 3), np.uint8))
@@ -168,7 +168,7 @@ def test_audio_encoder_is_causal_with_fixed_lookahead():
     changed[hit * 640 :] += 0.2
     diff = np.abs(tokens(changed) - base).max(axis=1)
     assert diff[: hit - lk].max() == 0.0  # nothing before t + L sees the future
-    assert diff[hit - lk] > 1e-4  # frame t sees up to the end of frame t + L
+    assert diff[hit - lk] > 1e-4  # frame t sees up to the lookahead past its end
     assert base.shape[0] % c == 0
 
 

@@ -21,13 +21,17 @@ class AudioEncoder(Module):
         self.cfg = cfg
         self.mels_per_frame = SAMPLES_PER_FRAME // a.hop
         self.pcm_context = a.n_fft - a.hop
+        self.whole = a.lookahead_samples // SAMPLES_PER_FRAME  # as the torch module
+        self.part = a.lookahead_samples % SAMPLES_PER_FRAME // a.hop
         constants = torch_constants(cfg) if constants is None else constants
         self._dft = mx.array(constants["_dft"], dtype=F32)  # [2F, n_fft, 1]
         self._melfb = mx.array(constants["_melfb"], dtype=F32)  # [F, mels]
         self.frame_in = nn.Linear(a.n_mels * self.mels_per_frame, a.hidden)
         self.convs = [Conv1d(a.hidden, a.hidden, a.kernel) for _ in range(a.conv_layers)]
         self.norms = [nn.LayerNorm(a.hidden, eps=1e-5) for _ in range(a.conv_layers)]
-        self.lookahead_conv = Conv1d(a.hidden, a.hidden, a.lookahead + 1)
+        self.lookahead_conv = Conv1d(a.hidden, a.hidden, self.whole + 1 + (self.part > 0))
+        if self.part:
+            self.part_in = nn.Linear(a.n_mels * self.part, a.hidden)
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
 
     @staticmethod
@@ -35,30 +39,51 @@ class AudioEncoder(Module):
         n_freq = cfg.audio.n_fft // 2 + 1
         return {"_dft": (2 * n_freq, cfg.audio.n_fft, 1), "_melfb": (n_freq, cfg.audio.n_mels)}
 
-    def features(self, pcm):
-        """[B, samples] -> per-video-frame features [B, T, H] (channels-last)."""
+    def log_mel(self, pcm):
+        """[B, samples] -> log-mel [B, M, mels], one per hop."""
         n_freq = self.cfg.audio.n_fft // 2 + 1
         spec = mx.conv1d(pcm[:, :, None], self._dft, stride=self.cfg.audio.hop)  # [B, M, 2F]
         power = spec[..., :n_freq] ** 2 + spec[..., n_freq:] ** 2
-        mel = mx.log(power @ self._melfb + 1e-6)  # [B, M, mels]
+        return mx.log(power @ self._melfb + 1e-6)
+
+    def _whole_frames(self, mel):
         b, m, n = mel.shape
-        frames = mel.reshape(b, m // self.mels_per_frame, self.mels_per_frame * n)
-        return self.frame_in(self.c(frames))
+        t = m // self.mels_per_frame
+        return mel[:, : t * self.mels_per_frame].reshape(b, t, self.mels_per_frame * n)
+
+    def _part_mels(self, mel, c: int):
+        """The first r mels of frames Lw+1 .. C+Lw: [B, M, mels] -> [B, C, r*mels]."""
+        b, _, n = mel.shape
+        frames = self._whole_frames(mel)
+        tail = mel[:, frames.shape[1] * self.mels_per_frame :].reshape(b, 1, self.part * n)
+        if c == 1:
+            return tail
+        return mx.concatenate([frames[:, self.whole + 1 :, : self.part * n], tail], axis=1)
 
     def __call__(self, pcm, talk_mask, pcm_state, conv_state):
         b, c = talk_mask.shape
         full = mx.concatenate([pcm_state, pcm], axis=2)
-        x = self.features(full.reshape(2 * b, full.shape[2]))  # [2B, C+L, H]
+        mel = self.log_mel(full.reshape(2 * b, full.shape[2]))
+        x = self.frame_in(self.c(self._whole_frames(mel)))  # [2B, C+Lw, H]
+        if self.part:
+            p = self.part_in(self.c(self._part_mels(mel, c)))  # [2B, C, H]
         keep = c * SAMPLES_PER_FRAME
         pcm_state_out = pcm[:, :, keep - self.pcm_context : keep]
         k = self.cfg.audio.kernel - 1
+        lw = self.whole
         state = self.c(conv_state.transpose(0, 1, 3, 2))  # [layers, 2B, k, H]
         states = []
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            xin = mx.concatenate([state[i], x], axis=1)  # [2B, k + C + L, H]
+            xin = mx.concatenate([state[i], x], axis=1)  # [2B, k + C + Lw, H]
             states.append(xin[:, c : c + k])
+            if self.part:  # the part-heard frame after its real history (torch: _windows)
+                p = p + gelu(norm(conv(_windows(xin[:, lw + 1 :], p, k))[:, :: k + 1]))
             x = x + gelu(norm(conv(xin)))
-        y = self.lookahead_conv(x).reshape(b, 2, c, -1)  # [B, 2, C, H]
+        if self.part:
+            y = self.lookahead_conv(_windows(x, p, lw + 1))[:, :: lw + 2]
+        else:
+            y = self.lookahead_conv(x)
+        y = y.reshape(b, 2, c, -1)  # [B, 2, C, H]
         own, partner = y[:, 0], y[:, 1]
         m = self.c(talk_mask[:, :, None])
         tokens = self.mix(mx.concatenate([own * m, partner * (1.0 - m), m], axis=2))
@@ -67,6 +92,14 @@ class AudioEncoder(Module):
             "pcm_state_out": pcm_state_out,
             "conv_state_out": mx.stack(states, axis=0).transpose(0, 1, 3, 2).astype(F32),
         }
+
+
+def _windows(real, last, n: int):
+    """Channels-last models/audio_encoder._windows: window t = real[t .. t+n-1] then last[t].
+    real [B, >= C+n-1, H], last [B, C, H] -> [B, C*(n+1), H]."""
+    b, c, h = last.shape
+    taps = [real[:, m : m + c] for m in range(n)] + [last]
+    return mx.stack(taps, axis=2).reshape(b, c * (n + 1), h)
 
 
 def torch_constants(cfg: ModelConfig) -> dict:

@@ -143,7 +143,7 @@ def fake_bundle(root: Path) -> dict:
         "config": cfg.to_dict(),
         "streaming": {
             "chunk": cfg.chunk,
-            "lookahead": cfg.lookahead,
+            "lookahead_samples": cfg.lookahead_samples,
             "cache_slots": cfg.cache_slots,
         },
         "modules": {n: {"io": io.to_dict()} for n, io in module_io(cfg).items()},
