@@ -30,7 +30,7 @@ from torch import nn
 from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
 from .constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
-from .sampling import grid_sample_border, sample_columns
+from .sampling import Upsample, grid_sample_border, pixel_shuffle2, sample_columns
 
 
 def base_grid(h: int, w: int) -> torch.Tensor:
@@ -91,11 +91,14 @@ class Decoder(nn.Module):
         self.lip_mid = nn.Conv2d(hd, hd, 3, padding=1)
         self.lip_out = nn.Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
+        self.upsample = Upsample(self.feat, self.res // self.feat)  # 1/4 resolution -> full
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         rows = (torch.arange(self.feat, dtype=torch.float32) * 2 + 1) / self.feat - 1
         self.register_buffer("rows", rows.reshape(1, 1, -1, 1), persistent=False)
         self.sharp = SHARP_ROWS * 2.0 / self.res  # the closing field's flip, normalized
-        self.native_sampling = True  # exporters switch to the gather form (models/sampling.py)
+        self.native_sampling = (
+            True  # the ONNX exporter switches to the ORT form (models/sampling.py)
+        )
         # Start as "show the photo": no flow, no affine change, refinement blended out.
         for m in (self.flow_out, self.affine, self.basis):
             nn.init.zeros_(m.weight)
@@ -173,22 +176,17 @@ class Decoder(nn.Module):
         theta = (identity + self.affine(m)).reshape(c, 2, 3)
         grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
         grid = grid + (self.flow_out(x) + lin[:, :2]).permute(0, 2, 3, 1)
-        grid_full = F.interpolate(
-            grid.permute(0, 3, 1, 2),
-            size=(self.res, self.res),
-            mode="bilinear",
-            align_corners=False,
-        ).permute(0, 2, 3, 1)
+        native = self.native_sampling
+        # the sampling grid and the linear alpha, upsampled together to full resolution
+        full = self.upsample(torch.cat([grid.permute(0, 3, 1, 2), lin[:, 2:]], dim=1), native)
+        grid_full, alpha_lin = full[:, :2].permute(0, 2, 3, 1), full[:, 2:]
         wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, self.native_sampling)
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
-        r = F.gelu(F.pixel_shuffle(self.refine_up(r), 2))  # [N, rc, R/2, R/2]
-        o = F.pixel_shuffle(self.refine_out(r), 2)  # [N, 6, R, R]
+        r = F.gelu(pixel_shuffle2(self.refine_up(r), native))  # [N, rc, R/2, R/2]
+        o = pixel_shuffle2(self.refine_out(r), native)  # [N, 6, R, R]
         grid_full = grid_full + o[:, 4:].permute(0, 2, 3, 1)
         grid_full = grid_full + self.closing(app_feat, grid_full, m[:, LIP_PRESS])
         warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, self.native_sampling)
-        alpha_lin = F.interpolate(
-            lin[:, 2:], size=(self.res, self.res), mode="bilinear", align_corners=False
-        )
         alpha = torch.sigmoid(o[:, 3:4] + alpha_lin)
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha

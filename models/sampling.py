@@ -1,7 +1,12 @@
-"""Bilinear sampling written with gathers: the same result as
-F.grid_sample(mode="bilinear", padding_mode="border", align_corners=False), in ops that every
-runtime executes fast. ONNX Runtime's CPU GridSample kernel took half of the decoder's time; the
-exporters switch the decoder to this form (eager PyTorch keeps its native kernel)."""
+"""The decoder's resampling ops, each in two forms with the same result: PyTorch's native kernel
+(eager, Core ML, TensorRT) and the form ONNX Runtime's CPU kernels run fast (`native=False`, which
+the ONNX exporter switches on; see export/patching.py):
+- bilinear sampling (grid_sample, border, align_corners=False) with gathers: ONNX Runtime's
+  GridSample kernel took half of the decoder's time;
+- pixel shuffle as two small transposes: its DepthToSpace is one generic 6-D transpose, 12 ms of
+  a 4-frame call for the last one (measured with ORT's profiler, 1 thread);
+- x4 bilinear upsampling (align_corners=False) as two matmuls with fixed interpolation
+  matrices: its Resize kernel took 5 ms, the matmuls are GEMMs."""
 
 from __future__ import annotations
 
@@ -52,3 +57,56 @@ def sample_columns(row: torch.Tensor, grid: torch.Tensor, native: bool = True) -
         return torch.gather(flat, 2, idx).reshape(n, c, ho, wo)
 
     return tap(x0i) * (1.0 - wx) + tap(x1i) * wx
+
+
+def pixel_shuffle2(x: torch.Tensor, native: bool = True) -> torch.Tensor:
+    """F.pixel_shuffle(x, 2): [N, 4C, H, W] -> [N, C, 2H, 2W]."""
+    if native:
+        return F.pixel_shuffle(x, 2)
+    n, c4, h, w = x.shape
+    c = c4 // 4
+    # channels are (c, row offset a, column offset b): put b beside each column, then a beside
+    # each row; both are 3-D/4-D transposes, which ONNX Runtime runs several times faster
+    x = x.reshape(n * c * 2, 2, h * w).transpose(1, 2)  # [(n c a), (h w), b]
+    x = x.reshape(n * c, 2, h, 2 * w).transpose(1, 2)  # [(n c), h, a, (w b)]
+    return x.reshape(n, c, 2 * h, 2 * w)
+
+
+def upsample_matrix(size: int, factor: int) -> torch.Tensor:
+    """[size*factor, size]: 1-D linear upsampling with align_corners=False (PyTorch's half-pixel
+    rule, edges clamped), so that A @ x @ A.T is F.interpolate(x, bilinear)."""
+    eye = torch.eye(size).unsqueeze(1)  # [size, 1, size]: each row a unit impulse
+    up = F.interpolate(eye, scale_factor=factor, mode="linear", align_corners=False)
+    return up[:, 0].T.contiguous()
+
+
+class Upsample(torch.nn.Module):
+    """x`factor` bilinear upsampling (align_corners=False) of a square [N, C, size, size].
+
+    A module (no weights) so that its exported nodes carry the scope `/upsample/`: FP16 and INT8
+    exports keep them float by that name, for their output is the sampling grid, where a 1% error
+    is a visible shift (converters/onnx.py). The interpolation matrix is a buffer, so a trace
+    records it as a constant rather than the ops that build it."""
+
+    def __init__(self, size: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("matrix", upsample_matrix(size, factor), persistent=False)
+
+    def forward(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
+        return upsample_bilinear(x, self.factor, native, self.matrix)
+
+
+def upsample_bilinear(
+    x: torch.Tensor, factor: int, native: bool = True, matrix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False) for a square
+    [N, C, H, H]; `matrix` is upsample_matrix(H, factor) when the caller keeps one."""
+    n, c, h, w = x.shape
+    if native:
+        return F.interpolate(x, size=(h * factor, w * factor), mode="bilinear", align_corners=False)
+    if h != w:
+        raise ValueError(f"upsample_bilinear's matmul form takes a square input, not {h}x{w}")
+    a = (upsample_matrix(h, factor) if matrix is None else matrix).to(x.dtype)
+    rows = torch.matmul(x.reshape(n * c * h, w), a.T)  # one GEMM: [(n c h), W]
+    return torch.matmul(a, rows.reshape(n * c, h, w * factor)).reshape(n, c, h * factor, w * factor)

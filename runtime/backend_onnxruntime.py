@@ -45,6 +45,11 @@ class OnnxRuntimeBackend(Backend):
             opts.intra_op_num_threads = threads
             # modules run one after another: a second pool of threads would only compete
             opts.inter_op_num_threads = 1
+        if threads != 1:
+            # Each of the four sessions has its own pool, and an idle pool spin-waits after its
+            # run: while the decoder works, the generator's and audio's workers spin beside it.
+            # On 2 cores that halved ONNX throughput at 2 threads (README, "Threads").
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = threads
         opts.log_severity_level = 3
         self.providers = self.choose_providers()

@@ -131,6 +131,44 @@ def test_int8_is_really_8bit(bundles):
     assert fp32["int8_weight_tensors"] == 0
 
 
+def test_decoder_graph_is_the_onnx_runtime_form(bundles):
+    """The exported decoder holds none of the kernels ONNX Runtime runs slowly (GridSample,
+    DepthToSpace, Resize), and the INT8 one runs GELU as one kernel, its grid upsampling in float."""
+    import onnx
+
+    for prec in ("fp32", "int8"):
+        ops = [n.op_type for n in onnx.load(str(bundles[prec].path / "decoder.onnx")).graph.node]
+        assert not {"GridSample", "DepthToSpace", "Resize"} & set(ops), prec
+        assert "GatherElements" in ops and "MatMul" in ops
+    fp32 = onnx.load(str(bundles["fp32"].path / "decoder.onnx")).graph.node
+    int8 = onnx.load(str(bundles["int8"].path / "decoder.onnx")).graph.node
+    gelus = [n for n in int8 if n.op_type == "Gelu"]
+    spelled_out = [n for n in fp32 if n.op_type == "Erf"]  # the tracer's exact GELU, one Erf each
+    assert len(gelus) == len(spelled_out) >= 2
+    assert all(n.domain == "com.microsoft" for n in gelus)
+    assert not [n for n in int8 if n.op_type == "Erf"]
+    reasons = int8_report(bundles["int8"].path / "decoder.onnx")["float_reasons"]
+    upsample = [k for k in reasons if "/upsample/" in k]
+    assert len(upsample) == 2  # both matmuls of the grid's upsampling stay float
+    assert "float head /upsample/" in {reasons[k] for k in upsample}
+
+
+def test_sessions_do_not_spin_beside_each_other(bundles):
+    """Four sessions, four pools: with more than one thread, an idle pool must not spin-wait
+    while the next module runs (it halved ONNX FPS at 2 threads on 2 cores)."""
+    from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
+
+    for threads, want in ((2, "0"), (1, "")):
+        backend = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=threads)
+        for sess in backend.sessions.values():
+            opts = sess.get_session_options()
+            try:
+                got = opts.get_session_config_entry("session.intra_op.allow_spinning")
+            except RuntimeError:  # not set: ORT's default (one thread has no pool to spin)
+                got = ""
+            assert got == want, threads
+
+
 def test_bundle_runs_through_scheduler(bundles):
     backend = open_backend(bundle=bundles["int8"].path)
     assert backend.name == "onnxruntime" and backend.precision == "int8"

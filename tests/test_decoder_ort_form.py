@@ -1,0 +1,61 @@
+"""The decoder's ONNX Runtime form (models/sampling.py, `native_sampling = False`): the same
+frames as PyTorch's native kernels, and the graph an ONNX export actually contains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetalk.models.checkpoint import default_checkpoint, load_checkpoint
+from edgetalk.models.sampling import (
+    grid_sample_border,
+    pixel_shuffle2,
+    upsample_bilinear,
+    upsample_matrix,
+)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 24, 16, 16), (2, 4, 1, 9)])
+def test_pixel_shuffle_as_two_transposes_is_exact(shape):
+    x = torch.randn(shape)
+    assert torch.equal(pixel_shuffle2(x, native=False), F.pixel_shuffle(x, 2))
+
+
+@pytest.mark.parametrize("size,factor", [(8, 4), (64, 4), (5, 2)])
+def test_upsampling_as_matmuls_matches_interpolate(size, factor):
+    x = torch.randn(2, 3, size, size)
+    want = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    got = upsample_bilinear(x, factor, native=False)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+    # the edges are clamped, as PyTorch's half-pixel rule: the first output row is the input's
+    assert torch.allclose(upsample_matrix(size, factor)[0, 0], torch.tensor(1.0))
+
+
+def test_gather_sampling_matches_grid_sample_beyond_the_border():
+    img = torch.rand(1, 3, 20, 20)
+    grid = torch.rand(2, 9, 11, 2) * 2.6 - 1.3  # some samples fall outside: border padding
+    want = F.grid_sample(
+        img.expand(2, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    assert torch.allclose(
+        grid_sample_border(img.expand(2, -1, -1, -1), grid, False), want, atol=1e-5
+    )
+
+
+def test_shipped_decoder_renders_the_same_frames_in_both_forms():
+    model = load_checkpoint(default_checkpoint())
+    model = model[0] if isinstance(model, tuple) else model
+    twin = model.for_streaming(model.cfg).eval()
+    twin.decoder.native_sampling = False
+    g = torch.Generator().manual_seed(0)
+    app = torch.rand(1, 32, 64, 64, generator=g)
+    image = torch.rand(1, 3, 256, 256, generator=g)
+    motion = torch.randn(1, 4, model.cfg.motion_dim, generator=g) * 0.5
+    with torch.no_grad():
+        a = model.decoder.eval()(app, image, motion)["frames"]
+        b = twin.decoder(app, image, motion)["frames"]
+    assert model.decoder.native_sampling  # the reference never switches
+    assert (a - b).abs().max().item() < 1e-3  # well under one grey level
+    assert not torch.equal(a, torch.zeros_like(a))
