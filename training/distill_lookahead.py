@@ -51,6 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "teacher's); all: the whole audio encoder",
     )
     p.add_argument("--synth", type=int, default=120, help="espeak utterances in the pool")
+    p.add_argument(
+        "--motion-data",
+        type=Path,
+        default=Path("runs/data/motion_train_900.npz"),
+        help="synthetic speech + motion clips of the motion stage (train_motion builds them); "
+        "the frozen generator's flow loss through the student's tokens (absent: tokens only)",
+    )
+    p.add_argument("--motion-weight", type=float, default=1.0)
+    p.add_argument("--motion-batch", type=int, default=8)
+    p.add_argument("--motion-frames", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -129,6 +139,32 @@ def batch(clips: list[np.ndarray], b: int, t: int, rng: np.random.Generator):
             cut = int(rng.integers(t))
             mask[i, cut:] = 0.0  # the avatar stops talking and listens
     return torch.from_numpy(pcm), torch.from_numpy(mask)
+
+
+def motion_loss(teacher, student, pcm, mask, motion, g: torch.Generator) -> torch.Tensor:
+    """The motion stage's flow loss with the generator frozen (teacher-forced context), plus the
+    same velocity with the teacher's tokens as a second target: the encoder learns what the
+    generator needs from it (p/b/m closures come from a few frames of audio) and stays near the
+    teacher where the ground truth cannot say."""
+    from .train_motion import LOSS_WEIGHT, chunk_times
+
+    gen = student.generator
+    b, t = mask.shape
+    ref = torch.zeros(b, student.cfg.motion_dim)
+    x1 = gen.normalize(motion)
+    x0 = torch.randn(x1.shape, generator=g)
+    sigma = torch.rand(b, 1, 1, generator=g) * 0.3
+    clean = gen.denormalize(x1 + sigma * torch.randn(x1.shape, generator=g))
+    tt = chunk_times(b, t, student.cfg.chunk, student.cfg.generator.steps, g)
+    xt = (1 - tt[..., None]) * x0 + tt[..., None] * x1
+    weight = torch.from_numpy(LOSS_WEIGHT)
+    with torch.no_grad():
+        v_teacher = teacher.generator.forward_parallel(
+            teacher.audio.encode_sequence(pcm, mask), mask, ref, clean, xt, tt
+        )
+    v = gen.forward_parallel(student.audio.encode_sequence(pcm, mask), mask, ref, clean, xt, tt)
+    truth = (((v - (x1 - x0)) ** 2) * weight).mean()
+    return truth + (((v - v_teacher) ** 2) * weight).mean()
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -229,6 +265,14 @@ def main(argv=None) -> None:
     student.train()
     teacher.eval()
     rng = np.random.default_rng(args.seed + run.step)
+    g = torch.Generator().manual_seed(args.seed + run.step)
+    sampler = None
+    if args.motion_data and args.motion_data.exists() and args.motion_weight > 0:
+        from .train_motion import WindowSampler
+
+        with np.load(args.motion_data, allow_pickle=False) as z:
+            sampler = WindowSampler({k: z[k] for k in z.files}, args.motion_frames, args.seed)
+        sampler.rng = np.random.default_rng(args.seed + run.step)
     deadline = time.time() + args.minutes * 60
     info = _info(meta, args, train["ids"])
     while run.step < args.steps and time.time() < deadline:
@@ -236,10 +280,14 @@ def main(argv=None) -> None:
         with torch.no_grad():
             want = teacher.audio.encode_sequence(pcm, mask)
         got = student.audio.encode_sequence(pcm, mask)
-        loss = (got - want).pow(2).mean() / want.var().clamp_min(1e-6)
+        tok = (got - want).pow(2).mean() / want.var().clamp_min(1e-6)
+        mot = torch.zeros(())
+        if sampler is not None:
+            mot = motion_loss(teacher, student, *sampler.sample(args.motion_batch), g)
+        loss = tok + args.motion_weight * mot
         run.update(loss)
         if run.step % 50 == 0:
-            run.log(loss=loss.item())
+            run.log(loss=loss.item(), tokens=tok.item(), motion=mot.item())
         if run.step % 250 == 0:
             run.save(**info)
     run.save(**info)
@@ -259,7 +307,10 @@ def _info(meta: dict, args, ids: list[str]) -> dict:
             f"{args.batch} x {args.frames} frames, lr {args.lr}, trained: {args.train}, seed "
             f"{args.seed}; real speech "
             f"({len(ids)} items, MIT/Apache-2.0/CC-BY-4.0, no held-out identity) + "
-            f"{args.synth} espeak utterances, augment.degrade on half"
+            f"{args.synth} espeak utterances, augment.degrade on half; motion loss x"
+            f"{args.motion_weight} (frozen generator, flow to ground truth + to the teacher's "
+            f"velocity) on {args.motion_batch} x {args.motion_frames}-frame windows of "
+            f"{args.motion_data.name if args.motion_data else '-'}"
         ),
     }
 
