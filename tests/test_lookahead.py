@@ -170,3 +170,14 @@ def test_shipped_weights_hear_60ms_and_the_floor_at_chunk_1_is_100ms():
     assert first_frame_floor_ms(cfg.chunk, cfg.lookahead_samples) == pytest.approx(100.0)
     pacer = Pacer(True, "drop", cfg.chunk, cfg.lookahead_samples, clock=lambda: 0.0)
     assert pacer.floor_s == pytest.approx(0.100)
+
+
+def test_bench_reports_from_before_read_the_lookahead_in_ms():
+    """Schema version 1 reports said `lookahead` in frames; `bench report` still reads them."""
+    from pathlib import Path
+
+    from edgetalk.benchmarks.report import load_report
+
+    old = Path(__file__).parents[1] / "docs" / "bench" / "cpu-2core.json"
+    rows = load_report(old)["results"]
+    assert rows and all(r["lookahead_ms"] == 80 and "lookahead" not in r for r in rows)
