@@ -353,11 +353,12 @@ def int8_report(path: Path) -> dict:
             q_elems += sizes.get(w.input[0], 0)
         else:
             floating.append(n)
-            f_elems += sizes.get(n.input[1], 0) if len(n.input) > 1 else 0
+            if "/upsample/" not in n.name:  # fixed interpolation matrices, not learned weights
+                f_elems += sizes.get(n.input[1], 0) if len(n.input) > 1 else 0
     return {
         "int8_weight_tensors": len(int8_inits),
         "quantized_compute_nodes": len(quantized),
-        # share of the Conv/MatMul/Gemm weight elements stored in 8 bits
+        # share of the learned Conv/MatMul/Gemm weight elements stored in 8 bits
         "int8_weight_share": round(q_elems / (q_elems + f_elems), 4) if q_elems + f_elems else 0.0,
         "float_compute_nodes": [f"{n.op_type}:{n.name}" for n in floating],
         # Every float node with the policy's reason; "unexplained" means the quantizer skipped a
