@@ -27,12 +27,15 @@ def _pyplot():
 
 
 def _series(r: dict) -> str:
-    return f"{r['backend']} {r['precision']}" + ("" if r["model"] == "tiny" else f" ({r['model']})")
+    name = f"{r['backend']} {r['precision']}" + ("" if r["model"] == "tiny" else f" ({r['model']})")
+    return name + (f", {r['threads']} thr" if r.get("threads") else "")
 
 
 def ffd_vs_fps(rows: list[dict], path: Path) -> Path:
-    """One point per chunk size, one line per backend+precision (per device when several)."""
+    """One point per chunk size, one line per backend+precision+threads (per device when
+    several); quiet rows only, for a row under `--load` answers another question (× quiet)."""
     plt = _pyplot()
+    rows = [r for r in rows if not r.get("load")] or rows
     devices = list(dict.fromkeys(r.get("device", "") for r in rows))
     series = list(dict.fromkeys(_series(r) for r in rows))
     multi = len(devices) > 1
@@ -72,7 +75,7 @@ def ffd_vs_fps(rows: list[dict], path: Path) -> Path:
     ax.axvline(25, color="grey", lw=0.8, ls=":")
     ax.text(25, ax.get_ylim()[1], " 25 fps", va="top", fontsize=7, color="grey")
     ax.set_xlabel("throughput, frames/s end to end (higher is better)")
-    ax.set_ylabel("first-frame delay, ms (lower is better; – marks the C+L floor)")
+    ax.set_ylabel("first-frame delay, ms (lower is better; – marks its floor)")
     ax.set_title("First-frame delay vs throughput")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -83,8 +86,10 @@ def ffd_vs_fps(rows: list[dict], path: Path) -> Path:
 
 
 def module_bars(rows: list[dict], path: Path) -> Path:
-    """Stacked p50 latency per frame of audio, generator, decoder and uint8 conversion."""
+    """Stacked p50 latency per frame of audio, generator, decoder and uint8 conversion (quiet
+    rows)."""
     plt = _pyplot()
+    rows = [r for r in rows if not r.get("load")] or rows
     multi = len({r.get("device", "") for r in rows}) > 1
     rows = sorted(rows, key=lambda r: (r.get("device", ""), _series(r), r["chunk"]))
     labels = [(f"{r['device']} · " if multi else "") + f"{_series(r)} c{r['chunk']}" for r in rows]

@@ -174,7 +174,9 @@ class Session:
         self.chunk_s = self.chunk / FPS
         self.max_queued_frames = max(1, int(max_queued_frames))
         self.clock = clock
-        self.pacer = Pacer(realtime, late_policy, self.chunk, self.scheduler.lookahead_samples, clock)
+        self.pacer = Pacer(
+            realtime, late_policy, self.chunk, self.scheduler.lookahead_samples, clock
+        )
         self._stats = SessionStats(
             floor_s=self.pacer.floor_s, chunk=self.chunk, realtime=realtime, late_policy=late_policy
         )
