@@ -180,13 +180,13 @@ class Decoder(nn.Module):
         # the sampling grid and the linear alpha, upsampled together to full resolution
         full = self.upsample(torch.cat([grid.permute(0, 3, 1, 2), lin[:, 2:]], dim=1), native)
         grid_full, alpha_lin = full[:, :2].permute(0, 2, 3, 1), full[:, 2:]
-        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, self.native_sampling)
+        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, native)
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
         r = F.gelu(pixel_shuffle2(self.refine_up(r), native))  # [N, rc, R/2, R/2]
         o = pixel_shuffle2(self.refine_out(r), native)  # [N, 6, R, R]
         grid_full = grid_full + o[:, 4:].permute(0, 2, 3, 1)
         grid_full = grid_full + self.closing(app_feat, grid_full, m[:, LIP_PRESS])
-        warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, self.native_sampling)
+        warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, native)
         alpha = torch.sigmoid(o[:, 3:4] + alpha_lin)
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha
