@@ -30,6 +30,7 @@ from .loop import Run
 
 LOSS_WEIGHT = np.ones(16, np.float32)
 LOSS_WEIGHT[[INDEX[k] for k in MOUTH]] = 4.0
+_MOUTH_IDX = [INDEX[k] for k in MOUTH]
 
 
 def build_motion_set(path: Path, n_clips: int, seed: int, split: str, seconds: float = 6.0):
@@ -139,8 +140,8 @@ def load_real_pool(root: Path, labels: Path, variants: int, cache: Path, seed: i
 class RealSampler:
     """Windows of real speech and fitted motion, with speed changes (the motion follows)."""
 
-    def __init__(self, pool: list, frames: int, seed: int):
-        self.pool, self.frames = pool, frames
+    def __init__(self, pool: list, frames: int, seed: int, start_share: float = 0.0):
+        self.pool, self.frames, self.start_share = pool, frames, start_share
         self.rng = np.random.default_rng(seed)
         lengths = np.array([len(m) for _, m in pool], np.float64)
         self.p = lengths / lengths.sum()
@@ -148,15 +149,26 @@ class RealSampler:
     def one(self):
         rng, t, spf = self.rng, self.frames, SAMPLES_PER_FRAME
         audio, motion = self.pool[int(rng.choice(len(self.pool), p=self.p))]
+        # A stream start: 0.3-1.2 s of near-silence before the clip's first frame, mouth at rest
+        # (labels are relative to the closed-mouth frame), so silence at the start of a stream
+        # means a closed mouth (real windows otherwise start with the motion under way).
+        lead = int(rng.integers(8, 31)) if rng.random() < self.start_share else 0
+        n = t - lead
         speed = float(rng.uniform(0.85, 1.15)) if rng.random() < 0.3 else 1.0
-        span = min(int(round(t * speed)), len(motion))
-        s = int(rng.integers(0, len(motion) - span + 1))
+        span = min(int(round(n * speed)), len(motion))
+        s = 0 if lead else int(rng.integers(0, len(motion) - span + 1))
         a = audio[int(rng.integers(len(audio)))][s * spf : (s + span) * spf].copy()
         m = motion[s : s + span]
-        if span != t:
-            a, m = augment.stretch(a, m, span / t, t)
+        if span != n:
+            a, m = augment.stretch(a, m, span / n, n)
+        if lead:
+            rest = np.repeat(m[:1], lead, 0)
+            rest[:, _MOUTH_IDX] = 0.0
+            quiet = rng.normal(0, 10 ** (rng.uniform(-80, -50) / 20), lead * spf)
+            a = np.concatenate([quiet.astype(np.float32), a])
+            m = np.concatenate([rest, m])
         a = _cheap_degrade(a, rng)
-        return a, np.zeros_like(a), m
+        return a, np.zeros_like(a), m.astype(np.float32)
 
 
 def _cheap_degrade(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -219,6 +231,12 @@ def main(argv=None) -> None:
     ap.add_argument("--real-share", type=float, default=0.4, help="share of real windows")
     ap.add_argument("--real-variants", type=int, default=3, help="degraded copies per real clip")
     ap.add_argument(
+        "--start-share",
+        type=float,
+        default=0.2,
+        help="share of real windows that begin as a stream starts: silence, mouth at rest",
+    )
+    ap.add_argument(
         "--head-weight",
         type=float,
         default=1.0,
@@ -246,7 +264,7 @@ def main(argv=None) -> None:
         print("loading real speech and fitted motion ...", flush=True)
         pool = load_real_pool(args.real, args.labels, args.real_variants, data_dir, args.seed)
         print(f"  {len(pool)} real clips, {sum(len(m) for _, m in pool) / 25:.0f} s", flush=True)
-        real = RealSampler(pool, args.frames, args.seed + 77)
+        real = RealSampler(pool, args.frames, args.seed + 77, args.start_share)
     with torch.no_grad():
         if not args.keep_norm:
             flat = torch.from_numpy(train["motion"].reshape(-1, cfg.motion_dim))
