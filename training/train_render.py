@@ -228,6 +228,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * np.log10(1.0 / max(mse, 1e-10))
 
 
+def _with_real(pairs, n, size, *synth):
+    """The synthetic batch with n real self-reenactment pairs appended. Real pairs have no
+    painted mask (zero: paint is allowed in the mouth box only, as for synthetic frames) and
+    their correspondence weight is zero off the face and inside the open mouth."""
+    items = [pairs.one(size) for _ in range(n)]
+    img = lambda k: torch.from_numpy(np.stack([i[k] for i in items])).permute(0, 3, 1, 2) / 255.0  # noqa: E731
+    arr = lambda k: torch.from_numpy(np.stack([i[k] for i in items]))  # noqa: E731
+    real = (
+        img("ref").float(),
+        img("target").float(),
+        arr("motion"),
+        torch.stack([i["weight"] for i in items]),
+        arr("grid"),
+        torch.zeros(n, 1, size, size),
+        arr("lips"),
+        arr("grid_weight")[:, None],
+    )
+    return tuple(torch.cat([a, b]) for a, b in zip(synth, real, strict=True))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/render")
@@ -262,6 +282,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
     ap.add_argument("--pool-clips", type=int, default=60)
+    ap.add_argument(
+        "--real",
+        type=Path,
+        help="real-data folder (catalog.json): mix in self-reenactment pairs of training clips",
+    )
+    ap.add_argument("--real-crops", type=Path, default=Path("runs/real_crops"))
+    ap.add_argument("--real-share", type=float, default=0.5, help="share of each batch")
+    ap.add_argument(
+        "--freeze-lips", action="store_true", help="keep the lip head as it is (train_lips owns it)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -274,6 +304,17 @@ def main(argv=None) -> None:
         model.appearance.ref_head.bias.zero_()
     run = Run(args.out, model, [p for p in params if p.requires_grad], args.lr, args.steps)
     model.appearance.ref_head.requires_grad_(False)
+    if args.freeze_lips:
+        for name, p in model.decoder.named_parameters():
+            if name.startswith("lip"):
+                p.requires_grad_(False)
+    pairs, n_real = None, 0
+    if args.real is not None:
+        from .real_pairs import PairSampler, build_crops
+
+        print("real pairs: crops and face meshes ...", flush=True)
+        pairs = PairSampler(build_crops(args.real, args.real_crops), args.seed + run.step)
+        n_real = int(round(args.batch * args.real_share))
     print("building the motion pool ...", flush=True)
     sampler = FrameSampler(
         size,
@@ -288,14 +329,19 @@ def main(argv=None) -> None:
     deadline = time.time() + args.minutes * 60
     while time.time() < deadline and run.step < args.steps:
         t0 = time.time()
-        ref, target, motion, weight, grid_gt, painted, lip_gt = sampler.sample(args.batch)
+        ref, target, motion, weight, grid_gt, painted, lip_gt = sampler.sample(args.batch - n_real)
+        grid_w = torch.ones(weight.shape)
+        if n_real:
+            ref, target, motion, weight, grid_gt, painted, lip_gt, grid_w = _with_real(
+                pairs, n_real, size, ref, target, motion, weight, grid_gt, painted, lip_gt, grid_w
+            )
         t1 = time.time()
         app = model.appearance(ref)["app_feat"]
         frames, grid, alpha = model.decoder.render_parts(app, ref, motion)
         pred = frames.permute(0, 3, 1, 2)
         # Pixels alone give only local gradients for a warp; the renderer's exact correspondence
         # (in pixels) and its painted-mouth mask teach the large jaw and lip moves directly.
-        w = weight[:, 0, :, :, None]
+        w = (weight * grid_w)[:, 0, :, :, None]
         flow_err = ((grid - grid_gt).abs() * (size / 2) * w).mean()
         # The painted-mouth mask says where the renderer painted, not where painting is the
         # only way: closing a smile's lips over its teeth is a warp to the renderer but a paint
