@@ -1,0 +1,37 @@
+import numpy as np
+
+from edgetalk.models.config import SAMPLES_PER_FRAME as SPF
+from edgetalk.models.motion import HEAD, INDEX, MOTION_DIM, MOUTH
+from edgetalk.training.train_motion import RealSampler
+
+
+def _pool(frames: int = 120):
+    rng = np.random.default_rng(0)
+    motion = rng.uniform(0.2, 0.6, (frames, MOTION_DIM)).astype(np.float32)
+    audio = rng.normal(0, 0.3, (2, frames * SPF)).astype(np.float32)  # clean + one variant
+    return [(audio, motion)], motion
+
+
+def test_stream_start_windows_begin_silent_with_the_mouth_at_rest():
+    pool, motion = _pool()
+    mouth, head = [INDEX[k] for k in MOUTH], [INDEX[k] for k in HEAD]
+    sampler = RealSampler(pool, 48, seed=3, start_share=1.0)
+    ratios = []
+    for _ in range(20):
+        a, partner, m = sampler.one()
+        assert a.shape == (48 * SPF,) and m.shape == (48, MOTION_DIM) and not partner.any()
+        rest = np.flatnonzero(~(m[:, mouth] == 0).all(1))[0]  # first frame with the mouth moving
+        assert 8 <= rest <= 30  # 0.3-1.2 s of lead
+        assert np.allclose(m[:rest, head], m[rest, head], atol=0.05)  # head held at the 1st frame
+        ratios.append(np.abs(a[: rest * SPF]).mean() / np.abs(a[rest * SPF :]).mean())
+    # quiet before the speech (the per-step noise, up to -25 dB, sometimes drowns quiet speech)
+    assert np.median(ratios) < 0.2
+
+
+def test_no_stream_start_windows_by_default_share_zero():
+    pool, _ = _pool()
+    sampler = RealSampler(pool, 48, seed=3, start_share=0.0)
+    mouth = [INDEX[k] for k in MOUTH]
+    for _ in range(20):
+        _, _, m = sampler.one()
+        assert not (m[:8, mouth] == 0).all()
