@@ -57,3 +57,15 @@ def test_too_short_and_missing_checkpoint():
         mp.score_clip(_motion(np.zeros(5)), _motion(np.zeros(5)))
     with pytest.raises(InputError, match="checkpoint not found"):
         mp.evaluate("/nonexistent/x.safetensors", [])
+
+
+def test_scores_are_averaged_over_seeds():
+    jaw = np.sin(np.arange(60) / 3.0) + 1
+    fitted = _motion(np.r_[np.zeros(6), jaw[6:]])
+    a = mp.score_clip(_motion(jaw), fitted, lead=6)  # opens in the silent lead
+    b = mp.score_clip(fitted, fitted, lead=6)
+    m = mp.mean_over_seeds([a, b])
+    assert m["corr"] == pytest.approx((a["corr"] + b["corr"]) / 2)
+    assert m["lead_mouth"] == pytest.approx((a["lead_mouth"] + b["lead_mouth"]) / 2)
+    assert m["open_at_start"] == (m["lead_mouth"] > mp.OPEN_AT_START)
+    assert m["lead_mouth_max"] == a["lead_mouth_max"] > 1.0
