@@ -35,3 +35,14 @@ def test_no_stream_start_windows_by_default_share_zero():
     for _ in range(20):
         _, _, m = sampler.one()
         assert not (m[:8, mouth] == 0).all()
+
+
+def test_ordinary_windows_start_on_voiced_frames():
+    pool, _ = _pool()
+    audio = pool[0][0].copy()
+    audio[:, : 60 * SPF] *= 1e-4  # the first 60 frames are a pause
+    sampler = RealSampler([(audio, pool[0][1])], 48, seed=5, start_share=0.0)
+    assert not sampler.voiced[0][:60].any() and sampler.voiced[0][60:].all()
+    for _ in range(20):
+        a, _, _ = sampler.one()  # starts at frame >= 60: no window opens in the pause
+        assert np.abs(a[:SPF]).mean() > 0.002

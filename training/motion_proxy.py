@@ -46,13 +46,17 @@ def mouth(motion: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(x, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
 
 
-def silent_lead(pcm: np.ndarray, frames: int = LEAD_FRAMES) -> int:
-    """How many of the first `frames` frames are silent before the first voiced one. Silent:
-    SILENT_BELOW dB under the clip's loud frames (p90), and under SILENT_DB: recordings carry
-    room noise (GRID's pauses sit at -45 to -50 dBFS)."""
+def quiet_frames(pcm: np.ndarray) -> np.ndarray:
+    """[T] bool: silent frames, SILENT_BELOW dB under the clip's loud frames (p90) and under
+    SILENT_DB (recordings carry room noise: GRID's pauses sit at -45 to -50 dBFS)."""
     db = metrics.loudness_db(pcm, len(pcm) // SAMPLES_PER_FRAME)
-    loud = db[:frames] >= min(np.percentile(db, 90) - SILENT_BELOW, SILENT_DB)
-    return int(np.argmax(loud)) if loud.any() else min(frames, len(db))
+    return db < min(np.percentile(db, 90) - SILENT_BELOW, SILENT_DB)
+
+
+def silent_lead(pcm: np.ndarray, frames: int = LEAD_FRAMES) -> int:
+    """How many of the first `frames` frames are silent before the first voiced one."""
+    loud = ~quiet_frames(pcm)[:frames]
+    return int(np.argmax(loud)) if loud.any() else len(loud)
 
 
 def score_clip(generated: np.ndarray, fitted: np.ndarray, lead: int = 0) -> dict:

@@ -27,6 +27,7 @@ from ..models.motion import HEAD, INDEX, MOUTH
 from ..runtime.scheduler import talk_listen_mask
 from . import augment, faces, synth
 from .loop import Run
+from .motion_proxy import quiet_frames
 
 LOSS_WEIGHT = np.ones(16, np.float32)
 LOSS_WEIGHT[[INDEX[k] for k in MOUTH]] = 4.0
@@ -145,10 +146,15 @@ class RealSampler:
         self.rng = np.random.default_rng(seed)
         lengths = np.array([len(m) for _, m in pool], np.float64)
         self.p = lengths / lengths.sum()
+        # Ordinary windows start on a voiced frame: a window that starts in a pause would teach
+        # "silence at a stream start = the labels' parted rest lips" (fitted relative to the most
+        # closed frame, pauses sit ~0.2 above it), against the stream-start windows.
+        self.voiced = [~quiet_frames(a[0])[: len(m)] for a, m in pool]
 
     def one(self):
         rng, t, spf = self.rng, self.frames, SAMPLES_PER_FRAME
-        audio, motion = self.pool[int(rng.choice(len(self.pool), p=self.p))]
+        k = int(rng.choice(len(self.pool), p=self.p))
+        audio, motion = self.pool[k]
         # A stream start: 0.3-1.2 s of near-silence before the clip's first frame, mouth at rest
         # (labels are relative to the closed-mouth frame), so silence at the start of a stream
         # means a closed mouth (real windows otherwise start with the motion under way).
@@ -156,7 +162,13 @@ class RealSampler:
         n = t - lead
         speed = float(rng.uniform(0.85, 1.15)) if rng.random() < 0.3 else 1.0
         span = min(int(round(n * speed)), len(motion))
-        s = 0 if lead else int(rng.integers(0, len(motion) - span + 1))
+        starts = np.flatnonzero(self.voiced[k][: len(motion) - span + 1])
+        if lead:
+            s = 0
+        elif len(starts):
+            s = int(rng.choice(starts))
+        else:
+            s = int(rng.integers(0, len(motion) - span + 1))
         a = audio[int(rng.integers(len(audio)))][s * spf : (s + span) * spf].copy()
         m = motion[s : s + span]
         if span != n:
