@@ -169,18 +169,28 @@ class RealSampler:
             s = int(rng.choice(starts))
         else:
             s = int(rng.integers(0, len(motion) - span + 1))
-        a = audio[int(rng.integers(len(audio)))][s * spf : (s + span) * spf].copy()
+        src = audio[int(rng.integers(len(audio)))]
+        a = src[s * spf : (s + span) * spf].copy()
         m = motion[s : s + span]
         if span != n:
             a, m = augment.stretch(a, m, span / n, n)
         if lead:
             rest = np.repeat(m[:1], lead, 0)
             rest[:, _MOUTH_IDX] = 0.0
-            quiet = rng.normal(0, 10 ** (rng.uniform(-80, -50) / 20), lead * spf)
-            a = np.concatenate([quiet.astype(np.float32), a])
+            a = np.concatenate([self._room_tone(k, src, lead), a])
             m = np.concatenate([rest, m])
         a = _cheap_degrade(a, rng)
         return a, np.zeros_like(a), m.astype(np.float32)
+
+    def _room_tone(self, k: int, src: np.ndarray, frames: int) -> np.ndarray:
+        """Near-silence: half the time the clip's own quiet frames (its room and mic noise: white
+        noise alone taught a closed mouth only for white noise), else faint white noise."""
+        rng, spf = self.rng, SAMPLES_PER_FRAME
+        quiet = np.flatnonzero(~self.voiced[k][: len(src) // spf])
+        if len(quiet) >= 4 and rng.random() < 0.5:
+            idx = rng.choice(quiet, frames)
+            return src[: len(self.voiced[k]) * spf].reshape(-1, spf)[idx].ravel().copy()
+        return rng.normal(0, 10 ** (rng.uniform(-80, -50) / 20), frames * spf).astype(np.float32)
 
 
 def _cheap_degrade(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
