@@ -46,3 +46,18 @@ def test_ordinary_windows_start_on_voiced_frames():
     for _ in range(20):
         a, _, _ = sampler.one()  # starts at frame >= 60: no window opens in the pause
         assert np.abs(a[:SPF]).mean() > 0.002
+
+
+def test_stream_start_lead_uses_the_clips_own_quiet_frames():
+    pool, motion = _pool()
+    audio = pool[0][0].copy()
+    audio[:, 30 * SPF : 50 * SPF] *= 1e-3  # a pause: the clip's room tone
+    sampler = RealSampler([(audio, motion)], 48, seed=2, start_share=1.0)
+    pause = audio[1, 30 * SPF : 50 * SPF].reshape(-1, SPF)
+    from_clip = 0
+    for _ in range(40):
+        tone = sampler._room_tone(0, audio[1], 10).reshape(10, SPF)
+        same = [(np.abs(pause - f).max(1) == 0).any() for f in tone]
+        assert all(same) or not any(same)  # a lead is all room tone or all white noise
+        from_clip += all(same)
+    assert 8 <= from_clip <= 32
