@@ -53,15 +53,26 @@ def assemble(
         log = d / "log.jsonl"  # a run shorter than one logging interval has none
         lines = log.read_text().splitlines() if log.exists() else []
         last = json.loads(lines[-1]) if lines else {}
+        if not lines and (d / "model.safetensors").exists():  # a shipped file: its own record
+            md = read_metadata(d / "model.safetensors")
+            if f"{name}_steps" in md:
+                info[f"{name}_steps"] = md[f"{name}_steps"]
+                info[f"{name}_minutes"] = md.get(f"{name}_minutes")
+                continue
         info[f"{name}_steps"] = last.get("step")
         info[f"{name}_minutes"] = round(last.get("time_s", 0) / 60, 1)
     if note:  # e.g. how a fine-tuned stage got to its starting point
         info["history"] = note
+    # The audio encoder's provenance (the 60 ms distillation) travels with the audio encoder.
+    carried = read_metadata(motion_dir / "model.safetensors")
+    info.update({k: v for k, v in carried.items() if k.startswith("lookahead_")})
     save_checkpoint(
         model.half().float(),
         out,
         trained="true",
-        recipe="training/train_render.py + train_lips.py + train_motion.py; see MODEL_CARD.md",
+        recipe="training/train_render.py (+ --real) + train_lips.py + train_motion.py"
+        + (" + distill_lookahead.py" if "lookahead_stage" in info else "")
+        + "; see MODEL_CARD.md",
         **{k: str(v) for k, v in info.items()},
     )
     return info
