@@ -52,11 +52,6 @@ def build_crops(root: str | Path, out: str | Path, size: int = 256, log=print) -
     return paths
 
 
-def _opening(lm: np.ndarray) -> np.ndarray:
-    h = np.linalg.norm(lm[:, 152, :2] - lm[:, 10, :2], axis=1)
-    return np.linalg.norm(lm[:, 14, :2] - lm[:, 13, :2], axis=1) / h
-
-
 def mouth_mask(lm: np.ndarray, size: int, pad: int = MOUTH_PAD) -> np.ndarray:
     """[size, size] float32, 1 inside the inner-lip polygon (dilated by pad pixels)."""
     import cv2
@@ -110,7 +105,8 @@ class PairSampler:
             valid = np.isfinite(lm).all(axis=(1, 2))
             if valid.sum() < 10:
                 continue
-            op = np.where(valid, _opening(np.nan_to_num(lm)), np.nan)
+            op = np.full(len(lm), np.nan)
+            op[valid] = [renderer.mouth_opening(f) for f in lm[valid]]
             wide = np.flatnonzero(valid & (op >= np.nanpercentile(op, 75)))
             self.clips.append((crops, lm, np.flatnonzero(valid), wide))
         if not self.clips:

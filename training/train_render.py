@@ -289,9 +289,6 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--real-crops", type=Path, default=Path("runs/real_crops"))
     ap.add_argument("--real-share", type=float, default=0.5, help="share of each batch")
-    ap.add_argument(
-        "--freeze-lips", action="store_true", help="keep the lip head as it is (train_lips owns it)"
-    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -304,10 +301,6 @@ def main(argv=None) -> None:
         model.appearance.ref_head.bias.zero_()
     run = Run(args.out, model, [p for p in params if p.requires_grad], args.lr, args.steps)
     model.appearance.ref_head.requires_grad_(False)
-    if args.freeze_lips:
-        for name, p in model.decoder.named_parameters():
-            if name.startswith("lip"):
-                p.requires_grad_(False)
     pairs, n_real = None, 0
     if args.real is not None:
         from .real_pairs import PairSampler, build_crops
