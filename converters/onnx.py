@@ -121,8 +121,9 @@ def to_fp16(src: Path, dst: Path) -> dict:
         _upstream_of(m, "Log")
         | _upstream_of(m, "Sin")
         | _upstream_of(m, "Cos")
-        # the sampling grid's upsampling, fp32 as Resize was before it became two matmuls
-        | {n.name for n in m.graph.node if "/upsample/" in n.name}
+        # the sampling grid's upsampling, fp32 as Resize was before it became two matmuls, and
+        # the gathers' pixel indices (up to H*W, beyond fp16's exact integers)
+        | {n.name for n in m.graph.node if "/upsample/" in n.name or "/sampler" in n.name}
     )
     kept = set(keep_nodes)
     _unshare_initializers(m, lambda n: n.op_type in FP16_KEEP or n.name in kept)

@@ -30,7 +30,16 @@ from torch import nn
 from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
 from .constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
-from .sampling import Upsample, grid_sample_border, pixel_shuffle2, sample_columns
+from .sampling import (
+    TableSampler,
+    Upsample,
+    grid_sample_border,
+    neighbour_table,
+    pixel_shuffle2,
+    row_table,
+    sample_columns,
+    sample_row_table,
+)
 
 
 def base_grid(h: int, w: int) -> torch.Tensor:
@@ -92,6 +101,7 @@ class Decoder(nn.Module):
         self.lip_out = nn.Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
         self.upsample = Upsample(self.feat, self.res // self.feat)  # 1/4 resolution -> full
+        self.sampler = TableSampler()  # the ONNX Runtime form's gathers (_render_gather)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         rows = (torch.arange(self.feat, dtype=torch.float32) * 2 + 1) / self.feat - 1
         self.register_buffer("rows", rows.reshape(1, 1, -1, 1), persistent=False)
@@ -132,6 +142,8 @@ class Decoder(nn.Module):
 
     def render(self, app_feat: torch.Tensor, image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
+        if not self.native_sampling and image.shape[0] == 1:
+            return self._render_gather(app_feat, image, m)
         return self.render_parts(app_feat, image, m)[0]
 
     def lip_logits(self, app_feat: torch.Tensor) -> torch.Tensor:
@@ -158,9 +170,9 @@ class Decoder(nn.Module):
         # (0, dy) as a broadcast product: a concat with zeros exports as a frame-sized constant
         return dy.permute(0, 2, 3, 1) * torch.tensor([0.0, 1.0], device=dy.device)
 
-    def render_parts(self, app_feat, image, m):
-        """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
-        supervises the grid and alpha directly where the synthetic renderer knows them."""
+    def _head(self, app_feat, m):
+        """What both forms share: the motion-modulated features x [N, Hd, h, w], the sampling
+        grid at 1/4 resolution [N, h, w, 2] and the linear alpha [N, 1, h, w]."""
         c, hw = m.shape[0], self.feat
         p = m.shape[1]
         basis = self.basis(app_feat)  # [1 or N, 3P, h, w]
@@ -176,17 +188,74 @@ class Decoder(nn.Module):
         theta = (identity + self.affine(m)).reshape(c, 2, 3)
         grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
         grid = grid + (self.flow_out(x) + lin[:, :2]).permute(0, 2, 3, 1)
+        return x, grid, lin[:, 2:]
+
+    def _refine(self, wfeat, x):
+        """[N, 6, R, R]: colour logits (3), alpha logit (1), flow correction (2)."""
         native = self.native_sampling
-        # the sampling grid and the linear alpha, upsampled together to full resolution
-        full = self.upsample(torch.cat([grid.permute(0, 3, 1, 2), lin[:, 2:]], dim=1), native)
-        grid_full, alpha_lin = full[:, :2].permute(0, 2, 3, 1), full[:, 2:]
-        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, native)
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
         r = F.gelu(pixel_shuffle2(self.refine_up(r), native))  # [N, rc, R/2, R/2]
-        o = pixel_shuffle2(self.refine_out(r), native)  # [N, 6, R, R]
+        return pixel_shuffle2(self.refine_out(r), native)
+
+    def render_parts(self, app_feat, image, m):
+        """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
+        supervises the grid and alpha directly where the synthetic renderer knows them."""
+        c = m.shape[0]
+        native = self.native_sampling
+        x, grid, lin_alpha = self._head(app_feat, m)
+        # the sampling grid and the linear alpha, upsampled together to full resolution
+        full = self.upsample(torch.cat([grid.permute(0, 3, 1, 2), lin_alpha], dim=1), native)
+        grid_full, alpha_lin = full[:, :2].permute(0, 2, 3, 1), full[:, 2:]
+        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, native)
+        o = self._refine(wfeat, x)
         grid_full = grid_full + o[:, 4:].permute(0, 2, 3, 1)
         grid_full = grid_full + self.closing(app_feat, grid_full, m[:, LIP_PRESS])
         warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, native)
         alpha = torch.sigmoid(o[:, 3:4] + alpha_lin)
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha
+
+    def _render_gather(self, app_feat, image, m):
+        """render() in the form ONNX Runtime runs fast (models/sampling.py, end): the same frames
+        as render_parts to float rounding, for one reference picture. The grid is carried in
+        pixel units (the upsampling is affine-equivariant: each row of its matrix sums to 1, so
+        the conversion is done at 1/4 resolution), planar, and gathered from neighbour tables
+        with one int32 index per pixel."""
+        c, res, hw = m.shape[0], self.res, self.feat
+        half_res = res / 2.0
+        x, grid, lin_alpha = self._head(app_feat, m)
+        g = grid.permute(0, 3, 1, 2)  # [N, 2, h, w], normalized
+        # (alpha, x, y) in the order of the refinement's (alpha, flow x, flow y)
+        full = self.upsample(torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1), False)
+        gq = g * (hw / 2.0) + (hw / 2.0 - 0.5)  # the same grid in 1/4-resolution pixels
+        wfeat = self.sampler(neighbour_table(app_feat), gq[:, 0:1], gq[:, 1:2], hw, hw)
+        o = self._refine(wfeat, x)
+        scale = torch.tensor([1.0, half_res, half_res], device=m.device).reshape(1, 3, 1, 1)
+        s = full + o[:, 3:6] * scale
+        alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
+        yp = yp + self._closing_px(app_feat, xp, yp) * m[:, LIP_PRESS].reshape(c, 1, 1, 1)
+        warped = self.sampler(neighbour_table(image), xp, yp, res, res)  # [N, 3, R, R]
+        alpha = torch.sigmoid(alpha_logit)
+        frames = warped + (torch.sigmoid(o[:, :3]) - warped) * alpha
+        return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)
+
+    def _closing_px(self, app_feat, xp, yp):
+        """closing() at press 1 in pixel units, for output pixels that look at photo pixel
+        (xp, yp) [N, 1, R, R]: the field is homogeneous in its lengths, so every length (edges,
+        roll, reach, the flip's width) is scaled to pixels once, per column or as a constant.
+        The edges' midline, gap and presence are linear in the head's outputs, so they are
+        interpolated along the row as the native form interpolates the outputs."""
+        s = self.res / 2.0
+        up, low, present = self.lips(app_feat)  # [1, 1, 1, w] each, normalized rows
+        mid = (up + low) * (0.5 * s) + (s - 0.5)
+        tab = row_table(torch.cat([mid, (low - up) * s, present], 1))
+        w = self.feat
+        mid, gap, present = sample_row_table(
+            tab, xp * (w / self.res) + (0.5 * w / self.res - 0.5), w
+        )
+        roll = LIP_ROLL * s
+        half = F.relu(gap) * 0.5
+        half = (half + roll * torch.tanh(half / roll)) * present
+        off = yp - mid
+        reach = F.softplus(self.lip_reach) * s
+        return half * torch.tanh(off / (self.sharp * s)) * torch.exp(-((off / (reach + half)) ** 2))

@@ -110,3 +110,69 @@ def upsample_bilinear(
     a = (upsample_matrix(h, factor) if matrix is None else matrix).to(x.dtype)
     rows = torch.matmul(x.reshape(n * c * h, w), a.T)  # one GEMM: [(n c h), W]
     return torch.matmul(a, rows.reshape(n * c, h, w * factor)).reshape(n, c, h * factor, w * factor)
+
+
+# ---- the fast ONNX Runtime form of the decoder's full-resolution tail (Decoder._tail_gather) ----
+# ONNX Runtime's CPU kernels cost per element and per node: a 4-frame tail of ~100 full-resolution
+# nodes spent most of its time on GatherElements, on the Expand that gives every channel its own
+# copy of the index, and on waking the pool's threads for each node. These forms gather whole
+# rows with one index per pixel (int32), keep every per-pixel value planar ([N, 1, R, R]: ONNX
+# Runtime broadcasts slowly over a short last axis) and work in pixel units.
+
+
+def neighbour_table(img: torch.Tensor) -> torch.Tensor:
+    """[H*W, 4*C] for one picture [1, C, H, W]: row y*W+x holds the picture at (y, x), (y, x+1),
+    (y+1, x), (y+1, x+1), each clamped to the border, so that one Gather of a pixel's row fetches
+    its four bilinear taps."""
+    _, c, h, w = img.shape
+    p = F.pad(img, (0, 1, 0, 1), mode="replicate")
+    taps = torch.cat([p[:, :, :h, :w], p[:, :, :h, 1:], p[:, :, 1:, :w], p[:, :, 1:, 1:]], 1)
+    return taps.reshape(4 * c, h * w).transpose(0, 1)
+
+
+def sample_table(table: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: int, h: int):
+    """Bilinear samples [N, C, Ho, Wo] of the picture behind `table` (neighbour_table) at pixel
+    coordinates x, y [N, 1, Ho, Wo] (pixel centres at integers; border padding)."""
+    n, _, ho, wo = x.shape
+    c = table.shape[1] // 4
+    x = x.clamp(0.0, w - 1.0)
+    y = y.clamp(0.0, h - 1.0)
+    x0, y0 = torch.floor(x), torch.floor(y)
+    wx, wy = (x - x0).reshape(n, 1, 1, ho * wo), (y - y0).reshape(n, 1, 1, ho * wo)
+    idx = (y0 * w + x0).reshape(-1).to(torch.int32)  # exact: H*W is far below 2**24
+    taps = torch.index_select(table, 0, idx).reshape(n, ho * wo, 4 * c).transpose(1, 2)
+    mx, my = 1.0 - wx, 1.0 - wy
+    weights = torch.cat([mx * my, wx * my, mx * wy, wx * wy], 1)  # [N, 4, 1, P]
+    return (taps.reshape(n, 4, c, ho * wo) * weights).sum(1).reshape(n, c, ho, wo)
+
+
+class TableSampler(torch.nn.Module):
+    """sample_table as a module (no weights), so that its nodes carry the scope `/sampler/`:
+    FP16 exports keep them float (converters/onnx.py), for a pixel index reaches H*W = 65,536,
+    far beyond the integers fp16 holds exactly (2,048)."""
+
+    def forward(self, table, x, y, w: int, h: int) -> torch.Tensor:
+        return sample_table(table, x, y, w, h)
+
+
+def sample_row_table(table: torch.Tensor, x: torch.Tensor, w: int) -> list[torch.Tensor]:
+    """Linear samples of a one-row picture along x [N, 1, Ho, Wo] (pixel units, border): one
+    [N, 1, Ho, Wo] per channel. `table` is [W, 2*C]: each column's value and the step to the
+    next column (row_table); one Gather fetches both for every pixel."""
+    n, _, ho, wo = x.shape
+    c = table.shape[1] // 2
+    x = x.clamp(0.0, w - 1.0)
+    x0 = torch.floor(x)
+    wx = (x - x0).reshape(n, 1, ho * wo)
+    rows = torch.index_select(table, 0, x0.reshape(-1).to(torch.int32))  # [N*P, 2C]
+    rows = rows.reshape(n, ho * wo, 2 * c).transpose(1, 2)  # [N, 2C, P]
+    v = rows[:, :c] + rows[:, c:] * wx
+    return [v[:, i : i + 1].reshape(n, 1, ho, wo) for i in range(c)]
+
+
+def row_table(row: torch.Tensor) -> torch.Tensor:
+    """[W, 2*C] for a one-row picture [1, C, 1, W]: value and step to the next column (0 at the
+    last), for sample_row_table."""
+    v = row[0, :, 0].transpose(0, 1)  # [W, C]
+    step = torch.cat([v[1:] - v[:-1], torch.zeros_like(v[:1])], 0)
+    return torch.cat([v, step], 1)

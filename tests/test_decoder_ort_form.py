@@ -59,3 +59,29 @@ def test_shipped_decoder_renders_the_same_frames_in_both_forms():
     assert model.decoder.native_sampling  # the reference never switches
     assert (a - b).abs().max().item() < 1e-3  # well under one grey level
     assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_neighbour_table_sampling_matches_grid_sample_beyond_the_border():
+    from edgetalk.models.sampling import neighbour_table, sample_table
+
+    img = torch.rand(1, 5, 12, 20)
+    grid = torch.rand(3, 7, 9, 2) * 2.6 - 1.3  # some samples fall outside: border padding
+    want = F.grid_sample(
+        img.expand(3, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    x = (grid[..., 0:1] * 10 + 9.5).permute(0, 3, 1, 2)  # pixel units, W = 20
+    y = (grid[..., 1:2] * 6 + 5.5).permute(0, 3, 1, 2)  # H = 12
+    got = sample_table(neighbour_table(img), x, y, 20, 12)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_row_table_sampling_matches_sample_columns():
+    from edgetalk.models.sampling import row_table, sample_columns, sample_row_table
+
+    row = torch.randn(1, 3, 1, 16)
+    grid = torch.rand(2, 5, 6, 2) * 2.6 - 1.3
+    want = sample_columns(row, grid, native=True)
+    x = (grid[..., 0:1] * 8 + 7.5).permute(0, 3, 1, 2)
+    got = torch.cat(sample_row_table(row_table(row), x, 16), 1)
+    assert torch.allclose(got, want, atol=1e-5)
