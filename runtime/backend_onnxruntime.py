@@ -39,7 +39,19 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         super().__init__(bundle.cfg, bundle.io, bundle.precision)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            # modules run one after another: a second pool of threads would only compete
+            opts.inter_op_num_threads = 1
+        if threads != 1:
+            # Each of the four sessions has its own pool, and an idle pool spin-waits after its
+            # run: while the decoder works, the generator's and audio's workers spin beside it.
+            # On 2 cores that halved ONNX throughput at 2 threads (README, "Threads").
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = threads
+        opts.log_severity_level = 3
         self.providers = self.choose_providers()
         self.sessions = {}
         for module in self.io:
@@ -48,9 +60,7 @@ class OnnxRuntimeBackend(Backend):
                 self.check_graph_io(module, declared, bundle.files[module])
             try:
                 self.sessions[module] = ort.InferenceSession(
-                    str(bundle.file(module)),
-                    sess_options=session_options(threads, spin=module == SPINNING_MODULE),
-                    providers=self.providers,
+                    str(bundle.file(module)), sess_options=opts, providers=self.providers
                 )
             except Exception as e:  # onnxruntime raises its own exception types
                 raise BackendUnavailable(
@@ -73,31 +83,6 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         return f"onnxruntime ({self.precision}, {self.providers[0]})"
-
-
-# The module that runs ~90% of the time (README, "Threads"). Its pool may spin-wait between
-# the ~100 nodes of one call: waking sleeping workers for each node cost 10-20% of a 4-frame call
-# at two threads (measured: 49 -> 44 ms per call). The other pools never spin, so none of them
-# burns a core beside the one that is running.
-SPINNING_MODULE = "decoder"
-
-
-def session_options(threads: int | None, spin: bool):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        # modules run one after another: a second pool of threads would only compete
-        opts.inter_op_num_threads = 1
-    if threads != 1:
-        # Each of the four sessions has its own pool, and an idle pool spin-waits after its
-        # run: with every pool spinning, the generator's and audio's workers spun beside the
-        # decoder, and on 2 cores that halved ONNX throughput at 2 threads (README, "Threads").
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    return opts
 
 
 def declared_io(path) -> dict[str, tuple] | None:

@@ -159,24 +159,22 @@ def test_decoder_graph_is_the_onnx_runtime_form(bundles):
     assert "float head /upsample/" in {reasons[k] for k in upsample}
 
 
-def test_only_the_decoder_pool_spins(bundles):
+def test_sessions_do_not_spin_beside_each_other(bundles):
     """Four sessions, four pools: with more than one thread, an idle pool must not spin-wait
-    while the next module runs (it halved ONNX FPS at 2 threads on 2 cores). Only the decoder's,
-    the module that runs ~90% of the time, spins between its own nodes."""
+    while the next module runs (it halved ONNX FPS at 2 threads on 2 cores). Not even the
+    decoder's: spinning between its own nodes won nothing quiet and cost a third of the FPS
+    with one busy process beside it (0.45-0.49 of quiet against 0.61-0.74)."""
     from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
 
-    for threads in (2, 1):
+    for threads, want in ((2, "0"), (1, "")):
         backend = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=threads)
-        assert set(backend.sessions) == {"appearance", "audio", "generator", "decoder"}
-        for module, sess in backend.sessions.items():
+        for sess in backend.sessions.values():
             opts = sess.get_session_options()
             try:
                 got = opts.get_session_config_entry("session.intra_op.allow_spinning")
             except RuntimeError:  # not set: ORT's default (one thread has no pool to spin)
                 got = ""
-            want = "" if threads == 1 else ("1" if module == "decoder" else "0")
-            assert got == want, (threads, module)
-            assert opts.intra_op_num_threads == threads
+            assert got == want, threads
 
 
 def test_bundle_runs_through_scheduler(bundles):
