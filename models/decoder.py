@@ -101,7 +101,7 @@ class Decoder(nn.Module):
         self.lip_out = nn.Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
         self.upsample = Upsample(self.feat, self.res // self.feat)  # 1/4 resolution -> full
-        self.sampler = TableSampler()  # the ONNX Runtime form's gathers (_render_gather)
+        self.sampler = TableSampler()  # the ONNX Runtime form's photo gather (_render_gather)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         rows = (torch.arange(self.feat, dtype=torch.float32) * 2 + 1) / self.feat - 1
         self.register_buffer("rows", rows.reshape(1, 1, -1, 1), persistent=False)
@@ -219,16 +219,17 @@ class Decoder(nn.Module):
         """render() in the form ONNX Runtime runs fast (models/sampling.py, end): the same frames
         as render_parts to float rounding, for one reference picture. The grid is carried in
         pixel units (the upsampling is affine-equivariant: each row of its matrix sums to 1, so
-        the conversion is done at 1/4 resolution), planar, and gathered from neighbour tables
-        with one int32 index per pixel."""
-        c, res, hw = m.shape[0], self.res, self.feat
+        the conversion is done at 1/4 resolution), planar, and the photo is gathered from a
+        neighbour table with one int32 index per output pixel."""
+        c, res = m.shape[0], self.res
         half_res = res / 2.0
         x, grid, lin_alpha = self._head(app_feat, m)
         g = grid.permute(0, 3, 1, 2)  # [N, 2, h, w], normalized
         # (alpha, x, y) in the order of the refinement's (alpha, flow x, flow y)
         full = self.upsample(torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1), False)
-        gq = g * (hw / 2.0) + (hw / 2.0 - 0.5)  # the same grid in 1/4-resolution pixels
-        wfeat = self.sampler(neighbour_table(app_feat), gq[:, 0:1], gq[:, 1:2], hw, hw)
+        # the features at 1/4 resolution: per-channel gathers measured faster there than a
+        # neighbour table, which costs a [h*w, 4*Ca] transpose per call (1 thread, chunk 1)
+        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, False)
         o = self._refine(wfeat, x)
         scale = torch.tensor([1.0, half_res, half_res], device=m.device).reshape(1, 3, 1, 1)
         s = full + o[:, 3:6] * scale
