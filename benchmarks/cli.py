@@ -43,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="media seconds per stream")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median kept)")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole plan N times round-robin and keep each row's median over all of "
+        "them: ratios stay fair on a machine whose speed drifts (default 1)",
+    )
+    p.add_argument(
         "--json", type=Path, help="write the results here (schema: benchmarks/schema.py)"
     )
     p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
@@ -99,6 +106,8 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--seconds must be in (0, 3600], got {args.seconds:g}")
     if args.repeats < 1:
         raise InputError(f"--repeats must be 1 or more, got {args.repeats}")
+    if not 1 <= args.rounds <= 20:
+        raise InputError(f"--rounds must be in [1, 20], got {args.rounds}")
     if args.load < 0 or args.load > 64:
         raise InputError(f"--load must be in [0, 64], got {args.load}")
     if args.piece_ms <= 0:
@@ -172,7 +181,9 @@ def main(args: argparse.Namespace) -> int:
 
     used = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
     command = [f"{k}={v}" for k, v in sorted(used.items()) if v not in (None, [], False)]
-    report = run_plan(plan, settings, device, command=command, threads=threads, load=args.load)
+    report = run_plan(
+        plan, settings, device, command=command, threads=threads, load=args.load, rounds=args.rounds
+    )
     problems = validate(report)
     if problems:  # a bug here, not bad input: say so loudly
         raise AssertionError("bench report does not match its schema: " + "; ".join(problems))

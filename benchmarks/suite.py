@@ -7,6 +7,8 @@ import gc
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from .. import __version__
 from ..errors import EdgeTalkError
 from ..runtime.threads import apply_torch_threads, set_threads
@@ -94,6 +96,27 @@ def add_speedups(results: list[dict]) -> None:
             r["fps_vs_quiet"] = round(r["fps"] / q, 4) if q else None
 
 
+MERGED = ("fps", "first_frame_delay_ms", "rtf", "deadline_miss_rate")
+
+
+def merge_rounds(recs: list[dict]) -> dict:
+    """One record from a configuration measured in several rounds: each headline metric is the
+    median over every run of every round (its spread lists them all); the rest (per-module
+    latencies, memory) comes from the round whose fps was the median."""
+    if len(recs) == 1:
+        return recs[0]
+    order = sorted(recs, key=lambda r: r["fps"])
+    rec = dict(order[(len(order) - 1) // 2])
+    rec["spread"] = dict(rec["spread"])
+    for key in MERGED:
+        values = [v for r in recs for v in r["spread"][key]["values"]]
+        digits = 3 if key in ("fps", "first_frame_delay_ms") else 4
+        rec[key] = round(float(np.median(values)), digits)
+        rec["spread"][key] = {"min": min(values), "max": max(values), "values": values}
+    rec["rounds"] = len(recs)
+    return rec
+
+
 def run_plan(
     plan: Plan,
     settings: Settings,
@@ -104,10 +127,14 @@ def run_plan(
     log: Callable[[str], None] = print,
     threads: list[int] | None = None,
     load: int = 0,
+    rounds: int = 1,
 ) -> dict:
     """Every configuration at every thread count in `threads` (None: as the process is set), each
     quiet and, with load > 0, right after under `load` busy processes (so the ratio compares
-    neighbouring measurements on a machine whose other work drifts)."""
+    neighbouring measurements on a machine whose other work drifts). With rounds > 1 the whole
+    sequence runs that many times, round-robin, and each row is the median over its rounds: a
+    2-core VM's speed drifts by up to 2x over minutes, and a reference measured once, minutes
+    away from the row it is compared with, moved ratios more than the change being measured."""
     pcm = bench_audio(settings.seconds)
     peaks = device["gemm_peak_gflops"]
     flops_cache: dict = {}
@@ -120,9 +147,12 @@ def run_plan(
         for n_load in ((0, load) if load else (0,))
     ]
     n = len(runs)
-    for i, (config, t, n_load) in enumerate(runs, 1):
+    measured: dict[str, list[dict]] = {}
+    steps = [(r, run) for r in range(rounds) for run in runs]
+    for i, (rnd, (config, t, n_load)) in enumerate(steps, 1):
         label = config.label + (f" t{t}" if threads else "") + (f" load{n_load}" if load else "")
-        log(f"[{i}/{n}] {label} ({config.source})")
+        round_note = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
+        log(f"[{i}/{n * rounds}] {label}{round_note} ({config.source})")
         if t is not None:
             set_threads(t)
             apply_torch_threads(t)
@@ -147,11 +177,12 @@ def run_plan(
             rec["threads"] = t
         if load:
             rec["load"] = n_load
-        results.append(rec)
+        measured.setdefault(label, []).append(rec)
         log(
             f"    {rec['fps']:.1f} fps, FFD {rec['first_frame_delay_ms']:.0f} ms "
             f"(floor {rec['first_frame_floor_ms']:.0f}), RTF {rec['rtf']:.2f}"
         )
+    results = [merge_rounds(recs) for recs in measured.values()]
     if not results:
         why = "; ".join(f"{s['config']}: {s['reason']}" for s in skipped) or "nothing to run"
         raise EdgeTalkError(f"no configuration could be benchmarked ({why})")

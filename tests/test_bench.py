@@ -463,3 +463,52 @@ def test_missing_backend_library_names_its_extra(monkeypatch, micro_ckpt, module
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(BackendUnavailable, match=rf"pip install 'edgetalk\[{extra}\]'"):
         make_plan(Request(checkpoint=micro_ckpt, backends=[backend], chunks=[2]))
+
+
+def test_rounds_merge_every_run_of_every_round():
+    from edgetalk.benchmarks.suite import merge_rounds
+
+    def rec(fps_values, ffd_values, rss):
+        spread = {
+            "fps": {"values": fps_values},
+            "first_frame_delay_ms": {"values": ffd_values},
+            "rtf": {"values": [0.5] * len(fps_values)},
+            "deadline_miss_rate": {"values": [0.0] * len(fps_values)},
+        }
+        return {"fps": float(np.median(fps_values)), "spread": spread, "peak_rss_mb": rss}
+
+    merged = merge_rounds(
+        [rec([10, 12], [300, 310], 1), rec([30, 34], [200, 220], 2), rec([20, 21], [250, 260], 3)]
+    )
+    assert merged["fps"] == 20.5 and merged["first_frame_delay_ms"] == 255.0
+    assert sorted(merged["spread"]["fps"]["values"]) == [10, 12, 20, 21, 30, 34]
+    assert merged["rounds"] == 3 and merged["peak_rss_mb"] == 3  # the median-fps round's
+    single = rec([5], [100], 9)
+    assert merge_rounds([single]) is single
+
+
+def test_rounds_run_the_plan_round_robin(micro_ckpt, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", "--chunk", "1,2"]
+    args += ["--seconds", "0.3", "--repeats", "1", "--warmup", "0", "--json", out, "--rounds", "2"]
+    assert main([str(a) for a in args]) == 0
+    log = capsys.readouterr().out
+    order = [
+        line.split("] ")[1].split(" (")[0] for line in log.splitlines() if line.startswith("[")
+    ]
+    assert order == [
+        "torch fp32 c1 round 1/2",
+        "torch fp32 c2 round 1/2",
+        "torch fp32 c1 round 2/2",
+        "torch fp32 c2 round 2/2",
+    ]
+    data = json.loads(out.read_text())
+    assert validate(data) == []
+    assert [r["rounds"] for r in data["results"]] == [2, 2]
+    assert all(len(r["spread"]["fps"]["values"]) == 2 for r in data["results"])
+
+
+def test_rounds_out_of_range_is_one_line(micro_ckpt, capsys):
+    assert main(["bench", "--checkpoint", str(micro_ckpt), "--rounds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--rounds must be in [1, 20]" in err and "Traceback" not in err
