@@ -9,6 +9,7 @@ stream PSNR less than it costs the shipped model), so this is the test that guar
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,29 @@ if __name__ == "__main__":
     BASELINE.parent.mkdir(exist_ok=True)
     BASELINE.write_text(json.dumps(record_baseline(mfs), indent=2, sort_keys=True) + "\n")
     print(f"wrote {BASELINE}")
+
+
+RSS_BUDGET_MB = (
+    250  # #15: `run --bundle` on ONNX within 250 MB (README, "A bundle runs without torch")
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_run_bundle_peak_rss_is_within_budget(shipped, tmp_path):
+    """The default stream (embedded avatar and speech) from the shipped INT8 bundle, in a child
+    of a child, so that only `edgetalk run`'s own peak is read (RUSAGE_CHILDREN)."""
+    import subprocess
+
+    bundle = shipped("onnx", "int8", 4).path
+    cmd = [sys.executable, "-m", "edgetalk", "run", "--bundle", str(bundle)]
+    cmd += ["--out", str(tmp_path / "o.mp4")]
+    probe = (
+        "import resource, subprocess, sys\n"
+        f"r = subprocess.run({cmd!r}, capture_output=True, text=True)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.stderr.write(r.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    code, kib = out.stdout.split()
+    assert code == "0", out.stderr
+    assert int(kib) / 1024 <= RSS_BUDGET_MB, f"peak RSS {int(kib) / 1024:.0f} MB"
