@@ -112,7 +112,7 @@ def upsample_bilinear(
     return torch.matmul(a, rows.reshape(n * c, h, w * factor)).reshape(n, c, h * factor, w * factor)
 
 
-# ---- the fast ONNX Runtime form of the decoder's full-resolution tail (Decoder._tail_gather) ----
+# ---- the fast ONNX Runtime form of the decoder's full-resolution tail (Decoder._render_gather) ---
 # ONNX Runtime's CPU kernels cost per element and per node: a 4-frame tail of ~100 full-resolution
 # nodes spent most of its time on GatherElements, on the Expand that gives every channel its own
 # copy of the index, and on waking the pool's threads for each node. These forms gather whole
@@ -154,7 +154,7 @@ def sample_table(table: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: int, 
 
 
 class TableSampler(torch.nn.Module):
-    """sample_table as a module (no weights), so that its nodes carry the scope `/sampler/`:
+    """sample_table as a module (no weights), so that its nodes carry the scope `/sampler` (`/sampler_1` for a second call):
     FP16 exports keep them float (converters/onnx.py), for a pixel index reaches H*W = 65,536,
     far beyond the integers fp16 holds exactly (2,048)."""
 
