@@ -194,7 +194,9 @@ class Peer:
         self.last_mic_at: float | None = None
         self.mic_seconds = 0.0
         self.mic_dropped_s = 0.0
-        self.mic_rms = 0.0
+        self.mic_rms = 0.0  # recent level (an average over ~0.2 s): falls in every pause
+        self._mic_energy = 0.0  # sum of squares over the whole session, for mic_rms_session
+        self._mic_samples = 0
         self.mic_rate: int | None = None
         self.mic_channels: int | None = None
         self.frame_log: deque = deque(maxlen=20_000)  # (index, wall, audio rms) of sent frames
@@ -353,7 +355,10 @@ class Peer:
             self.mic_frames += 1
             self.last_mic_at = time.monotonic()
             self.mic_seconds += x.shape[0] / rate
-            self.mic_rms = 0.9 * self.mic_rms + 0.1 * float(np.sqrt(np.mean(np.square(x))))
+            energy = float(np.sum(np.square(x)))
+            self._mic_energy += energy
+            self._mic_samples += x.size
+            self.mic_rms = 0.9 * self.mic_rms + 0.1 * float(np.sqrt(energy / max(x.size, 1)))
             if not self._media_started:
                 if self.connected_at is None:
                     continue
@@ -411,6 +416,9 @@ class Peer:
             ),
             mic_seconds=self.mic_seconds,
             mic_rms=self.mic_rms,
+            mic_rms_session=(
+                float(np.sqrt(self._mic_energy / self._mic_samples)) if self._mic_samples else 0.0
+            ),
             mic_rate=self.mic_rate,
             mic_channels=self.mic_channels,
             mic_dropped_s=self.mic_dropped_s,

@@ -241,7 +241,7 @@
       $("st-late").textContent = `${s.late} / ${s.dropped}`;
       $("st-interruptions").textContent = String(s.interruptions);
       $("st-frames").textContent = String(s.frames);
-      $("st-mic").textContent = `${fmt(s.mic_seconds)} s (level ${fmt(s.mic_rms, 3)})`;
+      $("st-mic").textContent = `${fmt(s.mic_seconds)} s (level ${fmt(s.mic_rms, 3)}, session ${fmt(s.mic_rms_session, 3)})`;
       if (s.closed) {
         stop(`The session ended: ${s.error || s.close_reason}`, !!s.error);
         return;
