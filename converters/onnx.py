@@ -32,6 +32,7 @@ from .target import Target
 OPSET = 17
 SUFFIX = ".onnx"
 # Ops whose numerics fp16 breaks (reductions, resampling, exp-heavy) or that CPU EPs lack in fp16.
+FP32_SCOPES = ("/upsample/", "/sampler", "/mel_norm/")  # module scopes FP16 keeps float
 FP16_KEEP = [
     "GridSample",
     "Resize",
@@ -123,7 +124,8 @@ def to_fp16(src: Path, dst: Path) -> dict:
         | _upstream_of(m, "Cos")
         # the sampling grid's upsampling, fp32 as Resize was before it became two matmuls, and
         # the gathers' pixel indices (up to H*W, beyond fp16's exact integers)
-        | {n.name for n in m.graph.node if "/upsample/" in n.name or "/sampler" in n.name}
+        # and the audio encoder's running log-mel mean (sums of up to ~200 log-mels)
+        | {n.name for n in m.graph.node if any(k in n.name for k in FP32_SCOPES)}
     )
     kept = set(keep_nodes)
     _unshare_initializers(m, lambda n: n.op_type in FP16_KEEP or n.name in kept)

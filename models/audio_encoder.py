@@ -16,6 +16,12 @@ plain whole-frame encoder.
 
 Features are log-mel from a conv1d with a fixed DFT basis, which exports to ONNX, CoreML and MLX.
 Own voice and partner voice share the encoder; a talk/listen mask gates them after extraction.
+
+With `mel_norm_s` > 0, each log-mel frame has the running mean of the frames before it (and itself)
+subtracted: an exponential average of time constant mel_norm_s, expanding until it has that much
+history (cepstral mean normalization). Its state (the mean and the weight of the history) is one
+more static tensor, `mel_state`, and it advances by the chunk's mel frames only, like pcm_state;
+within a call the recurrence is a fixed [M, M] matrix, so every export stays a plain MatMul.
 """
 
 from __future__ import annotations
@@ -66,6 +72,47 @@ def _windows(real: torch.Tensor, last: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(taps, dim=3).reshape(b, h, c * (n + 1))
 
 
+def running_mean_weights(mels: int, decay: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence S_k = d S_(k-1) + x_k, W_k = d W_(k-1) + 1 over one call of `mels` frames, in
+    closed form: S = tri @ x + carry * S_(-1) and W = tri.sum(1) + carry * W_(-1), where
+    tri[k, j] = d^(k-j) for j <= k and carry[k] = d^(k+1). Made in float64, returned float32;
+    made on the device by kernels (no host copy, so a CUDA graph can capture it)."""
+    k = torch.arange(mels, dtype=torch.float64, device=device)
+    gap = k[:, None] - k[None, :]
+    tri = torch.where(gap >= 0, decay ** gap.clamp(min=0), torch.zeros((), device=device))
+    return tri.float(), (decay ** (k + 1)).float()
+
+
+def normalize_mels(
+    mel: torch.Tensor,  # [N, M, mels]
+    state: torch.Tensor,  # [N, mels + 1]: running mean, weight of the history
+    keep: int,  # the call's first `keep` mel frames advance the state
+    decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mel minus its running mean, and the state after frame keep - 1."""
+    n_mels = mel.shape[2]
+    tri, carry = running_mean_weights(mel.shape[1], decay, mel.device)
+    tri, carry = tri.to(mel.dtype), carry.to(mel.dtype)
+    mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]  # [N, 1, mels], [N, 1, 1]
+    total = torch.matmul(tri, mel) + carry[None, :, None] * (mean0 * w0)  # [N, M, mels]
+    weight = tri.sum(1)[None, :, None] + carry[None, :, None] * w0  # [N, M, 1]
+    mean = total / weight
+    out = torch.cat([mean[:, keep - 1], weight[:, keep - 1]], dim=1)
+    return mel - mean, out
+
+
+class MelNorm(nn.Module):
+    """`normalize_mels` as a module, so that its exported nodes carry the scope `/mel_norm/`: the
+    FP16 converter keeps them float (the running sums are log-mels times up to ~200 frames)."""
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+
+    def forward(self, mel, state, keep: int):
+        return normalize_mels(mel, state, keep, self.decay)
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -88,6 +135,10 @@ class AudioEncoder(nn.Module):
         if self.part:  # the part-heard frame's r mels -> a stand-in for its features
             self.part_in = nn.Linear(a.n_mels * self.part, a.hidden)
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
+        # per mel frame (one hop); 0 = no normalization (checkpoints from before)
+        self.mel_decay = math.exp(-a.hop / SAMPLE_RATE / a.mel_norm_s) if a.mel_norm_s else 0.0
+        if self.mel_decay:
+            self.mel_norm = MelNorm(self.mel_decay)
 
     def log_mel(self, pcm: torch.Tensor) -> torch.Tensor:
         """[B, samples] (with pcm_context samples of history) -> log-mel [B, M, mels], one per hop."""
@@ -122,10 +173,18 @@ class AudioEncoder(nn.Module):
         talk_mask: torch.Tensor,  # [B, C]: 1 = the avatar speaks, 0 = it listens
         pcm_state: torch.Tensor,  # [B, 2, n_fft-hop]
         conv_state: torch.Tensor,  # [layers, 2B, H, kernel-1]
+        mel_state: torch.Tensor | None = None,  # [B, 2, mels+1], when mel_norm_s > 0
     ) -> dict[str, torch.Tensor]:
         b, c = talk_mask.shape
         full = torch.cat([pcm_state, pcm], dim=2)
         mel = self.log_mel(full.reshape(2 * b, full.shape[2]))  # own/partner as batch
+        extra = {}
+        if self.mel_decay:
+            if mel_state is None:
+                raise ValueError("this audio encoder normalizes its mels: pass mel_state")
+            n = self.cfg.audio.n_mels
+            mel, st = self.mel_norm(mel, mel_state.reshape(2 * b, n + 1), c * self.mels_per_frame)
+            extra["mel_state_out"] = st.reshape(b, 2, n + 1)
         x = self.frame_in(self._whole_frames(mel)).transpose(1, 2)  # [2B, H, C+Lw]
         if self.part:
             p = self.part_in(self._part_mels(mel, c)).transpose(1, 2)  # [2B, H, C]
@@ -155,6 +214,7 @@ class AudioEncoder(nn.Module):
             "audio_tokens": tokens,
             "pcm_state_out": pcm_state_out,
             "conv_state_out": torch.stack(states, dim=0),
+            **extra,
         }
 
     def encode_sequence(self, pcm: torch.Tensor, talk_mask: torch.Tensor) -> torch.Tensor:
@@ -168,4 +228,5 @@ class AudioEncoder(nn.Module):
         pcm = F.pad(pcm, (0, a.lookahead_samples))
         pcm_state = pcm.new_zeros(b, 2, self.pcm_context)
         conv_state = pcm.new_zeros(a.conv_layers, 2 * b, a.hidden, a.kernel - 1)
-        return self(pcm, talk_mask, pcm_state, conv_state)["audio_tokens"]
+        mel_state = pcm.new_zeros(b, 2, a.n_mels + 1) if self.mel_decay else None
+        return self(pcm, talk_mask, pcm_state, conv_state, mel_state)["audio_tokens"]

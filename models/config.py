@@ -29,6 +29,12 @@ class AudioConfig:
     # frame and the first half of the next. A multiple of the hop (a mel frame ends on each hop);
     # checkpoints from before stored `lookahead` in whole frames (80 ms = 2), read as 1280.
     lookahead_samples: int = LOOKAHEAD_MS * MS_SAMPLES
+    # Running mean of the log-mel, subtracted before the encoder (cepstral mean normalization):
+    # its time constant in seconds, 0 = off. It removes what a microphone, a room and a voice add
+    # to every frame alike; on real held-out speakers it is what lets a mouth generalise.
+    # Configs written before it existed have no such field and are read as 0 (their weights
+    # were trained on raw log-mels).
+    mel_norm_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,9 @@ class ModelConfig:
                         raise ValueError(
                             f"{f.name} must be an integer in {low}..{MAX_SIZE}, got {v!r}"
                         )
+                elif f.name == "mel_norm_s":
+                    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 600:
+                        raise ValueError(f"mel_norm_s must be 0 (off) to 600 seconds, got {v!r}")
                 elif f.type in ("float", float) and (
                     not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < 1e9
                 ):
@@ -191,8 +200,10 @@ class ModelConfig:
 
 def _audio_fields(d: dict) -> dict:
     """Audio config fields; a config written before the lookahead was counted in samples has
-    `lookahead` in whole video frames (tiny: 2 = 80 ms), which is the same encoder."""
+    `lookahead` in whole video frames (tiny: 2 = 80 ms), which is the same encoder; one written
+    before the running mel normalization has no `mel_norm_s`, and its encoder had none."""
     d = dict(d)
+    d.setdefault("mel_norm_s", 0.0)  # written before the running mel normalization existed
     if "lookahead" in d:
         if "lookahead_samples" in d:
             raise ValueError("audio config has both lookahead (frames) and lookahead_samples")

@@ -62,6 +62,8 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
     kv = (g.layers, 1, g.heads, cfg.cache_slots, cfg.head_dim)
     new_kv = (g.layers, 1, g.heads, c, cfg.head_dim)
     T = TensorSpec
+    # the running log-mel mean and its weight (own, partner); only encoders that normalize have it
+    mel_state = (T("mel_state", (1, 2, a.n_mels + 1)),) if a.mel_norm_s else ()
     return {
         "appearance": ModuleIO(
             (T("image", (1, 3, res, res)),),
@@ -73,11 +75,13 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
                 T("talk_mask", (1, c)),
                 T("pcm_state", (1, 2, a.n_fft - a.hop)),
                 T("conv_state", (a.conv_layers, 2, a.hidden, a.kernel - 1)),
+                *mel_state,
             ),
             (
                 T("audio_tokens", (1, c, a.token_dim)),
                 T("pcm_state_out", (1, 2, a.n_fft - a.hop)),
                 T("conv_state_out", (a.conv_layers, 2, a.hidden, a.kernel - 1)),
+                *(T(f"{t.name}_out", t.shape) for t in mel_state),
             ),
         ),
         "generator": ModuleIO(

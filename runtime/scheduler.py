@@ -99,6 +99,9 @@ def talk_listen_mask(own: np.ndarray, partner: np.ndarray | None, frames: int) -
     return (~listening).astype(np.float32)
 
 
+AUDIO_CHUNK_INPUTS = ("pcm", "talk_mask")  # the audio encoder's other inputs are its state
+
+
 class StreamScheduler:
     def __init__(
         self,
@@ -132,10 +135,14 @@ class StreamScheduler:
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new stream with the same avatar (same seed, so the same noise sequence)."""
+        # The audio encoder's streaming state: every input but the chunk's own (pcm_state,
+        # conv_state, and mel_state where the encoder normalizes), each returned as NAME_out.
         audio_io = self.backend.io["audio"]
-        shapes = {t.name: t.shape for t in audio_io.inputs}
-        self.pcm_state = np.zeros(shapes["pcm_state"], dtype=np.float32)
-        self.conv_state = np.zeros(shapes["conv_state"], dtype=np.float32)
+        self.audio_state = {
+            t.name: np.zeros(t.shape, dtype=np.float32)
+            for t in audio_io.inputs
+            if t.name not in AUDIO_CHUNK_INPUTS
+        }
         self.cache.reset()
         self.blend.reset()
         self.rng = np.random.default_rng(self.seed)
@@ -234,11 +241,10 @@ class StreamScheduler:
             {
                 "pcm": np.stack([own, partner])[None],
                 "talk_mask": mask,
-                "pcm_state": self.pcm_state,
-                "conv_state": self.conv_state,
+                **self.audio_state,
             },
         )
-        self.pcm_state, self.conv_state = audio["pcm_state_out"], audio["conv_state_out"]
+        self.audio_state = {name: audio[f"{name}_out"] for name in self.audio_state}
         cache_pos, query_pos = self.cache.positions(self.next_frame)
         noise = self.rng.standard_normal((1, c, self.cfg.motion_dim)).astype(np.float32)
         gen = self._run(

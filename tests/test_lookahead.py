@@ -37,13 +37,18 @@ def stream(enc, pcm: torch.Tensor, mask: torch.Tensor, c: int) -> torch.Tensor:
     full = F.pad(pcm, (0, a.lookahead_samples + c * SPF))
     ps = torch.zeros(1, 2, a.n_fft - a.hop)
     cs = torch.zeros(a.conv_layers, 2, a.hidden, a.kernel - 1)
+    ms = torch.zeros(1, 2, a.n_mels + 1) if a.mel_norm_s else None
     out = []
     with torch.no_grad():
         for s in range(0, t - c + 1, c):
             r = enc(
-                full[:, :, s * SPF : s * SPF + enc.cfg.chunk_samples], mask[:, s : s + c], ps, cs
+                full[:, :, s * SPF : s * SPF + enc.cfg.chunk_samples],
+                mask[:, s : s + c],
+                ps,
+                cs,
+                ms,
             )
-            ps, cs = r["pcm_state_out"], r["conv_state_out"]
+            ps, cs, ms = r["pcm_state_out"], r["conv_state_out"], r.get("mel_state_out")
             out.append(r["audio_tokens"])
     return torch.cat(out, 1)
 
@@ -109,10 +114,13 @@ def old_tokens(enc, pcm, mask, pcm_state, conv_state) -> torch.Tensor:
 
 
 def test_frame_lookahead_checkpoint_loads_with_the_same_tokens(tmp_path):
-    """A checkpoint whose config says `lookahead: 2` (frames) is the 80 ms encoder, bit for bit."""
-    old = seeded_model(with_lookahead(MICRO, 2 * SPF))
+    """A checkpoint whose config says `lookahead: 2` (frames) is the 80 ms encoder, bit for bit
+    (written before the mel normalization too: no mel_norm_s, raw log-mels)."""
+    cfg = with_lookahead(MICRO, 2 * SPF)
+    old = seeded_model(dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, mel_norm_s=0)))
     conf = old.cfg.to_dict()
     del conf["audio"]["lookahead_samples"]
+    del conf["audio"]["mel_norm_s"]
     conf["audio"]["lookahead"] = 2  # as files written before this change say it
     path = tmp_path / "old.safetensors"
     meta = {"format": "edgetalk-checkpoint", "format_version": "1", "config": json.dumps(conf)}

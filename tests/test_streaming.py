@@ -121,7 +121,7 @@ def test_ten_thousand_chunks_flat_memory():
     sched = StreamScheduler(backend, np.zeros((32, 32, 3), np.uint8), seed=0)
     piece = np.zeros(cfg.chunk * 640, np.float32)
     piece[::7] = 0.1
-    shapes = (sched.cache.k.shape, sched.pcm_state.shape, sched.conv_state.shape)
+    shapes = (sched.cache.k.shape, *(v.shape for v in sched.audio_state.values()))
     for _ in range(100):  # warm-up
         sched.push_audio(piece, piece)
     tracemalloc.start()
@@ -131,7 +131,7 @@ def test_ten_thousand_chunks_flat_memory():
     grown = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     assert sched.stats.chunks >= 10_000 - -(-cfg.lookahead_samples // (cfg.chunk * 640))
-    assert (sched.cache.k.shape, sched.pcm_state.shape, sched.conv_state.shape) == shapes
+    assert (sched.cache.k.shape, *(v.shape for v in sched.audio_state.values())) == shapes
     assert sched.cache.slot_frame.max() == sched.next_frame - 1
     assert sched.own.shape[0] < cfg.chunk_samples
     assert grown < 64 * 1024, f"traced memory grew by {grown} bytes"

@@ -39,6 +39,8 @@ def test_one_step_each_stage_then_assemble(tmp_path):
             "2",
             "--frames",
             "16",
+            "--mel-norm-s",  # from an init with or without it: the encoder's config follows
+            "1.5",
         ]
     )
     for stage in ("render", "motion"):
@@ -67,6 +69,8 @@ def test_one_step_each_stage_then_assemble(tmp_path):
     info = assemble.assemble(tmp_path / "render", tmp_path / "motion", out)
     model, meta = load_checkpoint(out)
     assert meta["trained"] == "true" and info["render_steps"] == 2
+    # the audio config travels with the audio weights: the motion stage's normalization
+    assert model.cfg.audio.mel_norm_s == 1.5 and model.audio.mel_decay
     # with the lip stage: its head, everything else from the render and motion stages
     info = assemble.assemble(
         tmp_path / "render", tmp_path / "motion", out, lips_dir=tmp_path / "lips"

@@ -35,11 +35,28 @@ def _load_part(model, tensors: dict, prefix: str) -> None:
     model.load_state_dict(own)
 
 
+def _with_audio_config_of(model, motion_file: Path):
+    """The audio encoder's config (lookahead, mel normalization) belongs to the stage that trained
+    its weights, the motion stage; the rest of the config to the render stage."""
+    import dataclasses
+
+    from ..models.edgetalk import EdgeTalkModel
+
+    audio = load_checkpoint(motion_file)[0].cfg.audio
+    if audio == model.cfg.audio:
+        return model
+    out = EdgeTalkModel(dataclasses.replace(model.cfg, audio=audio).validate())
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("audio.")}
+    out.load_state_dict(rest, strict=False)  # audio.* comes from the motion stage next
+    return out
+
+
 def assemble(
     render_dir: Path, motion_dir: Path, out: Path, note: str = "", lips_dir: Path | None = None
 ) -> dict:
     model, _ = load_checkpoint(render_dir / "model.safetensors")
     motion = _tensors(motion_dir)
+    model = _with_audio_config_of(model, motion_dir / "model.safetensors")
     for part in ("audio.", "generator."):
         _load_part(model, motion, part)
     if lips_dir is not None:  # the lip-head stage (train_lips) trained only decoder.lip_*

@@ -205,6 +205,21 @@ def _cheap_degrade(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(a, -1, 1).astype(np.float32)
 
 
+def with_mel_norm(model, seconds: float):
+    """The same weights in a model whose audio encoder normalizes its mels (or stops doing so)."""
+    import dataclasses
+
+    from ..models.edgetalk import EdgeTalkModel
+
+    cfg = model.cfg
+    cfg = dataclasses.replace(
+        cfg, audio=dataclasses.replace(cfg.audio, mel_norm_s=float(seconds))
+    ).validate()
+    out = EdgeTalkModel(cfg)
+    out.load_state_dict(model.state_dict())
+    return out
+
+
 def chunk_times(b: int, frames: int, chunk: int, steps: int, rng: torch.Generator):
     """Flow time per chunk: mostly the sampler's own grid points, sometimes anywhere in [0, 1)."""
     k = frames // chunk
@@ -268,6 +283,13 @@ def main(argv=None) -> None:
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--snapshot-every", type=int, default=0, help="keep step_N.safetensors")
     ap.add_argument("--keep-norm", action="store_true", help="keep the init's motion normalization")
+    ap.add_argument(
+        "--mel-norm-s",
+        type=float,
+        help="the audio encoder's running log-mel mean, time constant in seconds (0 = off; "
+        "default: the init's). Turning it on for an init trained without it fine-tunes the "
+        "encoder to normalized mels (the module has no weights of its own)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -279,6 +301,8 @@ def main(argv=None) -> None:
     )
 
     model, _ = load_checkpoint(args.init or default_checkpoint())
+    if args.mel_norm_s is not None and args.mel_norm_s != model.cfg.audio.mel_norm_s:
+        model = with_mel_norm(model, args.mel_norm_s)
     cfg = model.cfg
     gen = model.generator
     real = None

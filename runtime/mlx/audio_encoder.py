@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
-from ...models.config import SAMPLES_PER_FRAME, ModelConfig
+from ...models.config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
 from .layers import F32, Conv1d, Module, gelu
 
 
@@ -33,6 +36,9 @@ class AudioEncoder(Module):
         if self.part:
             self.part_in = nn.Linear(a.n_mels * self.part, a.hidden)
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
+        # the running log-mel mean (models/audio_encoder.normalize_mels); 0 = none
+        self.mel_decay = math.exp(-a.hop / SAMPLE_RATE / a.mel_norm_s) if a.mel_norm_s else 0.0
+        self._mean_weights: dict[int, tuple] = {}  # per call length: fixed for a bundle
 
     @staticmethod
     def constant_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -60,10 +66,39 @@ class AudioEncoder(Module):
             return tail
         return mx.concatenate([frames[:, self.whole + 1 :, : self.part * n], tail], axis=1)
 
-    def __call__(self, pcm, talk_mask, pcm_state, conv_state):
+    def normalize_mels(self, mel, state, keep: int):
+        """models/audio_encoder.normalize_mels: mel [N, M, mels] minus its running mean, and the
+        state [N, mels+1] after frame keep - 1."""
+        m, n_mels = mel.shape[1], mel.shape[2]
+        if m not in self._mean_weights:
+            k = np.arange(m, dtype=np.float64)
+            gap = k[:, None] - k[None, :]
+            tri = np.where(gap >= 0, self.mel_decay ** np.maximum(gap, 0), 0.0)
+            carry = self.mel_decay ** (k + 1)
+            self._mean_weights[m] = (
+                mx.array(tri.astype(np.float32)),
+                mx.array(carry.astype(np.float32))[None, :, None],
+                mx.array(tri.astype(np.float32).sum(1))[None, :, None],
+            )
+        tri, carry, tri_sum = self._mean_weights[m]
+        mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]
+        total = tri @ mel + carry * (mean0 * w0)
+        weight = tri_sum + carry * w0
+        mean = total / weight
+        out = mx.concatenate([mean[:, keep - 1], weight[:, keep - 1]], axis=1)
+        return mel - mean, out
+
+    def __call__(self, pcm, talk_mask, pcm_state, conv_state, mel_state=None):
         b, c = talk_mask.shape
         full = mx.concatenate([pcm_state, pcm], axis=2)
         mel = self.log_mel(full.reshape(2 * b, full.shape[2]))
+        extra = {}
+        if self.mel_decay:
+            n = self.cfg.audio.n_mels
+            mel, st = self.normalize_mels(
+                mel, mel_state.astype(F32).reshape(2 * b, n + 1), c * self.mels_per_frame
+            )
+            extra["mel_state_out"] = st.reshape(b, 2, n + 1)
         x = self.frame_in(self.c(self._whole_frames(mel)))  # [2B, C+Lw, H]
         if self.part:
             p = self.part_in(self.c(self._part_mels(mel, c)))  # [2B, C, H]
@@ -91,6 +126,7 @@ class AudioEncoder(Module):
             "audio_tokens": tokens.astype(F32),
             "pcm_state_out": pcm_state_out,
             "conv_state_out": mx.stack(states, axis=0).transpose(0, 1, 3, 2).astype(F32),
+            **extra,
         }
 
 
