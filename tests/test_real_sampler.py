@@ -61,3 +61,14 @@ def test_stream_start_lead_uses_the_clips_own_quiet_frames():
         assert all(same) or not any(same)  # a lead is all room tone or all white noise
         from_clip += all(same)
     assert 8 <= from_clip <= 32
+
+
+def test_windows_hear_the_audio_before_them():
+    """With warm-up frames, every window carries the audio before it (room tone where the clip
+    starts) so that the encoder's running state is set as in a stream that has been going."""
+    pool, _ = _pool()
+    sampler = RealSampler(pool, 48, seed=3, start_share=0.3, warm=25)
+    for _ in range(12):
+        a, b, m = sampler.one()
+        assert a.shape == b.shape == ((25 + 48) * 640,) and m.shape == (48, 16)
+        assert np.isfinite(a).all() and np.abs(a[: 25 * 640]).max() > 0  # never digital silence

@@ -58,29 +58,45 @@ def build_motion_set(path: Path, n_clips: int, seed: int, split: str, seconds: f
 
 
 class WindowSampler:
+    """Windows of `frames` frames, each after `warm` frames of the audio before it (the clip's own,
+    or silence where the clip starts): their tokens are dropped, they only set the audio encoder's
+    running state (its log-mel mean), as a live stream's past does. Without them every window
+    would start cold, which a stream does once, not every 2 s."""
+
     def __init__(
-        self, data: dict, frames: int, seed: int, real=None, real_share: float = 0.0, strong=False
+        self,
+        data: dict,
+        frames: int,
+        seed: int,
+        real=None,
+        real_share: float = 0.0,
+        strong=False,
+        warm: int = 0,
     ):
-        self.data, self.frames = data, frames
+        self.data, self.frames, self.warm = data, frames, warm
         self.rng = np.random.default_rng(seed)
         self.real, self.real_share, self.strong = real, real_share, strong
 
     def sample(self, batch: int, augment: bool = True):
-        rng, t = self.rng, self.frames
+        rng, t, w, spf = self.rng, self.frames, self.warm, SAMPLES_PER_FRAME
+        if augment and w and rng.random() < 0.25:  # a quarter of batches: any shorter past
+            w = int(rng.integers(0, w))
         n, total = self.data["motion"].shape[:2]
         own, partner, motion, mask = [], [], [], []
         for _ in range(batch):
             if augment and self.real is not None and rng.random() < self.real_share:
-                a, b, m = self.real.one()
-                mask.append(talk_listen_mask(a, None, t))
+                a, b, m = self.real.one(w)
+                mask.append(talk_listen_mask(a, None, w + t))
                 own.append(a)
                 partner.append(b)
                 motion.append(m)
                 continue
             k = int(rng.integers(n))
             s = int(rng.integers(0, total - t + 1))
-            a = self.data["own"][k, s * SAMPLES_PER_FRAME : (s + t) * SAMPLES_PER_FRAME].copy()
-            b = self.data["partner"][k, s * SAMPLES_PER_FRAME : (s + t) * SAMPLES_PER_FRAME].copy()
+            lo = max(0, s - w) * spf
+            pad = (w * spf - (s * spf - lo), 0)  # silence before the clip's start
+            a = np.pad(self.data["own"][k, lo : (s + t) * spf], pad)
+            b = np.pad(self.data["partner"][k, lo : (s + t) * spf], pad)
             if augment and self.strong and abs(a).max() > 0:  # microphones, rooms, levels
                 a = _cheap_degrade(a, rng)
                 b *= np.float32(np.exp(rng.uniform(-1.0, 0.6)))
@@ -89,7 +105,7 @@ class WindowSampler:
                 b *= np.float32(np.exp(rng.uniform(-1.0, 0.6)))
                 a += rng.normal(0, 10 ** rng.uniform(-4, -2.3), a.shape).astype(np.float32)
             dyadic = bool(np.abs(b).max() > 0)
-            mask.append(talk_listen_mask(a, b if dyadic else None, t))
+            mask.append(talk_listen_mask(a, b if dyadic else None, w + t))
             own.append(a)
             partner.append(b)
             motion.append(self.data["motion"][k, s : s + t])
@@ -141,8 +157,8 @@ def load_real_pool(root: Path, labels: Path, variants: int, cache: Path, seed: i
 class RealSampler:
     """Windows of real speech and fitted motion, with speed changes (the motion follows)."""
 
-    def __init__(self, pool: list, frames: int, seed: int, start_share: float = 0.0):
-        self.pool, self.frames, self.start_share = pool, frames, start_share
+    def __init__(self, pool: list, frames: int, seed: int, start_share: float = 0.0, warm: int = 0):
+        self.pool, self.frames, self.start_share, self.warm = pool, frames, start_share, warm
         self.rng = np.random.default_rng(seed)
         lengths = np.array([len(m) for _, m in pool], np.float64)
         self.p = lengths / lengths.sum()
@@ -151,8 +167,9 @@ class RealSampler:
         # closed frame, pauses sit ~0.2 above it), against the stream-start windows.
         self.voiced = [~quiet_frames(a[0])[: len(m)] for a, m in pool]
 
-    def one(self):
+    def one(self, warm: int | None = None):
         rng, t, spf = self.rng, self.frames, SAMPLES_PER_FRAME
+        warm = self.warm if warm is None else warm
         k = int(rng.choice(len(self.pool), p=self.p))
         audio, motion = self.pool[k]
         # A stream start: 0.3-1.2 s of near-silence before the clip's first frame, mouth at rest
@@ -179,6 +196,11 @@ class RealSampler:
             rest[:, _MOUTH_IDX] = 0.0
             a = np.concatenate([self._room_tone(k, src, lead), a])
             m = np.concatenate([rest, m])
+        if warm:  # the audio before the window (room tone before the clip's start)
+            before = src[max(0, s - warm) * spf : s * spf] if not lead else src[:0]
+            short = warm - len(before) // spf
+            room = self._room_tone(k, src, short) if short else src[:0]
+            a = np.concatenate([room, before, a])
         a = _cheap_degrade(a, rng)
         return a, np.zeros_like(a), m.astype(np.float32)
 
@@ -284,6 +306,12 @@ def main(argv=None) -> None:
     ap.add_argument("--snapshot-every", type=int, default=0, help="keep step_N.safetensors")
     ap.add_argument("--keep-norm", action="store_true", help="keep the init's motion normalization")
     ap.add_argument(
+        "--warm-frames",
+        type=int,
+        help="audio frames heard before each window, to set the encoder's running state "
+        "(default: 25 with mel normalization, else 0)",
+    )
+    ap.add_argument(
         "--mel-norm-s",
         type=float,
         help="the audio encoder's running log-mel mean, time constant in seconds (0 = off; "
@@ -304,13 +332,15 @@ def main(argv=None) -> None:
     if args.mel_norm_s is not None and args.mel_norm_s != model.cfg.audio.mel_norm_s:
         model = with_mel_norm(model, args.mel_norm_s)
     cfg = model.cfg
+    # an encoder with a running state hears some audio before each window (see WindowSampler)
+    warm = args.warm_frames if args.warm_frames is not None else (25 if cfg.audio.mel_norm_s else 0)
     gen = model.generator
     real = None
     if args.real is not None:
         print("loading real speech and fitted motion ...", flush=True)
         pool = load_real_pool(args.real, args.labels, args.real_variants, data_dir, args.seed)
         print(f"  {len(pool)} real clips, {sum(len(m) for _, m in pool) / 25:.0f} s", flush=True)
-        real = RealSampler(pool, args.frames, args.seed + 77, args.start_share)
+        real = RealSampler(pool, args.frames, args.seed + 77, args.start_share, warm)
     with torch.no_grad():
         if not args.keep_norm:
             flat = torch.from_numpy(train["motion"].reshape(-1, cfg.motion_dim))
@@ -321,9 +351,15 @@ def main(argv=None) -> None:
     params = list(model.audio.parameters()) + list(gen.parameters())
     run = Run(args.out, model, params, args.lr, args.steps)
     sampler = WindowSampler(
-        train, args.frames, args.seed + run.step, real, args.real_share, strong=real is not None
+        train,
+        args.frames,
+        args.seed + run.step,
+        real,
+        args.real_share,
+        strong=real is not None,
+        warm=warm,
     )
-    val_sampler = WindowSampler(val, args.frames, 1234)
+    val_sampler = WindowSampler(val, args.frames, 1234, warm=warm)
     val_batch = val_sampler.sample(32, augment=False)
     g = torch.Generator().manual_seed(args.seed + run.step)
     w = LOSS_WEIGHT.copy()
@@ -332,9 +368,11 @@ def main(argv=None) -> None:
     c, steps = cfg.chunk, cfg.generator.steps
 
     def flow_loss(pcm, mask, motion, student: bool):
+        tokens = model.audio.encode_sequence(pcm, mask)
+        w = mask.shape[1] - motion.shape[1]  # warm-up frames: they set the encoder's state only
+        tokens, mask = tokens[:, w:], mask[:, w:]
         b, t = mask.shape
         ref = torch.zeros(b, cfg.motion_dim)
-        tokens = model.audio.encode_sequence(pcm, mask)
         x1 = gen.normalize(motion)
         x0 = torch.randn(x1.shape, generator=g)
         if student:  # the model's own past, on half the batch (rollouts are the costly part)
