@@ -19,7 +19,7 @@ Own voice and partner voice share the encoder; a talk/listen mask gates them aft
 
 With `mel_norm_s` > 0, each log-mel frame has the running mean of the frames before it (and itself)
 subtracted: an exponential average of time constant mel_norm_s, expanding until it has that much
-history (cepstral mean normalization). Its state (the mean and the weight of the history) is one
+history (cepstral mean normalization), over sound only, and silence is gated to zero (`voice_gate`). Its state (the mean and the weight of the history) is one
 more static tensor, `mel_state`, and it advances by the chunk's mel frames only, like pcm_state;
 within a call the recurrence is a fixed [M, M] matrix, so every export stays a plain MatMul.
 """
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
+from .constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sr: int = SAMPLE_RATE) -> torch.Tensor:
@@ -83,22 +84,36 @@ def running_mean_weights(mels: int, decay: float, device=None) -> tuple[torch.Te
     return tri.float(), (decay ** (k + 1)).float()
 
 
+def voice_gate(mel: torch.Tensor) -> torch.Tensor:
+    """[N, M, mels] log-mel -> [N, M, 1] in (0, 1): how much each frame is sound, not silence."""
+    energy = torch.logsumexp(mel, dim=2, keepdim=True)
+    return torch.sigmoid((energy - GATE_CENTER) / GATE_WIDTH)
+
+
 def normalize_mels(
     mel: torch.Tensor,  # [N, M, mels]
     state: torch.Tensor,  # [N, mels + 1]: running mean, weight of the history
     keep: int,  # the call's first `keep` mel frames advance the state
     decay: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """mel minus its running mean, and the state after frame keep - 1."""
+    """Gated mel minus its running mean, and the state after frame keep - 1.
+
+    The mean is of sound only: each frame counts by its voice gate (GATE_FLOOR when silent), so
+    pauses, room tone and the idle stream's digital silence leave it where speech put it, and the
+    mouth does not learn what the room sounds like. The output is gated too: silence is zero
+    whatever its level, which a mean alone cannot say (room tone minus its own mean is zero-mean
+    noise, like speech minus its own)."""
     n_mels = mel.shape[2]
     tri, carry = running_mean_weights(mel.shape[1], decay, mel.device)
     tri, carry = tri.to(mel.dtype), carry.to(mel.dtype)
+    gate = voice_gate(mel)
+    a = GATE_FLOOR + (1.0 - GATE_FLOOR) * gate  # [N, M, 1]
     mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]  # [N, 1, mels], [N, 1, 1]
-    total = torch.matmul(tri, mel) + carry[None, :, None] * (mean0 * w0)  # [N, M, mels]
-    weight = tri.sum(1)[None, :, None] + carry[None, :, None] * w0  # [N, M, 1]
+    total = torch.matmul(tri, a * mel) + carry[None, :, None] * (mean0 * w0)  # [N, M, mels]
+    weight = torch.matmul(tri, a) + carry[None, :, None] * w0  # [N, M, 1]
     mean = total / weight
     out = torch.cat([mean[:, keep - 1], weight[:, keep - 1]], dim=1)
-    return mel - mean, out
+    return gate * (mel - mean), out
 
 
 class MelNorm(nn.Module):

@@ -10,6 +10,15 @@ from .motion import INDEX
 # The four streaming modules, in the order the scheduler runs them.
 MODULES = ("appearance", "audio", "generator", "decoder")
 
+# Audio encoder, mel normalization (models/audio_encoder.py: voice_gate, normalize_mels): a
+# frame's total mel energy (logsumexp of its log-mels) against a fixed level. On this front end
+# white noise at L dBFS has energy 10.26 + 0.2303 L (measured; 20 dB = ln 100), so the centre -1.7
+# is about -52 dBFS and the width 0.7 about 3 dB: room tone (-60 dBFS and below) and the idle
+# stream's digital silence are shut out, speech at -45 dBFS passes at 0.9.
+GATE_CENTER = -1.7
+GATE_WIDTH = 0.7
+GATE_FLOOR = 0.02  # a shut frame still moves the mean, 50x slower (a long silence forgets)
+
 # Generator: the additive attention-mask value; finite so fp16 exports stay NaN-free.
 NEG = -1e4
 

@@ -47,21 +47,23 @@ def log_mels(pcm: np.ndarray, frames: int, audio: AudioConfig = AudioConfig()) -
     return mel.reshape(frames, per * audio.n_mels).astype(np.float64)
 
 
-def running_mean(mel: np.ndarray, seconds: float, hop: int = 160, per: int = 4) -> np.ndarray:
-    """The encoder's running mean (normalize_mels' recurrence) per mel hop, for [frames, per*M]."""
-    m = mel.reshape(len(mel) * per, -1)
+def normalized(mel: np.ndarray, seconds: float, hop: int = 160, per: int = 4) -> np.ndarray:
+    """The encoder's own normalization (`normalize_mels`: gated running mean, from a cold start)
+    of [frames, per*M] log-mels, per mel hop."""
+    import torch
+
+    from ..models.audio_encoder import normalize_mels
+
+    m = torch.from_numpy(mel.reshape(len(mel) * per, -1)).float()[None]
     d = math.exp(-hop / SAMPLE_RATE / seconds)
-    out, s, w = np.empty_like(m), np.zeros(m.shape[1]), 0.0
-    for k in range(len(m)):
-        s, w = d * s + m[k], d * w + 1.0
-        out[k] = s / w
-    return out.reshape(mel.shape)
+    out, _ = normalize_mels(m, torch.zeros(1, m.shape[2] + 1), m.shape[1], d)
+    return out[0].double().numpy().reshape(mel.shape)
 
 
 def features(mel: np.ndarray, norm_s: float) -> np.ndarray:
     """Context of PAST frames before and AHEAD after each frame, optionally mean-normalized."""
     if norm_s:
-        mel = mel - running_mean(mel, norm_s)
+        mel = normalized(mel, norm_s)
     padded = np.pad(mel, ((PAST, AHEAD), (0, 0)), mode="edge")
     n = len(mel)
     return np.concatenate([padded[i : i + n] for i in range(PAST + AHEAD + 1)], axis=1)

@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ...models.config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
+from ...models.constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH
 from .layers import F32, Conv1d, Module, gelu
 
 
@@ -80,13 +81,15 @@ class AudioEncoder(Module):
                 mx.array(carry.astype(np.float32))[None, :, None],
                 mx.array(tri.astype(np.float32).sum(1))[None, :, None],
             )
-        tri, carry, tri_sum = self._mean_weights[m]
+        tri, carry, _ = self._mean_weights[m]
+        gate = mx.sigmoid((mx.logsumexp(mel, axis=2, keepdims=True) - GATE_CENTER) / GATE_WIDTH)
+        a = GATE_FLOOR + (1.0 - GATE_FLOOR) * gate
         mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]
-        total = tri @ mel + carry * (mean0 * w0)
-        weight = tri_sum + carry * w0
+        total = tri @ (a * mel) + carry * (mean0 * w0)
+        weight = tri @ a + carry * w0
         mean = total / weight
         out = mx.concatenate([mean[:, keep - 1], weight[:, keep - 1]], axis=1)
-        return mel - mean, out
+        return gate * (mel - mean), out
 
     def __call__(self, pcm, talk_mask, pcm_state, conv_state, mel_state=None):
         b, c = talk_mask.shape
