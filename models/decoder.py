@@ -67,14 +67,15 @@ def close_columns(x: torch.Tensor, k: int) -> torch.Tensor:
     return -F.max_pool2d(-x, (1, 2 * k + 1), stride=1, padding=(0, k))
 
 
-def closing_field(up, low, present, y, reach, sharp) -> torch.Tensor:
+def closing_field(up, low, present, y, reach, sharp, roll=LIP_ROLL) -> torch.Tensor:
     """Vertical displacement (normalized units) that closes the lips at press 1, at photo rows y,
     for the inner-lip edges and presence of the photo column there (all broadcast together):
     rows above the midline sample from higher up, rows below from lower down, by half the gap
     at the midline plus the roll (LIP_ROLL), fading out beyond the lips (reach + half the gap).
-    The sign flips within `sharp`: the teeth between the lips vanish."""
+    The sign flips within `sharp`: the teeth between the lips vanish. The field is homogeneous
+    in its lengths: given every length in pixels (roll too), it is in pixels."""
     half = F.relu(low - up) * 0.5
-    half = (half + LIP_ROLL * torch.tanh(half / LIP_ROLL)) * present
+    half = (half + roll * torch.tanh(half / roll)) * present
     off = y - (up + low) * 0.5
     return half * torch.tanh(off / sharp) * torch.exp(-((off / (reach + half)) ** 2))
 
@@ -254,9 +255,7 @@ class Decoder(nn.Module):
         mid, gap, present = sample_row_table(
             tab, xp * (w / self.res) + (0.5 * w / self.res - 0.5), w
         )
-        roll = LIP_ROLL * s
-        half = F.relu(gap) * 0.5
-        half = (half + roll * torch.tanh(half / roll)) * present
-        off = yp - mid
         reach = F.softplus(self.lip_reach) * s
-        return half * torch.tanh(off / (self.sharp * s)) * torch.exp(-((off / (reach + half)) ** 2))
+        return closing_field(
+            mid - 0.5 * gap, mid + 0.5 * gap, present, yp, reach, self.sharp * s, LIP_ROLL * s
+        )
