@@ -69,3 +69,19 @@ def test_scores_are_averaged_over_seeds():
     assert m["lead_mouth"] == pytest.approx((a["lead_mouth"] + b["lead_mouth"]) / 2)
     assert m["open_at_start"] == (m["lead_mouth"] > mp.OPEN_AT_START)
     assert m["lead_mouth_max"] == a["lead_mouth_max"] > 1.0
+
+
+def test_speech_conditions_do_what_they_say():
+    from edgetalk.training.motion_proxy import CONDITIONS
+
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 100 * t) + 0.3 * np.sin(2 * np.pi * 1000 * t)).astype(
+        np.float32
+    )
+    assert CONDITIONS["clean"](pcm, rng) is pcm
+    np.testing.assert_allclose(CONDITIONS["quiet"](pcm, rng), pcm * 0.1, rtol=1e-6)
+    spec = np.abs(np.fft.rfft(CONDITIONS["phone"](pcm, rng)[4000:]))
+    assert spec[750] > 50 * spec[75]  # 1 kHz passes, 100 Hz is gone (bins of 1.33 Hz)
+    noise = CONDITIONS["noisy"](np.zeros(16000, np.float32), rng)
+    assert abs(20 * np.log10(noise.std()) + 45) < 0.5
