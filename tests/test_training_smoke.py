@@ -41,8 +41,12 @@ def test_one_step_each_stage_then_assemble(tmp_path):
             "16",
             "--mel-norm-s",  # from an init with or without it: the encoder's config follows
             "1.5",
+            "--mouth-aux",  # the training-only readout: its loss runs, it is never saved
+            "0.5",
         ]
     )
+    motion_keys = load_checkpoint(tmp_path / "motion" / "model.safetensors")[0].state_dict()
+    assert not any("readout" in k for k in motion_keys)
     for stage in ("render", "motion"):
         model, meta = load_checkpoint(tmp_path / stage / "model.safetensors")
         assert meta["stage"] == stage
