@@ -19,6 +19,16 @@ from edgetalk.runtime.backend_torch import TorchBackend
 ON_CI = bool(os.environ.get("EDGETALK_CI"))
 
 
+def as_from_a_terminal() -> None:
+    """preexec_fn for a child that a test stops with SIGINT: SIGINT back to its default, as in a
+    terminal. A shell without job control starts background jobs (`.ci/run &`) with SIGINT
+    ignored, children inherit that, and Python then installs no KeyboardInterrupt handler: the
+    test's Ctrl-C would be lost, not the program's."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def need(module: str, reason: str):
     """pytest.importorskip, except that on CI the import error fails the test."""
     if ON_CI:

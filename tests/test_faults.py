@@ -25,7 +25,7 @@ from edgetalk.runtime.session import Session
 from edgetalk.runtime.socket_source import CTRL_END, SocketSource
 from edgetalk.runtime.sources import feed
 
-from .conftest import MICRO, av_ends, need, seeded_model, speechlike
+from .conftest import MICRO, as_from_a_terminal, av_ends, need, seeded_model, speechlike
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 AAC_FRAME_S = 1024 / 16000  # the encoder pads the last audio frame: the ends agree within it
@@ -238,6 +238,7 @@ def test_signals_during_live_leave_a_playable_mp4(micro_ckpt, tmp_path, sig):
         [sys.executable, "-m", "edgetalk", "live", "--checkpoint", str(micro_ckpt),
          "--pcm-stdin", "--out", str(out), "--seconds", "60"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+        preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     try:
         p.stdin.write((speechlike(2.0) * 32767).astype("<i2").tobytes())
@@ -265,7 +266,7 @@ def test_signals_during_export_leave_no_bundle(micro_ckpt, tmp_path, sig):
     p = subprocess.Popen(
         [sys.executable, "-m", "edgetalk", "export", "--checkpoint", str(micro_ckpt),
          "--target", "onnx", "--precision", "int8", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

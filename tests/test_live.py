@@ -27,7 +27,7 @@ from edgetalk.runtime.session import Session
 from edgetalk.runtime.socket_source import CTRL_END, CTRL_INTERRUPT, MAX_FRAME_BYTES, SocketSource
 from edgetalk.runtime.sources import PcmStdinSource, feed
 
-from .conftest import MICRO, av_ends, seeded_model, speechlike
+from .conftest import MICRO, as_from_a_terminal, av_ends, seeded_model, speechlike
 
 SPF = 640
 CHUNK_S = MICRO.chunk / 25
@@ -341,7 +341,7 @@ def test_live_cli_ctrl_c_leaves_a_playable_mp4(micro_ckpt, tmp_path):
         [sys.executable, "-m", "edgetalk", "live", "--checkpoint", str(micro_ckpt),
          "--pcm-stdin", "--out", str(out), "--seconds", "30"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     try:
         p.stdin.write((speechlike(0.5) * 32767).astype("<i2").tobytes())
