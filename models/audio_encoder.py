@@ -19,9 +19,10 @@ Own voice and partner voice share the encoder; a talk/listen mask gates them aft
 
 With `mel_norm_s` > 0, each log-mel frame has the running mean of the frames before it (and itself)
 subtracted: an exponential average of time constant mel_norm_s, expanding until it has that much
-history (cepstral mean normalization), over sound only, and silence is gated to zero (`voice_gate`). Its state (the mean and the weight of the history) is one
-more static tensor, `mel_state`, and it advances by the chunk's mel frames only, like pcm_state;
-within a call the recurrence is a fixed [M, M] matrix, so every export stays a plain MatMul.
+history (cepstral mean normalization), over sound only, and silence is gated to zero
+(`voice_gate`). Its state (the mean and the weight of the history) is one more static tensor,
+`mel_state`, and it advances by the chunk's mel frames only, like pcm_state; within a call the
+recurrence is a fixed [M, M] matrix (`mel_mean.py`), a constant in every export.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
 from .constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH
+from .mel_mean import running_mean_weights
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sr: int = SAMPLE_RATE) -> torch.Tensor:
@@ -73,15 +75,13 @@ def _windows(real: torch.Tensor, last: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(taps, dim=3).reshape(b, h, c * (n + 1))
 
 
-def running_mean_weights(mels: int, decay: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence S_k = d S_(k-1) + x_k, W_k = d W_(k-1) + 1 over one call of `mels` frames, in
-    closed form: S = tri @ x + carry * S_(-1) and W = tri.sum(1) + carry * W_(-1), where
-    tri[k, j] = d^(k-j) for j <= k and carry[k] = d^(k+1). Made in float64, returned float32;
-    made on the device by kernels (no host copy, so a CUDA graph can capture it)."""
-    k = torch.arange(mels, dtype=torch.float64, device=device)
-    gap = k[:, None] - k[None, :]
-    tri = torch.where(gap >= 0, decay ** gap.clamp(min=0), torch.zeros((), device=device))
-    return tri.float(), (decay ** (k + 1)).float()
+def mean_weights(mels: int, decay: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """models/mel_mean.running_mean_weights as tensors (constants in a traced graph)."""
+    tri, carry = running_mean_weights(mels, decay)
+    return (
+        torch.from_numpy(tri.copy()).to(device, dtype),
+        torch.from_numpy(carry.copy()).to(device, dtype),
+    )
 
 
 def voice_gate(mel: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,7 @@ def normalize_mels(
     state: torch.Tensor,  # [N, mels + 1]: running mean, weight of the history
     keep: int,  # the call's first `keep` mel frames advance the state
     decay: float,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,  # mean_weights(M, decay, ...)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated mel minus its running mean, and the state after frame keep - 1.
 
@@ -104,8 +105,9 @@ def normalize_mels(
     whatever its level, which a mean alone cannot say (room tone minus its own mean is zero-mean
     noise, like speech minus its own)."""
     n_mels = mel.shape[2]
-    tri, carry = running_mean_weights(mel.shape[1], decay, mel.device)
-    tri, carry = tri.to(mel.dtype), carry.to(mel.dtype)
+    if weights is None:
+        weights = mean_weights(mel.shape[1], decay, mel.device, mel.dtype)
+    tri, carry = weights
     gate = voice_gate(mel)
     a = GATE_FLOOR + (1.0 - GATE_FLOOR) * gate  # [N, M, 1]
     mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]  # [N, 1, mels], [N, 1, 1]
@@ -123,9 +125,15 @@ class MelNorm(nn.Module):
     def __init__(self, decay: float):
         super().__init__()
         self.decay = decay
+        # The weights per call length and device, made once: not per chunk, and never by a host
+        # copy inside a captured CUDA graph (the backend's warm-up call makes them first).
+        self._weights: dict = {}
 
     def forward(self, mel, state, keep: int):
-        return normalize_mels(mel, state, keep, self.decay)
+        key = (mel.shape[1], mel.device, mel.dtype)
+        if key not in self._weights:
+            self._weights[key] = mean_weights(mel.shape[1], self.decay, mel.device, mel.dtype)
+        return normalize_mels(mel, state, keep, self.decay, self._weights[key])
 
 
 class AudioEncoder(nn.Module):

@@ -18,33 +18,38 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgeTalkError, InputError
-from ..models.config import SAMPLE_RATE, AudioConfig
+from ..models.config import SAMPLE_RATE, ModelConfig
 from . import metrics
 from .motion_proxy import MAX_LAG, mouth
 
 PAST, AHEAD = 3, 1  # video frames of context: the encoder sees 60 ms ahead, about one frame
 
 
-def log_mels(pcm: np.ndarray, frames: int, audio: AudioConfig = AudioConfig()) -> np.ndarray:
-    """[frames, 4 * n_mels]: the encoder's log-mel front end, 4 hops per frame (zero-padded)."""
+def log_mels(pcm: np.ndarray, frames: int) -> np.ndarray:
+    """[frames, 4 * n_mels]: the encoder's own log-mel front end (`AudioEncoder.log_mel`, from a
+    zero history), 4 hops per frame (zero-padded)."""
     import torch
 
-    from ..models.audio_encoder import dft_basis, mel_filterbank
-
-    n_freq = audio.n_fft // 2 + 1
-    x = torch.from_numpy(np.pad(pcm.astype(np.float32), (audio.n_fft - audio.hop, 0)))[None, None]
+    enc = _encoder()
+    x = np.pad(pcm.astype(np.float32), (enc.pcm_context, 0))
     with torch.no_grad():
-        spec = torch.nn.functional.conv1d(x, dft_basis(audio.n_fft), stride=audio.hop)[0]
-        power = spec[:n_freq] ** 2 + spec[n_freq:] ** 2
-        mel = torch.log(power.T @ mel_filterbank(audio.n_fft, audio.n_mels) + 1e-6).numpy()
-    per = 640 // audio.hop
+        mel = enc.log_mel(torch.from_numpy(x)[None])[0].double().numpy()
+    per = enc.mels_per_frame
     mel = np.pad(mel, ((0, max(0, frames * per - len(mel))), (0, 0)))[: frames * per]
-    return mel.reshape(frames, per * audio.n_mels).astype(np.float64)
+    return mel.reshape(frames, -1)
+
+
+@lru_cache(maxsize=1)
+def _encoder():
+    from ..models.audio_encoder import AudioEncoder
+
+    return AudioEncoder(ModelConfig())
 
 
 def normalized(mel: np.ndarray, seconds: float, hop: int = 160, per: int = 4) -> np.ndarray:

@@ -28,13 +28,17 @@ def reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ((1 - mix) * x + mix * wet).astype(np.float32)
 
 
-def band_limit(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """High-pass 50-300 Hz and low-pass 3.4-7.5 kHz (telephone to wideband)."""
+def band_pass(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """4th-order Butterworth band-pass, lo..hi Hz."""
     from scipy.signal import butter, sosfilt
 
-    lo, hi = rng.uniform(50, 300), rng.uniform(3400, 7500)
     sos = butter(4, [lo, hi], btype="band", fs=SR, output="sos")
     return sosfilt(sos, x).astype(np.float32)
+
+
+def band_limit(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """High-pass 50-300 Hz and low-pass 3.4-7.5 kHz (telephone to wideband)."""
+    return band_pass(x, rng.uniform(50, 300), rng.uniform(3400, 7500))
 
 
 def mic_colour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -32,6 +32,7 @@ from ..errors import EdgeTalkError, InputError
 from ..models.config import SAMPLES_PER_FRAME
 from ..models.motion import INDEX
 from . import metrics
+from .augment import band_pass
 
 MAX_LAG = 5  # frames either way, as the real eval
 LEAD_FRAMES = 12  # the first 0.5 s: where a stream that starts in silence must keep the mouth shut
@@ -160,18 +161,11 @@ def mean_over_seeds(scores: list[dict]) -> dict:
     return out
 
 
-def _phone_band(pcm: np.ndarray) -> np.ndarray:
-    from scipy.signal import butter, sosfilt
-
-    sos = butter(4, [300, 3400], btype="band", fs=16000, output="sos")
-    return sosfilt(sos, pcm).astype(np.float32)
-
-
 # The held-out speech as a user's setup may deliver it: the mouth should not care.
 CONDITIONS = {
     "clean": lambda pcm, rng: pcm,
     "quiet": lambda pcm, rng: pcm * np.float32(0.1),  # 20 dB down: a far or quiet microphone
-    "phone": lambda pcm, rng: _phone_band(pcm),  # 300-3400 Hz, a call
+    "phone": lambda pcm, rng: band_pass(pcm, 300, 3400),  # a call
     "noisy": lambda pcm, rng: pcm + rng.normal(0, 10 ** (-45 / 20), pcm.shape).astype(np.float32),
 }
 

@@ -6,10 +6,10 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ...models.config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
 from ...models.constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH
+from ...models.mel_mean import running_mean_weights
 from .layers import F32, Conv1d, Module, gelu
 
 
@@ -72,16 +72,9 @@ class AudioEncoder(Module):
         state [N, mels+1] after frame keep - 1."""
         m, n_mels = mel.shape[1], mel.shape[2]
         if m not in self._mean_weights:
-            k = np.arange(m, dtype=np.float64)
-            gap = k[:, None] - k[None, :]
-            tri = np.where(gap >= 0, self.mel_decay ** np.maximum(gap, 0), 0.0)
-            carry = self.mel_decay ** (k + 1)
-            self._mean_weights[m] = (
-                mx.array(tri.astype(np.float32)),
-                mx.array(carry.astype(np.float32))[None, :, None],
-                mx.array(tri.astype(np.float32).sum(1))[None, :, None],
-            )
-        tri, carry, _ = self._mean_weights[m]
+            tri, carry = running_mean_weights(m, self.mel_decay)
+            self._mean_weights[m] = (mx.array(tri), mx.array(carry)[None, :, None])
+        tri, carry = self._mean_weights[m]
         gate = mx.sigmoid((mx.logsumexp(mel, axis=2, keepdims=True) - GATE_CENTER) / GATE_WIDTH)
         a = GATE_FLOOR + (1.0 - GATE_FLOOR) * gate
         mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]
