@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "them: ratios stay fair on a machine whose speed drifts (default 1)",
     )
     p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the throughput of every configuration with the same chunk chunk by chunk in "
+        "turn, each timed on its own, so a drifting machine hits them alike and the x-torch "
+        "ratios hold (FFD is still measured one at a time; peak RSS is then of all together)",
+    )
+    p.add_argument(
         "--json", type=Path, help="write the results here (schema: benchmarks/schema.py)"
     )
     p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
@@ -182,7 +189,14 @@ def main(args: argparse.Namespace) -> int:
     used = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
     command = [f"{k}={v}" for k, v in sorted(used.items()) if v not in (None, [], False)]
     report = run_plan(
-        plan, settings, device, command=command, threads=threads, load=args.load, rounds=args.rounds
+        plan,
+        settings,
+        device,
+        command=command,
+        threads=threads,
+        load=args.load,
+        rounds=args.rounds,
+        interleave=args.interleave,
     )
     problems = validate(report)
     if problems:  # a bug here, not bad input: say so loudly

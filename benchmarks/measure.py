@@ -129,6 +129,42 @@ def throughput_run(
     return ThroughputRun(sink.frames, clock() - t0)
 
 
+def interleaved_throughput(
+    scheds: list[StreamScheduler],
+    pcm: np.ndarray,
+    clock: Clock = time.perf_counter,
+    memory: PeakMemory | None = None,
+    first: int = 0,
+) -> list[ThroughputRun]:
+    """throughput_run for several schedulers at once: the same stream, chunk by chunk, each
+    scheduler in turn (who goes first rotates every chunk), each timed on its own. On a machine
+    whose speed drifts by 2x over minutes (a shared VM, a laptop that throttles), every
+    configuration then sees the same conditions within milliseconds of each other, so ratios
+    between them hold where back-to-back runs, seconds apart, do not. They share one chunk size."""
+    n = len(scheds)
+    step = scheds[0].chunk * SAMPLES_PER_FRAME
+    if any(s.chunk != scheds[0].chunk for s in scheds):
+        raise ValueError("interleaved schedulers must share one chunk size")
+    sinks = [NullSink() for _ in scheds]
+    spent = [0.0] * n
+
+    def turn(j: int, call) -> None:
+        for k in range(n):
+            i = (first + j + k) % n
+            t0 = clock()
+            for frame in call(scheds[i]):
+                sinks[i].write(frame)
+            spent[i] += clock() - t0
+
+    starts = range(0, pcm.shape[0], step)
+    for j, start in enumerate(starts):
+        turn(j, lambda s, start=start: s.push_audio(pcm[start : start + step]))
+        if memory is not None:
+            memory.sample()
+    turn(len(starts), lambda s: s.flush())
+    return [ThroughputRun(sink.frames, t) for sink, t in zip(sinks, spent, strict=True)]
+
+
 def paced_run(
     sched: StreamScheduler,
     pcm: np.ndarray,
@@ -218,11 +254,26 @@ def measure(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Warm up, then R throughput runs and R paced runs. Returns the measured record fields."""
-    cfg = backend.cfg
-    memory = PeakMemory().start()
-    timings = Timings()
+    return measure_group([backend], avatar, pcm, settings, clock, sleep, log)[0]
 
-    def scheduler() -> StreamScheduler:
+
+def measure_group(
+    backends: list[Backend],
+    avatar: np.ndarray,
+    pcm: np.ndarray,
+    settings: Settings,
+    clock: Clock = time.perf_counter,
+    sleep: Sleep = time.sleep,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """measure() for backends of one chunk size, their throughput runs interleaved chunk by
+    chunk (interleaved_throughput). The paced runs (FFD) are real time and stay one backend
+    at a time. With several backends, peak RSS is of all of them held together."""
+    cfg = backends[0].cfg
+    memory = PeakMemory().start()
+    timings = [Timings() for _ in backends]
+
+    def scheduler(backend: Backend) -> StreamScheduler:
         s = StreamScheduler(backend, avatar, seed=settings.seed, clock=clock)
         memory.sample()
         return s
@@ -231,20 +282,44 @@ def measure(
     look_frames = -(-cfg.lookahead_samples // SAMPLES_PER_FRAME)
     warm_frames = max(int(round(settings.warmup_seconds * FPS)), 2 * cfg.chunk + look_frames)
     warm = np.tile(pcm, -(-warm_frames * SAMPLES_PER_FRAME // pcm.shape[0]))
-    throughput_run(scheduler(), warm[: warm_frames * SAMPLES_PER_FRAME], clock, memory)
+    for backend in backends:
+        throughput_run(scheduler(backend), warm[: warm_frames * SAMPLES_PER_FRAME], clock, memory)
 
-    runs: list[ThroughputRun] = []
-    for _ in range(settings.repeats):
-        sched = scheduler()
-        runs.append(throughput_run(sched, pcm, clock, memory))
-        timings.add(sched)
+    runs: list[list[ThroughputRun]] = [[] for _ in backends]
+    for rep in range(settings.repeats):
+        scheds = [scheduler(b) for b in backends]
+        if len(scheds) == 1:
+            done = [throughput_run(scheds[0], pcm, clock, memory)]
+        else:
+            done = interleaved_throughput(scheds, pcm, clock, memory, first=rep)
+        for i, (sched, run) in enumerate(zip(scheds, done, strict=True)):
+            runs[i].append(run)
+            timings[i].add(sched)
     if log:
-        log(f"throughput {np.median([r.fps for r in runs]):.1f} fps")
+        fps = ", ".join(f"{np.median([r.fps for r in rs]):.1f}" for rs in runs)
+        log(f"throughput {fps} fps" + (" (interleaved)" if len(backends) > 1 else ""))
 
-    paced: list[PacedRun] = []
-    for _ in range(settings.repeats):
-        paced.append(paced_run(scheduler(), pcm, settings.piece_ms, clock, sleep, memory))
+    paced: list[list[PacedRun]] = [
+        [
+            paced_run(scheduler(b), pcm, settings.piece_ms, clock, sleep, memory)
+            for _ in range(settings.repeats)
+        ]
+        for b in backends
+    ]
+    return [
+        _record(b.cfg, r, p, t, memory, len(backends))
+        for b, r, p, t in zip(backends, runs, paced, timings, strict=True)
+    ]
 
+
+def _record(
+    cfg,
+    runs: list[ThroughputRun],
+    paced: list[PacedRun],
+    timings: Timings,
+    memory: PeakMemory,
+    interleaved: int,
+) -> dict:
     fps, fps_spread = _stat([r.fps for r in runs], 3)
     rtf_tp, _ = _stat([r.rtf for r in runs])
     ffd, ffd_spread = _stat([p.ffd_ms for p in paced], 3)
@@ -277,4 +352,5 @@ def measure(
         "modules": timings.summary(cfg.chunk),
         "peak_rss_mb": memory.peak_rss_mb(),
         "gpu_peak_mb": memory.gpu_peak_mb(),
+        "interleaved_with": interleaved - 1,
     }

@@ -34,6 +34,10 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
   gflops / the GEMM peak measured in the same run on the device the backend runs on.
 - speedup_vs_torch: fps / fps of torch eager fp32 with the same streaming config (chunk, steps,
   window) in the same run; 1.0 for that reference itself.
+- interleaved_with (bench --interleave): the throughput runs of every configuration with the same
+  streaming config, threads and load went chunk by chunk in turn (who goes first rotates), each
+  timed on its own, so a machine's drift hits them alike and their ratios hold; FFD stays one
+  configuration at a time (it is real time). Peak RSS is then of all of them together.
 - Each headline number is the median over settings.repeats runs (warm-up excluded), and with
   `bench --rounds N` over the repeats of all N rounds (the whole plan run N times round-robin,
   so that a drifting machine affects every row alike); `spread` holds min, max and every value.
@@ -177,6 +181,11 @@ RECORD = {
         "threads": _d({"type": "integer", "minimum": 1}, "CPU threads (bench --threads N,M)"),
         "load": _d(_INT0, "busy processes running beside it (bench --load N); 0: quiet"),
         "fps_vs_quiet": _d(_OPT_NUM, "under load: fps / fps of the same row quiet, same run"),
+        "interleaved_with": _d(
+            _INT0,
+            "bench --interleave: how many other configurations ran their throughput runs chunk "
+            "by chunk in turn with this one (0: alone); peak_rss_mb is then of all of them",
+        ),
         "rounds": _d(
             {"type": "integer", "minimum": 2},
             "bench --rounds N: the plan ran N times round-robin; headline = median of all runs",

@@ -14,7 +14,7 @@ from ..errors import EdgeTalkError
 from ..runtime.threads import apply_torch_threads, set_threads
 from .configs import Config, Plan
 from .load import BusyLoad
-from .measure import Clock, Settings, Sleep, bench_audio, measure
+from .measure import Clock, Settings, Sleep, bench_audio
 from .schema import FORMAT, SCHEMA_VERSION
 
 
@@ -27,8 +27,8 @@ def flops_for(cfg, cache: dict) -> dict[str, float]:
     return cache[key]
 
 
-def measure_config(
-    config: Config,
+def measure_configs(
+    configs: list[Config],
     settings: Settings,
     pcm,
     peaks: dict[str, float],
@@ -36,45 +36,54 @@ def measure_config(
     clock: Clock = time.perf_counter,
     sleep: Sleep = time.sleep,
     log: Callable[[str], None] = print,
-) -> dict:
+) -> list[dict]:
+    """Records for configurations of one streaming config; with several, their throughput runs
+    are interleaved (measure_group). All are open together for that."""
     from ..runtime.avatar import prepare_avatar
     from .device import backend_device
+    from .measure import measure_group
 
-    t0 = time.perf_counter()
-    backend = config.opener()
-    load_s = time.perf_counter() - t0
+    backends, loads = [], []
     try:
-        cfg = backend.cfg
+        for config in configs:
+            t0 = time.perf_counter()
+            backends.append(config.opener())
+            loads.append(time.perf_counter() - t0)
+        cfg = backends[0].cfg
         avatar = prepare_avatar(None, cfg.render.resolution)
-        rec = measure(backend, avatar, pcm, settings, clock, sleep, log=log)
-        where = backend_device(backend)
-        backend_name, precision = backend.name, backend.precision
+        recs = measure_group(backends, avatar, pcm, settings, clock, sleep, log=log)
+        facts = [(backend_device(b), b.name, b.precision, b.cfg) for b in backends]
     finally:
-        del backend
+        del backends
         gc.collect()
-    flops = flops_for(cfg, flops_cache)
-    peak_device = where if where in peaks else "cpu"
-    gflops = flops["total"] * rec["fps"] / 1e9
-    rec.update(
-        label=config.label,
-        backend=backend_name,
-        target=config.target,
-        precision=precision,
-        source=config.source,
-        reference=config.reference,
-        chunk_fixed=config.chunk_fixed,
-        bundle_bytes=int(config.size_bytes),
-        flops_per_frame=round(flops["total"], 1),
-        flops_per_frame_modules={k: round(v, 1) for k, v in flops.items() if k != "total"},
-        gflops=round(gflops, 4),
-        peak_device=peak_device,
-        fraction_of_peak=round(gflops / peaks[peak_device], 6) if peaks[peak_device] else 0.0,
-        speedup_vs_torch=None,
-        load_seconds=round(load_s, 3),
-        note=config.note,
-        _key=cfg.to_json(),
-    )
-    return rec
+    out = []
+    for config, rec, load_s, (where, backend_name, precision, cfg) in zip(
+        configs, recs, loads, facts, strict=True
+    ):
+        flops = flops_for(cfg, flops_cache)
+        peak_device = where if where in peaks else "cpu"
+        gflops = flops["total"] * rec["fps"] / 1e9
+        rec.update(
+            label=config.label,
+            backend=backend_name,
+            target=config.target,
+            precision=precision,
+            source=config.source,
+            reference=config.reference,
+            chunk_fixed=config.chunk_fixed,
+            bundle_bytes=int(config.size_bytes),
+            flops_per_frame=round(flops["total"], 1),
+            flops_per_frame_modules={k: round(v, 1) for k, v in flops.items() if k != "total"},
+            gflops=round(gflops, 4),
+            peak_device=peak_device,
+            fraction_of_peak=round(gflops / peaks[peak_device], 6) if peaks[peak_device] else 0.0,
+            speedup_vs_torch=None,
+            load_seconds=round(load_s, 3),
+            note=config.note,
+            _key=cfg.to_json(),
+        )
+        out.append(rec)
+    return out
 
 
 def add_speedups(results: list[dict]) -> None:
@@ -128,60 +137,77 @@ def run_plan(
     threads: list[int] | None = None,
     load: int = 0,
     rounds: int = 1,
+    interleave: bool = False,
 ) -> dict:
     """Every configuration at every thread count in `threads` (None: as the process is set), each
     quiet and, with load > 0, right after under `load` busy processes (so the ratio compares
     neighbouring measurements on a machine whose other work drifts). With rounds > 1 the whole
     sequence runs that many times, round-robin, and each row is the median over its rounds: a
     2-core VM's speed drifts by up to 2x over minutes, and a reference measured once, minutes
-    away from the row it is compared with, moved ratios more than the change being measured."""
+    away from the row it is compared with, moved ratios more than the change being measured.
+    With interleave, the configurations of one streaming config run their throughput runs chunk
+    by chunk in turn (measure.interleaved_throughput): the steadiest ratios this can give."""
     pcm = bench_audio(settings.seconds)
     peaks = device["gemm_peak_gflops"]
     flops_cache: dict = {}
     results: list[dict] = []
     skipped = list(plan.skipped)
+    # With interleave, the configurations of one streaming config (a reference and what is
+    # compared with it) are measured together; otherwise each alone.
+    groups: dict[str, list[Config]] = {}
+    for config in plan.configs:
+        groups.setdefault(config.key if interleave else config.label, []).append(config)
     runs = [
-        (config, t, n_load)
+        (group, t, n_load)
         for t in (threads or [None])
-        for config in plan.configs
+        for group in groups.values()
         for n_load in ((0, load) if load else (0,))
     ]
     n = len(runs)
     measured: dict[str, list[dict]] = {}
     steps = [(r, run) for r in range(rounds) for run in runs]
-    for i, (rnd, (config, t, n_load)) in enumerate(steps, 1):
-        label = config.label + (f" t{t}" if threads else "") + (f" load{n_load}" if load else "")
+    for i, (rnd, (group, t, n_load)) in enumerate(steps, 1):
+        suffix = (f" t{t}" if threads else "") + (f" load{n_load}" if load else "")
+        labels = [c.label + suffix for c in group]
         round_note = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
-        log(f"[{i}/{n * rounds}] {label}{round_note} ({config.source})")
+        what = " | ".join(labels) + (" (interleaved)" if len(group) > 1 else "")
+        sources = ", ".join(sorted({c.source for c in group}))
+        log(f"[{i}/{n * rounds}] {what}{round_note} ({sources})")
         if t is not None:
             set_threads(t)
             apply_torch_threads(t)
         try:
             with BusyLoad(n_load):
-                rec = measure_config(
-                    config,
+                recs = measure_configs(
+                    group,
                     settings,
                     pcm,
                     peaks,
                     flops_cache,
                     clock,
                     sleep,
-                    log=(lambda s, label=label: log(f"    {label}: {s}")),
+                    log=(lambda s, label=labels[0]: log(f"    {label}: {s}")),
                 )
         except EdgeTalkError as e:
-            skipped.append({"config": label, "reason": str(e)})
+            if len(group) > 1:
+                raise EdgeTalkError(
+                    f"{what}: {e} (with --interleave the configurations of a group open "
+                    "together; run without it to measure the others)"
+                ) from e
+            skipped.append({"config": labels[0], "reason": str(e)})
             log(f"    skipped: {e}")
             continue
-        rec.update(_base=config.label, label=label)
-        if t is not None:
-            rec["threads"] = t
-        if load:
-            rec["load"] = n_load
-        measured.setdefault(label, []).append(rec)
-        log(
-            f"    {rec['fps']:.1f} fps, FFD {rec['first_frame_delay_ms']:.0f} ms "
-            f"(floor {rec['first_frame_floor_ms']:.0f}), RTF {rec['rtf']:.2f}"
-        )
+        for config, label, rec in zip(group, labels, recs, strict=True):
+            rec.update(_base=config.label, label=label)
+            if t is not None:
+                rec["threads"] = t
+            if load:
+                rec["load"] = n_load
+            measured.setdefault(label, []).append(rec)
+            log(
+                f"    {label}: {rec['fps']:.1f} fps, FFD {rec['first_frame_delay_ms']:.0f} ms "
+                f"(floor {rec['first_frame_floor_ms']:.0f}), RTF {rec['rtf']:.2f}"
+            )
     results = [merge_rounds(recs) for recs in measured.values()]
     if not results:
         why = "; ".join(f"{s['config']}: {s['reason']}" for s in skipped) or "nothing to run"

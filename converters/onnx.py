@@ -117,6 +117,7 @@ def to_fp16(src: Path, dst: Path) -> dict:
     # The converter places its casts from complete type annotations; afterwards the annotations
     # of intermediate values are stale, so drop them and let onnxruntime infer types.
     _strip_identities(m)
+    _split_consumed_outputs(m)
     m = onnx.shape_inference.infer_shapes(m)
     keep_nodes = sorted(
         _upstream_of(m, "Log")
@@ -294,6 +295,26 @@ def _strip_identities(m) -> None:
                 n.input[i] = alias[name]
     del m.graph.node[:]
     m.graph.node.extend(keep)
+
+
+def _split_consumed_outputs(m) -> None:
+    """A graph output that nodes also read (the appearance stage's app_feat feeds the decoder's
+    photo layers) gets an internal name for its readers and an Identity to the output: with
+    keep_io_types the fp16 pass would otherwise hand those readers the float32 output."""
+    from onnx import helper
+
+    outputs = {o.name for o in m.graph.output}
+    read = {name for n in m.graph.node for name in n.input}
+    for name in sorted(outputs & read):
+        inner = f"{name}__internal"
+        for n in m.graph.node:
+            for i, x in enumerate(n.output):
+                if x == name:
+                    n.output[i] = inner
+            for i, x in enumerate(n.input):
+                if x == name:
+                    n.input[i] = inner
+        m.graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__out"))
 
 
 def _unshare_initializers(m, stays_fp32) -> None:

@@ -15,7 +15,17 @@ THRESHOLDS = {
 }
 # Outputs the gate judges. Caches/states follow from these and are reported, not gated, because a
 # K/V element that is near zero has no meaningful relative error.
-GATED = {"app_feat", "ref_motion", "audio_tokens", "motion", "frames"}
+# The decoder's photo inputs (dec_*) are gated as appearance outputs: the decoder reads them unchanged.
+GATED = {
+    "app_feat",
+    "ref_motion",
+    "dec_proj",
+    "dec_basis",
+    "dec_lips",
+    "audio_tokens",
+    "motion",
+    "frames",
+}
 
 
 def psnr(ref: np.ndarray, got: np.ndarray, peak: float = 1.0) -> float:

@@ -4,7 +4,7 @@ The photo itself is warped at full resolution by a flow predicted at 1/4 resolut
 refinement head paints what a warp cannot show (mouth interior, teeth, eyelids) and blends it in
 with a predicted alpha. The flow has five parts:
 - a learned global affine of the motion (head pose);
-- per-parameter basis fields predicted from the photo once per call, weighted by the motion
+- per-parameter basis fields predicted from the photo once per avatar, weighted by the motion
   (blendshape-like: "this is how *this* face moves when the jaw opens"), for flow and alpha;
 - a non-linear residual from motion-modulated features (FiLM) for what is not linear;
 - a full-resolution correction from the refinement head: closing open lips collapses the teeth
@@ -138,14 +138,37 @@ class Decoder(nn.Module):
         app_feat: torch.Tensor,  # [1, Ca, R/4, R/4]
         image: torch.Tensor,  # [1, 3, R, R] in [0, 1]
         motion: torch.Tensor,  # [1, C, P]
+        dec_proj: torch.Tensor,  # [1, Hd, R/4, R/4]: prepare()'s outputs, made once per avatar
+        dec_basis: torch.Tensor,  # [1, 3P, R/4, R/4]
+        dec_lips: torch.Tensor,  # [1, 3, 1, R/4]
     ) -> dict[str, torch.Tensor]:
-        return {"frames": self.render(app_feat, image, motion[0])}
+        photo = {"dec_proj": dec_proj, "dec_basis": dec_basis, "dec_lips": dec_lips}
+        return {"frames": self.render(app_feat, image, motion[0], photo)}
 
-    def render(self, app_feat: torch.Tensor, image: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N."""
+    def prepare(self, app_feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decoder's work that depends on the photo only: the features' projection, the
+        motion bases and the lip edges. The streaming contract runs it once per avatar, in the
+        appearance stage (models/edgetalk.py): at chunk 1 it was 0.35 of the decoder's 0.86
+        GFLOP per call, repeated for every frame."""
+        return {
+            "dec_proj": self.app_in(app_feat),
+            "dec_basis": self.basis(app_feat),
+            "dec_lips": torch.cat(self.lips(app_feat), dim=1),
+        }
+
+    def render(
+        self,
+        app_feat: torch.Tensor,
+        image: torch.Tensor,
+        m: torch.Tensor,
+        photo: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Frames [N, R, R, 3] for motions m [N, P]; app_feat/image hold 1 reference or N.
+        `photo` is prepare(app_feat), made here when not given (training)."""
+        photo = self.prepare(app_feat) if photo is None else photo
         if not self.native_sampling and image.shape[0] == 1:
-            return self._render_gather(app_feat, image, m)
-        return self.render_parts(app_feat, image, m)[0]
+            return self._render_gather(app_feat, image, m, photo)
+        return self.render_parts(app_feat, image, m, photo)[0]
 
     def lip_logits(self, app_feat: torch.Tensor) -> torch.Tensor:
         """[B, 3, h, w]: upper edge, lower edge (softmax over rows) and presence logits."""
@@ -155,15 +178,15 @@ class Decoder(nn.Module):
         """The photo's inner-lip edges per column (see lip_edges): training supervises them."""
         return lip_edges(self.lip_logits(app_feat), self.rows)
 
-    def closing(self, app_feat, grid_full, press) -> torch.Tensor:
+    def closing(self, dec_lips, grid_full, press) -> torch.Tensor:
         """[N, R, R, 2] displacement closing the photo's lips by press [N], computed exactly
         where each output pixel looks in the photo (the grid): the edges of that photo column
         are read there (a one-row grid sample), so the field flips at the midline far within a
         pixel. A field built on a pixel grid and resampled flips over a whole row, and that row
         shows the teeth as a dotted white line between the closed lips."""
-        edges = torch.cat(self.lips(app_feat), dim=1)  # [1, 3, 1, w]: up, low, presence
         c = grid_full.shape[0]
-        e = sample_columns(edges, grid_full, self.native_sampling)  # [N, 3, R, R]
+        # dec_lips [1 or N, 3, 1, w]: up, low, presence
+        e = sample_columns(dec_lips, grid_full, self.native_sampling)  # [N, 3, R, R]
         y = grid_full[..., 1:2].permute(0, 3, 1, 2)  # [N, 1, R, R]: the photo row looked at
         reach = F.softplus(self.lip_reach)
         dy = closing_field(e[:, 0:1], e[:, 1:2], e[:, 2:3], y, reach, self.sharp)
@@ -171,18 +194,18 @@ class Decoder(nn.Module):
         # (0, dy) as a broadcast product: a concat with zeros exports as a frame-sized constant
         return dy.permute(0, 2, 3, 1) * torch.tensor([0.0, 1.0], device=dy.device)
 
-    def _head(self, app_feat, m):
+    def _head(self, photo, m):
         """What both forms share: the motion-modulated features x [N, Hd, h, w], the sampling
         grid at 1/4 resolution [N, h, w, 2] and the linear alpha [N, 1, h, w]."""
         c, hw = m.shape[0], self.feat
         p = m.shape[1]
-        basis = self.basis(app_feat)  # [1 or N, 3P, h, w]
+        basis = photo["dec_basis"]  # [1 or N, 3P, h, w]
         if basis.shape[0] == 1:  # one reference: a single matmul mixes the bases for all frames
             lin = torch.matmul(m, basis.reshape(p, 3 * hw * hw)).reshape(c, 3, hw, hw)
         else:
             lin = (m.reshape(c, p, 1, 1, 1) * basis.reshape(c, p, 3, hw, hw)).sum(1)
         gamma, beta = self.film(m).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
-        x = F.gelu(self.app_in(app_feat) * (1.0 + gamma) + beta)  # [N, Hd, h, w]
+        x = F.gelu(photo["dec_proj"] * (1.0 + gamma) + beta)  # [N, Hd, h, w]
         for conv in self.blocks:
             x = x + F.gelu(conv(x))
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
@@ -198,25 +221,26 @@ class Decoder(nn.Module):
         r = F.gelu(pixel_shuffle2(self.refine_up(r), native))  # [N, rc, R/2, R/2]
         return pixel_shuffle2(self.refine_out(r), native)
 
-    def render_parts(self, app_feat, image, m):
+    def render_parts(self, app_feat, image, m, photo=None):
         """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
         supervises the grid and alpha directly where the synthetic renderer knows them."""
         c = m.shape[0]
         native = self.native_sampling
-        x, grid, lin_alpha = self._head(app_feat, m)
+        photo = self.prepare(app_feat) if photo is None else photo
+        x, grid, lin_alpha = self._head(photo, m)
         # the sampling grid and the linear alpha, upsampled together to full resolution
         full = self.upsample(torch.cat([grid.permute(0, 3, 1, 2), lin_alpha], dim=1), native)
         grid_full, alpha_lin = full[:, :2].permute(0, 2, 3, 1), full[:, 2:]
         wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, native)
         o = self._refine(wfeat, x)
         grid_full = grid_full + o[:, 4:].permute(0, 2, 3, 1)
-        grid_full = grid_full + self.closing(app_feat, grid_full, m[:, LIP_PRESS])
+        grid_full = grid_full + self.closing(photo["dec_lips"], grid_full, m[:, LIP_PRESS])
         warped = grid_sample_border(image.expand(c, -1, -1, -1), grid_full, native)
         alpha = torch.sigmoid(o[:, 3:4] + alpha_lin)
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha
 
-    def _render_gather(self, app_feat, image, m):
+    def _render_gather(self, app_feat, image, m, photo):
         """render() in the form ONNX Runtime runs fast (models/sampling.py, end): the same frames
         as render_parts to float rounding, for one reference picture. The grid is carried in
         pixel units (the upsampling is affine-equivariant: each row of its matrix sums to 1, so
@@ -224,7 +248,7 @@ class Decoder(nn.Module):
         neighbour table with one int32 index per output pixel."""
         c, res = m.shape[0], self.res
         half_res = res / 2.0
-        x, grid, lin_alpha = self._head(app_feat, m)
+        x, grid, lin_alpha = self._head(photo, m)
         g = grid.permute(0, 3, 1, 2)  # [N, 2, h, w], normalized
         # (alpha, x, y) in the order of the refinement's (alpha, flow x, flow y)
         full = self.upsample(torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1), False)
@@ -235,20 +259,20 @@ class Decoder(nn.Module):
         scale = torch.tensor([1.0, half_res, half_res], device=m.device).reshape(1, 3, 1, 1)
         s = full + o[:, 3:6] * scale
         alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
-        yp = yp + self._closing_px(app_feat, xp, yp) * m[:, LIP_PRESS].reshape(c, 1, 1, 1)
+        yp = yp + self._closing_px(photo["dec_lips"], xp, yp) * m[:, LIP_PRESS].reshape(c, 1, 1, 1)
         warped = self.sampler(neighbour_table(image), xp, yp, res, res)  # [N, 3, R, R]
         alpha = torch.sigmoid(alpha_logit)
         frames = warped + (torch.sigmoid(o[:, :3]) - warped) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)
 
-    def _closing_px(self, app_feat, xp, yp):
+    def _closing_px(self, dec_lips, xp, yp):
         """closing() at press 1 in pixel units, for output pixels that look at photo pixel
         (xp, yp) [N, 1, R, R]: the field is homogeneous in its lengths, so every length (edges,
         roll, reach, the flip's width) is scaled to pixels once, per column or as a constant.
         The edges' midline, gap and presence are linear in the head's outputs, so they are
         interpolated along the row as the native form interpolates the outputs."""
         s = self.res / 2.0
-        up, low, present = self.lips(app_feat)  # [1, 1, 1, w] each, normalized rows
+        up, low, present = dec_lips[:, 0:1], dec_lips[:, 1:2], dec_lips[:, 2:3]  # normalized
         mid = (up + low) * (0.5 * s) + (s - 0.5)
         tab = row_table(torch.cat([mid, (low - up) * s, present], 1))
         w = self.feat

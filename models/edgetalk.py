@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .appearance import AppearanceEncoder
@@ -10,6 +11,28 @@ from .config import ModelConfig
 from .constants import MODULES
 from .decoder import Decoder
 from .generator import MotionGenerator
+
+# The decoder's layers that read the photo only (Decoder.prepare). The appearance stage runs
+# them once per avatar, so they belong to its artifact; the decoder's artifact never runs them.
+PHOTO_LAYERS = ("app_in", "basis", "lip_in", "lip_mid", "lip_out")
+
+
+class AppearanceStage(nn.Module):
+    """The contract's "appearance" module: the appearance encoder, then the decoder's photo-only
+    work (Decoder.prepare), both once per avatar. Its children are the model's own layers
+    (shared, not copied), named as the MLX port names them."""
+
+    def __init__(self, appearance: AppearanceEncoder, decoder: Decoder):
+        super().__init__()
+        self.appearance = appearance
+        for name in PHOTO_LAYERS:
+            self.add_module(name, getattr(decoder, name))
+        # unregistered: the stage runs decoder.prepare without owning the decoder's other layers
+        object.__setattr__(self, "_decoder", decoder)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.appearance(image)
+        return {**out, **self._decoder.prepare(out["app_feat"])}
 
 
 class EdgeTalkModel(nn.Module):
@@ -22,8 +45,11 @@ class EdgeTalkModel(nn.Module):
         self.decoder = Decoder(cfg)
 
     def module(self, name: str) -> nn.Module:
+        """The module the streaming contract calls `name` (models/io_spec.py)."""
         if name not in MODULES:
             raise KeyError(f"unknown module {name!r}; modules are {MODULES}")
+        if name == "appearance":
+            return AppearanceStage(self.appearance, self.decoder)
         return getattr(self, name)
 
     def for_streaming(self, cfg: ModelConfig) -> EdgeTalkModel:

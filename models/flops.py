@@ -37,6 +37,9 @@ def flops_per_frame(cfg: ModelConfig, model: EdgeTalkModel | None = None) -> dic
 
 
 def parameter_counts(model: EdgeTalkModel) -> dict[str, int]:
-    counts = {m: sum(p.numel() for p in model.module(m).parameters()) for m in MODULES}
-    counts["total"] = sum(counts.values())
+    params = {m: list(model.module(m).parameters()) for m in MODULES}
+    counts = {m: sum(p.numel() for p in ps) for m, ps in params.items()}
+    # the appearance stage shares the decoder's photo layers: each weight counts once in total
+    unique = {id(p): p for ps in params.values() for p in ps}
+    counts["total"] = sum(p.numel() for p in unique.values())
     return counts

@@ -64,10 +64,21 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
     T = TensorSpec
     # the running log-mel mean and its weight (own, partner); only encoders that normalize have it
     mel_state = (T("mel_state", (1, 2, a.n_mels + 1)),) if a.mel_norm_s else ()
+    # the decoder's photo-only work (Decoder.prepare), made once per avatar by the appearance
+    # stage and passed to every decoder call unchanged
+    photo = (
+        T("dec_proj", (1, r.hidden, feat, feat)),
+        T("dec_basis", (1, 3 * p, feat, feat)),
+        T("dec_lips", (1, 3, 1, feat)),
+    )
     return {
         "appearance": ModuleIO(
             (T("image", (1, 3, res, res)),),
-            (T("app_feat", (1, r.app_channels, feat, feat)), T("ref_motion", (1, p))),
+            (
+                T("app_feat", (1, r.app_channels, feat, feat)),
+                T("ref_motion", (1, p)),
+                *photo,
+            ),
         ),
         "audio": ModuleIO(
             (
@@ -104,10 +115,17 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
                 T("app_feat", (1, r.app_channels, feat, feat)),
                 T("image", (1, 3, res, res)),
                 T("motion", (1, c, p)),
+                *photo,
             ),
             (T("frames", (c, res, res, 3)),),
         ),
     }
+
+
+def per_avatar_inputs(io: dict[str, ModuleIO]) -> tuple[str, ...]:
+    """The decoder's inputs that stay the same for the whole stream: everything but the motion
+    (the photo, and what the appearance stage made from it)."""
+    return tuple(n for n in io["decoder"].input_names if n != "motion")
 
 
 def zeros_for(spec: ModuleIO) -> dict[str, np.ndarray]:

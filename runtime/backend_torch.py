@@ -23,9 +23,9 @@ class TorchBackend(Backend):
         super().__init__(cfg, module_io(cfg), precision)
         # its own model for its own streaming settings; the weights stay shared with `model`
         self.model = (model if cfg == model.cfg else model.for_streaming(cfg)).eval()
+        # bf16 runs under CPU autocast, weights and I/O float32: casting the model instead left
+        # float32 tables (RoPE, time embedding, mel weights) meeting bf16 matmuls.
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-        if self.dtype != torch.float32:
-            self.model = self.model.to(self.dtype)
 
     @classmethod
     def from_checkpoint(
@@ -53,9 +53,10 @@ class TorchBackend(Backend):
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.io[module]
-        with torch.inference_mode():
+        autocast = torch.autocast("cpu", self.dtype, enabled=self.dtype != torch.float32)
+        with torch.inference_mode(), autocast:
             args = {
-                t.name: torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.dtype)
+                t.name: torch.from_numpy(np.ascontiguousarray(inputs[t.name], dtype=np.float32))
                 for t in spec.inputs
             }
             out = self.model.module(module)(**args)

@@ -18,7 +18,8 @@ from ..models.config import SAMPLES_PER_FRAME, ModelConfig
 from ..models.constants import MODULES
 from ..models.io_spec import ModuleIO, module_io
 
-SCHEMA_VERSION = 1
+# 2: the decoder's photo-only work moved into the appearance stage (dec_* tensors in the contract)
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
+from ..models.io_spec import per_avatar_inputs
 from .backend import Backend
 from .cache import KVCache
 from .continuity import BoundaryBlend
@@ -125,7 +126,12 @@ class StreamScheduler:
         self.stats = StreamStats()
         self.image = (avatar.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
         app = self._run("appearance", {"image": self.image})
-        self.app_feat, self.ref_motion = app["app_feat"], app["ref_motion"]
+        self.ref_motion = app["ref_motion"]
+        # every decoder input but the motion: the photo and what the appearance stage made of it
+        self.photo = {
+            name: self.image if name == "image" else app[name]
+            for name in per_avatar_inputs(backend.io)
+        }
         # the backend decides where K/V live; a duck-typed wrapper without new_cache gets numpy
         make_cache = getattr(backend, "new_cache", None)
         self.cache = make_cache(cfg) if make_cache else KVCache(cfg)
@@ -268,9 +274,7 @@ class StreamScheduler:
         self.prev_motion = np.ascontiguousarray(gen["motion"][:, -1])
         motion = self.blend(gen["motion"][0])[None]
         self.last_motion = motion[0]
-        dec = self._run(
-            "decoder", {"app_feat": self.app_feat, "image": self.image, "motion": motion}
-        )
+        dec = self._run("decoder", {**self.photo, "motion": motion})
         t0 = self.clock()
         rgb = (np.clip(dec["frames"], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         self.stats.convert_ms.append((self.clock() - t0) * 1000.0)

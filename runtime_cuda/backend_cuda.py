@@ -47,7 +47,7 @@ AMP_MODULES = ("generator", "decoder")
 GRAPH_MODULES = ("audio", "generator", "decoder")  # appearance runs once per avatar
 # Per-avatar inputs kept on the device, uploaded when they change; the KV cache arrives on the
 # device already (new_cache).
-RESIDENT = {"decoder": ("app_feat", "image")}
+RESIDENT = {"decoder": ("app_feat", "image", "dec_proj", "dec_basis", "dec_lips")}
 DEVICE_INPUTS = {"generator": ("k_cache", "v_cache")}
 
 

@@ -31,7 +31,8 @@ from .gpu import probe
 from .residency import TransferLog
 
 KV = ("k_cache", "v_cache")
-WHOLE = ("ref_motion", "app_feat", "image")  # per-avatar: upload only when the content changes
+# per-avatar: upload only when the content changes
+WHOLE = ("ref_motion", "app_feat", "image", "dec_proj", "dec_basis", "dec_lips")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 

@@ -15,6 +15,7 @@ from edgetalk.benchmarks.measure import (
     deadline_misses,
     first_frame_floor_ms,
     measure,
+    measure_group,
     paced_run,
 )
 from edgetalk.benchmarks.report import load_report
@@ -124,6 +125,70 @@ def test_paced_audio_is_paced_and_ffd_is_floor_plus_compute(micro_backend):
     # Frames of chunk k arrive when its audio (and lookahead) has arrived, plus compute.
     for i in range(0, frames - c - 2, c):
         assert run.arrivals[i] == pytest.approx(i * 0.04 + (floor + per_chunk) / 1000)
+
+
+class DriftingBackend(TimedBackend):
+    """A machine that slows down as time passes: each call costs (1 + elapsed seconds) times
+    its nominal time, as this VM's speed drifts under its neighbours."""
+
+    def run(self, module, inputs):
+        self.t.now += self.ms.get(module, 0.0) * self.t.now / 1000.0  # the drift on top
+        return super().run(module, inputs)
+
+
+def test_interleaving_keeps_ratios_on_a_drifting_machine(micro_backend):
+    """Backend b costs twice what a costs per call. Measured one after the other, b runs later,
+    on a slower machine, and looks far worse than 2x; interleaved chunk by chunk, both see the
+    same machine and the ratio is the true one."""
+    avatar = prepare_avatar(None, 32)
+    pcm = speechlike(1.0)
+    settings = Settings(seconds=1.0, repeats=2, warmup_seconds=0.2)
+    fast = {k: v for k, v in MS.items()}
+    slow = {k: 2 * v for k, v in MS.items()}
+
+    t = FakeTime()
+    a, b = DriftingBackend(micro_backend, t, fast), DriftingBackend(micro_backend, t, slow)
+    apart = [measure(x, avatar, pcm, settings, clock=t.clock, sleep=t.sleep) for x in (a, b)]
+    t = FakeTime()
+    a, b = DriftingBackend(micro_backend, t, fast), DriftingBackend(micro_backend, t, slow)
+    together = measure_group([a, b], avatar, pcm, settings, clock=t.clock, sleep=t.sleep)
+
+    assert [r["interleaved_with"] for r in apart] == [0, 0]
+    assert [r["interleaved_with"] for r in together] == [1, 1]
+    ratio_apart = apart[0]["fps"] / apart[1]["fps"]
+    ratio_together = together[0]["fps"] / together[1]["fps"]
+    assert ratio_apart > 2.3, ratio_apart  # the drift, taken for a difference between them
+    assert ratio_together == pytest.approx(2.0, rel=0.02), ratio_together
+    for rec in together:  # every frame of every stream, each module timed per backend
+        assert rec["frames"] == 25 and rec["modules"]["generator"]["calls"] == 2 * 13
+    assert together[1]["modules"]["audio"]["p50_ms"] > together[0]["modules"]["audio"]["p50_ms"]
+
+
+def test_interleaved_schedulers_must_share_a_chunk(micro_backend):
+    from edgetalk.benchmarks.measure import interleaved_throughput
+
+    avatar = prepare_avatar(None, 32)
+    other = type(micro_backend)(micro_backend.model, micro_backend.cfg.with_streaming(chunk=1))
+    scheds = [StreamScheduler(b, avatar) for b in (micro_backend, other)]
+    with pytest.raises(ValueError, match="share one chunk size"):
+        interleaved_throughput(scheds, speechlike(0.2))
+
+
+def test_bench_interleave_groups_by_streaming_config(micro_ckpt, tmp_path, capsys):
+    out = tmp_path / "i.json"
+    args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch,torch:bf16"]
+    args += ["--chunk", "1,2", *QUICK, "--interleave", "--json", out]
+    code, text, _ = run_cli(args, capsys)
+    assert code == 0
+    assert text.count("(interleaved)") >= 2  # one group per chunk size
+    report = load_report(out)
+    assert validate(report) == []
+    rows = {r["label"]: r for r in report["results"]}
+    assert set(rows) == {"torch fp32 c1", "torch bf16 c1", "torch fp32 c2", "torch bf16 c2"}
+    assert all(r["interleaved_with"] == 1 for r in rows.values())
+    assert rows["torch bf16 c2"]["speedup_vs_torch"] == pytest.approx(
+        rows["torch bf16 c2"]["fps"] / rows["torch fp32 c2"]["fps"], rel=1e-3
+    )
 
 
 def test_late_chunks_count_as_deadline_misses(micro_backend):

@@ -54,8 +54,9 @@ def test_shipped_decoder_renders_the_same_frames_in_both_forms():
     image = torch.rand(1, 3, 256, 256, generator=g)
     motion = torch.randn(1, 4, model.cfg.motion_dim, generator=g) * 0.5
     with torch.no_grad():
-        a = model.decoder.eval()(app, image, motion)["frames"]
-        b = twin.decoder(app, image, motion)["frames"]
+        photo = model.decoder.eval().prepare(app)  # the appearance stage's dec_* tensors
+        a = model.decoder(app, image, motion, **photo)["frames"]
+        b = twin.decoder(app, image, motion, **photo)["frames"]
     assert model.decoder.native_sampling  # the reference never switches
     assert (a - b).abs().max().item() < 1e-3  # well under one grey level
     assert not torch.equal(a, torch.zeros_like(a))

@@ -139,7 +139,8 @@ def test_pressed_lips_hide_the_teeth_where_the_midline_falls_between_pixels():
     app = torch.zeros(1, model.cfg.render.app_channels, feat, feat)
     grid = base_grid(res, res).reshape(1, res, res, 3)[..., :2].contiguous()
     with torch.no_grad():
-        look = grid[0, ..., 1] + d.closing(app, grid, torch.ones(1))[0, ..., 1]
+        lips = d.prepare(app)["dec_lips"]
+        look = grid[0, ..., 1] + d.closing(lips, grid, torch.ones(1))[0, ..., 1]
         up, low, _ = (
             F.interpolate(t, size=(1, res), mode="bilinear", align_corners=False)[0, 0, 0]
             for t in d.lips(app)

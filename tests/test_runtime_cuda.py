@@ -24,7 +24,7 @@ from edgetalk.runtime.cache import KVCache
 from edgetalk.runtime.loader import open_backend
 from edgetalk.runtime.registry import lookup, registry
 from edgetalk.runtime.scheduler import StreamScheduler
-from edgetalk.runtime_cuda.backend_cuda import CudaBackend, _HoistConstants
+from edgetalk.runtime_cuda.backend_cuda import RESIDENT, CudaBackend, _HoistConstants
 from edgetalk.runtime_cuda.backend_tensorrt import engine_io_problems, engine_mismatch
 from edgetalk.runtime_cuda.device_cache import TorchDeviceKVCache
 from edgetalk.runtime_cuda.gpu import torch_cuda_reason
@@ -362,7 +362,9 @@ def test_cuda_backend_logic_on_cpu_matches_torch_and_keeps_kv_resident():
     cache_bytes = be.transfers.h2d_bytes - in_calls
     assert 0 < cache_bytes <= 8 * MICRO.chunk * (MICRO.cache_slots + 1)
     dec = [t for m, t in calls if m == "decoder"]
-    assert dec[0]["h2d"] == 3 and all(t["h2d"] == 1 and t["d2h"] == 1 for t in dec[1:])
+    # the first call uploads the per-avatar inputs (photo, app_feat, dec_*) and the motion
+    first = len(RESIDENT["decoder"]) + 1
+    assert dec[0]["h2d"] == first and all(t["h2d"] == 1 and t["d2h"] == 1 for t in dec[1:])
 
 
 def test_cuda_backend_caches_are_per_stream():

@@ -86,7 +86,8 @@ def test_lip_press_closes_the_embedded_avatars_mouth(shipped, avatar):
     rgb = []
     for m in motions:  # the decoder takes a whole chunk; repeat the pose over it
         chunk = np.repeat(m[None, None], shipped.cfg.chunk, axis=1)
-        out = shipped.run("decoder", {"app_feat": app["app_feat"], "image": image, "motion": chunk})
+        photo = {k: app[k] for k in ("app_feat", "dec_proj", "dec_basis", "dec_lips")}
+        out = shipped.run("decoder", {**photo, "image": image, "motion": chunk})
         rgb.append((np.clip(out["frames"][0], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     rest, pressed, pressed_open = FaceMeasurer(video_mode=False).track(rgb).opening
     print(

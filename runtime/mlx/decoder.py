@@ -8,13 +8,17 @@ import numpy as np
 
 from ...models.config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from ...models.config import ModelConfig
-from ...models.constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
-from .layers import F32, Conv2d, Module, gelu, grid_sample, interpolate_bilinear, pixel_shuffle
-
-
-def pixel_centres(n: int) -> np.ndarray:
-    """Pixel-centre coordinates in [-1, 1] (align_corners=False), float32 op for op as torch's."""
-    return (np.arange(n, dtype=np.float32) * 2 + 1) / n - 1
+from ...models.constants import LIP_PRESS, LIP_ROLL, SHARP_ROWS
+from .layers import (
+    F32,
+    Conv2d,
+    Module,
+    gelu,
+    grid_sample,
+    interpolate_bilinear,
+    pixel_centres,
+    pixel_shuffle,
+)
 
 
 def base_grid(h: int, w: int) -> np.ndarray:
@@ -39,27 +43,29 @@ class Decoder(Module):
         self.refine_in = Conv2d(ca + hd, hd, 3, padding=1)
         self.refine_up = Conv2d(hd, 4 * rc, 3, padding=1)
         self.refine_out = Conv2d(rc, 4 * OUT_CHANNELS, 3, padding=1)
+        # The photo layers: their weights are in this file (the torch decoder owns them), but
+        # only the appearance stage runs them (runtime/mlx/appearance.py: AppearanceStage).
         self.lip_in = Conv2d(ca, hd, 3, padding=1)  # the lip head (models/decoder.py)
         self.lip_mid = Conv2d(hd, hd, 3, padding=1)
         self.lip_out = Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = mx.array([-2.0])
         self._grid0 = mx.array(base_grid(self.feat, self.feat))  # [hw*hw, 3]
-        feat_rows = pixel_centres(self.feat)
-        self._feat_rows = mx.array(feat_rows.reshape(1, -1, 1, 1))  # channels-last: axis 1
         self._sharp = SHARP_ROWS * 2.0 / self.res
         self._identity = mx.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
-    def __call__(self, app_feat, image, motion):
+    def __call__(self, app_feat, image, motion, dec_proj, dec_basis, dec_lips):
         m = motion[0]  # [C, P]
         (c, p), hw, res = m.shape, self.feat, self.res
         app = app_feat.transpose(0, 2, 3, 1)  # [1, h, w, Ca] float32
         img = image.transpose(0, 2, 3, 1)  # [1, R, R, 3] float32
-        # Basis fields of the one reference, mixed by the motion (float32: it is geometry).
-        basis = self.basis(self.c(app)).astype(F32).reshape(hw * hw, p, 3)
+        # Basis fields of the one reference (made by the appearance stage), mixed by the motion
+        # (float32: it is geometry).
+        basis = dec_basis.transpose(0, 2, 3, 1).reshape(hw * hw, p, 3)
         basis = basis.transpose(1, 0, 2).reshape(p, hw * hw * 3)
         lin = (m @ basis).reshape(c, hw, hw, 3)  # [C, h, w, (flow x, flow y, alpha)]
         gamma, beta = mx.split(self.film(self.c(m))[:, None, None, :], 2, axis=-1)
-        x = gelu(self.app_in(self.c(app)) * (1.0 + gamma) + beta)  # [C, h, w, Hd]
+        proj = self.c(dec_proj.transpose(0, 2, 3, 1))  # [1, h, w, Hd]
+        x = gelu(proj * (1.0 + gamma) + beta)  # [C, h, w, Hd]
         for conv in self.blocks:
             x = x + gelu(conv(x))
         # Geometry in float32 whatever the compute dtype.
@@ -72,22 +78,17 @@ class Decoder(Module):
         r = gelu(pixel_shuffle(self.refine_up(r), 2))  # [C, R/2, R/2, rc]
         o = pixel_shuffle(self.refine_out(r), 2).astype(F32)  # [C, R, R, 6]
         grid_full = grid_full + o[..., 4:]
-        grid_full = grid_full + self.closing(app, grid_full, m)
+        grid_full = grid_full + self.closing(dec_lips.transpose(0, 2, 3, 1), grid_full, m)
         warped = grid_sample(img, grid_full)  # [C, R, R, 3]
         alpha = mx.sigmoid(o[..., 3:4] + interpolate_bilinear(lin[..., 2:], (res, res)))
         frames = warped * (1.0 - alpha) + mx.sigmoid(o[..., :3]) * alpha
         return {"frames": mx.clip(frames, 0.0, 1.0)}
 
-    def closing(self, app, grid_full, m):
-        """The lip-closing displacement [C, R, R, 2] (models/decoder.py: Decoder.closing)."""
-        feat_rows = self._feat_rows
-        logits = self.lip_out(gelu(self.lip_mid(gelu(self.lip_in(self.c(app))))))
-        logits = logits.astype(F32)  # [1, h, w, 3]
-        up = (mx.softmax(logits[..., 0:1], axis=1) * feat_rows).sum(axis=1, keepdims=True)
-        low = (mx.softmax(logits[..., 1:2], axis=1) * feat_rows).sum(axis=1, keepdims=True)
-        present = _close_columns(mx.sigmoid(logits[..., 2:3].max(axis=1, keepdims=True)))
+    def closing(self, lips, grid_full, m):
+        """The lip-closing displacement [C, R, R, 2] (models/decoder.py: Decoder.closing), from
+        the photo's lip edges `lips` [1, 1, w, 3] (up, low, presence; the appearance stage's)."""
         # The edges of the photo column each output pixel looks at, read there (one-row sample).
-        e = grid_sample(mx.concatenate([up, low, present], axis=-1), grid_full)  # [C, R, R, 3]
+        e = grid_sample(lips, grid_full)  # [C, R, R, 3]
         up, low, present = e[..., 0:1], e[..., 1:2], e[..., 2:3]
         half = mx.maximum(low - up, 0.0) * 0.5
         half = (half + LIP_ROLL * mx.tanh(half / LIP_ROLL)) * present
@@ -96,15 +97,3 @@ class Decoder(Module):
         dy = half * mx.tanh(off / self._sharp) * mx.exp(-((off / (reach + half)) ** 2))
         dy = dy * m[:, LIP_PRESS].astype(F32).reshape(-1, 1, 1, 1)
         return dy * mx.array([0.0, 1.0])
-
-
-def _close_columns(x, k: int = PRESENCE_FILL):
-    """decoder.close_columns for [B, 1, W, C]: a max, then a min, over 2k+1 columns."""
-
-    def max_over(v):
-        pad = mx.full(v.shape[:2] + (k,) + v.shape[3:], -mx.inf, dtype=v.dtype)
-        p = mx.concatenate([pad, v, pad], axis=2)
-        w = v.shape[2]
-        return mx.max(mx.stack([p[:, :, i : i + w] for i in range(2 * k + 1)]), axis=0)
-
-    return -max_over(-max_over(x))

@@ -15,6 +15,11 @@ import numpy as np
 F32 = mx.float32
 
 
+def pixel_centres(n: int) -> np.ndarray:
+    """Pixel-centre coordinates in [-1, 1] (align_corners=False), float32 op for op as torch's."""
+    return (np.arange(n, dtype=np.float32) * 2 + 1) / n - 1
+
+
 class Module(nn.Module):
     """Base: a compute dtype (float32, or float16 for fp16 bundles). I/O is always float32."""
 

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from ...models.config import ModelConfig
 from ...models.constants import MODULES
-from .appearance import AppearanceEncoder
+from .appearance import AppearanceStage
 from .audio_encoder import AudioEncoder
 from .decoder import Decoder
 from .generator import MotionGenerator
@@ -31,7 +31,7 @@ FORMAT_VERSION = "2"
 READS = ("1", "2")  # 1: the audio constants are rebuilt with torch
 
 CLASSES = {
-    "appearance": AppearanceEncoder,
+    "appearance": AppearanceStage,
     "audio": AudioEncoder,
     "generator": MotionGenerator,
     "decoder": Decoder,
