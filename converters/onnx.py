@@ -32,7 +32,9 @@ from .target import Target
 OPSET = 17
 SUFFIX = ".onnx"
 # Ops whose numerics fp16 breaks (reductions, resampling, exp-heavy) or that CPU EPs lack in fp16.
-FP32_SCOPES = ("/upsample/", "/sampler", "/mel_norm/")  # module scopes FP16 keeps float
+# module scopes FP16 keeps float (the readout: running sums of log-mels, and a linear map over
+# 800 of them that lands straight in the mouth)
+FP32_SCOPES = ("/upsample/", "/sampler", "/mel_norm/", "/readout/")
 FP16_KEEP = [
     "GridSample",
     "Resize",
@@ -136,6 +138,7 @@ def to_fp16(src: Path, dst: Path) -> dict:
             m, keep_io_types=True, op_block_list=FP16_KEEP, node_block_list=keep_nodes
         )
     del m16.graph.value_info[:]
+    _outputs_as_declared(m16, {o.name: o.type.tensor_type.elem_type for o in m.graph.output})
     onnx.save(m16, str(dst))
     kept = sorted({n.op_type for n in m.graph.node if n.op_type in FP16_KEEP})
     return {"fp32_op_types": kept}
@@ -315,6 +318,33 @@ def _split_consumed_outputs(m) -> None:
                 if x == name:
                     n.input[i] = inner
         m.graph.node.append(helper.make_node("Identity", [inner], [name], name=f"{name}__out"))
+
+
+def _outputs_as_declared(m16, types: dict[str, int]) -> None:
+    """Graph outputs back to their float32 type. With keep_io_types the converter leaves an
+    output float16 when a node it kept float32 (the readout's scope) produces it: it casts that
+    node's output to float16 for readers that are the graph's output. A Cast to float32 closes
+    it, so every output keeps the contract's dtype."""
+    from onnx import TensorProto, helper
+
+    for out in m16.graph.output:
+        want, got = types.get(out.name), out.type.tensor_type.elem_type
+        if got != TensorProto.FLOAT16 or want != TensorProto.FLOAT:
+            continue
+        inner = f"{out.name}__fp16"
+        for n in m16.graph.node:
+            for i, x in enumerate(n.output):
+                if x == out.name:
+                    n.output[i] = inner
+            for i, x in enumerate(n.input):
+                if x == out.name:
+                    n.input[i] = inner
+        m16.graph.node.append(
+            helper.make_node(
+                "Cast", [inner], [out.name], to=TensorProto.FLOAT, name=inner + "_cast"
+            )
+        )
+        out.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
 def _unshare_initializers(m, stays_fp32) -> None:

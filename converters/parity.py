@@ -23,6 +23,7 @@ GATED = {
     "dec_basis",
     "dec_lips",
     "audio_tokens",
+    "mouth",
     "motion",
     "frames",
 }

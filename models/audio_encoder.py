@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
-from .constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH
+from .constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH, READOUT_PAST
 from .mel_mean import running_mean_weights
 
 
@@ -162,6 +162,10 @@ class AudioEncoder(nn.Module):
         self.mel_decay = math.exp(-a.hop / SAMPLE_RATE / a.mel_norm_s) if a.mel_norm_s else 0.0
         if self.mel_decay:
             self.mel_norm = MelNorm(self.mel_decay)
+        if a.readout_mix:  # the mouth readout, on the own voice's raw log-mels
+            from .mouth_readout import MouthReadout
+
+            self.readout = MouthReadout(cfg)
 
     def log_mel(self, pcm: torch.Tensor) -> torch.Tensor:
         """[B, samples] (with pcm_context samples of history) -> log-mel [B, M, mels], one per hop."""
@@ -197,11 +201,24 @@ class AudioEncoder(nn.Module):
         pcm_state: torch.Tensor,  # [B, 2, n_fft-hop]
         conv_state: torch.Tensor,  # [layers, 2B, H, kernel-1]
         mel_state: torch.Tensor | None = None,  # [B, 2, mels+1], when mel_norm_s > 0
+        readout_norm: torch.Tensor | None = None,  # [B, mels+1], when readout_mix > 0
+        readout_hist: torch.Tensor | None = None,  # [B, PAST*4, mels], when readout_mix > 0
     ) -> dict[str, torch.Tensor]:
         b, c = talk_mask.shape
         full = torch.cat([pcm_state, pcm], dim=2)
         mel = self.log_mel(full.reshape(2 * b, full.shape[2]))  # own/partner as batch
         extra = {}
+        if hasattr(self, "readout"):
+            if readout_norm is None or readout_hist is None:
+                raise ValueError("this audio encoder has a mouth readout: pass its state")
+            own = mel.reshape(b, 2, *mel.shape[1:])[:, 0]
+            mouth, weight, norm_out, hist_out = self.readout(own, c, readout_norm, readout_hist)
+            extra.update(
+                mouth=mouth,
+                mouth_weight=weight,
+                readout_norm_out=norm_out,
+                readout_hist_out=hist_out,
+            )
         if self.mel_decay:
             if mel_state is None:
                 raise ValueError("this audio encoder normalizes its mels: pass mel_state")
@@ -252,4 +269,8 @@ class AudioEncoder(nn.Module):
         pcm_state = pcm.new_zeros(b, 2, self.pcm_context)
         conv_state = pcm.new_zeros(a.conv_layers, 2 * b, a.hidden, a.kernel - 1)
         mel_state = pcm.new_zeros(b, 2, a.n_mels + 1) if self.mel_decay else None
-        return self(pcm, talk_mask, pcm_state, conv_state, mel_state)["audio_tokens"]
+        readout = {}
+        if hasattr(self, "readout"):
+            hist = pcm.new_zeros(b, self.readout.per * READOUT_PAST, a.n_mels)
+            readout = {"readout_norm": pcm.new_zeros(b, a.n_mels + 1), "readout_hist": hist}
+        return self(pcm, talk_mask, pcm_state, conv_state, mel_state, **readout)["audio_tokens"]

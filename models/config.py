@@ -35,6 +35,10 @@ class AudioConfig:
     # Configs written before it existed have no such field and are read as 0 (their weights
     # were trained on raw log-mels).
     mel_norm_s: float = 2.0
+    # How much the mouth readout (models/mouth_readout.py: a linear map from normalized log-mels
+    # to the mouth, fitted to real video) leads the shown mouth in speech, 0..1; 0 = no readout
+    # (no weights, no state: every config written before it).
+    readout_mix: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,9 @@ class ModelConfig:
                         raise ValueError(
                             f"{f.name} must be an integer in {low}..{MAX_SIZE}, got {v!r}"
                         )
+                elif f.name == "readout_mix":
+                    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 1:
+                        raise ValueError(f"readout_mix must be 0 (off) to 1, got {v!r}")
                 elif f.name == "mel_norm_s":
                     if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 600:
                         raise ValueError(f"mel_norm_s must be 0 (off) to 600 seconds, got {v!r}")

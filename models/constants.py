@@ -37,3 +37,9 @@ PRESENCE_FILL = 2
 # The closing field flips sign over this fraction of an output row: an output pixel that looks
 # this close to the midline shows a mix of the teeth, so the narrower the better.
 SHARP_ROWS = 0.05
+
+# The mouth readout (models/mouth_readout.py): video frames of context around frame t (the
+# lookahead covers READOUT_AHEAD whole frames), and the time constant of its running log-mel mean.
+READOUT_PAST = 3
+READOUT_AHEAD = 1
+READOUT_NORM_S = 2.0

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import SAMPLES_PER_FRAME, ModelConfig
+from .constants import READOUT_PAST
+from .motion import MOUTH
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,19 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
     T = TensorSpec
     # the running log-mel mean and its weight (own, partner); only encoders that normalize have it
     mel_state = (T("mel_state", (1, 2, a.n_mels + 1)),) if a.mel_norm_s else ()
+    # the mouth readout's state (models/mouth_readout.py), where the config has one
+    hops = SAMPLES_PER_FRAME // a.hop
+    readout_state = (
+        (
+            T("readout_norm", (1, a.n_mels + 1)),
+            T("readout_hist", (1, READOUT_PAST * hops, a.n_mels)),
+        )
+        if a.readout_mix
+        else ()
+    )
+    readout_out = (
+        (T("mouth", (1, c, len(MOUTH))), T("mouth_weight", (1, c))) if a.readout_mix else ()
+    )
     # the decoder's photo-only work (Decoder.prepare), made once per avatar by the appearance
     # stage and passed to every decoder call unchanged
     photo = (
@@ -87,12 +102,15 @@ def module_io(cfg: ModelConfig) -> dict[str, ModuleIO]:
                 T("pcm_state", (1, 2, a.n_fft - a.hop)),
                 T("conv_state", (a.conv_layers, 2, a.hidden, a.kernel - 1)),
                 *mel_state,
+                *readout_state,
             ),
             (
                 T("audio_tokens", (1, c, a.token_dim)),
                 T("pcm_state_out", (1, 2, a.n_fft - a.hop)),
                 T("conv_state_out", (a.conv_layers, 2, a.hidden, a.kernel - 1)),
                 *(T(f"{t.name}_out", t.shape) for t in mel_state),
+                *readout_out,
+                *(T(f"{t.name}_out", t.shape) for t in readout_state),
             ),
         ),
         "generator": ModuleIO(

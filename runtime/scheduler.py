@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
 from ..models.io_spec import per_avatar_inputs
+from ..models.motion import INDEX, MOUTH
 from .backend import Backend
 from .cache import KVCache
 from .continuity import BoundaryBlend
@@ -100,6 +101,7 @@ def talk_listen_mask(own: np.ndarray, partner: np.ndarray | None, frames: int) -
     return (~listening).astype(np.float32)
 
 
+MOUTH_INDEX = [INDEX[name] for name in MOUTH]  # where the mouth readout's outputs go
 AUDIO_CHUNK_INPUTS = ("pcm", "talk_mask")  # the audio encoder's other inputs are its state
 
 
@@ -273,6 +275,11 @@ class StreamScheduler:
         # made continuous across the chunk boundary (continuity.py: the judder fix).
         self.prev_motion = np.ascontiguousarray(gen["motion"][:, -1])
         motion = self.blend(gen["motion"][0])[None]
+        if "mouth" in audio:  # the mouth readout leads the shown mouth in speech
+            motion = motion.copy()  # never the blend's own state
+            shown = motion[0][:, MOUTH_INDEX]
+            w = self.cfg.audio.readout_mix * audio["mouth_weight"][0][:, None]  # [C, 1]
+            motion[0][:, MOUTH_INDEX] = shown + w * (audio["mouth"][0] - shown)
         self.last_motion = motion[0]
         dec = self._run("decoder", {**self.photo, "motion": motion})
         t0 = self.clock()

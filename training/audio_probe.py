@@ -25,10 +25,10 @@ import numpy as np
 
 from ..errors import EdgeTalkError, InputError
 from ..models.config import SAMPLE_RATE, ModelConfig
+from ..models.constants import READOUT_AHEAD as AHEAD  # noqa: E402  (the readout's context)
+from ..models.constants import READOUT_PAST as PAST  # noqa: E402
 from . import metrics
 from .motion_proxy import MAX_LAG, mouth
-
-PAST, AHEAD = 3, 1  # video frames of context: the encoder sees 60 ms ahead, about one frame
 
 
 def log_mels(pcm: np.ndarray, frames: int) -> np.ndarray:

@@ -8,8 +8,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...models.config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
-from ...models.constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH
+from ...models.constants import (
+    GATE_CENTER,
+    GATE_FLOOR,
+    GATE_WIDTH,
+    READOUT_AHEAD,
+    READOUT_NORM_S,
+    READOUT_PAST,
+)
 from ...models.mel_mean import running_mean_weights
+from ...models.motion import MOUTH
 from .layers import F32, Conv1d, Module, gelu
 
 
@@ -39,7 +47,9 @@ class AudioEncoder(Module):
         self.mix = nn.Linear(2 * a.hidden + 1, a.token_dim)
         # the running log-mel mean (models/audio_encoder.normalize_mels); 0 = none
         self.mel_decay = math.exp(-a.hop / SAMPLE_RATE / a.mel_norm_s) if a.mel_norm_s else 0.0
-        self._mean_weights: dict[int, tuple] = {}  # per call length: fixed for a bundle
+        self._mean_weights: dict[tuple, tuple] = {}  # per call length: fixed for a bundle
+        if a.readout_mix:  # the mouth readout (models/mouth_readout.py)
+            self.readout = MouthReadout(cfg)
 
     @staticmethod
     def constant_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -67,15 +77,16 @@ class AudioEncoder(Module):
             return tail
         return mx.concatenate([frames[:, self.whole + 1 :, : self.part * n], tail], axis=1)
 
-    def normalize_mels(self, mel, state, keep: int):
+    def normalize_mels(self, mel, state, keep: int, decay: float | None = None):
         """models/audio_encoder.normalize_mels: mel [N, M, mels] minus its running mean, and the
         state [N, mels+1] after frame keep - 1."""
         m, n_mels = mel.shape[1], mel.shape[2]
-        if m not in self._mean_weights:
-            tri, carry = running_mean_weights(m, self.mel_decay)
-            self._mean_weights[m] = (mx.array(tri), mx.array(carry)[None, :, None])
-        tri, carry = self._mean_weights[m]
-        gate = mx.sigmoid((mx.logsumexp(mel, axis=2, keepdims=True) - GATE_CENTER) / GATE_WIDTH)
+        decay = self.mel_decay if decay is None else decay
+        if (m, decay) not in self._mean_weights:
+            tri, carry = running_mean_weights(m, decay)
+            self._mean_weights[m, decay] = (mx.array(tri), mx.array(carry)[None, :, None])
+        tri, carry = self._mean_weights[m, decay]
+        gate = voice_gate(mel)
         a = GATE_FLOOR + (1.0 - GATE_FLOOR) * gate
         mean0, w0 = state[:, None, :n_mels], state[:, None, n_mels:]
         total = tri @ (a * mel) + carry * (mean0 * w0)
@@ -84,11 +95,31 @@ class AudioEncoder(Module):
         out = mx.concatenate([mean[:, keep - 1], weight[:, keep - 1]], axis=1)
         return gate * (mel - mean), out
 
-    def __call__(self, pcm, talk_mask, pcm_state, conv_state, mel_state=None):
+    def __call__(
+        self,
+        pcm,
+        talk_mask,
+        pcm_state,
+        conv_state,
+        mel_state=None,
+        readout_norm=None,
+        readout_hist=None,
+    ):
         b, c = talk_mask.shape
         full = mx.concatenate([pcm_state, pcm], axis=2)
         mel = self.log_mel(full.reshape(2 * b, full.shape[2]))
         extra = {}
+        if "readout" in self:
+            own = mel.reshape(b, 2, *mel.shape[1:])[:, 0]
+            mouth, weight, norm_out, hist_out = self.readout(
+                own, c, readout_norm.astype(F32), readout_hist.astype(F32), self.normalize_mels
+            )
+            extra.update(
+                mouth=mouth,
+                mouth_weight=weight,
+                readout_norm_out=norm_out,
+                readout_hist_out=hist_out,
+            )
         if self.mel_decay:
             n = self.cfg.audio.n_mels
             mel, st = self.normalize_mels(
@@ -124,6 +155,37 @@ class AudioEncoder(Module):
             "conv_state_out": mx.stack(states, axis=0).transpose(0, 1, 3, 2).astype(F32),
             **extra,
         }
+
+
+def voice_gate(mel):
+    """models/audio_encoder.voice_gate: [N, M, mels] -> [N, M, 1]."""
+    return mx.sigmoid((mx.logsumexp(mel, axis=2, keepdims=True) - GATE_CENTER) / GATE_WIDTH)
+
+
+class MouthReadout(Module):
+    """models/mouth_readout.MouthReadout, channels as the torch module (its own voice's log-mels,
+    normalized by its own running mean, PAST + 1 + AHEAD frames side by side, one Linear)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = cfg.audio
+        self.per = SAMPLES_PER_FRAME // a.hop
+        self.n_mels = a.n_mels
+        self.decay = math.exp(-a.hop / SAMPLE_RATE / READOUT_NORM_S)
+        width = (READOUT_PAST + 1 + READOUT_AHEAD) * self.per * a.n_mels
+        self.linear = nn.Linear(width, len(MOUTH))
+
+    def __call__(self, mel, c: int, norm_state, hist, normalize):
+        b, per, keep = mel.shape[0], self.per, c * self.per
+        z, norm_out = normalize(mel, norm_state, keep, self.decay)
+        seq = mx.concatenate([hist, z], axis=1)
+        n = READOUT_PAST + c + READOUT_AHEAD
+        frames = seq[:, : n * per].reshape(b, n, per * self.n_mels)
+        x = mx.concatenate([frames[:, i : i + c] for i in range(n - c + 1)], axis=2)
+        mouth = self.linear(self.c(x)).astype(F32)
+        weight = voice_gate(mel[:, :keep]).reshape(b, c, per).mean(axis=2)
+        hist_out = seq[:, keep : keep + READOUT_PAST * per]
+        return mouth, weight, norm_out, hist_out
 
 
 def _windows(real, last, n: int):

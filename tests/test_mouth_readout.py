@@ -1,0 +1,218 @@
+"""The mouth readout (models/mouth_readout.py): a linear map from normalized log-mels to the mouth,
+fitted to real video, that the scheduler mixes into the shown mouth in speech. Its streaming form
+must equal the offline features it is fitted on, it must be in every backend's contract only when
+the config has one, and it must leave silence to the generator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from edgetalk.models.checkpoint import load_checkpoint, save_checkpoint
+from edgetalk.models.config import ModelConfig
+from edgetalk.models.io_spec import module_io
+from edgetalk.models.motion import MOUTH
+from edgetalk.runtime.backend_torch import TorchBackend
+from edgetalk.runtime.scheduler import MOUTH_INDEX, StreamScheduler
+
+from .conftest import MICRO, need, seeded_model, speechlike
+
+
+def with_readout(cfg: ModelConfig, mix: float = 1.0) -> ModelConfig:
+    return dataclasses.replace(cfg, audio=dataclasses.replace(cfg.audio, readout_mix=mix))
+
+
+def readout_model(cfg: ModelConfig, seed: int = 0, mix: float = 1.0):
+    """seeded_model(cfg, seed) with a readout of random weights: every other weight the same."""
+    from edgetalk.models.edgetalk import EdgeTalkModel
+
+    model = EdgeTalkModel(with_readout(cfg, mix))
+    missing, unexpected = model.load_state_dict(
+        seeded_model(cfg, seed=seed).state_dict(), strict=False
+    )
+    assert not unexpected and all(k.startswith("audio.readout.") for k in missing)
+    g = torch.Generator().manual_seed(seed + 7)
+    lin = model.audio.readout.linear
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.01)
+        lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def stream_mouth(model, chunk: int, pcm: np.ndarray) -> np.ndarray:
+    """The readout's mouth [T, 5] as the scheduler's audio calls return it, chunk by chunk."""
+    backend = TorchBackend(model, model.cfg.with_streaming(chunk=chunk))
+    seen = []
+    run = backend.run
+
+    def tap(module, inputs):
+        out = run(module, inputs)
+        if module == "audio":
+            seen.append(out["mouth"][0])
+        return out
+
+    backend.run = tap
+    res = model.cfg.render.resolution
+    sched = StreamScheduler(backend, np.zeros((res, res, 3), np.uint8))
+    sched.push_audio(pcm)
+    sched.flush()
+    return np.concatenate(seen)[: len(pcm) // 640]
+
+
+def test_contract_has_the_readout_only_when_configured():
+    plain = module_io(MICRO)["audio"]
+    assert "mouth" not in plain.output_names and "readout_norm" not in plain.input_names
+    io = module_io(with_readout(MICRO))["audio"]
+    assert {"readout_norm", "readout_hist"} <= set(io.input_names)
+    assert {"mouth", "mouth_weight", "readout_norm_out", "readout_hist_out"} <= set(io.output_names)
+    mouth = next(t for t in io.outputs if t.name == "mouth")
+    assert mouth.shape == (1, MICRO.chunk, len(MOUTH))
+
+
+def test_streaming_equals_the_offline_features_it_is_fitted_on():
+    """Every chunk size gives the same mouth, and it is the linear map of the very features the
+    fitting tool reads (training/audio_probe.py: log-mels, the gated running mean, 3 frames
+    before and 1 after), past the first frames (the offline pad repeats the edge)."""
+    from edgetalk.training import audio_probe
+
+    cfg = ModelConfig()  # the probe reads the tiny front end
+    model = readout_model(cfg).eval()
+    pcm = speechlike(1.2, seed=3)
+    got = {c: stream_mouth(model, c, pcm) for c in (1, 4)}
+    np.testing.assert_allclose(got[1], got[4], atol=1e-4)
+    frames = len(pcm) // 640
+    feats = audio_probe.features(audio_probe.log_mels(pcm, frames), 2.0)
+    lin = model.audio.readout.linear
+    want = feats @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+    np.testing.assert_allclose(got[4][3:-2], want[3:-2], atol=2e-3)
+
+
+def test_silence_is_left_to_the_generator_and_speech_to_the_readout():
+    model = readout_model(MICRO, mix=1.0).eval()
+    plain = TorchBackend(seeded_model(MICRO).eval())  # same generator weights, no readout
+    res = MICRO.render.resolution
+    pcm = np.concatenate([np.zeros(16000, np.float32), speechlike(1.0, seed=1)])
+    shown = {}
+    for name, backend in (("readout", TorchBackend(model)), ("plain", plain)):
+        sched = StreamScheduler(backend, np.zeros((res, res, 3), np.uint8), seed=5)
+        rows = []
+        for i in range(0, len(pcm), 640 * MICRO.chunk):
+            if sched.push_audio(pcm[i : i + 640 * MICRO.chunk]):
+                rows.append(sched.last_motion.copy())
+        shown[name] = np.concatenate(rows)
+    silent = slice(0, 20)  # the first 0.8 s: digital silence
+    np.testing.assert_allclose(
+        shown["readout"][silent][:, MOUTH_INDEX], shown["plain"][silent][:, MOUTH_INDEX], atol=1e-3
+    )
+    other = [i for i in range(shown["plain"].shape[1]) if i not in MOUTH_INDEX]
+    np.testing.assert_allclose(shown["readout"][:, other], shown["plain"][:, other], atol=1e-5)
+    speech = slice(30, 45)
+    assert np.abs(shown["readout"][speech] - shown["plain"][speech])[:, MOUTH_INDEX].max() > 0.05
+
+
+def test_mix_moves_the_shown_mouth_toward_the_readout_by_the_voice_gate():
+    """shown = generator's + mix * gate * (readout - generator's), on the mouth only."""
+    pcm = speechlike(1.0, seed=2)
+    res = MICRO.render.resolution
+
+    def run(model):
+        backend = TorchBackend(model.eval())
+        audio = []
+        run_ = backend.run
+
+        def tap(module, inputs):
+            o = run_(module, inputs)
+            if module == "audio":
+                audio.append(o)
+            return o
+
+        backend.run = tap
+        sched = StreamScheduler(backend, np.zeros((res, res, 3), np.uint8), seed=1)
+        sched.push_audio(pcm)
+        return sched.last_motion.copy(), audio[-1]
+
+    gen, _ = run(seeded_model(MICRO))
+    for mix in (0.5, 1.0):
+        shown, audio = run(readout_model(MICRO, mix=mix))
+        w = mix * audio["mouth_weight"][0][:, None]
+        want = gen[:, MOUTH_INDEX] + w * (audio["mouth"][0] - gen[:, MOUTH_INDEX])
+        np.testing.assert_allclose(shown[:, MOUTH_INDEX], want, atol=1e-5)
+        assert np.all((w >= 0) & (w <= mix))
+
+
+def test_checkpoint_round_trip_keeps_the_readout(tmp_path):
+    model = readout_model(MICRO, mix=0.8)
+    path = tmp_path / "r.safetensors"
+    save_checkpoint(model, path)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.cfg.audio.readout_mix == pytest.approx(0.8)
+    torch.testing.assert_close(
+        loaded.audio.readout.linear.weight, model.audio.readout.linear.weight
+    )
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, True, "1"])
+def test_config_refuses_a_bad_mix(bad):
+    with pytest.raises(ValueError, match="readout_mix"):
+        with_readout(MICRO, bad).validate()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("target", "precision"), [("onnx", "fp32"), ("onnx", "fp16"), ("mlx", "fp32")]
+)
+def test_exports_carry_the_readout(tmp_path, target, precision):
+    """ONNX (the FP16 pass keeps the readout float) and the MLX port pass their parity gates,
+    the mouth output among them, and stream through the scheduler."""
+    need("onnxruntime", "the onnx extra is not installed")
+    if target == "mlx":
+        need("mlx.core", "mlx is not importable (the mlx extra)")
+    from edgetalk.export.pipeline import export_bundle
+    from edgetalk.runtime.loader import open_backend
+
+    ck = tmp_path / "micro.safetensors"
+    save_checkpoint(readout_model(MICRO, seed=4), ck)
+    r = export_bundle(target, precision, checkpoint=ck, out=tmp_path / "b", progress=False)
+    par = r.manifest["parity"]["audio"]
+    assert par["status"] == "pass" and "mouth" in par["outputs"], par
+    assert par["outputs"]["mouth"].get("gated", True)
+    backend = open_backend(bundle=r.path)
+    res = MICRO.render.resolution
+    sched = StreamScheduler(backend, np.zeros((res, res, 3), np.uint8))
+    frames = sched.push_audio(speechlike(0.6, seed=1)) + sched.flush()
+    assert len(frames) == 15
+
+
+def test_fit_readout_learns_a_mouth_from_labels(tmp_path):
+    """Clips whose jaw follows the speech envelope: the fitted readout follows it on a clip it
+    did not fit, streamed through the scheduler; held-out label files are not fitted on."""
+    from edgetalk.training import fit_readout
+    from edgetalk.training.metrics import loudness_db
+
+    def clip(seed: int):
+        pcm = speechlike(3.0, seed=seed)
+        n = len(pcm) // 640
+        motion = np.zeros((n, 16), np.float32)
+        loud = loudness_db(pcm, n)
+        motion[:, MOUTH_INDEX[0]] = np.clip((loud - loud.max() + 30) / 30, 0, 1)  # jaw_open
+        return pcm, motion
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(3):
+        pcm, motion = clip(10 + i)
+        np.savez(labels / f"c{i}.npz", audio=pcm, motion=motion, held_out=np.array(False))
+    pcm, motion = clip(20)
+    # a held-out file whose labels are wrong on purpose: fitting on it would spoil the map
+    np.savez(labels / "h.npz", audio=pcm, motion=-motion, held_out=np.array(True))
+    out = tmp_path / "r.safetensors"
+    assert fit_readout.main(["--labels", str(labels), "--out", str(out), "--lam", "100"]) == 0
+    model, _ = load_checkpoint(out)
+    assert model.cfg.audio.readout_mix == 1.0
+    test_pcm, test_motion = clip(30)
+    got = stream_mouth(model.eval(), 4, test_pcm)[:, 0]
+    want = test_motion[: len(got), MOUTH_INDEX[0]]
+    assert np.corrcoef(got[5:], want[5:])[0, 1] > 0.6
