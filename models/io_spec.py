@@ -146,6 +146,11 @@ def per_avatar_inputs(io: dict[str, ModuleIO]) -> tuple[str, ...]:
     return tuple(n for n in io["decoder"].input_names if n != "motion")
 
 
+def per_avatar_feed(io: dict[str, ModuleIO], image, appearance: dict) -> dict:
+    """The decoder's per-avatar inputs by name: the photo, and the appearance stage's outputs."""
+    return {n: image if n == "image" else appearance[n] for n in per_avatar_inputs(io)}
+
+
 def zeros_for(spec: ModuleIO) -> dict[str, np.ndarray]:
     return {t.name: np.zeros(t.shape, dtype=t.dtype) for t in spec.inputs}
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
-from ..models.io_spec import per_avatar_inputs
+from ..models.io_spec import per_avatar_feed
 from ..models.motion import INDEX, MOUTH
 from .backend import Backend
 from .cache import KVCache
@@ -130,10 +130,7 @@ class StreamScheduler:
         app = self._run("appearance", {"image": self.image})
         self.ref_motion = app["ref_motion"]
         # every decoder input but the motion: the photo and what the appearance stage made of it
-        self.photo = {
-            name: self.image if name == "image" else app[name]
-            for name in per_avatar_inputs(backend.io)
-        }
+        self.photo = per_avatar_feed(backend.io, self.image, app)
         # the backend decides where K/V live; a duck-typed wrapper without new_cache gets numpy
         make_cache = getattr(backend, "new_cache", None)
         self.cache = make_cache(cfg) if make_cache else KVCache(cfg)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import EdgeTalkError
 from ..models.config import FPS, SAMPLES_PER_FRAME
-from ..models.io_spec import per_avatar_inputs
+from ..models.io_spec import per_avatar_feed
 from ..models.motion import INDEX
 from ..runtime.backend import Backend
 from ..runtime.scheduler import StreamScheduler
@@ -59,7 +59,7 @@ def decoder_reconstruction(backend: Backend, avatar: np.ndarray, motion: np.ndar
     c = backend.cfg.chunk
     image = (avatar.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
     app = backend.run("appearance", {"image": image})
-    photo = {n: image if n == "image" else app[n] for n in per_avatar_inputs(backend.io)}
+    photo = per_avatar_feed(backend.io, image, app)
     out = []
     for s in range(0, len(motion) - c + 1, c):
         m = motion[s : s + c][None].astype(np.float32)
