@@ -203,22 +203,16 @@ class AudioEncoder(nn.Module):
         mel_state: torch.Tensor | None = None,  # [B, 2, mels+1], when mel_norm_s > 0
         readout_norm: torch.Tensor | None = None,  # [B, mels+1], when readout_mix > 0
         readout_hist: torch.Tensor | None = None,  # [B, PAST*4, mels], when readout_mix > 0
-    ) -> dict[str, torch.Tensor]:
+        own_features: bool = False,  # return only the own voice's features [B, C, H] (fitting)
+    ):
         b, c = talk_mask.shape
         full = torch.cat([pcm_state, pcm], dim=2)
         mel = self.log_mel(full.reshape(2 * b, full.shape[2]))  # own/partner as batch
         extra = {}
-        if hasattr(self, "readout"):
-            if readout_norm is None or readout_hist is None:
-                raise ValueError("this audio encoder has a mouth readout: pass its state")
-            own = mel.reshape(b, 2, *mel.shape[1:])[:, 0]
-            mouth, weight, norm_out, hist_out = self.readout(own, c, readout_norm, readout_hist)
-            extra.update(
-                mouth=mouth,
-                mouth_weight=weight,
-                readout_norm_out=norm_out,
-                readout_hist_out=hist_out,
-            )
+        readout = hasattr(self, "readout")
+        if readout and (readout_norm is None or readout_hist is None):
+            raise ValueError("this audio encoder has a mouth readout: pass its state")
+        raw_own = mel.reshape(b, 2, *mel.shape[1:])[:, 0]  # the readout's own normalization
         if self.mel_decay:
             if mel_state is None:
                 raise ValueError("this audio encoder normalizes its mels: pass mel_state")
@@ -248,6 +242,18 @@ class AudioEncoder(nn.Module):
             y = self.lookahead_conv(x)
         y = y.reshape(b, 2, -1, c).transpose(2, 3)  # [B, 2, C, H]
         own, partner = y[:, 0], y[:, 1]
+        if readout:  # reads the own voice's features before the speak/listen mix
+            mouth, weight, norm_out, hist_out = self.readout(
+                raw_own, c, readout_norm, readout_hist, own
+            )
+            extra.update(
+                mouth=mouth,
+                mouth_weight=weight,
+                readout_norm_out=norm_out,
+                readout_hist_out=hist_out,
+            )
+        if own_features:
+            return own
         m = talk_mask.unsqueeze(2)  # [B, C, 1]
         tokens = self.mix(torch.cat([own * m, partner * (1.0 - m), m], dim=2))
         return {
@@ -257,8 +263,11 @@ class AudioEncoder(nn.Module):
             **extra,
         }
 
-    def encode_sequence(self, pcm: torch.Tensor, talk_mask: torch.Tensor) -> torch.Tensor:
-        """Whole clips in one call (training): pcm [B, 2, T*640], mask [B, T] -> tokens [B, T, A].
+    def encode_sequence(
+        self, pcm: torch.Tensor, talk_mask: torch.Tensor, own_features: bool = False
+    ) -> torch.Tensor:
+        """Whole clips in one call (training): pcm [B, 2, T*640], mask [B, T] -> tokens [B, T, A]
+        (or, with own_features, the own voice's features [B, T, H] that the mouth readout reads).
 
         The end is padded with the lookahead in silence, as the scheduler's flush does; the start
         has zero state, as a new stream does. Equal to streaming the clip chunk by chunk.
@@ -273,4 +282,7 @@ class AudioEncoder(nn.Module):
         if hasattr(self, "readout"):
             hist = pcm.new_zeros(b, self.readout.per * READOUT_PAST, a.n_mels)
             readout = {"readout_norm": pcm.new_zeros(b, a.n_mels + 1), "readout_hist": hist}
-        return self(pcm, talk_mask, pcm_state, conv_state, mel_state, **readout)["audio_tokens"]
+        out = self(
+            pcm, talk_mask, pcm_state, conv_state, mel_state, **readout, own_features=own_features
+        )
+        return out if own_features else out["audio_tokens"]

@@ -1,8 +1,11 @@
 """The mouth readout: a deterministic path from the audio to the mouth, beside the flow.
 
 A linear map from a few frames of normalized log-mels (the own voice's, gated running mean as
-`normalize_mels`, 2 s) to the five MOUTH parameters, fitted by ridge regression to the motion
-fitted to real talking video (`training/fit_readout.py`). On held-out real speakers such a map
+`normalize_mels`, 2 s) and the audio encoder's own-voice features of the frame to the five MOUTH
+parameters, fitted by ridge regression to the motion fitted to real talking video and to espeak
+clips' motion (`training/fit_readout.py`). The log-mels carry what real mouths follow (loudness,
+spectral shape, speaker-normalized); the encoder's features carry the phonetic cues it learned on
+espeak (closures on p/b/m), which log-mels alone, linearly, do not. On held-out real speakers such a map
 follows the real mouth better than the flow sampler does (`training/audio_probe.py`): a sampled
 motion carries the sampler's noise and the generator's espeak habits; the readout is the
 conditional mean of what real mouths do.
@@ -33,8 +36,11 @@ from .motion import MOUTH
 
 
 def readout_features(cfg: ModelConfig) -> int:
-    """Input width: PAST + 1 + AHEAD frames of mels_per_frame hops of n_mels."""
-    return (PAST + 1 + AHEAD) * (SAMPLES_PER_FRAME // cfg.audio.hop) * cfg.audio.n_mels
+    """Input width: PAST + 1 + AHEAD frames of mels_per_frame hops of n_mels, then the encoder's
+    own-voice features of the frame (hidden)."""
+    return (PAST + 1 + AHEAD) * (SAMPLES_PER_FRAME // cfg.audio.hop) * cfg.audio.n_mels + (
+        cfg.audio.hidden
+    )
 
 
 def readout_decay(cfg: ModelConfig) -> float:
@@ -65,9 +71,10 @@ class MouthReadout(nn.Module):
         nn.init.zeros_(self.linear.weight)  # fitted, never trained: zero until fit_readout
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, mel: torch.Tensor, c: int, norm_state: torch.Tensor, hist: torch.Tensor):
+    def forward(self, mel, c: int, norm_state, hist, own: torch.Tensor):
         """mel [B, M, mels]: the call's raw log-mels of the own voice (the chunk's whole frames,
-        then the lookahead's hops); norm_state [B, mels + 1]; hist [B, PAST * per, mels].
+        then the lookahead's hops); norm_state [B, mels + 1]; hist [B, PAST * per, mels]; own
+        [B, C, hidden]: the encoder's own-voice features of the chunk's frames.
         -> mouth [B, C, 5], speech weight [B, C] (the frames' mean voice gate), and the states."""
         from .audio_encoder import voice_gate
 
@@ -76,7 +83,7 @@ class MouthReadout(nn.Module):
         seq = torch.cat([hist, z], dim=1)  # [B, PAST*per + M, mels]
         n = PAST + c + AHEAD
         frames = seq[:, : n * per].reshape(b, n, per * self.n_mels)
-        mouth = self.linear(context_windows(frames, c))
+        mouth = self.linear(torch.cat([context_windows(frames, c), own], dim=2))
         weight = voice_gate(mel[:, :keep]).reshape(b, c, per).mean(dim=2)
         hist_out = seq[:, keep : keep + PAST * per]  # the last PAST frames up to frame s + C
         return mouth, weight, norm_out, hist_out

@@ -1,5 +1,5 @@
-"""The mouth readout (models/mouth_readout.py): a linear map from normalized log-mels to the mouth,
-fitted to real video, that the scheduler mixes into the shown mouth in speech. Its streaming form
+"""The mouth readout (models/mouth_readout.py): a linear map from normalized log-mels and the audio
+encoder's own-voice features to the mouth, fitted to real video (and espeak), that the scheduler mixes into the shown mouth in speech. Its streaming form
 must equal the offline features it is fitted on, it must be in every backend's contract only when
 the config has one, and it must leave silence to the generator."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgetalk.models.checkpoint import load_checkpoint, save_checkpoint
+from edgetalk.models.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
 from edgetalk.models.config import ModelConfig
 from edgetalk.models.io_spec import module_io
 from edgetalk.models.motion import MOUTH
@@ -74,9 +74,10 @@ def test_contract_has_the_readout_only_when_configured():
 
 def test_streaming_equals_the_offline_features_it_is_fitted_on():
     """Every chunk size gives the same mouth, and it is the linear map of the very features the
-    fitting tool reads (training/audio_probe.py: log-mels, the gated running mean, 3 frames
-    before and 1 after), past the first frames (the offline pad repeats the edge)."""
-    from edgetalk.training import audio_probe
+    fitting tool reads (training/fit_readout.readout_inputs: log-mels, the gated running mean, 3
+    frames before and 1 after, then the encoder's own-voice features of a whole-clip pass), past
+    the first frames (the offline pad repeats the edge)."""
+    from edgetalk.training import fit_readout
 
     cfg = ModelConfig()  # the probe reads the tiny front end
     model = readout_model(cfg).eval()
@@ -84,10 +85,16 @@ def test_streaming_equals_the_offline_features_it_is_fitted_on():
     got = {c: stream_mouth(model, c, pcm) for c in (1, 4)}
     np.testing.assert_allclose(got[1], got[4], atol=1e-4)
     frames = len(pcm) // 640
-    feats = audio_probe.features(audio_probe.log_mels(pcm, frames), 2.0)
+    (feats,) = fit_readout.readout_inputs(model.audio, [("c", pcm, np.zeros((frames, 16)))])
     lin = model.audio.readout.linear
     want = feats @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
     np.testing.assert_allclose(got[4][3:-2], want[3:-2], atol=2e-3)
+    # the encoder's features count: the same map without them is another mouth
+    mel_only = (
+        feats[:, : -cfg.audio.hidden]
+        @ lin.weight.detach().double().numpy()[:, : -cfg.audio.hidden].T
+    )
+    assert np.abs(mel_only + lin.bias.detach().double().numpy() - want)[3:-2].max() > 1e-2
 
 
 def test_silence_is_left_to_the_generator_and_speech_to_the_readout():
@@ -210,9 +217,26 @@ def test_fit_readout_learns_a_mouth_from_labels(tmp_path):
     np.savez(labels / "h.npz", audio=pcm, motion=-motion, held_out=np.array(True))
     out = tmp_path / "r.safetensors"
     assert fit_readout.main(["--labels", str(labels), "--out", str(out), "--lam", "100"]) == 0
-    model, _ = load_checkpoint(out)
+    model, meta = load_checkpoint(out)
     assert model.cfg.audio.readout_mix == 1.0
+    _, base_meta = load_checkpoint(default_checkpoint())
+    assert meta["trained"] == base_meta["trained"] and "ridge" in meta["readout"]  # history kept
     test_pcm, test_motion = clip(30)
     got = stream_mouth(model.eval(), 4, test_pcm)[:, 0]
     want = test_motion[: len(got), MOUTH_INDEX[0]]
     assert np.corrcoef(got[5:], want[5:])[0, 1] > 0.6
+
+
+def test_fit_maps_weighs_each_set_by_its_share_not_its_size():
+    """Two sets that disagree (the second 9x larger): a set's share decides whom the map follows."""
+    from edgetalk.training.fit_readout import fit_maps
+
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.normal(size=(100, 3)), rng.normal(size=(900, 3))
+    y1, y2 = np.zeros((100, 16)), np.zeros((900, 16))
+    y1[:, MOUTH_INDEX[0]] = x1[:, 0]  # set 1: the jaw follows feature 0
+    y2[:, MOUTH_INDEX[0]] = x2[:, 1]  # set 2: feature 1
+    for share, lead in ((0.9, 0), (0.1, 1)):
+        w, _ = fit_maps([[x1], [x2]], [[y1], [y2]], lam=1.0, shares=[share, 1 - share])
+        assert np.argmax(np.abs(w[0])) == lead
+        assert abs(w[0, lead]) > 2 * abs(w[0, 1 - lead])

@@ -96,3 +96,38 @@ def test_lip_press_closes_the_embedded_avatars_mouth(shipped, avatar):
     assert rest > 0.04, f"the embedded photo's lips are parted ({rest:.3f}); the test needs that"
     assert pressed < 0.03 and pressed < 0.5 * rest, (rest, pressed)
     assert pressed_open < 0.03, (rest, pressed_open)
+
+
+def test_shipped_mouth_readout_is_fitted_and_leads_in_speech(shipped, avatar):
+    """The shipped weights carry a fitted mouth readout (MODEL_CARD.md, "Mouth readout, round 5"):
+    mixed in fully, not the zeros a fresh readout starts from, and over the embedded sentence its
+    jaw follows the voice (opens in voiced frames, not in silence)."""
+    from edgetalk.runtime.audio_io import default_speech, read_audio
+
+    assert shipped.cfg.audio.readout_mix == pytest.approx(1.0)
+    pcm = read_audio(default_speech()).pcm
+    seen = []
+    run = shipped.run
+
+    def tap(module, inputs):
+        out = run(module, inputs)
+        if module == "audio":
+            seen.append((out["mouth"][0], out["mouth_weight"][0]))
+        return out
+
+    shipped.run = tap
+    try:
+        sched = StreamScheduler(shipped, avatar, seed=0)
+        n = len(sched.push_audio(pcm) + sched.flush())
+    finally:
+        shipped.run = run
+    mouth = np.concatenate([m for m, _ in seen])[:n]
+    gate = np.concatenate([w for _, w in seen])[:n]
+    rms = frame_rms(np.pad(pcm, (0, n * 640 - pcm.shape[0])), n)
+    voiced = rms > 0.25 * np.percentile(rms, 95)
+    silent = rms < 0.02 * np.percentile(rms, 95)
+    jaw = mouth[:, 0]  # MOUTH[0] is jaw_open
+    print(f"\nreadout jaw: voiced {jaw[voiced].mean():.3f}; gate voiced {gate[voiced].mean():.2f}")
+    assert np.abs(mouth).max() > 0.05, "the readout is not fitted (all zeros)"
+    assert jaw[voiced].mean() > jaw[silent].mean() + 0.1
+    assert gate[voiced].mean() > 0.8 and gate[silent].mean() < 0.2

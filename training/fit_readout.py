@@ -1,9 +1,10 @@
 """Fit the mouth readout (models/mouth_readout.py) to real video and write a checkpoint with it.
 
-Ridge regression, one map per MOUTH parameter, from the readout's own features (the encoder's
-log-mels, the gated running mean, PAST frames before and AHEAD after: `audio_probe.features`) to
-the motion fitted to the training clips' faces (`fit_motion --split all`; held-out identities are
-never read). The predictions are rescaled to the labels' spread (ridge shrinks them), and the
+Ridge regression, one map per MOUTH parameter, from what the readout reads (the encoder's
+log-mels, the gated running mean, PAST frames before and AHEAD after: `audio_probe.features`; and
+the checkpoint's own-voice encoder features, so refit after retraining the encoder) to the motion
+fitted to the training clips' faces (`fit_motion --split all`; held-out identities are never
+read), and with --synthetic to espeak clips' motion too. The predictions are rescaled to the labels' spread (ridge shrinks them), and the
 standardization, the scale and the mean are folded into the one Linear layer the model runs.
 Seconds on a CPU; no training of the network, whose weights are copied unchanged.
 
@@ -20,25 +21,44 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeTalkError, InputError
+from ..models.config import SAMPLES_PER_FRAME
 from ..models.constants import READOUT_NORM_S
 from ..models.motion import INDEX, MOUTH
 
 
-def fit_maps(
-    train: list, lam: float, match_spread: bool = True, extra: list | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """train: [(id, pcm, motion [T, 16])] -> the Linear's (weight [5, F], bias [5]). `extra`
-    (the synthetic espeak clips) is fitted too, weighted so that both sets count alike."""
+def readout_inputs(encoder, clips: list) -> list[np.ndarray]:
+    """[(id, pcm, motion [T, 16])] -> per clip [T, F]: what the readout reads at each frame, the
+    own voice's normalized log-mel context (`audio_probe.features`) and this encoder's own-voice
+    features (a whole-clip pass, equal to streaming it)."""
+    import torch
+
     from .audio_probe import features, log_mels
 
-    sets = [train] + ([extra] if extra else [])
-    xs_, ys_, ws_ = [], [], []
-    for clips in sets:
-        x = np.concatenate([features(log_mels(a, len(m)), READOUT_NORM_S) for _, a, m in clips])
-        xs_.append(x)
-        ys_.append(np.concatenate([m for _, _, m in clips]).astype(np.float64))
-        ws_.append(np.full(len(x), 1.0 / len(x)))
-    x, motion = np.concatenate(xs_), np.concatenate(ys_)
+    out = []
+    for _, a, m in clips:
+        t = len(m)
+        pcm = np.zeros((1, 2, t * SAMPLES_PER_FRAME), np.float32)
+        x = a[: t * SAMPLES_PER_FRAME]
+        pcm[0, 0, : len(x)] = x
+        with torch.no_grad():
+            own = encoder.encode_sequence(torch.from_numpy(pcm), torch.ones(1, t), True)[0]
+        mel = features(log_mels(a, t), READOUT_NORM_S)
+        out.append(np.concatenate([mel, own.double().numpy()], axis=1))
+    return out
+
+
+def fit_maps(
+    x_sets: list, y_sets: list, lam: float, shares: list[float], match_spread: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression per MOUTH parameter. x_sets/y_sets: per data set, per clip [T, F] inputs
+    and [T, 16] motion; each set weighs its share in all (not its frame count).
+    -> the Linear's (weight [5, F], bias [5])."""
+    ws_ = [
+        np.full(sum(map(len, xs)), share / sum(map(len, xs)))
+        for xs, share in zip(x_sets, shares, strict=True)
+    ]
+    x = np.concatenate([np.concatenate(xs) for xs in x_sets])
+    motion = np.concatenate([np.concatenate(ys) for ys in y_sets]).astype(np.float64)
     sw = np.concatenate(ws_)
     sw = sw / sw.mean()  # sample weights, mean 1
     mu = (sw[:, None] * x).sum(0) / sw.sum()
@@ -59,23 +79,21 @@ def fit_maps(
     return np.stack(weight), np.array(bias)
 
 
-def with_readout(checkpoint: Path | None, weight: np.ndarray, bias: np.ndarray, mix: float):
-    """The checkpoint's model with a readout of these weights and this mix (nothing else moved)."""
+def with_readout(base, weight: np.ndarray, bias: np.ndarray, mix: float):
+    """The base model with a readout of these weights and this mix (nothing else moved)."""
     import torch
 
-    from ..models.checkpoint import default_checkpoint, load_checkpoint
     from ..models.edgetalk import EdgeTalkModel
 
-    base, _ = load_checkpoint(checkpoint or default_checkpoint())
     cfg = dataclasses.replace(base.cfg, audio=dataclasses.replace(base.cfg.audio, readout_mix=mix))
     model = EdgeTalkModel(cfg)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any(not k.startswith("audio.readout.") for k in missing):
-        raise InputError(f"{checkpoint}: its weights do not fit this model ({missing[:3]})")
+        raise InputError(f"the checkpoint's weights do not fit this model ({missing[:3]})")
     lin = model.audio.readout.linear
     if tuple(lin.weight.shape) != weight.shape:
         raise InputError(
-            f"the labels' features are {weight.shape[1]} wide, the model's readout takes "
+            f"the fitted features are {weight.shape[1]} wide, the model's readout takes "
             f"{lin.weight.shape[1]} (a different audio front end)"
         )
     with torch.no_grad():
@@ -85,7 +103,7 @@ def with_readout(checkpoint: Path | None, weight: np.ndarray, bias: np.ndarray, 
 
 
 def main(argv=None) -> int:
-    from ..models.checkpoint import save_checkpoint
+    from ..models.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
     from .audio_probe import load
 
     ap = argparse.ArgumentParser(
@@ -101,34 +119,50 @@ def main(argv=None) -> int:
         type=int,
         default=0,
         metavar="N",
-        help="also fit N synthetic espeak clips (train voices, 6 s, cached in runs/), weighted as "
-        "much as the real set: the readout must keep espeak's p/b/m closures too",
+        help="also fit N synthetic espeak clips (train voices, 6 s, cached in runs/): the readout "
+        "must keep espeak's p/b/m closures too",
+    )
+    ap.add_argument(
+        "--real-share",
+        type=float,
+        default=0.5,
+        help="with --synthetic: the real clips' share of the fit's weight (0.5: both sets alike)",
     )
     args = ap.parse_args(argv)
     try:
         if not 0 < args.mix <= 1:
             raise InputError(f"--mix must be in (0, 1], got {args.mix:g}")
+        if not 0 < args.real_share <= 1:
+            raise InputError(f"--real-share must be in (0, 1], got {args.real_share:g}")
         train, held_out = load(args.labels)
         print(f"{len(train)} training clips ({len(held_out)} held out, not read)")
-        extra = None
+        base, meta = load_checkpoint(args.checkpoint or default_checkpoint())
+        base.eval()
+        sets = [train]
         if args.synthetic:
             from .train_motion import build_motion_set
 
             cache = Path("runs") / f"readout_synth_{args.synthetic}.npz"
             syn = build_motion_set(cache, args.synthetic, seed=5150, split="train")
-            extra = [
-                (f"s{i}", a, m)
-                for i, (a, m) in enumerate(zip(syn["own"], syn["motion"], strict=True))
-            ]
-            print(f"{len(extra)} synthetic clips ({cache})")
-        weight, bias = fit_maps(train, args.lam, extra=extra)
-        model = with_readout(args.checkpoint, weight, bias, args.mix)
+            sets.append(
+                [
+                    (f"s{i}", a, m)
+                    for i, (a, m) in enumerate(zip(syn["own"], syn["motion"], strict=True))
+                ]
+            )
+            print(f"{len(sets[1])} synthetic clips ({cache})")
+        shares = [args.real_share, 1 - args.real_share][: len(sets)]
+        x_sets = [readout_inputs(base.audio, clips) for clips in sets]
+        y_sets = [[m for _, _, m in clips] for clips in sets]
+        weight, bias = fit_maps(x_sets, y_sets, args.lam, shares)
+        model = with_readout(base, weight, bias, args.mix)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(
-            model,
-            args.out,
-            readout=f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}",
-        )
+        what = f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}"
+        if args.synthetic:
+            what += f" (share {args.real_share:g}) and {args.synthetic} espeak clips"
+        # the base's history and recipe stay with the weights (save_checkpoint writes the config)
+        kept = {k: v for k, v in meta.items() if k not in ("format", "format_version", "config")}
+        save_checkpoint(model, args.out, **{**kept, "readout": what})
         print(f"wrote {args.out} (readout_mix {args.mix:g})")
     except EdgeTalkError as e:
         sys.exit(f"error: {e}")

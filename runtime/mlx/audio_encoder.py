@@ -109,17 +109,7 @@ class AudioEncoder(Module):
         full = mx.concatenate([pcm_state, pcm], axis=2)
         mel = self.log_mel(full.reshape(2 * b, full.shape[2]))
         extra = {}
-        if "readout" in self:
-            own = mel.reshape(b, 2, *mel.shape[1:])[:, 0]
-            mouth, weight, norm_out, hist_out = self.readout(
-                own, c, readout_norm.astype(F32), readout_hist.astype(F32), self.normalize_mels
-            )
-            extra.update(
-                mouth=mouth,
-                mouth_weight=weight,
-                readout_norm_out=norm_out,
-                readout_hist_out=hist_out,
-            )
+        raw_own = mel.reshape(b, 2, *mel.shape[1:])[:, 0]  # the readout's own normalization
         if self.mel_decay:
             n = self.cfg.audio.n_mels
             mel, st = self.normalize_mels(
@@ -147,6 +137,21 @@ class AudioEncoder(Module):
             y = self.lookahead_conv(x)
         y = y.reshape(b, 2, c, -1)  # [B, 2, C, H]
         own, partner = y[:, 0], y[:, 1]
+        if "readout" in self:
+            mouth, weight, norm_out, hist_out = self.readout(
+                raw_own,
+                c,
+                readout_norm.astype(F32),
+                readout_hist.astype(F32),
+                self.normalize_mels,
+                own,
+            )
+            extra.update(
+                mouth=mouth,
+                mouth_weight=weight,
+                readout_norm_out=norm_out,
+                readout_hist_out=hist_out,
+            )
         m = self.c(talk_mask[:, :, None])
         tokens = self.mix(mx.concatenate([own * m, partner * (1.0 - m), m], axis=2))
         return {
@@ -164,7 +169,8 @@ def voice_gate(mel):
 
 class MouthReadout(Module):
     """models/mouth_readout.MouthReadout, channels as the torch module (its own voice's log-mels,
-    normalized by its own running mean, PAST + 1 + AHEAD frames side by side, one Linear)."""
+    normalized by its own running mean, PAST + 1 + AHEAD frames side by side, then the encoder's
+    own-voice features; one Linear)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -172,16 +178,16 @@ class MouthReadout(Module):
         self.per = SAMPLES_PER_FRAME // a.hop
         self.n_mels = a.n_mels
         self.decay = math.exp(-a.hop / SAMPLE_RATE / READOUT_NORM_S)
-        width = (READOUT_PAST + 1 + READOUT_AHEAD) * self.per * a.n_mels
+        width = (READOUT_PAST + 1 + READOUT_AHEAD) * self.per * a.n_mels + a.hidden
         self.linear = nn.Linear(width, len(MOUTH))
 
-    def __call__(self, mel, c: int, norm_state, hist, normalize):
+    def __call__(self, mel, c: int, norm_state, hist, normalize, own):
         b, per, keep = mel.shape[0], self.per, c * self.per
         z, norm_out = normalize(mel, norm_state, keep, self.decay)
         seq = mx.concatenate([hist, z], axis=1)
         n = READOUT_PAST + c + READOUT_AHEAD
         frames = seq[:, : n * per].reshape(b, n, per * self.n_mels)
-        x = mx.concatenate([frames[:, i : i + c] for i in range(n - c + 1)], axis=2)
+        x = mx.concatenate([frames[:, i : i + c] for i in range(n - c + 1)] + [own], axis=2)
         mouth = self.linear(self.c(x)).astype(F32)
         weight = voice_gate(mel[:, :keep]).reshape(b, c, per).mean(axis=2)
         hist_out = seq[:, keep : keep + READOUT_PAST * per]
