@@ -27,7 +27,13 @@ class TensorSpec:
 
     @staticmethod
     def from_dict(d: dict) -> TensorSpec:
-        return TensorSpec(str(d["name"]), tuple(int(x) for x in d["shape"]), str(d["dtype"]))
+        # Manifests are user files: a dimension is a JSON integer, never a float (2.5 would
+        # truncate, inf would overflow) nor a bool (True would read as 1).
+        shape = tuple(d["shape"])
+        for x in shape:
+            if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+                raise ValueError(f"tensor {d['name']!r} has a dimension {x!r}: not an integer >= 0")
+        return TensorSpec(str(d["name"]), shape, str(d["dtype"]))
 
 
 @dataclass(frozen=True)

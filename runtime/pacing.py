@@ -9,6 +9,13 @@ It keeps the clocks and answers the Session's questions; the Session owns the qu
 - Late frames: a frame more than one chunk past its time is late. Policy "drop" skips it (the
   Session moves its audio to the next frame it hands out), "mark" hands it out marked.
 - Catch-up ("drop"): audio whose frames would be late when ready is not rendered at all.
+- A short budget: when even skipping all the audio that waits would leave the next frame late,
+  the lateness is not a backlog but the latency itself being too short for this machine now
+  (compute slower than when t0 was set: a busy neighbour, a hypervisor taking the CPU; or input
+  arriving later). Skipping cannot cure that: it would drop every frame for as long as it lasts,
+  and with nothing rendered the compute time is never measured again, so the avatar froze for
+  good. t0 moves later instead, by just enough (the latency grows, counted in `raised_s`); it is
+  not lowered again, since that would need the audio of the frames in between to be dropped.
 - Silence: while no audio comes, the audio timeline is kept up with the wall clock with silence,
   so the avatar idles and a stream never needs its length up front.
 
@@ -47,11 +54,16 @@ class Pacer:
         self.chunk_s = chunk / FPS
         # the audio the first chunk needs: C frames and the lookahead after them
         self.floor_s = chunk / FPS + lookahead_samples / SAMPLE_RATE
+        # whole frames of audio a chunk needs in hand (its C frames and the lookahead after them)
+        self.chunk_frames = math.ceil(
+            (chunk * SAMPLES_PER_FRAME + lookahead_samples) / SAMPLES_PER_FRAME
+        )
         self.clock = clock
         self.origin: float | None = None  # when the timeline began (its sample 0)
         self.t0: float | None = None  # frame i is due at t0 + i / FPS
         self.last_push: float | None = None
         self.compute_s = 0.0  # recent compute time of one chunk (moving average)
+        self.raised_s = 0.0  # how much later t0 moved because the budget was short
 
     @property
     def drop_late(self) -> bool:
@@ -78,7 +90,9 @@ class Pacer:
     def computed(self, seconds: float, frames: int) -> None:
         """`frames` frames took `seconds` to render."""
         dt = seconds * self.chunk / frames
-        self.compute_s = dt if not self.compute_s else 0.8 * self.compute_s + 0.2 * dt
+        # Up at once, down gradually: a frame judged on time by a stale, lower estimate would be
+        # rendered only to be dropped as late when handed out.
+        self.compute_s = dt if dt > self.compute_s else 0.8 * self.compute_s + 0.2 * dt
 
     # ---- decisions -----------------------------------------------------------------------------
     def silence_needed(self, timeline_samples: int) -> int:
@@ -102,7 +116,23 @@ class Pacer:
         behind = self.clock() + self.compute_s - (self.t0 + next_index / FPS)
         if behind <= self.chunk_s:
             return 0
-        return min(math.ceil(behind * FPS), waiting_frames)
+        # Skipping helps only as far as the audio after the skip is already here: a chunk (and
+        # its lookahead) must remain to render at once. Audio still to come arrives in real
+        # time, so skipping into it leaves the frame after it just as late.
+        spare = max(0, waiting_frames - self.chunk_frames)
+        k = min(math.ceil(behind * FPS), spare)
+        rest = behind - k / FPS
+        if rest > self.chunk_s:  # a short budget, not a backlog
+            raise_s = rest - self.chunk_s / 2  # the next frame on time, half a chunk to spare
+            self.t0 += raise_s
+            self.raised_s += raise_s
+        return k
+
+    def due(self, index: int) -> float | None:
+        """When frame `index` is due on the clock (None offline, or before the anchor)."""
+        if not self.realtime or self.t0 is None:
+            return None
+        return self.t0 + index / FPS
 
     def present(self, index: int) -> tuple[float, bool]:
         """Frame `index` is next to be handed out: (seconds until it is due, whether it is late)."""

@@ -57,12 +57,16 @@ class SessionClosed(InputError):
 
 class LiveFrame(tuple):
     """`(timestamp_seconds, rgb)`, with `index`, `late`, `audio` (the own-voice samples of this
-    frame's span, plus those of frames dropped just before it) and `partner_audio` (or None)."""
+    frame's span, plus those of frames dropped just before it), `partner_audio` (or None) and
+    `due`: in real time, when the frame is due on the session's clock (its presentation time;
+    None offline). A sink that plays the audio on its own schedule keys it to `due - t`: that
+    moves when the pacer raises the delay, and the sound must move with the picture."""
 
-    def __new__(cls, index, rgb, late=False, audio=None, partner_audio=None):
+    def __new__(cls, index, rgb, late=False, audio=None, partner_audio=None, due=None):
         self = super().__new__(cls, (index / FPS, rgb))
         self.index = index
         self.late = late
+        self.due = due
         self.audio = audio if audio is not None else np.zeros(SAMPLES_PER_FRAME, np.float32)
         self.partner_audio = partner_audio
         return self
@@ -89,6 +93,7 @@ class SessionStats:
     partner_dropped_s: float = 0.0
     first_frame_delay_s: float | None = None  # first audio on the timeline -> first frame out
     floor_s: float = 0.0  # (C + L) * 40 ms: the audio the first chunk needs
+    latency_raised_s: float = 0.0  # added to the delay when compute fell behind it (pacing.py)
     wall_s: float = 0.0  # from the start of the stream to now (or its end)
     chunk: int = 0
     realtime: bool = True
@@ -121,6 +126,10 @@ class SessionStats:
             f"({self.interrupted_frames} frames, {self.interrupted_audio_s:.2f} s audio discarded); "
             f"silence fed {self.silence_s:.2f} s",
         ]
+        if self.latency_raised_s:
+            lines.append(
+                f"delay raised {self.latency_raised_s * 1000:.0f} ms (compute fell behind it)"
+            )
         if self.partner_dropped_s:
             lines.append(f"partner audio dropped (backlog): {self.partner_dropped_s:.2f} s")
         return "\n".join(lines)
@@ -260,6 +269,7 @@ class Session:
             s = dataclasses.replace(self._stats)
             if self.pacer.origin is not None:
                 s.wall_s = (self._end or self.clock()) - self.pacer.origin
+            s.latency_raised_s = self.pacer.raised_s
         return s
 
     @property
@@ -440,7 +450,9 @@ class Session:
                     self._stats.first_frame_delay_s = now - (self.pacer.origin or now)
                 self._stats.frames += 1
                 self._stats.late += int(late)
-                frame = LiveFrame(item.index, item.rgb, late, *self._with_carry_locked(item))
+                audio, partner = self._with_carry_locked(item)
+                due = self.pacer.due(item.index)
+                frame = LiveFrame(item.index, item.rgb, late, audio, partner, due)
             yield frame
 
     def _carry_locked(self, item: _Out) -> None:

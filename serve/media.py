@@ -303,7 +303,10 @@ class Peer:
                     afs.append(af)
                 rms = float(np.sqrt(np.mean(np.square(f.audio)))) if f.audio.size else 0.0
                 rgb = f.rgb if self._record else None
-                self.loop.call_soon_threadsafe(self._deliver, f.index, f.t, vf, afs, rms, rgb)
+                # The audio's clock: timeline 0 on the session's presentation clock (it moves
+                # when the pacer raises the delay; see LiveFrame.due).
+                base = None if f.due is None else f.due - f.t
+                self.loop.call_soon_threadsafe(self._deliver, f.index, f.t, vf, afs, rms, rgb, base)
         except Exception:  # the session failed: tell the page, free the slot
             log.exception("peer %s: session failed", self.id[:8])
             # The page sees a plain line; the exception text (paths, internals) stays in the log.
@@ -314,13 +317,17 @@ class Peer:
         finally:
             self.loop.call_soon_threadsafe(self._end_tracks)
 
-    def _deliver(self, index: int, t: float, vf, afs, rms: float, rgb) -> None:
+    def _deliver(self, index: int, t: float, vf, afs, rms: float, rgb, base) -> None:
         if self.closed:
             return
         now = time.monotonic()
-        if self.audio.base is None:
-            self.audio.base = now - t
+        if self.first_frame_at is None:
             self.first_frame_at = now
+        # The session's clock is time.monotonic (Peer does not pass another one).
+        if base is not None:
+            self.audio.base = base
+        elif self.audio.base is None:
+            self.audio.base = now - t
         self.video.put(vf)
         for af in afs:
             self.audio.put(af)

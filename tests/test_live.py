@@ -208,6 +208,48 @@ def test_late_policy_is_explicit_and_counted(micro_model, policy):
     assert f"{policy}:" in st.summary()
 
 
+class SlowSpellBackend(TorchBackend):
+    """Real time except for a spell (a busy neighbour, a hypervisor taking the CPU) in which each
+    chunk takes three chunks' worth of time."""
+
+    def __init__(self, model, start_s: float, end_s: float):
+        super().__init__(model)
+        self.t0, self.spell = None, (start_s, end_s)
+
+    def run(self, module, inputs):
+        if module == "decoder":
+            now = time.monotonic()
+            self.t0 = self.t0 or now
+            if self.spell[0] <= now - self.t0 < self.spell[1]:
+                time.sleep(3 * CHUNK_S)
+        return super().run(module, inputs)
+
+
+def test_a_slow_spell_costs_frames_then_the_stream_recovers(micro_model):
+    """Compute slower than real time after the start (the latency was set on a fast machine):
+    frames are dropped while it lasts, some are still shown, and full speed returns after it.
+    A pacer that judged lateness by a compute time it stops measuring froze the avatar for good."""
+    audio = speechlike(9.0)
+    with Session(backend=SlowSpellBackend(micro_model, 2.0, 4.0), realtime=True) as s:
+
+        def speak():
+            for i in range(0, audio.shape[0], 320):  # 20 ms pieces at the microphone's pace
+                s.push_audio(audio[i : i + 320])
+                time.sleep(0.02)
+            s.close()
+
+        threading.Thread(target=speak, daemon=True).start()
+        frames = collect(s, limit_s=15.0)
+        st = s.stats
+    times = np.array([t for t, _ in frames])
+    during = ((times > 2.5) & (times < 4.0)).sum() / 1.5
+    after = ((times > 5.5) & (times < 8.5)).sum() / 3.0
+    print(f"slow spell: {during:.1f} FPS during it, {after:.1f} after; {st.summary()}")
+    assert st.dropped > 0
+    assert during >= 2, during  # slowed, not frozen
+    assert after >= 20, after  # and back to real time (25 FPS)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

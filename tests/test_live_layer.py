@@ -110,8 +110,18 @@ def test_pacing_policy_on_a_fake_clock():
     t[0] += 0.2 + 0.1  # frame 5 is handed out 100 ms after its time: more than a chunk
     assert p.present(5) == (0.0, True) and p.drop_late
     assert p.frames_to_skip(5, waiting_frames=10) == 3  # 100 ms behind: 2.5 frames, rounded up
-    assert p.frames_to_skip(5, waiting_frames=2) == 2
     assert p.frames_to_skip(8, waiting_frames=10) == 0  # frame 8 is due later: not behind
+    assert p.raised_s == 0.0
+    # Two frames of audio in hand, and a chunk needs four (2 + 80 ms lookahead): a skip would
+    # wait for audio that comes in real time, so frame 5 would be as late. The delay grows
+    # instead: frame 5 on time with half a chunk (40 ms) to spare.
+    assert p.frames_to_skip(5, waiting_frames=2) == 0
+    assert p.raised_s == pytest.approx(0.06)
+    assert p.present(5) == (0.0, False) and p.frames_to_skip(5, waiting_frames=10) == 0
+    p.computed(0.3, 2)  # one slow chunk: the estimate follows it at once (lateness is judged by it)
+    assert p.compute_s == pytest.approx(0.3)
+    p.computed(0.1, 2)  # and comes down gradually
+    assert p.compute_s == pytest.approx(0.26)
     p.interrupted()  # a barge-in: the avatar idles from here
     assert p.silence_needed(int(0.5 * 16000)) > 0
     mark = Pacer(True, "mark", chunk=2, lookahead_samples=1280, clock=lambda: t[0])

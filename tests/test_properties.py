@@ -365,6 +365,11 @@ def test_manifest_refusals_name_the_problem(good_bundle):
         (dict(manifest, files={**manifest["files"], "decoder": "../x.onnx"}), "outside the bundle"),
         (dict(manifest, parity={"decoder": {"status": "fail"}}), "parity failed for decoder"),
     ]
+    # A tensor dimension that is not a JSON integer (found by the fuzzer: inf overflowed int()).
+    for bad in (float("inf"), 2.5, True, -1, "4"):
+        m = json.loads(json.dumps(manifest))
+        m["modules"]["appearance"]["io"]["outputs"][0]["shape"][0] = bad
+        cases.append((m, "malformed field .*dimension"))
     for m, words in cases:
         (root / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(BundleError, match=words):

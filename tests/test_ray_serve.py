@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import need, skip_or_fail
+from .conftest import StealMeter, need, skip_or_fail
 
 need("aiohttp", "edgetalk serve needs aiohttp (pip install 'edgetalk[serve]')")
 need("aiortc", "edgetalk serve needs aiortc (pip install 'edgetalk[serve]')")
@@ -248,6 +248,7 @@ def test_two_node_cluster_failover_in_browser(request, tmp_path):
 
 
 def _run(serve, url, tmp_path, sync_playwright, report) -> None:
+    steal = StealMeter()
 
     # The same page rules as plain serve: the token, and loopback Host names only.
     assert _request(url + "api/config")[1] == {"token_required": True}
@@ -354,8 +355,11 @@ def _run(serve, url, tmp_path, sync_playwright, report) -> None:
             # The floor holds through the kill, the replacement's warm-up and C's start.
             sb3 = _server_stats(url, b)
             assert not sb3["closed"] and sb3["pid"] == sb["pid"], sb3
+            judged = steal.speed_judged(f"FPS {report['with_C_fps']} (floor {FPS_FLOOR})")
             for fps in (fps_b, *report["with_C_fps"].values()):
-                assert fps["server"] >= FPS_FLOOR and fps["browser"] >= FPS_FLOOR, report
+                assert fps["server"] > 0 and fps["browser"] > 0, report  # never frozen
+                if judged:
+                    assert fps["server"] >= FPS_FLOOR and fps["browser"] >= FPS_FLOOR, report
             st, health = _request(url + "api/health", headers={"X-EdgeTalk-Token": TOKEN})
             assert health["active"] == 2, health
 

@@ -102,6 +102,19 @@ def with_readout(base, weight: np.ndarray, bias: np.ndarray, mix: float):
     return model.eval()
 
 
+def without_readout(base):
+    """The base model with its mouth readout removed (readout_mix 0, nothing else moved). The
+    readout reads the encoder's features, so retraining the encoder leaves it stale: a training
+    run starts without it, and fit_readout fits a new one afterwards."""
+    from ..models.edgetalk import EdgeTalkModel
+
+    cfg = dataclasses.replace(base.cfg, audio=dataclasses.replace(base.cfg.audio, readout_mix=0.0))
+    model = EdgeTalkModel(cfg)
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("audio.readout.")}
+    model.load_state_dict(state)  # strict: only the readout may go
+    return model
+
+
 def main(argv=None) -> int:
     from ..models.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
     from .audio_probe import load

@@ -26,6 +26,7 @@ from ..models.config import SAMPLES_PER_FRAME
 from ..models.motion import HEAD, INDEX, MOUTH
 from ..runtime.scheduler import talk_listen_mask
 from . import augment, faces, synth
+from .fit_readout import without_readout
 from .loop import Run
 from .motion_proxy import quiet_frames
 
@@ -335,6 +336,13 @@ def main(argv=None) -> None:
     )
 
     model, _ = load_checkpoint(args.init or default_checkpoint())
+    if model.cfg.audio.readout_mix:
+        model = without_readout(model)
+        print(
+            "the init's mouth readout is dropped (it reads the encoder this run retrains); "
+            "fit a new one afterwards: python -m edgetalk.training.fit_readout",
+            flush=True,
+        )
     if args.mel_norm_s is not None and args.mel_norm_s != model.cfg.audio.mel_norm_s:
         model = with_mel_norm(model, args.mel_norm_s)
     cfg = model.cfg
