@@ -184,6 +184,7 @@ class Peer:
         self.connected_at: float | None = None
         self.started_at: float | None = None  # the session's timeline origin
         self.first_frame_at: float | None = None
+        self._handoff_lag: float | None = None  # first frame: handed to the loop minus due
         self.state = "new"
         self.closed = False
         self.close_reason = ""
@@ -323,9 +324,13 @@ class Peer:
         now = time.monotonic()
         if self.first_frame_at is None:
             self.first_frame_at = now
-        # The session's clock is time.monotonic (Peer does not pass another one).
+        # The session's clock is time.monotonic (Peer does not pass another one). The audio keeps
+        # the first frame's hand-off lag (the picture's path to the sender) and follows every
+        # later move of the presentation clock.
         if base is not None:
-            self.audio.base = base
+            if self._handoff_lag is None:
+                self._handoff_lag = max(0.0, now - (base + t))
+            self.audio.base = base + self._handoff_lag
         elif self.audio.base is None:
             self.audio.base = now - t
         self.video.put(vf)
