@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .rest_pose import add_open_mouth_option
     from .threads import add_threads_option
 
     p = sub.add_parser(
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-face-check", action="store_true", help="accept an image with no detectable face"
     )
+    add_open_mouth_option(p)
     model = p.add_mutually_exclusive_group()
     model.add_argument(
         "--checkpoint", type=Path, help="safetensors checkpoint (default: embedded tiny)"
@@ -156,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
             f"live: {own.describe()}"
             + (f" + partner {partner.describe()}" if partner else "")
             + f" -> {_sink_name(args)}; {session.backend.describe()}, chunk {session.chunk}"
-            + "; Ctrl-C to stop",
+            + f"; the photo's mouth: {session.mouth_rest.note}; Ctrl-C to stop",
             flush=True,
         )
         return play(session, sink, sources, partner=partner, seconds=args.seconds)
@@ -179,6 +181,7 @@ def session_from_args(args: argparse.Namespace, late_policy: str, chunk: int | N
         backend=args.backend,
         seed=args.seed,
         face_check=not args.no_face_check,
+        open_mouth=getattr(args, "open_mouth", "close"),
         realtime=True,
         late_policy=late_policy,
         **kwargs,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .rest_pose import add_open_mouth_option
     from .threads import add_threads_option
 
     p = sub.add_parser(
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept an image with no detectable face (centre crop)",
     )
+    add_open_mouth_option(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--checkpoint", type=Path, help="safetensors checkpoint (default: embedded tiny)"
@@ -68,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from .audio_io import default_speech, read_audio
     from .avatar import prepare_avatar
     from .loader import open_backend
+    from .rest_pose import measure
     from .scheduler import StreamScheduler
     from .sinks import Mp4Sink
 
@@ -95,7 +98,9 @@ def main(args: argparse.Namespace) -> int:
     )
     res = backend.cfg.render.resolution
     avatar = prepare_avatar(args.avatar, res, face_check=not args.no_face_check)
-    sched = StreamScheduler(backend, avatar, seed=args.seed)
+    rest = measure(avatar, args.open_mouth)
+    print(f"the photo's mouth: {rest.note}")
+    sched = StreamScheduler(backend, avatar, seed=args.seed, mouth_rest=rest)
 
     pcm = own.pcm
     total_frames = -(-pcm.shape[0] // SAMPLES_PER_FRAME)

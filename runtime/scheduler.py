@@ -25,6 +25,7 @@ from ..models.motion import INDEX, MOUTH
 from .backend import Backend
 from .cache import KVCache
 from .continuity import BoundaryBlend
+from .rest_pose import KEEP, MouthRest
 
 SILENCE_RMS = 3e-3  # about -50 dBFS: below this a frame counts as silent
 MAX_QUEUED_SECONDS = 120.0  # cap on audio waiting to be consumed (live sources must not pile up)
@@ -112,6 +113,7 @@ class StreamScheduler:
         avatar: np.ndarray,  # [R, R, 3] uint8, already prepared
         seed: int = 0,
         clock: Callable[[], float] = time.perf_counter,
+        mouth_rest: MouthRest = KEEP,  # the photo's open mouth, closed at rest (rest_pose.py)
     ):
         cfg = backend.cfg
         res = cfg.render.resolution
@@ -125,6 +127,7 @@ class StreamScheduler:
         self.lookahead_samples = cfg.lookahead_samples
         self.seed = seed
         self.clock = clock
+        self.mouth_rest = mouth_rest
         self.stats = StreamStats()
         self.image = (avatar.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
         app = self._run("appearance", {"image": self.image})
@@ -277,6 +280,7 @@ class StreamScheduler:
             shown = motion[0][:, MOUTH_INDEX]
             w = self.cfg.audio.readout_mix * audio["mouth_weight"][0][:, None]  # [C, 1]
             motion[0][:, MOUTH_INDEX] = shown + w * (audio["mouth"][0] - shown)
+        motion = self.mouth_rest.apply(motion)  # onto the photo's own mouth; a copy if it moves
         self.last_motion = motion[0]
         dec = self._run("decoder", {**self.photo, "motion": motion})
         t0 = self.clock()

@@ -153,6 +153,7 @@ class Session:
         backend=None,  # a backend name, or an already opened Backend
         seed: int = 0,
         face_check: bool = True,
+        open_mouth: str = "close",
         realtime: bool = True,
         late_policy: str = "drop",
         chunk: int | None = None,
@@ -161,9 +162,12 @@ class Session:
     ):
         from .avatar import prepare_avatar
         from .backend import Backend
+        from .rest_pose import POLICIES, measure
         from .scheduler import StreamScheduler
 
         check_late_policy(late_policy)  # before the model loads
+        if open_mouth not in POLICIES:
+            raise InputError(f"open_mouth must be one of {', '.join(POLICIES)}, not {open_mouth!r}")
         if isinstance(backend, Backend):
             if bundle is not None or checkpoint is not None:
                 raise InputError("give an opened backend or a bundle/checkpoint, not both")
@@ -176,7 +180,10 @@ class Session:
             )
         self.resolution = self.backend.cfg.render.resolution
         self.avatar = prepare_avatar(avatar, self.resolution, face_check=face_check)
-        self.scheduler = StreamScheduler(self.backend, self.avatar, seed=seed)
+        self.mouth_rest = measure(self.avatar, open_mouth)
+        self.scheduler = StreamScheduler(
+            self.backend, self.avatar, seed=seed, mouth_rest=self.mouth_rest
+        )
         self.realtime = realtime
         self.late_policy = late_policy
         self.chunk = self.scheduler.chunk

@@ -63,6 +63,19 @@ def test_range_ratio_and_mouth_signal():
     assert loud[0] == pytest.approx(-80) and loud[1] == pytest.approx(-20, abs=0.01)
 
 
+def test_pause_opening_reads_the_quietest_frames():
+    from edgetalk.training.eval_real import pause_opening
+
+    loud = np.r_[np.full(20, -70.0), np.full(80, -20.0)]  # 20% silence, then speech
+    stuck_open = np.full(100, 0.08)
+    rests = np.r_[np.full(20, 0.005), np.full(80, 0.08)]
+    assert pause_opening(stuck_open, loud) == pytest.approx(0.08)
+    assert pause_opening(rests, loud) == pytest.approx(0.005)
+    rests[:5] = np.nan  # no face there: the rest still counts
+    assert pause_opening(rests, loud) == pytest.approx(0.005)
+    assert np.isnan(pause_opening(np.full(100, np.nan), loud))
+
+
 # ---------------------------------------------------------------- fitting the 16 parameters
 
 
@@ -153,12 +166,14 @@ def test_eval_real_end_to_end(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "corr with the real mouth" in text and "judder ratio" in text
+    assert "mouth opening in pauses" in text
     r = json.loads(out.read_text())
     (clip,) = r["clips"]
     assert clip["id"] == "grid_sbwe5n_tiny" and clip["frames"] == 60
     for system in ("model", "previous", "loudness", "fitted", "real"):
         s = clip[system]
         assert -1 <= s["corr"] <= 1 and abs(s["lag"]) <= 5 and s["face_found"] > 0.9
+        assert 0 <= s["pause_open"] < 0.3
     assert clip["real"]["corr"] == pytest.approx(1.0) and clip["real"]["lag"] == 0
     assert clip["real"]["range_ratio"] == pytest.approx(1.0)
     # The same weights twice give the same video; the photo is the person: dlib agrees.

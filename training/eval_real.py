@@ -30,15 +30,23 @@ ID_SPAN = 2 * FPS  # identity is averaged over the first and last 2 s (every 5th
 SYSTEMS = ("model", "previous", "loudness", "fitted", "real")
 
 
-def stream_session(backend: Backend, photo: np.ndarray, pcm: np.ndarray, seed: int = 0, keep=None):
+def stream_session(
+    backend: Backend,
+    photo: np.ndarray,
+    pcm: np.ndarray,
+    seed: int = 0,
+    keep=None,
+    open_mouth: str = "close",
+):
     """Frames of `edgetalk run`'s path: a Session (no pacing) on the full first frame as photo.
     keep(index) selects which frames to hold (long streams). Returns [(index, rgb)]."""
     from ..runtime.session import Session
 
+    opts = dict(avatar=photo, backend=backend, seed=seed, realtime=False, open_mouth=open_mouth)
     try:
-        sess = Session(avatar=photo, backend=backend, seed=seed, realtime=False)
+        sess = Session(**opts)
     except InputError:  # the detector refuses this face: crop the centre, as --no-face-check
-        sess = Session(avatar=photo, backend=backend, seed=seed, realtime=False, face_check=False)
+        sess = Session(**opts, face_check=False)
     err: list[BaseException] = []
 
     def feed():
@@ -87,6 +95,7 @@ def score(opening: np.ndarray, real: dict, frames=None, chunk: int = 4, emb=None
         "range_ratio": metrics.range_ratio(opening, real["opening"]),
         "loudness_corr": metrics.lagged_corr(g, real["loudness"], MAX_LAG)[1],
         "face_found": float(np.mean(np.isfinite(opening))),
+        "pause_open": pause_opening(opening, real["loudness"]),
     }
     out["above_chance"] = bool(corr > out["chance_p95"])
     if frames is not None:
@@ -95,6 +104,17 @@ def score(opening: np.ndarray, real: dict, frames=None, chunk: int = 4, emb=None
             out["id_start"] = _identity(emb, photo, frames[:ID_SPAN:5])
             out["id_end"] = _identity(emb, photo, frames[-ID_SPAN::5])
     return out
+
+
+def pause_opening(opening: np.ndarray, loudness: np.ndarray, share: float = 0.2) -> float:
+    """Mean mouth opening (face heights) over the clip's quietest frames: where a real mouth
+    rests, and where a photo taken mid-word used to stay open (runtime/rest_pose.py)."""
+    n = min(len(opening), len(loudness))
+    if n == 0:
+        return float("nan")
+    quiet = loudness[:n] <= np.percentile(loudness[:n], 100 * share)
+    vals = np.asarray(opening[:n], np.float64)[quiet]
+    return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
 
 
 def _fitted_motion(crops: np.ndarray) -> tuple[np.ndarray, float]:
@@ -115,6 +135,7 @@ def evaluate_real(
     fitted: bool = True,
     seed: int = 0,
     log=print,
+    open_mouth: str = "close",
 ) -> dict:
     from .fit_motion import crop_clip
 
@@ -130,7 +151,13 @@ def evaluate_real(
     except EdgeTalkError as e:
         log(f"  identity not measured: {e}")
         emb = None
-    report: dict = {"clips": [], "chunk": chunk, "resolution": res, "split": split}
+    report: dict = {
+        "clips": [],
+        "chunk": chunk,
+        "resolution": res,
+        "split": split,
+        "open_mouth": open_mouth,
+    }
     t0 = time.time()
     for item in items:
         frames, pcm = read_clip(item, max_seconds)
@@ -148,7 +175,7 @@ def evaluate_real(
         for name, be in (("model", backend), ("previous", previous)):
             if be is None:
                 continue
-            out, photo = stream_session(be, frames[0], pcm, seed=seed)
+            out, photo = stream_session(be, frames[0], pcm, seed=seed, open_mouth=open_mouth)
             videos_[name] = [f for _, f in out][:n]
         videos_["loudness"] = decoder_reconstruction(
             backend, photo, _pad(loudness_motion(pcm, n), chunk)
@@ -172,7 +199,9 @@ def evaluate_real(
         )
     report["mean"] = _means(report["clips"])
     if long_minutes > 0:
-        report["long_stream"] = long_stream(backend, items[0], long_minutes, emb, seed, log)
+        report["long_stream"] = long_stream(
+            backend, items[0], long_minutes, emb, seed, log, open_mouth
+        )
     report["seconds"] = time.time() - t0
     return report
 
@@ -203,7 +232,9 @@ def _means(clips: list[dict]) -> dict:
     return out
 
 
-def long_stream(backend: Backend, item: RealItem, minutes: float, emb, seed: int, log) -> dict:
+def long_stream(
+    backend: Backend, item: RealItem, minutes: float, emb, seed: int, log, open_mouth="close"
+) -> dict:
     """The clip's speech looped for `minutes` through one Session: identity at the end."""
     frames, pcm = read_clip(item)
     need = int(minutes * 60 * FPS)
@@ -211,7 +242,7 @@ def long_stream(backend: Backend, item: RealItem, minutes: float, emb, seed: int
     audio = np.tile(pcm, reps)[: need * SAMPLES_PER_FRAME]
     keep = set(range(0, ID_SPAN, 5)) | set(range(need - ID_SPAN, need, 5))
     t = time.time()
-    out, photo = stream_session(backend, frames[0], audio, seed, keep.__contains__)
+    out, photo = stream_session(backend, frames[0], audio, seed, keep.__contains__, open_mouth)
     log(f"  {minutes:.1f} min stream on {item.id} rendered in {time.time() - t:.0f} s")
     got = dict(out)
     first = [got[i] for i in sorted(keep) if i < ID_SPAN and i in got]
@@ -252,6 +283,7 @@ def format_real_report(r: dict) -> str:
     row("largest |lag| (frames)", "max_abs_lag", str, "≤ 1")
     row("mouth range ratio (p90−p10, gen/real)", "range_ratio", f2, "0.7–1.4")
     row("corr with loudness", "loudness_corr", f2)
+    row("mouth opening in pauses (quietest 20%)", "pause_open", "{:.3f}".format)
     row("judder ratio", "judder", f2, "≤ 1.15")
     row("identity distance, first 2 s", "id_start", "{:.3f}".format)
     row("identity distance, last 2 s", "id_end", "{:.3f}".format)

@@ -27,9 +27,14 @@ from .synth import make_clip, reference
 CLOSED_BELOW = 0.03  # inner-lip gap under 3% of face height counts as closed lips
 
 
-def stream_frames(backend: Backend, avatar: np.ndarray, own, partner=None, seed=0, keep=None):
-    """Frames the model streams for the audio (pieces of 0.2 s, as a live source would)."""
-    sched = StreamScheduler(backend, avatar, seed=seed)
+def stream_frames(
+    backend: Backend, avatar: np.ndarray, own, partner=None, seed=0, keep=None, open_mouth="close"
+):
+    """Frames the model streams for the audio (pieces of 0.2 s, as a live source would), with
+    the photo's mouth handled as `edgetalk run` does (rest_pose.py)."""
+    from ..runtime.rest_pose import measure
+
+    sched = StreamScheduler(backend, avatar, seed=seed, mouth_rest=measure(avatar, open_mouth))
     n = math.ceil(len(own) / SAMPLES_PER_FRAME)
     out = []
     piece = 3200
@@ -76,6 +81,7 @@ def evaluate(
     listen_clips: int = 2,
     seed: int = 0,
     log=print,
+    open_mouth: str = "keep",  # the ground truth keeps the photo's mouth as its rest
 ) -> dict:
     res = backend.cfg.render.resolution
     ids = load_identities("eval")
@@ -104,7 +110,9 @@ def evaluate(
         n = clip.n_frames
         videos = {
             "gt": list(clip.frames),
-            "model": stream_frames(backend, ref.rgb, clip.audio, seed=seed + i)[:n],
+            "model": stream_frames(
+                backend, ref.rgb, clip.audio, seed=seed + i, open_mouth=open_mouth
+            )[:n],
             "baseline": render_motion(ref, loudness_motion(clip.audio, n)),
         }
         recon = decoder_reconstruction(backend, ref.rgb, clip.motion)
@@ -157,9 +165,16 @@ def evaluate(
         mask = clip.listen_mask > 0.5
         if mask.sum() < 10:
             continue
-        on = stream_frames(backend, ref.rgb, clip.audio, clip.partner_audio, seed=seed + i)
+        on = stream_frames(
+            backend, ref.rgb, clip.audio, clip.partner_audio, seed=seed + i, open_mouth=open_mouth
+        )
         off = stream_frames(
-            backend, ref.rgb, clip.audio, np.zeros_like(clip.partner_audio), seed=seed + i
+            backend,
+            ref.rgb,
+            clip.audio,
+            np.zeros_like(clip.partner_audio),
+            seed=seed + i,
+            open_mouth=open_mouth,
         )
         tr_on, tr_off = metrics.FaceMeasurer().track(on), metrics.FaceMeasurer().track(off)
         m = mask[: len(on)]
@@ -177,7 +192,9 @@ def evaluate(
 
     # 3. Minutes of continuous streaming: identity and head drift.
     if long_minutes > 0:
-        report["long_stream"] = long_stream(backend, ids[0], res, long_minutes, seed, log)
+        report["long_stream"] = long_stream(
+            backend, ids[0], res, long_minutes, seed, log, open_mouth
+        )
     report["seconds"] = time.time() - t0
     return report
 
@@ -194,7 +211,7 @@ def closures_by_identity(a: dict) -> dict[str, list[int]]:
     return out
 
 
-def long_stream(backend, ident, res, minutes, seed, log) -> dict:
+def long_stream(backend, ident, res, minutes, seed, log, open_mouth="close") -> dict:
     need = int(minutes * 60 * FPS)
     audio, motion = [], []
     k = 0
@@ -213,7 +230,9 @@ def long_stream(backend, ident, res, minutes, seed, log) -> dict:
     sampled = sorted(set(range(0, need, step)) | first | last)
     keep = set(sampled)
     t = time.time()
-    frames = stream_frames(backend, ref.rgb, audio, seed=seed, keep=keep.__contains__)
+    frames = stream_frames(
+        backend, ref.rgb, audio, seed=seed, keep=keep.__contains__, open_mouth=open_mouth
+    )
     log(f"  {minutes:.1f} min stream rendered in {time.time() - t:.0f} s")
     by_index = dict(zip(sampled, frames, strict=True))
     out = {}
