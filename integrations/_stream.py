@@ -81,9 +81,14 @@ class AvatarStream:
         seed: int = 0,
         face_check: bool = True,
         late_policy: str = "drop",
+        open_mouth: str = "close",
     ):
+        from ..runtime.rest_pose import POLICIES
+
         if threads is not None and threads < 1:
             raise InputError(f"threads must be 1 or more, got {threads}")
+        if open_mouth not in POLICIES:  # said now: the session opens later, in the background
+            raise InputError(f"open_mouth must be one of {', '.join(POLICIES)}, not {open_mouth!r}")
         # The model opens later, in the background: a missing file is said now, in one line.
         for what, path in (
             ("avatar image", avatar),
@@ -99,6 +104,7 @@ class AvatarStream:
             backend=backend,
             seed=seed,
             face_check=face_check,
+            open_mouth=open_mouth,
             realtime=True,
             late_policy=late_policy,
         )

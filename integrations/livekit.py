@@ -75,10 +75,12 @@ class EdgeTalkVideoGenerator(VideoGenerator):
         threads: int | None = None,
         seed: int = 0,
         face_check: bool = True,
+        open_mouth: str = "close",
     ):
         """avatar: a photo (path or HxWx3 array; None: the embedded one). bundle / checkpoint:
         the model (None: the shipped weights). backend: a backend name, or an opened Backend to
-        share between sessions. threads: CPU threads for torch."""
+        share between sessions. threads: CPU threads for torch. open_mouth: "close" (a photo taken
+        mid-word closes its lips at rest) or "keep"."""
         self._stream = AvatarStream(
             avatar=avatar,
             bundle=bundle,
@@ -87,6 +89,7 @@ class EdgeTalkVideoGenerator(VideoGenerator):
             threads=threads,
             seed=seed,
             face_check=face_check,
+            open_mouth=open_mouth,
         )
         self._started = asyncio.Lock()
         # (timeline index, wall time, speaking?) of each frame handed out; the frames themselves

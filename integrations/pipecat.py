@@ -85,11 +85,13 @@ class EdgeTalkVideoService(FrameProcessor):
         audio_out_sample_rate: int | None = None,
         seed: int = 0,
         face_check: bool = True,
+        open_mouth: str = "close",
         **kwargs,
     ):
         """avatar: a photo (path or HxWx3 array; None: the embedded one). bundle / checkpoint:
         the model (None: the shipped weights). backend: a backend name, or an opened Backend
-        to share between sessions. threads: CPU threads for torch. pass_audio: send the
+        to share between sessions. threads: CPU threads for torch. open_mouth: "close" (a photo taken
+        mid-word closes its lips at rest) or "keep". pass_audio: send the
         avatar's audio (True, in sync with the images) or only images (the TTS audio then goes
         on untouched, unsynchronised). audio_out_sample_rate: the output transport's rate, when
         its TransportParams set one (default: the pipeline's)."""
@@ -102,6 +104,7 @@ class EdgeTalkVideoService(FrameProcessor):
             threads=threads,
             seed=seed,
             face_check=face_check,
+            open_mouth=open_mouth,
         )
         self._pass_audio = pass_audio
         self._out_rate = audio_out_sample_rate

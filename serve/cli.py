@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..runtime.rest_pose import add_open_mouth_option
     from ..runtime.threads import add_threads_option
 
     p = sub.add_parser(
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="drop",
         help="frames more than one chunk late: drop them (and catch up) or send them anyway",
     )
+    add_open_mouth_option(p)
     p.add_argument("--cert", type=Path, help="TLS certificate (PEM): serve https")
     p.add_argument("--key", type=Path, help="TLS private key (PEM) for --cert")
     p.add_argument(
@@ -123,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         seed=args.seed,
         late_policy=args.late_policy,
+        open_mouth=args.open_mouth,
         cert=args.cert,
         key=args.key,
         max_session_s=args.max_session_minutes * 60.0,

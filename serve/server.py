@@ -157,6 +157,7 @@ class ServeConfig:
     max_sessions: int = 1
     seed: int = 0
     late_policy: str = "drop"
+    open_mouth: str = "close"  # a photo's open mouth: closed at rest (runtime/rest_pose.py)
     cert: Path | None = None
     key: Path | None = None
     max_session_s: float = 2 * 3600.0  # 0: no limit
@@ -385,6 +386,7 @@ class AvatarServer(PageHost):
             backend=self.backend,
             seed=self.config.seed,
             face_check=False,
+            open_mouth=self.config.open_mouth,
             realtime=True,
             late_policy=self.config.late_policy,
         )

@@ -64,6 +64,19 @@ def test_policy_is_checked():
         measure(np.zeros((8, 8, 3), np.uint8), "shut")
 
 
+def test_every_entry_point_takes_the_policy_and_refuses_a_wrong_one():
+    from edgetalk.cli import build_parser
+    from edgetalk.integrations._stream import AvatarStream
+
+    with pytest.raises(InputError, match="open_mouth"):
+        AvatarStream(open_mouth="shut")  # said at once, not when the session opens later
+    for cmd in ("run", "live", "serve", "eval"):
+        with pytest.raises(SystemExit):  # argparse's own refusal, exit 2
+            build_parser(cmd, lazy=True).parse_args([cmd, "--open-mouth", "shut"])
+        args = build_parser(cmd, lazy=True).parse_args([cmd, "--open-mouth", "keep"])
+        assert args.open_mouth == "keep", cmd
+
+
 def test_without_opencv_the_photo_keeps_its_mouth_and_says_why(monkeypatch):
     from edgetalk.runtime import face_detect
 
