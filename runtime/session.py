@@ -180,9 +180,8 @@ class Session:
             )
         self.resolution = self.backend.cfg.render.resolution
         self.avatar = prepare_avatar(avatar, self.resolution, face_check=face_check)
-        self.mouth_rest = measure(self.avatar, open_mouth)
         self.scheduler = StreamScheduler(
-            self.backend, self.avatar, seed=seed, mouth_rest=self.mouth_rest
+            self.backend, self.avatar, seed=seed, mouth_rest=measure(self.avatar, open_mouth)
         )
         self.realtime = realtime
         self.late_policy = late_policy
@@ -220,6 +219,11 @@ class Session:
         self._done = False
         self._aborted = False
         self._error: BaseException | None = None
+
+    @property
+    def mouth_rest(self):
+        """What was found of the photo's mouth and how it rests (runtime/rest_pose.py)."""
+        return self.scheduler.mouth_rest
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
