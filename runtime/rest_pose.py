@@ -14,15 +14,17 @@ the lips while the generator's jaw is low:
 
 Subtracting the photo's opening from the jaw as well was tried and dropped: a smile that shows
 teeth (the embedded avatar) measures as open as a mid-word photo, and its speech then stayed
-closed-lipped (frames looked at), while real mid-word first frames lost range (eval range ratio
-0.3-0.4 on three of them).
+closed-lipped (frames looked at); a photo the plain mesh over-reads (KristiNoem's parted lips)
+lost its motion (eval range ratio 0.99 -> 0.06). Closing wherever the voice gate is low was
+dropped too: some people rest with parted lips (May, 0.069 over her quietest frames).
 
 It fades in between GAP_CLOSED and GAP_CLOSED + GAP_RAMP, so parted lips, or a measurement that is
-slightly off, move little, and out between GAP_WIDE and GAP_WIDE + GAP_RAMP: the decoder cannot
+slightly off, move little, and out between GAP_WIDE and GAP_WIDE + 2 GAP_RAMP: the decoder cannot
 close a shout or an "O" (photos at 0.20-0.25 face heights stayed open under lip_press 1, or tore
 the lips; the embedded avatar drawn with jaw 0.7, 0.16, pulled its mouth into the nose), so such a
-photo keeps its mouth and the note says so. Only the shown motion is moved: the generator's context (previous
-motion, KV cache) never sees it. One instance per avatar, owned by the scheduler.
+photo keeps its mouth and the note says so. Only the shown motion is moved: the generator's
+context (previous motion, KV cache) never sees it. One instance per avatar, owned by the
+scheduler.
 """
 
 from __future__ import annotations
