@@ -83,12 +83,11 @@ class AvatarStream:
         late_policy: str = "drop",
         open_mouth: str = "close",
     ):
-        from ..runtime.rest_pose import POLICIES
+        from ..runtime.rest_pose import check_policy
 
         if threads is not None and threads < 1:
             raise InputError(f"threads must be 1 or more, got {threads}")
-        if open_mouth not in POLICIES:  # said now: the session opens later, in the background
-            raise InputError(f"open_mouth must be one of {', '.join(POLICIES)}, not {open_mouth!r}")
+        check_policy(open_mouth)  # said now: the session opens later, in the background
         # The model opens later, in the background: a missing file is said now, in one line.
         for what, path in (
             ("avatar image", avatar),

@@ -31,7 +31,8 @@ ROI_SCALE = 1.5  # MediaPipe's face region: 1.5x the face box, square
 MIN_PRESENCE = 0.0  # the model's face-presence logit; below it the crop holds no face
 # gap_attention = (gap_this_model - GAP_OFFSET) / GAP_SCALE: least squares over 142 frames of the
 # 30 training clips (every 20th frame of their first 4 s, the runtime's crop), against
-# mediapipe's attention mesh on the same crops: r 0.82, mean error 0.017 face heights (held-out clips: r 0.88, 0.020).
+# mediapipe's attention mesh on the same crops: r 0.82, mean error 0.017 face heights
+# (held-out clips: r 0.88, 0.020).
 GAP_SCALE = 0.622
 GAP_OFFSET = 0.0050
 _NET_LOCK = threading.Lock()

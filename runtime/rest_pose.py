@@ -75,11 +75,16 @@ class MouthRest:
 KEEP = MouthRest(None, "kept as in the photo")
 
 
+def check_policy(policy: str) -> None:
+    """Refuse an unknown open_mouth policy (callers check before the model loads)."""
+    if policy not in POLICIES:
+        raise InputError(f"open_mouth must be one of {', '.join(POLICIES)}, not {policy!r}")
+
+
 def measure(avatar: np.ndarray, policy: str = "close") -> MouthRest:
     """The rest for this prepared avatar crop: policy 'close' measures the photo's mouth (needs
     OpenCV, `edgetalk[face]`), 'keep' leaves the photo's mouth as the rest."""
-    if policy not in POLICIES:
-        raise InputError(f"open mouth policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    check_policy(policy)
     if policy == "keep":
         return KEEP
     try:

@@ -162,12 +162,11 @@ class Session:
     ):
         from .avatar import prepare_avatar
         from .backend import Backend
-        from .rest_pose import POLICIES, measure
+        from .rest_pose import check_policy, measure
         from .scheduler import StreamScheduler
 
         check_late_policy(late_policy)  # before the model loads
-        if open_mouth not in POLICIES:
-            raise InputError(f"open_mouth must be one of {', '.join(POLICIES)}, not {open_mouth!r}")
+        check_policy(open_mouth)
         if isinstance(backend, Backend):
             if bundle is not None or checkpoint is not None:
                 raise InputError("give an opened backend or a bundle/checkpoint, not both")
