@@ -279,7 +279,10 @@ class StreamScheduler:
             motion = motion.copy()  # never the blend's own state
             shown = motion[0][:, MOUTH_INDEX]
             w = self.cfg.audio.readout_mix * audio["mouth_weight"][0][:, None]  # [C, 1]
-            motion[0][:, MOUTH_INDEX] = shown + w * (audio["mouth"][0] - shown)
+            # a linear map can leave the range the decoder was trained on ([0, 1]: 0 = as in
+            # the photo); past it the mouth bases extrapolate (lips pushed through each other)
+            readout = np.clip(audio["mouth"][0], 0.0, 1.0)
+            motion[0][:, MOUTH_INDEX] = shown + w * (readout - shown)
         motion = self.mouth_rest.apply(motion)  # onto the photo's own mouth; a copy if it moves
         self.last_motion = motion[0]
         dec = self._run("decoder", {**self.photo, "motion": motion})

@@ -145,9 +145,22 @@ def test_mix_moves_the_shown_mouth_toward_the_readout_by_the_voice_gate():
     for mix in (0.5, 1.0):
         shown, audio = run(readout_model(MICRO, mix=mix))
         w = mix * audio["mouth_weight"][0][:, None]
-        want = gen[:, MOUTH_INDEX] + w * (audio["mouth"][0] - gen[:, MOUTH_INDEX])
+        readout = np.clip(audio["mouth"][0], 0.0, 1.0)  # the motion's range
+        want = gen[:, MOUTH_INDEX] + w * (readout - gen[:, MOUTH_INDEX])
         np.testing.assert_allclose(shown[:, MOUTH_INDEX], want, atol=1e-5)
         assert np.all((w >= 0) & (w <= mix))
+    # a readout far outside [0, 1] (jaw -3, spread +3): the shown mouth stays inside, where the
+    # decoder was trained, and leans on the range's ends in speech
+    model = readout_model(MICRO, mix=1.0)
+    with torch.no_grad():
+        model.audio.readout.linear.bias[:2] = torch.tensor([-3.0, 3.0])
+    shown, audio = run(model)
+    assert audio["mouth"][0][:, 0].max() < -1 and audio["mouth"][0][:, 1].min() > 2
+    lo = np.minimum(gen[:, MOUTH_INDEX], 0.0) - 1e-6
+    hi = np.maximum(gen[:, MOUTH_INDEX], 1.0) + 1e-6
+    assert np.all((shown[:, MOUTH_INDEX] >= lo) & (shown[:, MOUTH_INDEX] <= hi))
+    w = audio["mouth_weight"][0]
+    assert w.max() > 0.5  # speech: the readout leads
 
 
 def test_checkpoint_round_trip_keeps_the_readout(tmp_path):

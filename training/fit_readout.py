@@ -48,7 +48,12 @@ def readout_inputs(encoder, clips: list) -> list[np.ndarray]:
 
 
 def fit_maps(
-    x_sets: list, y_sets: list, lam: float, shares: list[float], match_spread: bool = True
+    x_sets: list,
+    y_sets: list,
+    lam: float,
+    shares: list[float],
+    match_spread: bool = True,
+    jaw_spread: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression per MOUTH parameter. x_sets/y_sets: per data set, per clip [T, F] inputs
     and [T, 16] motion; each set weighs its share in all (not its frame count).
@@ -74,6 +79,8 @@ def fit_maps(
         y_sd = np.sqrt((sw * (y - y_mean) ** 2).sum() / sw.sum())
         p_sd = np.sqrt((sw * (pred - (sw * pred).sum() / sw.sum()) ** 2).sum() / sw.sum())
         gain = y_sd / (p_sd + 1e-12) if match_spread else 1.0
+        if name == "jaw_open":
+            gain *= jaw_spread
         weight.append(gain * w / sd)
         bias.append(y_mean - gain * float((mu / sd) @ w))
     return np.stack(weight), np.array(bias)
@@ -141,10 +148,22 @@ def main(argv=None) -> int:
         default=0.5,
         help="with --synthetic: the real clips' share of the fit's weight (0.5: both sets alike)",
     )
+    ap.add_argument(
+        "--jaw-spread",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="the jaw's predictions at S times the labels' spread (about their mean; 1: the "
+        "labels' own). The decoder draws small jaw changes as no change (a closed-mouth photo "
+        "parts its lips from jaw 0.2-0.4), so a conditional mean that hovers in that dead zone "
+        "shows a still mouth; S is chosen on the training clips' pixels",
+    )
     args = ap.parse_args(argv)
     try:
         if not 0 < args.mix <= 1:
             raise InputError(f"--mix must be in (0, 1], got {args.mix:g}")
+        if not 0 < args.jaw_spread <= 4:
+            raise InputError(f"--jaw-spread must be in (0, 4], got {args.jaw_spread:g}")
         if not 0 < args.real_share <= 1:
             raise InputError(f"--real-share must be in (0, 1], got {args.real_share:g}")
         train, held_out = load(args.labels)
@@ -167,10 +186,12 @@ def main(argv=None) -> int:
         shares = [args.real_share, 1 - args.real_share][: len(sets)]
         x_sets = [readout_inputs(base.audio, clips) for clips in sets]
         y_sets = [[m for _, _, m in clips] for clips in sets]
-        weight, bias = fit_maps(x_sets, y_sets, args.lam, shares)
+        weight, bias = fit_maps(x_sets, y_sets, args.lam, shares, jaw_spread=args.jaw_spread)
         model = with_readout(base, weight, bias, args.mix)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         what = f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}"
+        if args.jaw_spread != 1:
+            what += f", jaw spread x{args.jaw_spread:g}"
         if args.synthetic:
             what += f" (share {args.real_share:g}) and {args.synthetic} espeak clips"
         # the base's history and recipe stay with the weights (save_checkpoint writes the config)
