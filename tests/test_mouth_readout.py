@@ -253,3 +253,20 @@ def test_fit_maps_weighs_each_set_by_its_share_not_its_size():
         w, _ = fit_maps([[x1], [x2]], [[y1], [y2]], lam=1.0, shares=[share, 1 - share])
         assert np.argmax(np.abs(w[0])) == lead
         assert abs(w[0, lead]) > 2 * abs(w[0, 1 - lead])
+
+
+def test_jaw_spread_widens_the_jaw_about_its_mean_and_nothing_else():
+    """fit_readout --jaw-spread S: the jaw's predictions are S times as far from their mean (the
+    decoder's dead zone, MODEL_CARD.md "The jaw's spread"); the other mouth maps are unchanged."""
+    from edgetalk.training.fit_readout import fit_maps
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 4))
+    y = np.zeros((400, 16))
+    y[:, MOUTH_INDEX] = x[:, :1] * 0.1 + rng.normal(scale=0.05, size=(400, 5)) + 0.3
+    w1, b1 = fit_maps([[x]], [[y]], lam=10.0, shares=[1.0])
+    w2, b2 = fit_maps([[x]], [[y]], lam=10.0, shares=[1.0], jaw_spread=1.5)
+    p1, p2 = x @ w1.T + b1, x @ w2.T + b2
+    np.testing.assert_allclose(p2[:, 0] - p2[:, 0].mean(), 1.5 * (p1[:, 0] - p1[:, 0].mean()))
+    assert p2[:, 0].mean() == pytest.approx(p1[:, 0].mean())
+    np.testing.assert_allclose(p2[:, 1:], p1[:, 1:])

@@ -4,8 +4,10 @@ Ridge regression, one map per MOUTH parameter, from what the readout reads (the 
 log-mels, the gated running mean, PAST frames before and AHEAD after: `audio_probe.features`; and
 the checkpoint's own-voice encoder features, so refit after retraining the encoder) to the motion
 fitted to the training clips' faces (`fit_motion --split all`; held-out identities are never
-read), and with --synthetic to espeak clips' motion too. The predictions are rescaled to the labels' spread (ridge shrinks them), and the
-standardization, the scale and the mean are folded into the one Linear layer the model runs.
+read), and with --synthetic to espeak clips' motion too. The predictions are rescaled to the
+labels' spread (ridge shrinks them; the jaw's to --jaw-spread times it, past the decoder's dead
+zone), and the standardization, the scale and the mean are folded into the one Linear layer the
+model runs.
 Seconds on a CPU; no training of the network, whose weights are copied unchanged.
 
     python -m edgetalk.training.fit_readout --labels runs/real_labels --out runs/readout.safetensors
