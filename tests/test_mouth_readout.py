@@ -270,3 +270,52 @@ def test_jaw_spread_widens_the_jaw_about_its_mean_and_nothing_else():
     np.testing.assert_allclose(p2[:, 0] - p2[:, 0].mean(), 1.5 * (p1[:, 0] - p1[:, 0].mean()))
     assert p2[:, 0].mean() == pytest.approx(p1[:, 0].mean())
     np.testing.assert_allclose(p2[:, 1:], p1[:, 1:])
+
+
+def test_fit_readout_score_measures_clips_it_did_not_fit(tmp_path, capsys):
+    """--score: the held-out labels are read only to score the fit. Correct held-out labels score
+    high, the same labels in shuffled order low, and nothing is written without --out."""
+    from edgetalk.training import fit_readout
+    from edgetalk.training.metrics import loudness_db
+
+    def clip(seed: int):
+        pcm = speechlike(3.0, seed=seed)
+        n = len(pcm) // 640
+        motion = np.zeros((n, 16), np.float32)
+        loud = loudness_db(pcm, n)
+        motion[:, MOUTH_INDEX[0]] = np.clip((loud - loud.max() + 30) / 30, 0, 1)  # jaw_open
+        return pcm, motion
+
+    def held_out_score(shuffled: bool) -> float:
+        labels = tmp_path / f"labels{int(shuffled)}"
+        labels.mkdir()
+        for i in range(3):
+            pcm, motion = clip(10 + i)
+            np.savez(labels / f"c{i}.npz", audio=pcm, motion=motion, held_out=np.array(False))
+        pcm, motion = clip(20)
+        if shuffled:
+            motion = np.random.default_rng(0).permutation(motion)
+        np.savez(labels / "h.npz", audio=pcm, motion=motion, held_out=np.array(True))
+        assert fit_readout.main(["--labels", str(labels), "--score", "--lam", "100"]) == 0
+        line = [s for s in capsys.readouterr().out.splitlines() if "label-level" in s][0]
+        assert "CV needs --real DIR" in line
+        return float(line.split("held-out identities ")[1].split(",")[0].split()[0])
+
+    assert held_out_score(False) > 0.6
+    assert held_out_score(True) < 0.4
+    assert not list(tmp_path.rglob("*.safetensors"))
+    with pytest.raises(SystemExit, match="--out"):
+        fit_readout.main(["--labels", str(tmp_path / "labels0")])
+
+
+def test_identity_folds_keep_each_person_in_one_fold():
+    from edgetalk.training.fit_readout import identity_folds
+
+    ids = ["a1", "a2", "b1", "c1", "c2", "c3", "d1", "e1", "f1", "g1"]
+    identity = {i: i[0] for i in ids}
+    folds = identity_folds(ids, identity, k=5)
+    assert len(folds) == 5
+    assert sorted(j for f in folds for j in f) == list(range(len(ids)))
+    for person in "abcdefg":
+        holding = [f for f in folds if any(identity[ids[j]] == person for j in f)]
+        assert len(holding) == 1

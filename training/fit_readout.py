@@ -11,6 +11,13 @@ model runs.
 Seconds on a CPU; no training of the network, whose weights are copied unchanged.
 
     python -m edgetalk.training.fit_readout --labels runs/real_labels --out runs/readout.safetensors
+
+`--score` also says how well such a fit follows mouths it was not fitted on, at the label level
+(the readout's mouth against the fitted motion, best lag within +-5 frames; no rendering):
+the held-out identities' labels (read for this score only), an identity-grouped 5-fold
+cross-validation over the training clips (with --real DIR, whose catalog names the identities),
+and with --synthetic, espeak clips of held-out voices. MODEL_CARD.md ("How far the audio alone
+goes") reads these numbers.
 """
 
 from __future__ import annotations
@@ -88,6 +95,52 @@ def fit_maps(
     return np.stack(weight), np.array(bias)
 
 
+def label_score(weight: np.ndarray, bias: np.ndarray, xs: list, motions: list) -> list[float]:
+    """Per clip: the best-lag correlation (within +-MAX_LAG) of the mouth signal of the labels
+    with their mouth parameters replaced by this readout's (clamped to [0, 1] as the scheduler
+    does), against the labels' own."""
+    from . import metrics
+    from .motion_proxy import MAX_LAG, mouth
+
+    out = []
+    for x, m in zip(xs, motions, strict=True):
+        shown = np.array(m, np.float64)
+        shown[:, [INDEX[n] for n in MOUTH]] = np.clip(x @ weight.T + bias, 0.0, 1.0)
+        corr = metrics.lagged_corr(mouth(shown), mouth(m), MAX_LAG)[1]
+        out.append(float(corr) if np.isfinite(corr) else 0.0)
+    return out
+
+
+def identity_folds(ids: list[str], identity: dict, k: int = 5) -> list[list[int]]:
+    """Clip indices in k folds, every identity whole in one fold (a voice is never on both sides)."""
+    people = sorted({identity.get(i, i) for i in ids})
+    return [
+        [j for j, i in enumerate(ids) if identity.get(i, i) in people[f::k]]
+        for f in range(min(k, len(people)))
+    ]
+
+
+def score(fit, x_sets, y_sets, held_x, held_y, folds=None, espeak=None) -> dict:
+    """fit(x_sets, y_sets) -> (weight, bias). Mean label-level correlation: held out, per fold of
+    the training clips (x_sets[0]) when folds are given, and on espeak when given (xs, ys)."""
+    out = {}
+    whole = fit(x_sets, y_sets)
+    if held_x:
+        out["held_out"] = float(np.mean(label_score(*whole, held_x, held_y)))
+    if espeak is not None:
+        out["espeak"] = float(np.mean(label_score(*whole, *espeak)))
+    if folds:
+        per = []
+        for fold in folds:
+            keep = [j for j in range(len(x_sets[0])) if j not in fold]
+            sub_x = [[x_sets[0][j] for j in keep], *x_sets[1:]]
+            sub_y = [[y_sets[0][j] for j in keep], *y_sets[1:]]
+            w, b = fit(sub_x, sub_y)
+            per += label_score(w, b, [x_sets[0][j] for j in fold], [y_sets[0][j] for j in fold])
+        out["cv"] = float(np.mean(per))
+    return out
+
+
 def with_readout(base, weight: np.ndarray, bias: np.ndarray, mix: float):
     """The base model with a readout of these weights and this mix (nothing else moved)."""
     import torch
@@ -133,7 +186,14 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--labels", type=Path, default=Path("runs/real_labels"))
     ap.add_argument("--checkpoint", type=Path, help="the weights to add it to (default: shipped)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="where to write the weights (optional with --score)")
+    ap.add_argument(
+        "--score",
+        action="store_true",
+        help="print the fit's label-level scores on clips it did not fit (held-out identities, "
+        "identity-grouped cross-validation with --real, espeak's held-out voices with --synthetic)",
+    )
+    ap.add_argument("--real", type=Path, help="with --score: the real-data folder (catalog.json)")
     ap.add_argument("--lam", type=float, default=3e4, help="ridge penalty (standardized features)")
     ap.add_argument("--mix", type=float, default=1.0, help="AudioConfig.readout_mix, 0..1")
     ap.add_argument(
@@ -168,8 +228,10 @@ def main(argv=None) -> int:
             raise InputError(f"--jaw-spread must be in (0, 4], got {args.jaw_spread:g}")
         if not 0 < args.real_share <= 1:
             raise InputError(f"--real-share must be in (0, 1], got {args.real_share:g}")
+        if args.out is None and not args.score:
+            raise InputError("give --out (where to write the weights), --score, or both")
         train, held_out = load(args.labels)
-        print(f"{len(train)} training clips ({len(held_out)} held out, not read)")
+        print(f"{len(train)} training clips ({len(held_out)} held out, not fitted)")
         base, meta = load_checkpoint(args.checkpoint or default_checkpoint())
         base.eval()
         sets = [train]
@@ -188,7 +250,15 @@ def main(argv=None) -> int:
         shares = [args.real_share, 1 - args.real_share][: len(sets)]
         x_sets = [readout_inputs(base.audio, clips) for clips in sets]
         y_sets = [[m for _, _, m in clips] for clips in sets]
-        weight, bias = fit_maps(x_sets, y_sets, args.lam, shares, jaw_spread=args.jaw_spread)
+
+        def fit(xs, ys):
+            return fit_maps(xs, ys, args.lam, shares, jaw_spread=args.jaw_spread)
+
+        if args.score:
+            print_scores(args, base, fit, x_sets, y_sets, train, held_out)
+        if args.out is None:
+            return 0
+        weight, bias = fit(x_sets, y_sets)
         model = with_readout(base, weight, bias, args.mix)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         what = f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}"
@@ -203,6 +273,33 @@ def main(argv=None) -> int:
     except EdgeTalkError as e:
         sys.exit(f"error: {e}")
     return 0
+
+
+def print_scores(args, base, fit, x_sets, y_sets, train, held_out) -> None:
+    folds = espeak = None
+    if args.real is not None:
+        from .real_data import videos
+
+        identity = {i.id: i.identity for i in videos(args.real, "train")}
+        folds = identity_folds([cid for cid, _, _ in train], identity)
+    if args.synthetic:
+        from .train_motion import build_motion_set
+
+        cache = Path("runs") / "readout_synth_eval40.npz"  # held-out voices (split "eval")
+        syn = build_motion_set(cache, 40, seed=9090, split="eval")
+        clips = [
+            (f"e{i}", a, m) for i, (a, m) in enumerate(zip(syn["own"], syn["motion"], strict=True))
+        ]
+        espeak = (readout_inputs(base.audio, clips), [m for _, _, m in clips])
+    held_x = readout_inputs(base.audio, held_out)
+    got = score(fit, x_sets, y_sets, held_x, [m for _, _, m in held_out], folds, espeak)
+    names = {"held_out": "held-out identities", "cv": "5-fold CV by identity", "espeak": "espeak"}
+    print(
+        "label-level corr: "
+        + ", ".join(f"{names[k]} {v:.3f}" for k, v in got.items())
+        + ("" if folds else " (CV needs --real DIR)"),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
