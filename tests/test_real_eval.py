@@ -185,6 +185,23 @@ def test_eval_real_end_to_end(tmp_path, capsys):
     assert np.isfinite(clip["model"]["judder"])
 
 
+def test_range_ratio_is_summed_up_by_mean_median_and_clips_in_band():
+    """One clip far out of the band moves the mean, not the median; the count says so."""
+    from edgetalk.training.eval_real import _means, format_real_report
+
+    clips = [
+        {"model": {"corr": 0.5, "lag": 0, "above_chance": True, "range_ratio": v}}
+        for v in (0.9, 1.1, 1.2, 5.0, 0.5)
+    ]
+    m = _means(clips)["model"]
+    assert m["range_ratio"] == pytest.approx(1.74)
+    assert m["range_median"] == pytest.approx(1.1)
+    assert m["range_in_band"] == "3/5"
+    text = format_real_report({"mean": {"model": m}, "clips": []})
+    assert "| clips with a range ratio in 0.7–1.4 | 3/5 | all |" in text
+    assert "| mouth range ratio, median of clips | 1.10 |" in text
+
+
 def test_eval_real_refuses_a_folder_without_catalog(tmp_path, capsys):
     from edgetalk.cli import main
 
