@@ -63,9 +63,11 @@ def test_one_step_each_stage_then_assemble(tmp_path):
     changed = {k for k in before if not (before[k] == after[k]).all()}
     assert changed and all(k.startswith("decoder.lip_") for k in changed), changed
     assert load_checkpoint(tmp_path / "lips" / "model.safetensors")[1]["stage"] == "lips"
-    # resuming continues from the saved step
+    # resuming continues from the saved step (with the painted-mouth loss weighted up, as the
+    # model card's dead-zone run does)
     train_render.main(
         ["--out", str(tmp_path / "render"), "--steps", "2", "--batch", "1", "--pool-clips", "1"]
+        + ["--alpha-weight", "2.0"]
     )
     out = tmp_path / "tiny.safetensors"
     (tmp_path / "render" / "log.jsonl").write_text('{"step": 2, "time_s": 1}\n')

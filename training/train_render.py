@@ -283,6 +283,13 @@ def main(argv=None) -> None:
     ap.add_argument("--init", type=Path, help="checkpoint to start from (default: embedded)")
     ap.add_argument("--pool-clips", type=int, default=60)
     ap.add_argument(
+        "--alpha-weight",
+        type=float,
+        default=0.1,
+        help="weight of the painted-mouth mask's loss (the thin dark slit of a barely open mouth "
+        "is paint, not warp: MODEL_CARD.md, the decoder's dead zone)",
+    )
+    ap.add_argument(
         "--real",
         type=Path,
         help="real-data folder (catalog.json): mix in self-reenactment pairs of training clips",
@@ -347,7 +354,12 @@ def main(argv=None) -> None:
         ).mean()
         # The lip head is told where the photo's lips are (landmarks), not only through pixels.
         lip, lip_px, _, _ = lip_loss(model, app, lip_gt, size)
-        loss = render_loss(pred, target, weight) + 0.05 * flow_err + 0.1 * alpha_err + lip
+        loss = (
+            render_loss(pred, target, weight)
+            + 0.05 * flow_err
+            + args.alpha_weight * alpha_err
+            + lip
+        )
         run.update(loss)
         if run.step % 25 == 0:
             run.log(
