@@ -237,22 +237,28 @@ def test_avatar_session_starts_the_worker(monkeypatch):
     room = FakeRoom()
     room.local_participant.identity = "agent"
     seen = {}
+    # What the worker is started with, taken at the exec call: reading /proc/PID/cmdline races
+    # the worker, which may already be gone (a zombie's cmdline is empty) on a busy machine.
+    spawn = asyncio.create_subprocess_exec
+
+    async def spy(*cmd, env=None, **kw):
+        seen["argv"], seen["env"] = list(cmd), dict(env or {})
+        return await spawn(*cmd, env=env, **kw)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
 
     async def main():
         session = AgentSession()
         avatar = EdgeTalkAvatarSession(threads=1, livekit_url="ws://127.0.0.1:9")
         await avatar.start(session, room=room)
         try:
-            pid = avatar.process.pid
-            seen["argv"] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            seen["env"] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             seen["sink"] = session.output.audio
         finally:
             await avatar.aclose()
         seen["rc"] = avatar.process.returncode
 
     asyncio.run(main())
-    argv = [a.decode() for a in seen["argv"] if a]
+    argv = seen["argv"]
     assert argv[1:] == [
         "-m",
         "edgetalk.integrations.livekit",
@@ -261,9 +267,8 @@ def test_avatar_session_starts_the_worker(monkeypatch):
         "--threads",
         "1",
     ]
-    token = next(e for e in seen["env"] if e.startswith(b"EDGETALK_LIVEKIT_TOKEN="))
-    jwt = token.split(b"=", 1)[1]
-    assert jwt and not any(jwt in a for a in seen["argv"])
+    jwt = seen["env"]["EDGETALK_LIVEKIT_TOKEN"]
+    assert jwt and not any(jwt in a for a in argv)
     import jwt as pyjwt  # PyJWT, a livekit-api dependency
 
     claims = pyjwt.decode(jwt, options={"verify_signature": False})
