@@ -42,6 +42,18 @@ def readout_model(cfg: ModelConfig, seed: int = 0, mix: float = 1.0):
     return model
 
 
+def envelope_clip(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """3 s of speech-like sound and labels whose jaw follows its loudness envelope."""
+    from edgetalk.training.metrics import loudness_db
+
+    pcm = speechlike(3.0, seed=seed)
+    n = len(pcm) // 640
+    motion = np.zeros((n, 16), np.float32)
+    loud = loudness_db(pcm, n)
+    motion[:, MOUTH_INDEX[0]] = np.clip((loud - loud.max() + 30) / 30, 0, 1)  # jaw_open
+    return pcm, motion
+
+
 def stream_mouth(model, chunk: int, pcm: np.ndarray) -> np.ndarray:
     """The readout's mouth [T, 5] as the scheduler's audio calls return it, chunk by chunk."""
     backend = TorchBackend(model, model.cfg.with_streaming(chunk=chunk))
@@ -210,22 +222,13 @@ def test_fit_readout_learns_a_mouth_from_labels(tmp_path):
     """Clips whose jaw follows the speech envelope: the fitted readout follows it on a clip it
     did not fit, streamed through the scheduler; held-out label files are not fitted on."""
     from edgetalk.training import fit_readout
-    from edgetalk.training.metrics import loudness_db
-
-    def clip(seed: int):
-        pcm = speechlike(3.0, seed=seed)
-        n = len(pcm) // 640
-        motion = np.zeros((n, 16), np.float32)
-        loud = loudness_db(pcm, n)
-        motion[:, MOUTH_INDEX[0]] = np.clip((loud - loud.max() + 30) / 30, 0, 1)  # jaw_open
-        return pcm, motion
 
     labels = tmp_path / "labels"
     labels.mkdir()
     for i in range(3):
-        pcm, motion = clip(10 + i)
+        pcm, motion = envelope_clip(10 + i)
         np.savez(labels / f"c{i}.npz", audio=pcm, motion=motion, held_out=np.array(False))
-    pcm, motion = clip(20)
+    pcm, motion = envelope_clip(20)
     # a held-out file whose labels are wrong on purpose: fitting on it would spoil the map
     np.savez(labels / "h.npz", audio=pcm, motion=-motion, held_out=np.array(True))
     out = tmp_path / "r.safetensors"
@@ -234,7 +237,7 @@ def test_fit_readout_learns_a_mouth_from_labels(tmp_path):
     assert model.cfg.audio.readout_mix == 1.0
     _, base_meta = load_checkpoint(default_checkpoint())
     assert meta["trained"] == base_meta["trained"] and "ridge" in meta["readout"]  # history kept
-    test_pcm, test_motion = clip(30)
+    test_pcm, test_motion = envelope_clip(30)
     got = stream_mouth(model.eval(), 4, test_pcm)[:, 0]
     want = test_motion[: len(got), MOUTH_INDEX[0]]
     assert np.corrcoef(got[5:], want[5:])[0, 1] > 0.6
@@ -276,23 +279,14 @@ def test_fit_readout_score_measures_clips_it_did_not_fit(tmp_path, capsys):
     """--score: the held-out labels are read only to score the fit. Correct held-out labels score
     high, the same labels in shuffled order low, and nothing is written without --out."""
     from edgetalk.training import fit_readout
-    from edgetalk.training.metrics import loudness_db
-
-    def clip(seed: int):
-        pcm = speechlike(3.0, seed=seed)
-        n = len(pcm) // 640
-        motion = np.zeros((n, 16), np.float32)
-        loud = loudness_db(pcm, n)
-        motion[:, MOUTH_INDEX[0]] = np.clip((loud - loud.max() + 30) / 30, 0, 1)  # jaw_open
-        return pcm, motion
 
     def held_out_score(shuffled: bool) -> float:
         labels = tmp_path / f"labels{int(shuffled)}"
         labels.mkdir()
         for i in range(3):
-            pcm, motion = clip(10 + i)
+            pcm, motion = envelope_clip(10 + i)
             np.savez(labels / f"c{i}.npz", audio=pcm, motion=motion, held_out=np.array(False))
-        pcm, motion = clip(20)
+        pcm, motion = envelope_clip(20)
         if shuffled:
             motion = np.random.default_rng(0).permutation(motion)
         np.savez(labels / "h.npz", audio=pcm, motion=motion, held_out=np.array(True))

@@ -120,11 +120,11 @@ def identity_folds(ids: list[str], identity: dict, k: int = 5) -> list[list[int]
     ]
 
 
-def score(fit, x_sets, y_sets, held_x, held_y, folds=None, espeak=None) -> dict:
-    """fit(x_sets, y_sets) -> (weight, bias). Mean label-level correlation: held out, per fold of
-    the training clips (x_sets[0]) when folds are given, and on espeak when given (xs, ys)."""
+def score(fit, whole, x_sets, y_sets, held_x, held_y, folds=None, espeak=None) -> dict:
+    """fit(x_sets, y_sets) -> (weight, bias); whole: that fit on all of them. Mean label-level
+    correlation: held out, per fold of the training clips (x_sets[0], refitted without the fold)
+    when folds are given, and on espeak when given (xs, ys)."""
     out = {}
-    whole = fit(x_sets, y_sets)
     if held_x:
         out["held_out"] = float(np.mean(label_score(*whole, held_x, held_y)))
     if espeak is not None:
@@ -254,11 +254,11 @@ def main(argv=None) -> int:
         def fit(xs, ys):
             return fit_maps(xs, ys, args.lam, shares, jaw_spread=args.jaw_spread)
 
+        weight, bias = fit(x_sets, y_sets)
         if args.score:
-            print_scores(args, base, fit, x_sets, y_sets, train, held_out)
+            print_scores(args, base, fit, (weight, bias), x_sets, y_sets, train, held_out)
         if args.out is None:
             return 0
-        weight, bias = fit(x_sets, y_sets)
         model = with_readout(base, weight, bias, args.mix)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         what = f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}"
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_scores(args, base, fit, x_sets, y_sets, train, held_out) -> None:
+def print_scores(args, base, fit, whole, x_sets, y_sets, train, held_out) -> None:
     folds = espeak = None
     if args.real is not None:
         from .real_data import videos
@@ -292,7 +292,7 @@ def print_scores(args, base, fit, x_sets, y_sets, train, held_out) -> None:
         ]
         espeak = (readout_inputs(base.audio, clips), [m for _, _, m in clips])
     held_x = readout_inputs(base.audio, held_out)
-    got = score(fit, x_sets, y_sets, held_x, [m for _, _, m in held_out], folds, espeak)
+    got = score(fit, whole, x_sets, y_sets, held_x, [m for _, _, m in held_out], folds, espeak)
     names = {"held_out": "held-out identities", "cv": "5-fold CV by identity", "espeak": "espeak"}
     print(
         "label-level corr: "
