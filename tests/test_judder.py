@@ -80,6 +80,30 @@ def test_blend_spreads_chunk_steps_without_drift(chunk):
     assert np.abs(shown[-1] - still[-1]).max() < 1e-3
 
 
+def test_velocity_gain_is_fitted_per_chunk_size_and_interpolated_between():
+    from edgetalk.runtime.continuity import VELOCITY_GAINS, velocity_gain
+
+    for chunk, gain in VELOCITY_GAINS.items():
+        assert velocity_gain(chunk) == pytest.approx(gain)
+    assert velocity_gain(5) == pytest.approx((VELOCITY_GAINS[4] + VELOCITY_GAINS[6]) / 2)
+    assert velocity_gain(32) == pytest.approx(VELOCITY_GAINS[max(VELOCITY_GAINS)])
+    # every gain continues the motion, damped or not, never reverses or doubles it
+    assert all(0.5 <= g <= 1.2 for g in VELOCITY_GAINS.values())
+    # the blend uses its chunk size's gain: a steady ramp continues at exactly that velocity
+    for chunk in (2, 4, 8):
+        blend = BoundaryBlend(chunk)
+        ramp = (np.arange(2 * chunk, dtype=np.float32)[:, None] * np.ones(MOTION_DIM)) * 0.1
+        first = blend(ramp[:chunk])
+        free = INDEX["head_yaw"]
+        raw_next = np.zeros((chunk, MOTION_DIM), np.float32)  # the generator jumps back to 0
+        shown = blend(raw_next)
+        step = shown[0, free] - first[-1, free]
+        expect = velocity_gain(chunk) * 0.1 - (first[-1, free] + velocity_gain(chunk) * 0.1) / (
+            chunk + 1
+        )
+        assert step == pytest.approx(expect, abs=1e-5)
+
+
 def test_blend_is_causal_and_repeatable():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(24, MOTION_DIM)).astype(np.float32)

@@ -202,6 +202,43 @@ def test_range_ratio_is_summed_up_by_mean_median_and_clips_in_band():
     assert "| mouth range ratio, median of clips | 1.10 |" in text
 
 
+def test_judder_is_summed_up_by_mean_largest_clip_and_clips_in_band():
+    """The judder target holds per clip: one clip stepping at the chunk rate shows in the
+    largest clip and the count, not in the mean."""
+    from edgetalk.training.eval_real import _means, format_real_report
+
+    clips = [
+        {"model": {"corr": 0.5, "lag": 0, "above_chance": True, "judder": v}}
+        for v in (0.95, 1.0, 1.05, 1.40)
+    ]
+    m = _means(clips)["model"]
+    assert m["judder"] == pytest.approx(1.1)
+    assert m["judder_max"] == pytest.approx(1.40)
+    assert m["judder_in_band"] == "3/4"
+    text = format_real_report({"mean": {"model": m}, "clips": []})
+    assert "| judder ratio, largest clip | 1.40 | ≤ 1.15 |" in text
+    assert "| clips with judder ≤ 1.15 | 3/4 | all |" in text
+
+
+def test_eval_real_runs_the_chunk_size_asked_for_both_weights(tmp_path):
+    """--chunk reaches the model and the previous weights alike: the same weights at the same
+    chunk give the same video, so both score the same (at different chunks they would not)."""
+    need("mediapipe", "eval --real needs mediapipe's face mesh")
+    from edgetalk.cli import main
+    from edgetalk.models.checkpoint import default_checkpoint
+
+    root = _tiny_folder(tmp_path)
+    out = tmp_path / "report.json"
+    argv = ["eval", "--real", str(root), "--checkpoint", str(default_checkpoint()), "--chunk", "2"]
+    assert main(argv + ["--no-fitted", "--long-minutes", "0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["chunk"] == 2
+    (clip,) = r["clips"]
+    assert clip["model"]["corr"] == pytest.approx(clip["previous"]["corr"])
+    assert clip["model"]["judder"] == pytest.approx(clip["previous"]["judder"])
+    assert r["mean"]["model"]["judder_in_band"] in ("0/1", "1/1")
+
+
 def test_eval_real_refuses_a_folder_without_catalog(tmp_path, capsys):
     from edgetalk.cli import main
 

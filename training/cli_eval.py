@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continuous stream for identity and drift (0 skips it)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chunk",
+        type=int,
+        metavar="C",
+        help="frames per generator call (default: the model's, or the bundle's): the judder "
+        "ratio is measured at chunk boundaries, so score each chunk size a user may run",
+    )
     add_threads_option(p)
     p.add_argument(
         "--real",
@@ -80,7 +87,9 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     from .evaluate import evaluate, format_report
 
-    backend = open_backend(bundle=args.bundle, checkpoint=args.checkpoint, backend=args.backend)
+    backend = open_backend(
+        bundle=args.bundle, checkpoint=args.checkpoint, backend=args.backend, chunk=args.chunk
+    )
     if args.real is not None:
         return main_real(args, backend)
     print(f"evaluating {backend.describe()} on held-out identities and voices ...")
@@ -112,7 +121,7 @@ def main_real(args: argparse.Namespace, backend) -> int:
     previous = None
     compare = args.previous is not None or args.checkpoint is not None or args.bundle is not None
     if compare and not args.no_previous:
-        previous = open_backend(checkpoint=args.previous)
+        previous = open_backend(checkpoint=args.previous, chunk=backend.cfg.chunk)
     split = "all" if args.all_clips else "eval"
     print(f"evaluating {backend.describe()} on real clips in {args.real} ({split}) ...")
     report = evaluate_real(
