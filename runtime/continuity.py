@@ -31,9 +31,11 @@ from ..models.motion import MOTION_PARAMS
 # frame changes more than the others: ratio > 1); too low stalls there (ratio < 1). One gain for
 # all sizes (0.8) left real clips at 0.83 (chunk 8) to 1.02 (chunk 4) on average, and one held-out
 # clip at 1.16 at chunk 4. Each gain below is the one whose mean pixel judder ratio came closest
-# to 1.0 on 10 clips of the real *training* split (every third; the held-out clips only judge it),
-# from 0.6-1.4 in steps of 0.1: chunk 2: 0.94 at 0.8 -> 1.01 at 1.0; 3: 0.98 at 0.8; 4: 1.05 at
-# 0.8 -> 1.00 at 0.7; 6: 0.93 at 0.8 -> 0.99 at 0.9; 8: 0.88 at 0.8 -> 0.95 at 1.0, 1.03 at 1.2.
+# to 1.0 on 10 clips of the real *training* split (every third; the held-out clips only judge it;
+# `python -m edgetalk.training.fit_blend --real DIR` re-fits it, as it must be when the generator
+# changes). Means found: chunk 2: 0.94 at 0.8, 1.01 at 1.0, 1.08 at 1.2; 3: 0.90 at 0.6, 0.98 at
+# 0.8, 1.07 at 1.0; 4: 0.96 at 0.6, 1.00 at 0.7, 1.05 at 0.8, 1.10 at 0.9; 6: 0.93 at 0.8, 0.99 at
+# 0.9, 1.06 at 1.0; 8: 0.88 at 0.8, 0.95 at 1.0, 0.99 at 1.1, 1.03 at 1.2.
 # Chunk 1 has no inside frames to compare with; it keeps 0.8. Sizes between are interpolated,
 # larger ones take chunk 8's.
 VELOCITY_GAINS = {1: 0.8, 2: 1.0, 3: 0.8, 4: 0.7, 6: 0.9, 8: 1.1}
@@ -50,13 +52,16 @@ KEEP_AS_GENERATED = ("jaw_open", "lip_press")
 class BoundaryBlend:
     """Per stream: raw chunk motion [C, P] in, shown motion [C, P] out (causal, stateful)."""
 
-    def __init__(self, chunk: int, params: tuple[str, ...] = MOTION_PARAMS):
+    def __init__(
+        self, chunk: int, params: tuple[str, ...] = MOTION_PARAMS, gain: float | None = None
+    ):
         self.mask = np.array(
             [0.0 if name in KEEP_AS_GENERATED else 1.0 for name in params], dtype=np.float32
         )
         k = np.arange(chunk, dtype=np.float32)
         self.weights = ((chunk - k) / (chunk + 1))[:, None].astype(np.float32)
-        self.gain = np.float32(velocity_gain(chunk))
+        # gain: the velocity's (training/fit_blend.py tries others); None takes the fitted one
+        self.gain = np.float32(velocity_gain(chunk) if gain is None else gain)
         self.reset()
 
     def reset(self) -> None:
