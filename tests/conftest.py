@@ -164,3 +164,30 @@ class StealMeter:
             f"this test (limit {STEAL_LIMIT:.0%})"
         )
         return False
+
+
+def tiny_real_folder(tmp_path, item_id: str, identity: str):
+    """A one-clip real data folder (catalog.json, videos/, audio/): 2.4 s of a GRID speaker
+    (MIT, rizkiarm/LipNet). The identity decides the split: a held-out one makes it eval data."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    root = Path(tmp_path) / "real"
+    (root / "videos").mkdir(parents=True)
+    (root / "audio").mkdir()
+    shutil.copy(data / "real_tiny.mp4", root / "videos" / "tiny.mp4")
+    shutil.copy(data / "real_tiny.wav", root / "audio" / "tiny.wav")
+    item = {
+        "id": item_id,
+        "kind": "video",
+        "identity": identity,
+        "license": "MIT",
+        "source_repo": "rizkiarm/LipNet",
+        "file": "videos/tiny.mp4",
+        "audio_file": "audio/tiny.wav",
+        "duration_s": 2.4,
+    }
+    (root / "catalog.json").write_text(json.dumps({"items": [item]}))
+    return root

@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import need
+from .conftest import need, tiny_real_folder
 
 DATA = Path(__file__).parent / "data"
 
 
 def _train_folder(tmp_path: Path) -> Path:
-    """One real clip (2.4 s of GRID, MIT, rizkiarm/LipNet) under an identity that is not held
-    out, so that it counts as training data."""
-    root = tmp_path / "real"
-    (root / "videos").mkdir(parents=True)
-    (root / "audio").mkdir()
-    shutil.copy(DATA / "real_tiny.mp4", root / "videos" / "tiny.mp4")
-    shutil.copy(DATA / "real_tiny.wav", root / "audio" / "tiny.wav")
-    item = {
-        "id": "grid_tiny_train",
-        "kind": "video",
-        "identity": "grid_not_held_out",
-        "license": "MIT",
-        "source_repo": "rizkiarm/LipNet",
-        "file": "videos/tiny.mp4",
-        "audio_file": "audio/tiny.wav",
-        "duration_s": 2.4,
-    }
-    (root / "catalog.json").write_text(json.dumps({"items": [item]}))
-    return root
+    """One real clip under an identity that is not held out: training data."""
+    return tiny_real_folder(tmp_path, "grid_tiny_train", "grid_not_held_out")
 
 
 def test_replay_shows_exactly_what_a_live_stream_shows(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from edgetalk.training import metrics
 
-from .conftest import need
+from .conftest import need, tiny_real_folder
 
 DATA = Path(__file__).parent / "data"
 
@@ -133,24 +132,8 @@ def test_fit_recovers_known_motion_from_rendered_frames(rendered):
 
 
 def _tiny_folder(tmp_path: Path) -> Path:
-    """A one-clip data folder: 2.4 s of a held-out GRID speaker (MIT, rizkiarm/LipNet)."""
-    root = tmp_path / "real"
-    (root / "videos").mkdir(parents=True)
-    (root / "audio").mkdir()
-    shutil.copy(DATA / "real_tiny.mp4", root / "videos" / "tiny.mp4")
-    shutil.copy(DATA / "real_tiny.wav", root / "audio" / "tiny.wav")
-    item = {
-        "id": "grid_sbwe5n_tiny",
-        "kind": "video",
-        "identity": "grid_spkA",
-        "license": "MIT",
-        "source_repo": "rizkiarm/LipNet",
-        "file": "videos/tiny.mp4",
-        "audio_file": "audio/tiny.wav",
-        "duration_s": 2.4,
-    }
-    (root / "catalog.json").write_text(json.dumps({"items": [item]}))
-    return root
+    """A one-clip data folder: 2.4 s of a held-out GRID speaker."""
+    return tiny_real_folder(tmp_path, "grid_sbwe5n_tiny", "grid_spkA")
 
 
 def test_eval_real_end_to_end(tmp_path, capsys):
