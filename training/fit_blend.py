@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeTalkError, InputError
+from ..models.config import SAMPLES_PER_FRAME
 from ..runtime.continuity import BoundaryBlend, velocity_gain
 from .judder import judder_ratio
 
@@ -87,7 +88,7 @@ def clip_judder(backend, photo, pcm, gains, seed=0, open_mouth="close") -> dict[
     rest = measure(avatar, open_mouth)
     rec = _Recorder(backend)
     _stream(rec, avatar, rest, pcm, seed)
-    n = len(pcm) // 640
+    n = len(pcm) // SAMPLES_PER_FRAME  # whole frames, as eval --real scores
     out = {}
     for g in gains:
         frames = _stream(_Replay(backend, rec.calls), avatar, rest, pcm, seed, gain=g)[:n]
