@@ -34,11 +34,11 @@ from .sampling import (
     TableSampler,
     Upsample,
     grid_sample_border,
-    neighbour_table,
     pixel_shuffle2,
     row_table,
     sample_columns,
     sample_row_table,
+    sample_rows,
 )
 
 
@@ -252,15 +252,15 @@ class Decoder(nn.Module):
         g = grid.permute(0, 3, 1, 2)  # [N, 2, h, w], normalized
         # (alpha, x, y) in the order of the refinement's (alpha, flow x, flow y)
         full = self.upsample(torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1), False)
-        # the features at 1/4 resolution: per-channel gathers measured faster there than a
-        # neighbour table, which costs a [h*w, 4*Ca] transpose per call (1 thread, chunk 1)
-        wfeat = grid_sample_border(app_feat.expand(c, -1, -1, -1), grid, False)
+        # the features at 1/4 resolution: rows gathered per tap (a neighbour table of the
+        # features would cost a [h*w, 4*Ca] build and transpose per call)
+        wfeat = sample_rows(app_feat, grid)
         o = self._refine(wfeat, x)
         scale = torch.tensor([1.0, half_res, half_res], device=m.device).reshape(1, 3, 1, 1)
         s = full + o[:, 3:6] * scale
         alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
         yp = yp + self._closing_px(photo["dec_lips"], xp, yp) * m[:, LIP_PRESS].reshape(c, 1, 1, 1)
-        warped = self.sampler(neighbour_table(image), xp, yp, res, res)  # [N, 3, R, R]
+        warped = self.sampler(image, xp, yp)  # [N, 3, R, R]
         alpha = torch.sigmoid(alpha_logit)
         frames = warped + (torch.sigmoid(o[:, :3]) - warped) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)

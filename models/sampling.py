@@ -38,6 +38,32 @@ def grid_sample_border(img: torch.Tensor, grid: torch.Tensor, native: bool = Tru
     return top * (1.0 - wy) + bottom * wy
 
 
+def sample_rows(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """grid_sample_border of one reference picture img [1, C, H, W] at grid [N, Ho, Wo, 2], for
+    every frame N: [N, C, Ho, Wo]. ONNX Runtime's form for the 1/4-resolution features: the
+    picture as rows [H*W, C], and each of the four taps one Gather of whole rows (one int32 index
+    per pixel, C floats copied at once) and one transpose back to planar. Per-channel
+    GatherElements needed an index copied for every channel first; at chunk 4 they took 6.3 ms
+    a call, these 4.3 (1 thread; the same numbers to the bit)."""
+    c, h, w = img.shape[1], img.shape[2], img.shape[3]
+    n, ho, wo = grid.shape[0], grid.shape[1], grid.shape[2]
+    x = (((grid[..., 0] + 1.0) * w - 1.0) * 0.5).clamp(0.0, w - 1.0)  # border padding
+    y = (((grid[..., 1] + 1.0) * h - 1.0) * 0.5).clamp(0.0, h - 1.0)
+    x0, y0 = torch.floor(x), torch.floor(y)
+    wx, wy = (x - x0).reshape(n, 1, ho * wo), (y - y0).reshape(n, 1, ho * wo)
+    x0i, y0i = x0.to(torch.int32), y0.to(torch.int32)
+    x1i, y1i = (x0i + 1).clamp(max=w - 1), (y0i + 1).clamp(max=h - 1)
+    rows = img[0].reshape(c, h * w).transpose(0, 1)  # [H*W, C]
+
+    def tap(yi, xi):
+        idx = (yi * w + xi).reshape(n * ho * wo)
+        return torch.index_select(rows, 0, idx).reshape(n, ho * wo, c).transpose(1, 2)
+
+    top = tap(y0i, x0i) * (1.0 - wx) + tap(y0i, x1i) * wx
+    bottom = tap(y1i, x0i) * (1.0 - wx) + tap(y1i, x1i) * wx
+    return (top * (1.0 - wy) + bottom * wy).reshape(n, c, ho, wo)
+
+
 def sample_columns(row: torch.Tensor, grid: torch.Tensor, native: bool = True) -> torch.Tensor:
     """grid_sample_border of a one-row picture row [1, C, 1, W] at grid [N, Ho, Wo, 2] (only x
     matters): [N, C, Ho, Wo]. The gather form needs two taps, not four."""
@@ -121,45 +147,58 @@ def upsample_bilinear(
 
 
 def neighbour_table(img: torch.Tensor) -> torch.Tensor:
-    """[H*W, 4*C] for one picture [1, C, H, W]: row y*W+x holds the picture at (y, x), (y, x+1),
-    (y+1, x), (y+1, x+1), each clamped to the border, so that one Gather of a pixel's row fetches
-    its four bilinear taps."""
+    """[H*W, 4*C] uint8 for one picture [1, C, H, W] in [0, 1]: row y*W+x holds the picture's
+    8-bit levels at (y, x), (y, x+1), (y+1, x), (y+1, x+1), each clamped to the border, so that
+    one Gather of a pixel's row fetches its four bilinear taps.
+
+    8 bits because the photo is 8-bit (the avatar is cropped to uint8, runtime/avatar.py): its
+    levels k/255 round back to k exactly, and a picture between levels moves by at most half of
+    one. A quarter of a float table's bytes (0.8 MB at 256 px, not 3.1) is what ONNX Runtime's
+    gathers are bound by: a 4-frame warp took 13.4 ms against 21.4 with the float table and a
+    ReduceSum (sample_table, 1 thread)."""
     _, c, h, w = img.shape
-    p = F.pad(img, (0, 1, 0, 1), mode="replicate")
-    taps = torch.cat([p[:, :, :h, :w], p[:, :, :h, 1:], p[:, :, 1:, :w], p[:, :, 1:, 1:]], 1)
+    q = (img * 255.0 + 0.5).clamp(0.0, 255.0).to(torch.uint8)  # round half up, then truncate
+    q = torch.cat([q, q[:, :, :, -1:]], 3)  # replicate the last column and row: border padding
+    q = torch.cat([q, q[:, :, -1:, :]], 2)
+    taps = torch.cat([q[:, :, :h, :w], q[:, :, :h, 1:], q[:, :, 1:, :w], q[:, :, 1:, 1:]], 1)
     return taps.reshape(4 * c, h * w).transpose(0, 1)
 
 
 def sample_table(table: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: int, h: int):
-    """Bilinear samples [N, C, Ho, Wo] of the picture behind `table` (neighbour_table) at pixel
-    coordinates x, y [N, 1, Ho, Wo] (pixel centres at integers; border padding).
+    """Bilinear samples [N, C, Ho, Wo] in [0, 1] of the picture behind `table` (neighbour_table)
+    at pixel coordinates x, y [N, 1, Ho, Wo] (pixel centres at integers; border padding).
 
-    One frame at a time: the gathered taps of a 4-frame call at 256 px are 12.6 MB, and with
-    their transposed copy and weighted product alive together they raised the peak RSS of
-    `run --bundle` by 18 MB (248 -> 266 MB); per frame, ONNX Runtime reuses one frame's buffers."""
+    One frame at a time: the gathered taps of a 4-frame call at 256 px, with their transposed
+    copy and weighted products alive together, raised the peak RSS of `run --bundle` by 18 MB
+    (248 -> 266 MB) as float; per frame, ONNX Runtime reuses one frame's buffers. The four taps
+    are summed by three Adds: a ReduceSum over them was 1.5 ms a frame, the Adds 0.4."""
     n, _, ho, wo = x.shape
     c = table.shape[1] // 4
     x = x.clamp(0.0, w - 1.0)
     y = y.clamp(0.0, h - 1.0)
     x0, y0 = torch.floor(x), torch.floor(y)
-    wx, wy = (x - x0).reshape(n, 1, 1, ho * wo), (y - y0).reshape(n, 1, 1, ho * wo)
+    wx, wy = (x - x0).reshape(n, 1, ho * wo), (y - y0).reshape(n, 1, ho * wo)
     idx = (y0 * w + x0).reshape(n, ho * wo).to(torch.int32)  # exact: H*W is far below 2**24
-    mx, my = 1.0 - wx, 1.0 - wy
-    weights = torch.cat([mx * my, wx * my, mx * wy, wx * wy], 1)  # [N, 4, 1, P]
+    # the levels' 1/255 rides on the horizontal weights: one product per pixel, not per tap
+    mx, wx = (1.0 - wx) * (1.0 / 255.0), wx * (1.0 / 255.0)
+    my = 1.0 - wy
     frames = []
     for i in range(n):
-        taps = torch.index_select(table, 0, idx[i]).transpose(0, 1).reshape(4, c, ho * wo)
-        frames.append((taps * weights[i]).sum(0))
+        t = torch.index_select(table, 0, idx[i]).transpose(0, 1).float()  # [4C, P]
+        top = t[:c] * (mx[i] * my[i]) + t[c : 2 * c] * (wx[i] * my[i])
+        bottom = t[2 * c : 3 * c] * (mx[i] * wy[i]) + t[3 * c :] * (wx[i] * wy[i])
+        frames.append(top + bottom)
     return torch.stack(frames).reshape(n, c, ho, wo)
 
 
 class TableSampler(torch.nn.Module):
-    """sample_table as a module (no weights), so that its nodes carry the scope `/sampler` (`/sampler_1` for a second call):
-    FP16 exports keep them float (converters/onnx.py), for a pixel index reaches H*W = 65,536,
-    far beyond the integers fp16 holds exactly (2,048)."""
+    """The photo's bilinear warp in the gather form: neighbour_table, then sample_table. A
+    module (no weights) so that its nodes carry the scope `/sampler`: FP16 exports keep them
+    float (converters/onnx.py), for a pixel index reaches H*W = 65,536, far beyond the integers
+    fp16 holds exactly (2,048), and the photo's levels need 8 bits exactly."""
 
-    def forward(self, table, x, y, w: int, h: int) -> torch.Tensor:
-        return sample_table(table, x, y, w, h)
+    def forward(self, image, x, y) -> torch.Tensor:
+        return sample_table(neighbour_table(image), x, y, image.shape[3], image.shape[2])
 
 
 def sample_row_table(table: torch.Tensor, x: torch.Tensor, w: int) -> list[torch.Tensor]:

@@ -51,7 +51,8 @@ def test_shipped_decoder_renders_the_same_frames_in_both_forms():
     twin.decoder.native_sampling = False
     g = torch.Generator().manual_seed(0)
     app = torch.rand(1, 32, 64, 64, generator=g)
-    image = torch.rand(1, 3, 256, 256, generator=g)
+    # an 8-bit photo, as the runtime crops it (runtime/avatar.py): the gather form holds its levels
+    image = torch.randint(0, 256, (1, 3, 256, 256), generator=g).float() / 255.0
     motion = torch.randn(1, 4, model.cfg.motion_dim, generator=g) * 0.5
     with torch.no_grad():
         photo = model.decoder.eval().prepare(app)  # the appearance stage's dec_* tensors
@@ -65,16 +66,56 @@ def test_shipped_decoder_renders_the_same_frames_in_both_forms():
 def test_neighbour_table_sampling_matches_grid_sample_beyond_the_border():
     from edgetalk.models.sampling import neighbour_table, sample_table
 
-    img = torch.rand(1, 5, 12, 20)
-    grid = torch.rand(3, 7, 9, 2) * 2.6 - 1.3  # some samples fall outside: border padding
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (1, 5, 12, 20), generator=g).float() / 255.0  # 8-bit levels
+    grid = torch.rand(3, 7, 9, 2, generator=g) * 2.6 - 1.3  # some fall outside: border padding
     want = F.grid_sample(
         img.expand(3, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
     )
     x = (grid[..., 0:1] * 10 + 9.5).permute(0, 3, 1, 2)  # pixel units, W = 20
     y = (grid[..., 1:2] * 6 + 5.5).permute(0, 3, 1, 2)  # H = 12
-    got = sample_table(neighbour_table(img), x, y, 20, 12)
+    table = neighbour_table(img)
+    assert table.dtype == torch.uint8 and table.shape == (12 * 20, 4 * 5)
+    got = sample_table(table, x, y, 20, 12)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_neighbour_table_rounds_a_picture_between_levels_to_the_nearest():
+    """A picture that is not 8-bit (or strays outside [0, 1]) moves by at most half a level."""
+    from edgetalk.models.sampling import neighbour_table, sample_table
+
+    g = torch.Generator().manual_seed(2)
+    img = torch.rand(1, 3, 9, 9, generator=g) * 1.2 - 0.1
+    x = torch.rand(2, 1, 5, 5, generator=g) * 8
+    y = torch.rand(2, 1, 5, 5, generator=g) * 8
+    want = F.grid_sample(
+        img.clamp(0, 1).expand(2, -1, -1, -1),
+        torch.cat([(x + 0.5) / 4.5 - 1, (y + 0.5) / 4.5 - 1], 1).permute(0, 2, 3, 1),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    got = sample_table(neighbour_table(img), x, y, 9, 9)
+    err = (got - want).abs().max().item()
+    assert 0 < err <= 0.5 / 255 + 1e-6
+
+
+def test_row_gathers_of_one_reference_match_grid_sample_to_the_bit_order():
+    """The features' form (sample_rows): one reference picture, every frame its own grid."""
+    from edgetalk.models.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(1, 6, 10, 14, generator=g)
+    grid = torch.rand(4, 8, 8, 2, generator=g) * 2.6 - 1.3
+    want = F.grid_sample(
+        img.expand(4, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    got = sample_rows(img, grid)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+    # the same arithmetic as the per-channel gather form, so the same numbers
+    assert torch.equal(got, grid_sample_border(img.expand(4, -1, -1, -1), grid, False))
 
 
 def test_row_table_sampling_matches_sample_columns():
