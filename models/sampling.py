@@ -14,19 +14,27 @@ import torch
 import torch.nn.functional as F
 
 
-def grid_sample_border(img: torch.Tensor, grid: torch.Tensor, native: bool = True) -> torch.Tensor:
-    if native:
-        return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    n, c, h, w = img.shape
-    ho, wo = grid.shape[1], grid.shape[2]
+def bilinear_corners(grid: torch.Tensor, h: int, w: int, index_dtype: torch.dtype):
+    """For grid [N, Ho, Wo, 2] (normalized, align_corners=False, border padding) over an h x w
+    picture: the integer corners x0, y0, x1, y1 (as index_dtype) and the weights wx, wy of the
+    second corner, each [N, Ho, Wo]. What every gather form of grid_sample shares."""
     x = ((grid[..., 0] + 1.0) * w - 1.0) * 0.5  # pixel coordinates, align_corners=False
     y = ((grid[..., 1] + 1.0) * h - 1.0) * 0.5
     x = x.clamp(0.0, w - 1.0)  # border padding = clamp the coordinate
     y = y.clamp(0.0, h - 1.0)
     x0, y0 = torch.floor(x), torch.floor(y)
-    wx, wy = (x - x0).unsqueeze(1), (y - y0).unsqueeze(1)
-    x0i, y0i = x0.long(), y0.long()
+    x0i, y0i = x0.to(index_dtype), y0.to(index_dtype)
     x1i, y1i = (x0i + 1).clamp(max=w - 1), (y0i + 1).clamp(max=h - 1)
+    return x0i, y0i, x1i, y1i, x - x0, y - y0
+
+
+def grid_sample_border(img: torch.Tensor, grid: torch.Tensor, native: bool = True) -> torch.Tensor:
+    if native:
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    n, c, h, w = img.shape
+    ho, wo = grid.shape[1], grid.shape[2]
+    x0i, y0i, x1i, y1i, wx, wy = bilinear_corners(grid, h, w, torch.long)
+    wx, wy = wx.unsqueeze(1), wy.unsqueeze(1)
     flat = img.reshape(n, c, h * w)
 
     def tap(yi, xi):
@@ -47,12 +55,8 @@ def sample_rows(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     a call, these 4.3 (1 thread; the same numbers to the bit)."""
     c, h, w = img.shape[1], img.shape[2], img.shape[3]
     n, ho, wo = grid.shape[0], grid.shape[1], grid.shape[2]
-    x = (((grid[..., 0] + 1.0) * w - 1.0) * 0.5).clamp(0.0, w - 1.0)  # border padding
-    y = (((grid[..., 1] + 1.0) * h - 1.0) * 0.5).clamp(0.0, h - 1.0)
-    x0, y0 = torch.floor(x), torch.floor(y)
-    wx, wy = (x - x0).reshape(n, 1, ho * wo), (y - y0).reshape(n, 1, ho * wo)
-    x0i, y0i = x0.to(torch.int32), y0.to(torch.int32)
-    x1i, y1i = (x0i + 1).clamp(max=w - 1), (y0i + 1).clamp(max=h - 1)
+    x0i, y0i, x1i, y1i, wx, wy = bilinear_corners(grid, h, w, torch.int32)
+    wx, wy = wx.reshape(n, 1, ho * wo), wy.reshape(n, 1, ho * wo)
     rows = img[0].reshape(c, h * w).transpose(0, 1)  # [H*W, C]
 
     def tap(yi, xi):
