@@ -43,10 +43,18 @@ COMMANDS = {
 SUBCOMMANDS = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line, like every other refusal (errors.py): what was wrong and where
+    to look, not the whole usage block. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None, lazy: bool = False) -> argparse.ArgumentParser:
     """Every command registered by its module; with lazy=True only `command`'s module is
     imported, the others are listed by name and help (enough for `edgetalk --help`)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="edgetalk",
         description="Real-time talking heads on the edge: one photo + live audio -> live video.",
     )
@@ -76,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(_command(argv), lazy=True)
     except ModuleNotFoundError as e:
         return _missing_extra(e, _command(argv) or "")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version or a refused option: already printed
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

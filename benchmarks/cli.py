@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
+
     p = sub.add_parser(
         "bench",
         help="benchmark FPS, first-frame delay, RTF and per-module latency",
@@ -40,11 +42,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: tiny)")
     src.add_argument("--preset", help="a model preset with seeded random weights (tiny, large)")
     p.add_argument("--chunk", help="chunk sizes C, comma separated (default: the model's)")
-    p.add_argument("--seconds", type=float, default=10.0, help="media seconds per stream")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median kept)")
+    p.add_argument(
+        "--seconds",
+        type=cliargs.float_in(0, 3600, above=True),
+        default=10.0,
+        help="media seconds per stream",
+    )
+    p.add_argument(
+        "--repeats",
+        type=cliargs.int_in(1, 1000),
+        default=3,
+        help="runs per measurement (median kept)",
+    )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=cliargs.int_in(1, 20),
         default=1,
         help="run the whole plan N times round-robin and keep each row's median over all of "
         "them: ratios stay fair on a machine whose speed drifts (default 1)",
@@ -67,18 +79,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--load",
-        type=int,
+        type=cliargs.int_in(0, 64),
         default=0,
         metavar="N",
         help="also measure every configuration with N busy processes beside it, and report "
         "its FPS under load as a ratio of its quiet FPS (default 0: quiet only)",
     )
     p.add_argument("--device-name", help="name of this machine in merged reports")
-    p.add_argument("--piece-ms", type=float, default=20.0, help="paced audio piece length")
     p.add_argument(
-        "--warmup", type=float, default=1.0, help="seconds streamed before measuring (excluded)"
+        "--piece-ms",
+        type=cliargs.float_in(0, 10_000, above=True),
+        default=20.0,
+        help="paced audio piece length",
     )
-    p.add_argument("--seed", type=int, default=0, help="noise seed and random-weight seed")
+    p.add_argument(
+        "--warmup",
+        type=cliargs.float_in(0, 3600),
+        default=1.0,
+        help="seconds streamed before measuring (excluded)",
+    )
+    p.add_argument("--seed", type=cliargs.seed, default=0, help="noise seed and random-weight seed")
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -109,18 +129,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     from ..errors import InputError
 
-    if args.seconds <= 0 or args.seconds > 3600:
-        raise InputError(f"--seconds must be in (0, 3600], got {args.seconds:g}")
-    if args.repeats < 1:
-        raise InputError(f"--repeats must be 1 or more, got {args.repeats}")
-    if not 1 <= args.rounds <= 20:
-        raise InputError(f"--rounds must be in [1, 20], got {args.rounds}")
-    if args.load < 0 or args.load > 64:
-        raise InputError(f"--load must be in [0, 64], got {args.load}")
-    if args.piece_ms <= 0:
-        raise InputError(f"--piece-ms must be positive, got {args.piece_ms:g}")
-    if args.warmup < 0:
-        raise InputError(f"--warmup must be 0 or more, got {args.warmup:g}")
     if args.json is not None and not args.json.parent.exists():
         raise InputError(f"--json: folder {args.json.parent} does not exist")
 

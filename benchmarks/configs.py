@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BackendUnavailable, BundleError, EdgeTalkError, InputError
-from ..models.config import ModelConfig
+from ..models.config import MAX_CHUNK, ModelConfig
 from ..runtime.backend import Backend
 
 TORCH_PRECISIONS = ("fp32", "bf16")
@@ -197,8 +197,8 @@ def parse_chunks(text: str) -> list[int]:
             c = int(part)
         except ValueError:
             raise InputError(f"--chunk takes whole numbers like 1,4,24; got {text!r}") from None
-        if c < 1:
-            raise InputError(f"--chunk values must be 1 or more; got {c}")
+        if not 1 <= c <= MAX_CHUNK:
+            raise InputError(f"--chunk values must be 1..{MAX_CHUNK}; got {c}")
         if c not in out:
             out.append(c)
     if not out:

@@ -33,6 +33,7 @@ DRIFT_SPEARMAN, DRIFT_FACE_HEIGHTS = 0.5, 0.05  # monotonic AND large: that is d
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
     from ..runtime.threads import add_threads_option
 
     p = sub.add_parser(
@@ -40,13 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="long streaming soak: RSS slope, KV size, A/V alignment, identity and head drift",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--minutes", type=float, default=30.0, help="stream minutes (default 30)")
+    p.add_argument(
+        "--minutes",
+        type=cliargs.float_in(0, 7 * 24 * 60, above=True),
+        default=30.0,
+        help="stream minutes (default 30)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=Path, help="safetensors checkpoint (default: tiny)")
     src.add_argument("--bundle", type=Path, help="an exported bundle")
     p.add_argument("--backend", help="backend for --checkpoint (default torch)")
     p.add_argument("--avatar", type=Path, help="avatar photo (default: the embedded one)")
-    p.add_argument("--chunk", type=int, help="chunk size C (checkpoints only)")
+    p.add_argument("--chunk", type=cliargs.chunk, help="chunk size C (checkpoints only)")
     add_threads_option(p)
     p.add_argument("--json", type=Path, help="write the report here")
     p.set_defaults(func=run_cli)

@@ -9,6 +9,7 @@ EXIT_PARITY_FAILED = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
     from ..converters.target import PRECISIONS, targets
 
     p = sub.add_parser(
@@ -22,15 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", type=Path, help="safetensors checkpoint (default: embedded tiny)"
     )
-    p.add_argument("--chunk", type=int, help="frames per generator call C (default: the model's)")
+    p.add_argument(
+        "--chunk", type=cliargs.chunk, help="frames per generator call C (default: the model's)"
+    )
     p.add_argument(
         "--lookahead",
-        type=float,
+        type=cliargs.float_in(0, 10_000),
         metavar="MS",
         help="audio lookahead in ms: a check only, since the weights fix it (refused if they differ)",
     )
-    p.add_argument("--steps", type=int, help="flow-matching Euler steps N")
-    p.add_argument("--window", type=int, help="rolling KV window W in frames")
+    p.add_argument("--steps", type=cliargs.steps, help="flow-matching Euler steps N")
+    p.add_argument("--window", type=cliargs.window, help="rolling KV window W in frames")
     p.add_argument(
         "--out",
         type=Path,

@@ -14,6 +14,13 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 LOOKAHEAD_MS = 60
 MS_SAMPLES = SAMPLE_RATE // 1000  # 16 samples per millisecond
 MAX_SIZE = 1 << 16  # no size in a config goes beyond this (configs are read from user files)
+# Streaming settings a user may choose (run/export/eval/bench flags). Past these a call is
+# seconds of media at once or a cache no model was trained near, and the attention tables grow
+# with their square: refused, not attempted.
+MAX_CHUNK = 64  # frames per generator call: 2.56 s
+MAX_WINDOW = 256  # cached frames: 10 s
+MAX_STEPS = 64  # Euler steps of the sampler
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class ModelConfig:
         lookahead_ms is only checked: the lookahead is part of the audio encoder's weights."""
         cfg = self
         if chunk is not None:
-            _check_positive("chunk", chunk)
+            _check_positive("chunk", chunk, MAX_CHUNK)
             cfg = dataclasses.replace(cfg, chunk=chunk)
         if lookahead_ms is not None and lookahead_ms != cfg.lookahead_ms:
             raise ValueError(
@@ -126,12 +133,12 @@ class ModelConfig:
                 f"({cfg.lookahead_ms:g} ms); the lookahead is part of the weights"
             )
         if steps is not None:
-            _check_positive("steps", steps)
+            _check_positive("steps", steps, MAX_STEPS)
             cfg = dataclasses.replace(
                 cfg, generator=dataclasses.replace(cfg.generator, steps=steps)
             )
         if window is not None:
-            _check_positive("window", window)
+            _check_positive("window", window, MAX_WINDOW)
             cfg = dataclasses.replace(
                 cfg, generator=dataclasses.replace(cfg.generator, window=window)
             )
@@ -221,9 +228,9 @@ def _audio_fields(d: dict) -> dict:
     return d
 
 
-def _check_positive(name: str, v: int) -> None:
-    if not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+def _check_positive(name: str, v: int, most: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= most:
+        raise ValueError(f"{name} must be a whole number in 1..{most}, got {v!r}")
 
 
 PRESETS: dict[str, ModelConfig] = {

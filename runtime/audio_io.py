@@ -42,6 +42,10 @@ def to_mono_16k(data: np.ndarray, rate: int, notes: list[str] | None = None) -> 
         if data.shape[1] > 1:
             notes.append(f"downmixed {data.shape[1]} channels to mono")
         data = data.mean(axis=1)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:  # before the resampler, whose filter would spread each NaN over its neighbours
+        notes.append(f"{bad} samples were not numbers (NaN or Inf): replaced by silence")
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     check_rate(rate)
     if rate != SAMPLE_RATE:
         notes.append(f"resampled {rate} Hz to {SAMPLE_RATE} Hz")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
+    from .audio_io import MAX_RATE, MIN_RATE
     from .rest_pose import add_open_mouth_option
     from .threads import add_threads_option
 
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     model.add_argument("--bundle", type=Path, help="exported bundle directory; picks the backend")
     p.add_argument("--backend", help="override the backend (e.g. torch, onnxruntime, mlx)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=cliargs.seed, default=0, help="noise seed")
     add_threads_option(p)
 
     src = p.add_mutually_exclusive_group()
@@ -51,9 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mic-device", help="microphone name or index (default: the system's)")
     p.add_argument(
-        "--rate", type=int, default=16000, help="sample rate of --pcm-stdin / --listen audio"
+        "--rate",
+        type=cliargs.int_in(MIN_RATE, MAX_RATE),
+        default=16000,
+        help="sample rate of --pcm-stdin / --listen audio",
     )
-    p.add_argument("--channels", type=int, default=1, help="channels of --pcm-stdin audio")
+    p.add_argument(
+        "--channels", type=cliargs.int_in(1, 64), default=1, help="channels of --pcm-stdin audio"
+    )
 
     partner = p.add_mutually_exclusive_group()
     partner.add_argument(
@@ -90,7 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam-device", help="virtual camera device (e.g. /dev/video2)")
 
     p.add_argument(
-        "--seconds", type=float, help="stop after this many seconds (default: until the end)"
+        "--seconds",
+        type=cliargs.float_in(0, above=True),
+        help="stop after this many seconds (default: until the end)",
     )
     p.add_argument(
         "--late-policy",
@@ -110,8 +119,10 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("choose an output: --virtualcam, --preview, --out OUT.mp4 or --null")
     if (args.token or args.token_file) and not args.listen and not args.partner_listen:
         raise InputError("--token / --token-file are for --listen / --partner-listen")
-    if args.seconds is not None and args.seconds <= 0:
-        raise InputError("--seconds must be positive")
+    if args.out:
+        from .sinks import check_out_file
+
+        check_out_file(args.out, (args.avatar, args.checkpoint))
     if args.virtualcam:
         from .sinks import VirtualCamSink
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
     from .rest_pose import add_open_mouth_option
     from .threads import add_threads_option
 
@@ -41,12 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--bundle", type=Path, help="exported bundle directory; picks the backend")
     p.add_argument("--backend", help="override the backend (e.g. torch, onnxruntime, mlx)")
     p.add_argument("--out", type=Path, default=Path("edgetalk.mp4"), help="output mp4")
-    p.add_argument("--chunk", type=int, help="frames per generator call (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video)")
+    p.add_argument(
+        "--chunk", type=cliargs.chunk, help="frames per generator call (default: the model's)"
+    )
+    p.add_argument(
+        "--seed", type=cliargs.seed, default=0, help="noise seed (same seed, same video)"
+    )
     add_threads_option(p)
     p.add_argument(
         "--piece-ms",
-        type=int,
+        type=cliargs.int_in(1, 60_000),
         default=200,
         help="audio is fed to the scheduler in pieces of this size, as a stream would be",
     )
@@ -59,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .sinks import check_out_file
+
+    # before any work: the output must not replace an input, nor land where it cannot be written
+    check_out_file(args.out, (args.audio, args.partner_audio, args.avatar, args.checkpoint))
     if getattr(args, "realtime", False):
         from .cli_live import run_realtime
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,34 @@ class CallbackSink(Sink):
         self.fn(frame)
 
 
+MP4_SUFFIXES = (".mp4", ".m4v", ".mov")
+
+
+def check_out_file(out: Path, inputs: Iterable[Path | None]) -> None:
+    """An mp4 --out must not be one of the command's own inputs (`run --audio a.wav --out a.wav`
+    would replace the recording with a video), and must be named as one: an mp4 written under
+    another suffix is a file nothing opens right. Checked before any work starts."""
+    out = Path(out)
+    for given in inputs:
+        if given is None or not Path(given).exists() or not out.exists():
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.samefile(out, given):
+                raise InputError(
+                    f"--out {out} is also an input ({given}); writing the video there would "
+                    "destroy it. Choose another output name"
+                )
+    if out.suffix.lower() not in MP4_SUFFIXES:
+        raise InputError(
+            f"--out {out}: the output is an mp4 video; name it {out.stem or 'out'}.mp4 "
+            f"(accepted: {', '.join(MP4_SUFFIXES)})"
+        )
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name such as {out / 'talk.mp4'}")
+    if out.parent and not out.parent.is_dir():
+        raise InputError(f"output folder does not exist: {out.parent}")
+
+
 class Mp4Sink(Sink):
     """H.264 video at 25 fps with AAC audio, both stamped on one timeline (PyAV).
 
@@ -59,6 +88,10 @@ class Mp4Sink(Sink):
     short (disk full, power loss, kill -9) plays up to its last whole second, where a plain mp4
     without its index at the end would not play at all. A write error raises SinkError once; the
     sink then stops writing and `close()` keeps what is on disk.
+
+    Otherwise (`run`) the file is written beside `path` under a temporary name and moved onto
+    `path` only once it is complete: a run that fails or is stopped leaves no torn mp4 and keeps
+    whatever file `path` held before.
     """
 
     def __init__(
@@ -75,12 +108,24 @@ class Mp4Sink(Sink):
         if self.path.parent and not self.path.parent.exists():
             raise InputError(f"output folder does not exist: {self.path.parent}")
         opts = {"movflags": "frag_keyframe+empty_moov+default_base_moof"} if live else {}
+        self.partial: Path | None = None
         try:
             # Our own file object: FFmpeg's buffered writer would drop write errors (a full disk
             # went unnoticed); through Python they raise at the mux that hits them.
-            self.file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            if live:
+                self.file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            else:
+                fd, name = tempfile.mkstemp(
+                    prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent or "."
+                )
+                self.partial = Path(name)
+                self.file = os.fdopen(fd, "wb")
+                # mkstemp makes it private (0600); the video gets the mode of the file it
+                # replaces, or a new file's usual mode
+                os.chmod(name, _mode_for(self.path))
             self.container = av.open(self.file, mode="w", format="mp4", options=opts)
         except Exception as e:
+            self._discard()
             raise InputError(f"cannot write {self.path}: {e}") from None
         self.video = self.container.add_stream("libx264", rate=FPS)
         self.video.width = self.video.height = resolution
@@ -154,8 +199,42 @@ class Mp4Sink(Sink):
         if self.failed and self.live:
             with contextlib.suppress(OSError):
                 trim_to_whole_fragments(self.path)
+        if self.partial is not None and not self.failed:
+            try:
+                os.replace(self.partial, self.path)
+                self.partial = None
+            except OSError as e:
+                self.failed = f"cannot finish {self.path} ({type(e).__name__}: {e})"
+        self._discard()
         if self.failed:
             raise SinkError(self.failed)
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and self.partial is not None:  # stopped or failed: not the file
+            self.failed = self.failed or "the run stopped before the video was complete"
+            with contextlib.suppress(SinkError):
+                self.close()
+            self._discard()
+            return
+        self.close()
+
+    def _discard(self) -> None:
+        """Remove the temporary file of an incomplete `run` output (the user's file is kept)."""
+        if self.partial is not None:
+            with contextlib.suppress(OSError):
+                if getattr(self, "file", None) is not None:
+                    self.file.close()
+                self.partial.unlink()
+            self.partial = None
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def trim_to_whole_fragments(path: Path) -> int:

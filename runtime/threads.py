@@ -33,20 +33,12 @@ def default_threads(cores: int | None = None) -> int:
     return max(1, min(MAX_DEFAULT, cores // 2))
 
 
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
-
-
 def add_threads_option(p: argparse.ArgumentParser) -> None:
+    from .. import cliargs
+
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=cliargs.int_in(1),
         metavar="N",
         help="CPU threads for the model (torch and onnxruntime; default: min(2, cores/2), "
         f"or ${ENV}); fewer threads hold up better beside other busy programs",

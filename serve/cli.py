@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
     from ..runtime.rest_pose import add_open_mouth_option
     from ..runtime.threads import add_threads_option
 
@@ -25,7 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="override the backend (e.g. torch, onnxruntime, mlx)")
     p.add_argument("--avatar", type=Path, help="default face photo (default: the embedded avatar)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0: any free)")
+    p.add_argument(
+        "--port",
+        type=cliargs.int_in(0, 65535),
+        default=8080,
+        help="TCP port (default 8080; 0: any free)",
+    )
     p.add_argument(
         "--token-file",
         type=Path,
@@ -34,9 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--token", help="the access token itself (visible in `ps`: prefer --token-file)")
     p.add_argument(
-        "--max-sessions", type=int, default=1, help="avatar sessions at once (default 1)"
+        "--max-sessions",
+        type=cliargs.int_in(1, 1024),
+        default=1,
+        help="avatar sessions at once (default 1)",
     )
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=cliargs.seed, default=0, help="noise seed")
     add_threads_option(p)
     p.add_argument(
         "--late-policy",
@@ -49,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", type=Path, help="TLS private key (PEM) for --cert")
     p.add_argument(
         "--max-session-minutes",
-        type=float,
+        type=cliargs.float_in(0, 7 * 24 * 60),
         default=120.0,
         help="end a session after this long (default 120; 0: no limit)",
     )
@@ -66,24 +75,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run on Ray Serve: the cluster's address (HEAD_IP:6379), or none to start "
         "Ray on this machine",
     )
-    ray.add_argument("--replicas", type=int, default=1, help="avatar worker replicas (default 1)")
+    ray.add_argument(
+        "--replicas",
+        type=cliargs.int_in(1, 1024),
+        default=1,
+        help="avatar worker replicas (default 1)",
+    )
     ray.add_argument(
         "--max-replicas",
-        type=int,
+        type=cliargs.int_in(1, 1024),
         help="autoscale from --replicas up to this on sessions in use (default: fixed)",
     )
     ray.add_argument(
         "--sessions-per-replica",
-        type=int,
+        type=cliargs.int_in(1, 1024),
         default=1,
         help="sessions one worker replica (one opened backend) runs at once (default 1)",
     )
     ray.add_argument(
-        "--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default 1)"
+        "--replica-cpus",
+        type=cliargs.float_in(0, 1024),
+        default=1.0,
+        help="Ray CPUs per replica (default 1)",
     )
     ray.add_argument(
         "--replica-gpus",
-        type=float,
+        type=cliargs.float_in(0, 64),
         default=0.0,
         help="GPU fraction per replica, e.g. 0.25 for four replicas per GPU (default 0)",
     )

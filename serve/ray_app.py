@@ -57,7 +57,7 @@ class RayOptions:
             raise InputError("--max-replicas must be at least --replicas")
         if self.sessions_per_replica < 1:
             raise InputError("--sessions-per-replica must be 1 or more")
-        if self.cpus < 0 or self.gpus < 0:
+        if not (self.cpus >= 0 and self.gpus >= 0):  # NaN too
             raise InputError("--replica-cpus and --replica-gpus must be 0 or more")
 
     @property

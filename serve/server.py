@@ -171,7 +171,7 @@ class ServeConfig:
             raise InputError(f"--port must be 0..65535, got {self.port}")
         if self.token is not None and not self.token.strip():
             raise InputError("the token must not be empty")
-        if self.max_session_s < 0:
+        if not self.max_session_s >= 0:  # NaN too
             raise InputError("--max-session-minutes must be 0 (no limit) or more")
         if not names_loopback(self.host) and not self.token:
             # Other machines can reach it: never without a token. One nobody can guess is made,

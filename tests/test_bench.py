@@ -340,9 +340,10 @@ def test_report_rejects_malformed_json(tmp_path, capsys):
         (["--backend", "warp-drive"], "unknown backend 'warp-drive'; known backends:"),
         (["--export", "tflite:int8"], "unknown export target 'tflite'"),
         (["--export", "onnx:int3"], "unknown precision 'int3'"),
-        (["--backend", "torch", "--chunk", "0"], "--chunk values must be 1 or more"),
+        (["--backend", "torch", "--chunk", "0"], "--chunk values must be 1..64"),
+        (["--backend", "torch", "--chunk", "1,999"], "--chunk values must be 1..64; got 999"),
         (["--backend", "torch", "--chunk", "a,b"], "--chunk takes whole numbers"),
-        (["--backend", "torch", "--repeats", "0"], "--repeats must be 1 or more"),
+        (["--backend", "torch", "--repeats", "0"], "argument --repeats: must be 1..1000, got 0"),
         (["--backend", "torch:int8"], "the torch backend runs fp32, bf16"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--checkpoint", "/no/such.safetensors"], "checkpoint not found"),
@@ -576,4 +577,4 @@ def test_rounds_run_the_plan_round_robin(micro_ckpt, tmp_path, capsys):
 def test_rounds_out_of_range_is_one_line(micro_ckpt, capsys):
     assert main(["bench", "--checkpoint", str(micro_ckpt), "--rounds", "0"]) == 2
     err = capsys.readouterr().err
-    assert "--rounds must be in [1, 20]" in err and "Traceback" not in err
+    assert "argument --rounds: must be 1..20, got 0" in err and "Traceback" not in err

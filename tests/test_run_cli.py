@@ -89,6 +89,9 @@ def test_dyadic_run(tmp_path, wav_file, capsys):
         ("avatar_no_face", "no face found"),
         ("bad_checkpoint", "not a safetensors checkpoint"),
         ("bad_out_dir", "output folder does not exist"),
+        ("out_is_the_audio", "is also an input"),
+        ("out_is_the_photo", "is also an input"),
+        ("out_not_mp4", "the output is an mp4 video; name it o.mp4"),
     ],
 )
 def test_bad_input_clear_error(tmp_path, wav_file, capsys, case, expect):
@@ -120,10 +123,50 @@ def test_bad_input_clear_error(tmp_path, wav_file, capsys, case, expect):
         args += ["--checkpoint", ck]
     elif case == "bad_out_dir":
         args[3] = tmp_path / "no" / "such" / "dir" / "o.mp4"
+    elif case == "out_is_the_audio":
+        args[3] = wav
+    elif case == "out_is_the_photo":
+        photo = tmp_path / "me.mov"  # a name the output could have
+        _write_png(photo, np.full((64, 64, 3), 128, np.uint8))
+        args += ["--avatar", photo]
+        args[3] = photo
+    elif case == "out_not_mp4":
+        args[3] = tmp_path / "o.wav"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code, _, err = run_cli(args, capsys)
     assert code == 2
     assert expect in err, err
     assert err.startswith("edgetalk run: error:")
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # a refused run touches no file, inputs least of all
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError])
+def test_a_run_that_stops_keeps_the_previous_video(tmp_path, wav_file, capsys, monkeypatch, stop):
+    """The mp4 is written under a temporary name and moved into place only when complete."""
+    from edgetalk.runtime.scheduler import StreamScheduler
+
+    wav = wav_file(seconds=1.0)
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"yesterday's video")
+    calls = []
+    real = StreamScheduler.push_audio
+
+    def push(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(StreamScheduler, "push_audio", push)
+    if stop is KeyboardInterrupt:
+        assert main(["run", "--audio", str(wav), "--out", str(out), "--piece-ms", "100"]) == 130
+    else:
+        with pytest.raises(MemoryError):
+            main(["run", "--audio", str(wav), "--out", str(out), "--piece-ms", "100"])
+    capsys.readouterr()
+    assert out.read_bytes() == b"yesterday's video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o.mp4", wav.name])
 
 
 def test_no_face_check_accepts_centre_crop(tmp_path, wav_file, capsys):
@@ -165,3 +208,23 @@ def _write_png(path, rgb):
             c.mux(p)
         for p in s.encode():
             c.mux(p)
+
+
+def test_samples_that_are_not_numbers_become_silence_with_a_note(tmp_path, capsys):
+    """A float wav with a NaN is damaged, not unreadable: it is said, and the NaN does not spread
+    through the resampler's filter into the speech around it."""
+    from edgetalk.runtime.audio_io import to_mono_16k
+
+    t = np.arange(48000) / 48000.0
+    x = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    x[24000] = np.nan
+    notes: list[str] = []
+    got = to_mono_16k(x, 48000, notes)
+    clean = x.copy()
+    clean[24000] = 0.0
+    assert np.allclose(got, to_mono_16k(clean, 48000), atol=1e-6)
+    assert "1 samples were not numbers (NaN or Inf): replaced by silence" in notes
+    wav = tmp_path / "nan.wav"
+    sf.write(wav, x, 48000, subtype="FLOAT")
+    code, stdout, _ = run_cli(["--audio", wav, "--out", tmp_path / "o.mp4"], capsys)
+    assert code == 0 and "note: audio: 1 samples were not numbers" in stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .. import cliargs
     from ..runtime.threads import add_threads_option
 
     p = sub.add_parser(
@@ -21,22 +22,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--bundle", type=Path, help="an exported bundle (scored through its backend)")
     p.add_argument("--backend", help="override the bundle's backend")
     p.add_argument(
-        "--clips", type=int, help="held-out monologue clips (default 4; --real: all held-out)"
+        "--clips",
+        type=cliargs.int_in(1),
+        help="held-out monologue clips (default 4; --real: all held-out)",
     )
     p.add_argument(
-        "--seconds", type=float, help="length of each clip (default 8; --real: whole clips)"
+        "--seconds",
+        type=cliargs.float_in(0, 3600, above=True),
+        help="length of each clip (default 8; --real: whole clips)",
     )
-    p.add_argument("--listen-clips", type=int, default=2, help="held-out dyadic clips")
+    p.add_argument(
+        "--listen-clips", type=cliargs.int_in(0), default=2, help="held-out dyadic clips"
+    )
     p.add_argument(
         "--long-minutes",
-        type=float,
+        type=cliargs.float_in(0, 24 * 60),
         default=5.0,
         help="continuous stream for identity and drift (0 skips it)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cliargs.seed, default=0)
     p.add_argument(
         "--chunk",
-        type=int,
+        type=cliargs.chunk,
         metavar="C",
         help="frames per generator call (default: the model's, or the bundle's): the judder "
         "ratio is measured at chunk boundaries, so score each chunk size a user may run",
