@@ -15,6 +15,19 @@ MAX_RUN_SECONDS = 3 * 3600  # `run` refuses longer files: use `live` for endless
 MIN_RATE, MAX_RATE = 1000, 768_000  # plausible sample rates (Hz); outside is a damaged header
 
 
+MAX_CHANNELS = 64  # a streamed [samples, channels] array wider than this is channels-first
+
+
+def check_channels(x: np.ndarray, what: str = "audio") -> None:
+    """[samples, channels] with more channels than this is almost surely a channels-first array
+    ([2, N] stereo): downmixed as given it would be N-channel noise, 2 samples long."""
+    if x.ndim == 2 and x.shape[1] > MAX_CHANNELS:
+        raise InputError(
+            f"{what} has shape {x.shape}: read as [samples, channels] that is {x.shape[1]} "
+            f"channels (at most {MAX_CHANNELS}); pass a channels-first array transposed (x.T)"
+        )
+
+
 def check_rate(rate) -> None:
     if not isinstance(rate, int | np.integer) or not MIN_RATE <= rate <= MAX_RATE:
         raise InputError(
@@ -185,6 +198,7 @@ class StreamResampler:
 
     def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
+        check_channels(x)
         if x.ndim == 2:
             x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
         if x.ndim != 1:

@@ -36,10 +36,15 @@ class TorchBackend(Backend):
         window: int | None = None,
         lookahead_ms: float | None = None,
     ) -> TorchBackend:
+        from ..errors import InputError
+
         model, _ = load_checkpoint(path or default_checkpoint())
-        cfg = model.cfg.with_streaming(
-            chunk=chunk, steps=steps, window=window, lookahead_ms=lookahead_ms
-        )
+        try:
+            cfg = model.cfg.with_streaming(
+                chunk=chunk, steps=steps, window=window, lookahead_ms=lookahead_ms
+            )
+        except ValueError as e:
+            raise InputError(str(e)) from None
         return cls(model, cfg)
 
     @classmethod

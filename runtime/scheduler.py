@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from ..models.config import FPS, SAMPLES_PER_FRAME
+from ..models.config import FPS, MAX_SEED, SAMPLES_PER_FRAME
 from ..models.io_spec import per_avatar_feed
 from ..models.motion import INDEX, MOUTH
 from .backend import Backend
@@ -121,6 +121,12 @@ class StreamScheduler:
             raise InputError(
                 f"avatar must be a {res}x{res}x3 uint8 image, got {avatar.dtype}{avatar.shape}"
             )
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, int | np.integer)
+            or not 0 <= seed <= MAX_SEED
+        ):
+            raise InputError(f"seed must be a whole number in 0..{MAX_SEED}, got {seed!r}")
         self.backend = backend
         self.cfg = cfg
         self.chunk = cfg.chunk

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
-from .audio_io import StreamResampler
+from .audio_io import StreamResampler, check_channels
 from .pacing import LATE_POLICIES, Pacer, check_late_policy
 
 MAX_INPUT_SECONDS = 60.0  # audio waiting for the worker; push_audio waits beyond this
@@ -401,6 +401,7 @@ class Session:
             raise InputError(f"{what} must be float32 or int16 samples, got {x.dtype}")
         if x.ndim not in (1, 2):
             raise InputError(f"{what} must be [samples] or [samples, channels], got {x.shape}")
+        check_channels(x, what)
         if not np.isfinite(x).all():
             raise InputError(f"{what} contains NaN or Inf samples")
         if rate == SAMPLE_RATE and x.ndim == 1:

@@ -97,12 +97,23 @@ def test_bad_input_is_a_clear_error(backend):
             s.push_audio(np.full(100, np.nan, np.float32))
         with pytest.raises(InputError, match="float32 or int16"):
             s.push_audio(np.zeros(100, np.int32))
+        # channels-first stereo, at the model's rate and through the resampler: not 2 samples
+        # of 16000-channel noise
+        for rate in (16000, 22050):
+            with pytest.raises(InputError, match=r"\(2, 16000\).*transposed \(x\.T\)"):
+                s.push_audio(np.zeros((2, 16000), np.float32), sample_rate=rate)
+        s.push_audio(np.zeros((1600, 2), np.float32))  # [samples, channels] is fine
         s.close()
         s.close()  # idempotent
         with pytest.raises(InputError, match="closed"):
             s.push_audio(np.zeros(100, np.float32))
     with pytest.raises(InputError, match="late policy"):
         Session(backend=backend, late_policy="skip")
+    for seed in (-1, 1.5, 2**32):
+        with pytest.raises(InputError, match="seed must be a whole number in 0.."):
+            Session(backend=backend, seed=seed)
+    with pytest.raises(InputError, match="chunk must be a whole number in 1..64"):
+        Session(checkpoint=None, chunk=0)
 
 
 def test_partner_voice_paired_and_separate(backend):
