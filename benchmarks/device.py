@@ -108,12 +108,22 @@ def device_info(
 ) -> dict:
     import torch
 
+    from ..runtime.threads import resolve
     from .deps import import_extra
 
     psutil = import_extra("psutil", "describing this machine")
     cpu = cpu_model()
     cores = os.cpu_count() or 1
     gpu, gpu_mem = gpu_info()
+    # The peak is the machine's, on every core, whatever threads the rows then run with; the
+    # threads torch had are put back (bench used to report the peak and "torch threads" of
+    # whatever torch defaulted to on import, not what its rows ran).
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        peaks = measure_peaks(gemm_size, gemm_seconds)
+    finally:
+        torch.set_num_threads(before)
     return {
         "name": name or default_name(cpu, cores, gpu),
         "cpu": cpu,
@@ -125,8 +135,8 @@ def device_info(
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": package_versions(),
-        "threads": torch.get_num_threads(),
-        "gemm_peak_gflops": measure_peaks(gemm_size, gemm_seconds),
+        "threads": resolve(None),
+        "gemm_peak_gflops": peaks,
         "gemm_size": gemm_size,
     }
 

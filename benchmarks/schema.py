@@ -223,10 +223,14 @@ DEVICE = {
             "description": "package versions (null: not installed)",
             "additionalProperties": _OPT_STR,
         },
-        "threads": _d({"type": "integer", "minimum": 1}, "torch intra-op threads"),
+        "threads": _d(
+            {"type": "integer", "minimum": 1},
+            "CPU threads of the rows that do not state their own (bench's default or --threads)",
+        ),
         "gemm_peak_gflops": {
             "type": "object",
-            "description": "measured fp32 matmul GFLOP/s per device (cpu, cuda, mps)",
+            "description": "measured fp32 matmul GFLOP/s per device (cpu, cuda, mps); the cpu's "
+            "on all its logical cores",
             "required": ["cpu"],
             "additionalProperties": _NUM0,
         },

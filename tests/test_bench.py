@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 
 import numpy as np
@@ -578,3 +579,25 @@ def test_rounds_out_of_range_is_one_line(micro_ckpt, capsys):
     assert main(["bench", "--checkpoint", str(micro_ckpt), "--rounds", "0"]) == 2
     err = capsys.readouterr().err
     assert "argument --rounds: must be 1..20, got 0" in err and "Traceback" not in err
+
+
+def test_device_peak_is_every_core_and_threads_are_what_rows_run(monkeypatch):
+    """The header's threads are those the rows without their own ran with (not torch's default
+    on import), and the cpu peak is measured on every core, leaving torch's threads as found."""
+    import torch
+
+    from edgetalk.benchmarks import device as device_mod
+    from edgetalk.runtime.threads import set_threads
+
+    seen = []
+    monkeypatch.setattr(
+        device_mod, "measure_peaks", lambda *a: seen.append(torch.get_num_threads()) or {"cpu": 1.0}
+    )
+    before = torch.get_num_threads()
+    set_threads(1)
+    try:
+        d = device_mod.device_info("x")
+    finally:
+        set_threads(None)
+    assert d["threads"] == 1 and seen == [os.cpu_count()]
+    assert torch.get_num_threads() == before
