@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .exif import orientation, upright
 
 MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs before decoding whole frames
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a photo file; bigger is not a photo
@@ -64,7 +65,7 @@ def sniff_image(data: bytes) -> str | None:
 
 
 def decode_image(data: bytes, name: str = "the image", max_pixels: int | None = None) -> np.ndarray:
-    """Image bytes -> HxWx3 uint8 RGB. The format is taken from the magic bytes and decoded by
+    """Image bytes -> HxWx3 uint8 RGB, upright (EXIF orientation applied). The format is taken from the magic bytes and decoded by
     FFmpeg's demuxer and decoder for exactly that format (never a probe): a playlist, a video or
     anything naming another file is refused before FFmpeg sees it. The pixel cap is checked from
     the header first; FFmpeg's `max_pixels` guards formats whose header we could not read."""
@@ -100,6 +101,7 @@ def decode_image(data: bytes, name: str = "the image", max_pixels: int | None = 
         raise InputError(damaged) from None
     if rgb is None:
         raise InputError(damaged)
+    rgb = upright(rgb, orientation(data, kind))  # a phone photo's EXIF turn
     if rgb.ndim != 3 or rgb.shape[0] < 16 or rgb.shape[1] < 16:
         raise InputError(
             f"image {name} is too small ({rgb.shape[1]}x{rgb.shape[0]}); need 16x16 or more"
