@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 from .models.config import MAX_CHUNK, MAX_SEED, MAX_STEPS, MAX_WINDOW
 
@@ -53,3 +55,31 @@ chunk = int_in(1, MAX_CHUNK)  # frames per generator call
 seed = int_in(0, MAX_SEED)  # numpy's generators take non-negative seeds
 steps = int_in(1, MAX_STEPS)
 window = int_in(1, MAX_WINDOW)
+
+
+def report_file(text: str) -> Path:
+    """A file a command writes its report to at the end: checked now, so that a long run
+    (eval, soak, bench) cannot end in a traceback that loses what it measured. Missing folders
+    are made when it is written."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name in it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a writable folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the file is read-only")
+    return path
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a report file (its folders made); a failure is one line, not a traceback."""
+    from .errors import InputError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None

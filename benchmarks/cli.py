@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import cliargs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .. import cliargs
 
     p = sub.add_parser(
         "bench",
@@ -69,7 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ratios hold (FFD is still measured one at a time; peak RSS is then of all together)",
     )
     p.add_argument(
-        "--json", type=Path, help="write the results here (schema: benchmarks/schema.py)"
+        "--json",
+        type=cliargs.report_file,
+        help="write the results here (schema: benchmarks/schema.py)",
     )
     p.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     p.add_argument(
@@ -121,7 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with a device column, and one set of plots.",
     )
     r.add_argument("files", type=Path, nargs="+", help="bench JSON files")
-    r.add_argument("--out", dest="report_out", type=Path, help="write the Markdown table here")
+    r.add_argument(
+        "--out", dest="report_out", type=cliargs.report_file, help="write the Markdown table here"
+    )
     r.add_argument("--plots", dest="report_plots", type=Path, help="write PNG plots here")
     r.set_defaults(func=report_main)
 
@@ -130,7 +135,7 @@ def _check(args: argparse.Namespace) -> None:
     from ..errors import InputError
 
     if args.json is not None and not args.json.parent.exists():
-        raise InputError(f"--json: folder {args.json.parent} does not exist")
+        raise InputError(f"--json: folder {args.json.parent} does not exist")  # as it always said
 
 
 def parse_threads(text: str | None) -> list[int] | None:
@@ -212,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(render_run(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        cliargs.write_report(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
         print(f"\nwrote {args.json}")
     if args.plots:
         rows = [{**r, "device": device["name"]} for r in report["results"]]
@@ -222,7 +227,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def report_main(args: argparse.Namespace) -> int:
-    from ..errors import InputError
     from .deps import require_bench_extra
 
     if args.report_plots is not None:
@@ -234,9 +238,7 @@ def report_main(args: argparse.Namespace) -> int:
     text = render_merged(reports)
     print(text)
     if args.report_out:
-        if not args.report_out.parent.exists():
-            raise InputError(f"--out: folder {args.report_out.parent} does not exist")
-        args.report_out.write_text(text + "\n")
+        cliargs.write_report(args.report_out, text + "\n")
         print(f"\nwrote {args.report_out}")
     if args.report_plots:
         _, rows = merge(reports)

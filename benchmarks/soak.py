@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import cliargs
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 SAMPLE_EVERY_S = 10.0  # stream seconds between RSS / cache / A-V samples
@@ -33,7 +34,6 @@ DRIFT_SPEARMAN, DRIFT_FACE_HEIGHTS = 0.5, 0.05  # monotonic AND large: that is d
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .. import cliargs
     from ..runtime.threads import add_threads_option
 
     p = sub.add_parser(
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avatar", type=Path, help="avatar photo (default: the embedded one)")
     p.add_argument("--chunk", type=cliargs.chunk, help="chunk size C (checkpoints only)")
     add_threads_option(p)
-    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--json", type=cliargs.report_file, help="write the report here")
     p.set_defaults(func=run_cli)
 
 
@@ -73,8 +73,7 @@ def run_cli(args) -> int:
     )
     print(summary(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        cliargs.write_report(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
     return 0 if report["ok"] else 1
 

@@ -85,3 +85,30 @@ def test_the_config_refuses_what_the_command_line_refuses():
     for bad in ({"chunk": MAX_CHUNK + 1}, {"chunk": 0}, {"window": 10**5}, {"steps": True}):
         with pytest.raises(ValueError, match="must be a whole number in 1.."):
             cfg.with_streaming(**bad)
+
+
+@pytest.mark.parametrize(
+    "command", [["eval"], ["bench"], ["soak"], ["bench", "report", "x.json", "--out"]]
+)
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_run(command, tmp_path, capsys):
+    """eval, soak and bench write their report at the end, after minutes of work: a folder, or
+    a path under a file, used to end them in a traceback that lost everything measured."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    flag = [] if command[-1] == "--out" else ["--json"]
+    for bad, why in ((tmp_path, "is a folder"), (blocker / "r.json", "is not a writable folder")):
+        assert cli.main([*command, *flag, str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err, err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_report_that_cannot_be_written_at_the_end_is_one_line(tmp_path):
+    from edgetalk.cliargs import write_report
+    from edgetalk.errors import InputError
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(InputError, match="cannot write"):
+        write_report(tmp_path / "f" / "r.json", "{}")
+    write_report(tmp_path / "new" / "r.json", "{}")  # missing folders are made
+    assert (tmp_path / "new" / "r.json").read_text() == "{}"

@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import cliargs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .. import cliargs
     from ..runtime.threads import add_threads_option
 
     p = sub.add_parser(
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with --real), or keep the photo's mouth as the rest (the default on synthetic clips, "
         "whose ground truth is drawn relative to the photo, laugh and all)",
     )
-    p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--json", type=cliargs.report_file, help="write the full report here")
     p.set_defaults(func=main)
 
 
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
     report["open_mouth"] = args.open_mouth or "keep"
     print(format_report(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=float))
+        cliargs.write_report(args.json, json.dumps(report, indent=2, default=float))
         print(f"wrote {args.json}")
     return 0
 
@@ -147,7 +148,6 @@ def main_real(args: argparse.Namespace, backend) -> int:
     report["previous"] = str(args.previous or "embedded tiny") if previous else None
     print(format_real_report(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=float))
+        cliargs.write_report(args.json, json.dumps(report, indent=2, default=float))
         print(f"wrote {args.json}")
     return 0
