@@ -9,6 +9,11 @@ class InputError(EdgeTalkError):
     """A file or stream the user gave cannot be used as it is."""
 
 
+class SettingError(InputError, ValueError):
+    """A setting out of its range (chunk, window, steps, lookahead): one line on the command line,
+    and still a ValueError to Python callers."""
+
+
 class BundleError(EdgeTalkError):
     """A bundle or checkpoint is refused (bad hashes, unknown schema, failed parity, wrong shapes)."""
 

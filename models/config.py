@@ -6,6 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from ..errors import SettingError
 from .motion import MOTION_DIM
 
 SAMPLE_RATE = 16_000
@@ -128,7 +129,7 @@ class ModelConfig:
             _check_positive("chunk", chunk, MAX_CHUNK)
             cfg = dataclasses.replace(cfg, chunk=chunk)
         if lookahead_ms is not None and lookahead_ms != cfg.lookahead_ms:
-            raise ValueError(
+            raise SettingError(
                 f"lookahead {lookahead_ms:g} ms does not match the trained audio encoder "
                 f"({cfg.lookahead_ms:g} ms); the lookahead is part of the weights"
             )
@@ -230,7 +231,7 @@ def _audio_fields(d: dict) -> dict:
 
 def _check_positive(name: str, v: int, most: int) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= most:
-        raise ValueError(f"{name} must be a whole number in 1..{most}, got {v!r}")
+        raise SettingError(f"{name} must be a whole number in 1..{most}, got {v!r}")
 
 
 PRESETS: dict[str, ModelConfig] = {

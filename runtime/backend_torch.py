@@ -36,15 +36,10 @@ class TorchBackend(Backend):
         window: int | None = None,
         lookahead_ms: float | None = None,
     ) -> TorchBackend:
-        from ..errors import InputError
-
         model, _ = load_checkpoint(path or default_checkpoint())
-        try:
-            cfg = model.cfg.with_streaming(
-                chunk=chunk, steps=steps, window=window, lookahead_ms=lookahead_ms
-            )
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        cfg = model.cfg.with_streaming(
+            chunk=chunk, steps=steps, window=window, lookahead_ms=lookahead_ms
+        )
         return cls(model, cfg)
 
     @classmethod
