@@ -76,6 +76,8 @@ def check_out_file(out: Path, inputs: Iterable[Path | None]) -> None:
         raise InputError(f"--out {out} is a folder; give a file name such as {out / 'talk.mp4'}")
     if out.parent and not out.parent.is_dir():
         raise InputError(f"output folder does not exist: {out.parent}")
+    if out.exists() and not os.access(out, os.W_OK):  # moved into place, it would still go
+        raise InputError(f"--out {out} is read-only; choose another name or make it writable")
 
 
 class Mp4Sink(Sink):

@@ -228,3 +228,20 @@ def test_samples_that_are_not_numbers_become_silence_with_a_note(tmp_path, capsy
     sf.write(wav, x, 48000, subtype="FLOAT")
     code, stdout, _ = run_cli(["--audio", wav, "--out", tmp_path / "o.mp4"], capsys)
     assert code == 0 and "note: audio: 1 samples were not numbers" in stdout
+
+
+def test_a_read_only_output_is_not_replaced(tmp_path, wav_file, capsys, monkeypatch):
+    """The mp4 is moved into place, which a read-only file would not stop: so it is asked.
+    (os.access is stubbed: as root, as on CI, every file is writable.)"""
+    import os
+
+    from edgetalk.runtime import sinks
+
+    out = tmp_path / "o.mp4"
+    out.write_bytes(b"keep me")
+    real = os.access
+    monkeypatch.setattr(
+        sinks.os, "access", lambda p, mode: False if str(p) == str(out) else real(p, mode)
+    )
+    code, _, err = run_cli(["--audio", wav_file(seconds=0.5), "--out", out], capsys)
+    assert code == 2 and "is read-only" in err and out.read_bytes() == b"keep me"
