@@ -10,7 +10,6 @@ from .. import cliargs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-
     p = sub.add_parser(
         "bench",
         help="benchmark FPS, first-frame delay, RTF and per-module latency",
@@ -131,13 +130,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=report_main)
 
 
-def _check(args: argparse.Namespace) -> None:
-    from ..errors import InputError
-
-    if args.json is not None and not args.json.parent.exists():
-        raise InputError(f"--json: folder {args.json.parent} does not exist")  # as it always said
-
-
 def parse_threads(text: str | None) -> list[int] | None:
     from ..errors import InputError
 
@@ -162,7 +154,6 @@ def main(args: argparse.Namespace) -> int:
     from ..runtime.threads import apply_torch_threads, default_threads, set_threads
     from .deps import require_bench_extra
 
-    _check(args)
     threads = parse_threads(args.threads)
     require_bench_extra(plots=args.plots is not None)
 

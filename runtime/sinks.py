@@ -215,8 +215,7 @@ class Mp4Sink(Sink):
         if exc[0] is not None and self.partial is not None:  # stopped or failed: not the file
             self.failed = self.failed or "the run stopped before the video was complete"
             with contextlib.suppress(SinkError):
-                self.close()
-            self._discard()
+                self.close()  # which discards the temporary file
             return
         self.close()
 
