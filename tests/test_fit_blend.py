@@ -65,7 +65,9 @@ def test_cli_prints_the_ratio_per_gain_and_the_best(tmp_path, capsys):
     assert len(lines) == 2
     means = [float(ln.split("judder mean ")[1].split(",")[0]) for ln in lines]
     assert means[0] < means[1]  # a higher gain continues more velocity into the chunk start
-    assert "chunk 2: best gain" in out and "(shipped 1.00;" in out
+    from edgetalk.runtime.continuity import VELOCITY_GAINS
+
+    assert "chunk 2: best gain" in out and f"(shipped {VELOCITY_GAINS[2]:.2f};" in out
 
 
 @pytest.mark.parametrize(

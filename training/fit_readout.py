@@ -220,6 +220,13 @@ def main(argv=None) -> int:
         "parts its lips from jaw 0.2-0.4), so a conditional mean that hovers in that dead zone "
         "shows a still mouth; S is chosen on the training clips' pixels",
     )
+    ap.add_argument(
+        "--av-sync",
+        action="store_true",
+        help="first find each training clip's audio/video offset (the readout's mouth against "
+        "the clip's, fitted without the clip's identity; training/av_sync.py) and fit the "
+        "re-aligned pairs; needs --real DIR for the identities",
+    )
     args = ap.parse_args(argv)
     try:
         if not 0 < args.mix <= 1:
@@ -230,6 +237,11 @@ def main(argv=None) -> int:
             raise InputError(f"--real-share must be in (0, 1], got {args.real_share:g}")
         if args.out is None and not args.score:
             raise InputError("give --out (where to write the weights), --score, or both")
+        if args.av_sync and args.real is None:
+            raise InputError(
+                "--av-sync needs --real DIR: its catalog's identities keep each person out of "
+                "the fit that finds their clips' offsets"
+            )
         train, held_out = load(args.labels)
         print(f"{len(train)} training clips ({len(held_out)} held out, not fitted)")
         base, meta = load_checkpoint(args.checkpoint or default_checkpoint())
@@ -254,6 +266,9 @@ def main(argv=None) -> int:
         def fit(xs, ys):
             return fit_maps(xs, ys, args.lam, shares, jaw_spread=args.jaw_spread)
 
+        offsets = None
+        if args.av_sync:
+            offsets = align(args.real, train, x_sets, y_sets, fit)
         weight, bias = fit(x_sets, y_sets)
         if args.score:
             print_scores(args, base, fit, (weight, bias), x_sets, y_sets, train, held_out)
@@ -264,6 +279,8 @@ def main(argv=None) -> int:
         what = f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}"
         if args.jaw_spread != 1:
             what += f", jaw spread x{args.jaw_spread:g}"
+        if offsets:
+            what += ", A/V-aligned (" + ", ".join(f"{k} {v:+d}" for k, v in offsets.items()) + ")"
         if args.synthetic:
             what += f" (share {args.real_share:g}) and {args.synthetic} espeak clips"
         # the base's history and recipe stay with the weights (save_checkpoint writes the config)
@@ -273,6 +290,27 @@ def main(argv=None) -> int:
     except EdgeTalkError as e:
         sys.exit(f"error: {e}")
     return 0
+
+
+def align(real: Path, train: list, x_sets: list, y_sets: list, fit) -> dict[str, int]:
+    """Re-pair each real training clip's voice and mouth at its A/V offset (training/av_sync.py),
+    in place in x_sets[0] / y_sets[0]. -> {clip id: offset in frames} of the clips moved."""
+    from . import av_sync
+    from .real_data import videos
+
+    ids = [cid for cid, _, _ in train]
+    identity = {i.id: i.identity for i in videos(real, "train")}
+    lags = av_sync.anchored(
+        ids, av_sync.clip_offsets(fit, x_sets, y_sets, identity_folds(ids, identity))
+    )
+    pairs = [av_sync.shift(x, y, lag) for x, y, lag in zip(x_sets[0], y_sets[0], lags, strict=True)]
+    x_sets[0], y_sets[0] = [x for x, _ in pairs], [y for _, y in pairs]
+    moved = {i: lag for i, lag in zip(ids, lags, strict=True) if lag}
+    print(
+        f"A/V offsets (frames, voice late > 0; GRID's median is 0): {len(moved)} of {len(ids)} "
+        "clips moved" + (": " + ", ".join(f"{k} {v:+d}" for k, v in moved.items()) if moved else "")
+    )
+    return moved
 
 
 def print_scores(args, base, fit, whole, x_sets, y_sets, train, held_out) -> None:
