@@ -100,13 +100,12 @@ def label_score(weight: np.ndarray, bias: np.ndarray, xs: list, motions: list) -
     with their mouth parameters replaced by this readout's (clamped to [0, 1] as the scheduler
     does), against the labels' own."""
     from . import metrics
+    from .av_sync import predicted_mouth
     from .motion_proxy import MAX_LAG, mouth
 
     out = []
     for x, m in zip(xs, motions, strict=True):
-        shown = np.array(m, np.float64)
-        shown[:, [INDEX[n] for n in MOUTH]] = np.clip(x @ weight.T + bias, 0.0, 1.0)
-        corr = metrics.lagged_corr(mouth(shown), mouth(m), MAX_LAG)[1]
+        corr = metrics.lagged_corr(predicted_mouth(weight, bias, x, m), mouth(m), MAX_LAG)[1]
         out.append(float(corr) if np.isfinite(corr) else 0.0)
     return out
 
