@@ -12,6 +12,9 @@ Seconds on a CPU; no training of the network, whose weights are copied unchanged
 
     python -m edgetalk.training.fit_readout --labels runs/real_labels --out runs/readout.safetensors
 
+`--av-sync --real DIR` first removes each training clip's audio/video offset (training/av_sync.py):
+web video is often 1-6 frames off, and an offset clip teaches a blurred map.
+
 `--score` also says how well such a fit follows mouths it was not fitted on, at the label level
 (the readout's mouth against the fitted motion, best lag within +-5 frames; no rendering):
 the held-out identities' labels (read for this score only), an identity-grouped 5-fold
