@@ -203,6 +203,26 @@ def test_judder_is_summed_up_by_mean_largest_clip_and_clips_in_band():
     assert "| clips with judder ≤ 1.15 | 3/4 | all |" in text
 
 
+def test_lag_is_also_given_for_the_clips_above_chance():
+    """A clip at chance peaks anywhere within +-5 frames; the lag of the clips whose mouth does
+    follow the real one is reported beside the largest of all."""
+    from edgetalk.training.eval_real import _means, format_real_report
+
+    clips = [
+        {"model": {"corr": c, "lag": lag, "above_chance": sure}}
+        for c, lag, sure in ((0.6, 1, True), (0.5, -2, True), (0.0, 5, False))
+    ]
+    m = _means(clips)["model"]
+    assert m["max_abs_lag"] == 5 and m["max_abs_lag_above_chance"] == 2
+    text = format_real_report({"mean": {"model": m}, "clips": []})
+    assert "| largest |lag| of the clips above chance | 2 | ≤ 1 |" in text
+    none = _means([{"model": {"corr": 0.0, "lag": 4, "above_chance": False}}])["model"]
+    assert none["max_abs_lag_above_chance"] is None
+    assert "| largest |lag| of the clips above chance | — | ≤ 1 |" in format_real_report(
+        {"mean": {"model": none}, "clips": []}
+    )
+
+
 def test_eval_real_runs_the_chunk_size_asked_for_both_weights(tmp_path):
     """--chunk reaches the model and the previous weights alike: the same weights at the same
     chunk give the same video, so both score the same (at different chunks they would not)."""
