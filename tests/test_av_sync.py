@@ -89,3 +89,27 @@ def test_fit_readout_av_sync_needs_the_catalog(tmp_path):
 
     with pytest.raises(SystemExit, match="--av-sync needs --real DIR"):
         fit_readout.main(["--labels", str(tmp_path), "--score", "--av-sync"])
+
+
+def test_clip_norm_puts_every_clip_on_the_pooled_scale():
+    """fit_readout --clip-norm: a wide talker and a narrow one, each relative to their own
+    reference frame, end with the same mouth mean and spread (the pooled ones: the readout's
+    range is kept); the shape of each clip's mouth and every other parameter are unchanged."""
+    from edgetalk.models.motion import MOUTH
+    from edgetalk.training.fit_readout import clip_normalized
+
+    rng = np.random.default_rng(3)
+    wide, narrow = np.zeros((120, 16)), np.zeros((80, 16))
+    wide[:, JAW] = 0.4 + 0.3 * smooth_noise(120, rng)
+    narrow[:, JAW] = 0.05 + 0.08 * smooth_noise(80, rng)
+    wide[:, INDEX["head_yaw"]] = 0.2
+    out = clip_normalized([wide, narrow])
+    pooled = np.concatenate([wide, narrow])[:, JAW]
+    for before, after in zip((wide, narrow), out, strict=True):
+        assert after[:, JAW].mean() == pytest.approx(pooled.mean())
+        assert after[:, JAW].std() == pytest.approx(pooled.std())
+        assert np.corrcoef(after[:, JAW], before[:, JAW])[0, 1] == pytest.approx(1.0)
+        others = [i for i in range(16) if i not in [INDEX[n] for n in MOUTH]]
+        np.testing.assert_array_equal(after[:, others], before[:, others])
+    # a parameter that never moves in a clip stays finite (its pooled mean)
+    assert np.isfinite(out[1]).all()

@@ -218,9 +218,11 @@ def test_exports_carry_the_readout(tmp_path, target, precision):
     assert len(frames) == 15
 
 
-def test_fit_readout_learns_a_mouth_from_labels(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--clip-norm"]])
+def test_fit_readout_learns_a_mouth_from_labels(tmp_path, extra):
     """Clips whose jaw follows the speech envelope: the fitted readout follows it on a clip it
-    did not fit, streamed through the scheduler; held-out label files are not fitted on."""
+    did not fit, streamed through the scheduler; held-out label files are not fitted on. With
+    --clip-norm (each clip's mouth in its own units) as well, and the weights say so."""
     from edgetalk.training import fit_readout
 
     labels = tmp_path / "labels"
@@ -232,8 +234,11 @@ def test_fit_readout_learns_a_mouth_from_labels(tmp_path):
     # a held-out file whose labels are wrong on purpose: fitting on it would spoil the map
     np.savez(labels / "h.npz", audio=pcm, motion=-motion, held_out=np.array(True))
     out = tmp_path / "r.safetensors"
-    assert fit_readout.main(["--labels", str(labels), "--out", str(out), "--lam", "100"]) == 0
+    assert (
+        fit_readout.main(["--labels", str(labels), "--out", str(out), "--lam", "100", *extra]) == 0
+    )
     model, meta = load_checkpoint(out)
+    assert ("standardized per clip" in meta["readout"]) == bool(extra)
     assert model.cfg.audio.readout_mix == 1.0
     _, base_meta = load_checkpoint(default_checkpoint())
     assert meta["trained"] == base_meta["trained"] and "ridge" in meta["readout"]  # history kept

@@ -229,6 +229,13 @@ def main(argv=None) -> int:
         "the clip's, fitted without the clip's identity; training/av_sync.py) and fit the "
         "re-aligned pairs; needs --real DIR for the identities",
     )
+    ap.add_argument(
+        "--clip-norm",
+        action="store_true",
+        help="fit each real clip's mouth in its own units: every mouth parameter standardized per "
+        "clip, then put back on the real clips' pooled mean and spread (people open their mouths "
+        "differently wide, and each clip's labels are relative to its own reference frame)",
+    )
     args = ap.parse_args(argv)
     try:
         if not 0 < args.mix <= 1:
@@ -271,6 +278,8 @@ def main(argv=None) -> int:
         offsets = None
         if args.av_sync:
             offsets = align(args.real, train, x_sets, y_sets, fit)
+        if args.clip_norm:
+            y_sets[0] = clip_normalized(y_sets[0])
         weight, bias = fit(x_sets, y_sets)
         if args.score:
             print_scores(args, base, fit, (weight, bias), x_sets, y_sets, train, held_out)
@@ -281,6 +290,8 @@ def main(argv=None) -> int:
         what = f"ridge lam {args.lam:g} on {len(train)} clips of {args.labels.name}"
         if args.jaw_spread != 1:
             what += f", jaw spread x{args.jaw_spread:g}"
+        if args.clip_norm:
+            what += ", mouth standardized per clip"
         if offsets:
             what += ", A/V-aligned (" + ", ".join(f"{k} {v:+d}" for k, v in offsets.items()) + ")"
         if args.synthetic:
@@ -292,6 +303,23 @@ def main(argv=None) -> int:
     except EdgeTalkError as e:
         sys.exit(f"error: {e}")
     return 0
+
+
+def clip_normalized(motions: list[np.ndarray]) -> list[np.ndarray]:
+    """Each clip's MOUTH parameters standardized over the clip, then mapped onto the pooled mean
+    and spread of all of them, so the fit's scale (and the readout's output range) is kept.
+    What a speaker does relative to their own range is what the audio can tell; how wide they
+    open at all, and where their reference frame sat, it cannot."""
+    cols = [INDEX[n] for n in MOUTH]
+    pooled = np.concatenate([np.asarray(m, np.float64)[:, cols] for m in motions])
+    mu, sd = pooled.mean(0), pooled.std(0)
+    out = []
+    for m in motions:
+        m = np.array(m, np.float64)
+        own = m[:, cols]
+        m[:, cols] = (own - own.mean(0)) / np.maximum(own.std(0), 1e-6) * sd + mu
+        out.append(m)
+    return out
 
 
 def align(real: Path, train: list, x_sets: list, y_sets: list, fit) -> dict[str, int]:
