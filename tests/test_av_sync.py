@@ -91,6 +91,26 @@ def test_fit_readout_av_sync_needs_the_catalog(tmp_path):
         fit_readout.main(["--labels", str(tmp_path), "--score", "--av-sync"])
 
 
+def test_fit_readout_av_sync_needs_two_people(tmp_path):
+    """One person's clips leave no one to fit the offsets on: one line, no traceback."""
+    from edgetalk.training import fit_readout
+
+    from .conftest import tiny_real_folder
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    rng = np.random.default_rng(4)
+    for name, held in (("grid_tiny_train", False), ("h", True)):
+        motion = np.zeros((60, 16))
+        motion[:, JAW] = smooth_noise(60, rng)
+        pcm = rng.normal(scale=0.1, size=60 * 640).astype(np.float32)
+        np.savez(labels / f"{name}.npz", audio=pcm, motion=motion, held_out=np.array(held))
+    root = tiny_real_folder(tmp_path, "grid_tiny_train", "grid_spkT")
+    argv = ["--labels", str(labels), "--score", "--av-sync", "--real", str(root), "--lam", "100"]
+    with pytest.raises(SystemExit, match="at least two people"):
+        fit_readout.main(argv)
+
+
 def test_clip_norm_puts_every_clip_on_the_pooled_scale():
     """fit_readout --clip-norm: a wide talker and a narrow one, each relative to their own
     reference frame, end with the same mouth mean and spread (the pooled ones: the readout's

@@ -330,6 +330,11 @@ def align(real: Path, train: list, x_sets: list, y_sets: list, fit) -> dict[str,
 
     ids = [cid for cid, _, _ in train]
     identity = {i.id: i.identity for i in videos(real, "train")}
+    if len({identity.get(i, i) for i in ids}) < 2:
+        raise InputError(
+            "--av-sync needs training clips of at least two people: each clip's offset is found "
+            "by a fit on the other people's clips"
+        )
     lags = av_sync.anchored(
         ids, av_sync.clip_offsets(fit, x_sets, y_sets, identity_folds(ids, identity))
     )
