@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models.motion import INDEX, MOUTH
 from . import metrics
+from .fit_readout import fold_fits
 from .motion_proxy import mouth
 
 MAX_OFFSET = 8  # frames either way: 320 ms, past any offset seen here (+5)
@@ -29,8 +31,6 @@ ANCHOR_PREFIX = "grid_"  # the GRID corpus (catalog ids grid_*): recorded in syn
 def predicted_mouth(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, motion: np.ndarray):
     """The labels' mouth signal with their mouth parameters replaced by the readout's (clamped to
     [0, 1] as the scheduler does): what `fit_readout.label_score` compares."""
-    from ..models.motion import INDEX, MOUTH
-
     shown = np.array(motion, np.float64)
     shown[:, [INDEX[n] for n in MOUTH]] = np.clip(x @ weight.T + bias, 0.0, 1.0)
     return mouth(shown)
@@ -42,9 +42,7 @@ def clip_offsets(fit, x_sets: list, y_sets: list, folds: list[list[int]]) -> lis
     fit(x_sets, y_sets) -> (weight, bias). Positive: the voice comes late (the mouth leads)."""
     xs, ys = x_sets[0], y_sets[0]
     lags = [0] * len(xs)
-    for fold in folds:
-        keep = [j for j in range(len(xs)) if j not in fold]
-        w, b = fit([[xs[j] for j in keep], *x_sets[1:]], [[ys[j] for j in keep], *y_sets[1:]])
+    for fold, (w, b) in fold_fits(fit, x_sets, y_sets, folds):
         for j in fold:
             g = predicted_mouth(w, b, xs[j], ys[j])
             lags[j] = metrics.av_offset(g, mouth(ys[j]), MAX_OFFSET)[0]

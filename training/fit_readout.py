@@ -133,14 +133,20 @@ def score(fit, whole, x_sets, y_sets, held_x, held_y, folds=None, espeak=None) -
         out["espeak"] = float(np.mean(label_score(*whole, *espeak)))
     if folds:
         per = []
-        for fold in folds:
-            keep = [j for j in range(len(x_sets[0])) if j not in fold]
-            sub_x = [[x_sets[0][j] for j in keep], *x_sets[1:]]
-            sub_y = [[y_sets[0][j] for j in keep], *y_sets[1:]]
-            w, b = fit(sub_x, sub_y)
+        for fold, (w, b) in fold_fits(fit, x_sets, y_sets, folds):
             per += label_score(w, b, [x_sets[0][j] for j in fold], [y_sets[0][j] for j in fold])
         out["cv"] = float(np.mean(per))
     return out
+
+
+def fold_fits(fit, x_sets: list, y_sets: list, folds: list[list[int]]):
+    """Per fold of the real clips (x_sets[0]): (fold, fit without that fold's clips), every
+    other set kept whole. What cross-validation and the A/V offset search (av_sync) score."""
+    for fold in folds:
+        keep = [j for j in range(len(x_sets[0])) if j not in fold]
+        sub_x = [[x_sets[0][j] for j in keep], *x_sets[1:]]
+        sub_y = [[y_sets[0][j] for j in keep], *y_sets[1:]]
+        yield fold, fit(sub_x, sub_y)
 
 
 def with_readout(base, weight: np.ndarray, bias: np.ndarray, mix: float):
