@@ -29,6 +29,7 @@ BLAZEFACE_MODEL = "face_detection_short_range.tflite"
 INPUT = 128  # the model's square input
 MIN_SCORE = 0.5  # MediaPipe's default detection threshold
 NMS_IOU = 0.3  # MediaPipe's suppression threshold (weighted NMS)
+OUTPUTS = ("classificators", "regressors")  # the model's score and box heads
 # BlazeFace boxes -> Haar's convention: side and centre shift in units of the BlazeFace box side,
 # fitted on the real photos and clip first frames where both detectors find the face
 # (medians over 59 images; Haar's centre sits 0.14 of a side higher, its box is 1.12x larger)
@@ -93,9 +94,7 @@ def blazeface(rgb: np.ndarray, min_score: float = MIN_SCORE) -> list[Detection]:
     canvas[py : py + nh, px : px + nw] = small
     blob = (canvas.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
     with _NET_LOCK:
-        net = _blazeface()
-        net.setInput(np.ascontiguousarray(blob))
-        scores_raw, reg = net.forward(["classificators", "regressors"])
+        scores_raw, reg = forward_outputs(_blazeface(), np.ascontiguousarray(blob), OUTPUTS)
     scores = 1.0 / (1.0 + np.exp(-np.clip(scores_raw.reshape(-1).astype(np.float64), -80, 80)))
     keep = np.flatnonzero(scores >= min_score)
     if keep.size == 0:
@@ -114,6 +113,23 @@ def blazeface(rgb: np.ndarray, min_score: float = MIN_SCORE) -> list[Detection]:
         kp = (kp * INPUT - [px, py]) / scale
         out.append(Detection(_to_haar(box), float(scores[keep][members].max()), kp))
     return out
+
+
+def forward_outputs(net, blob: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+    """The outputs `names` of an OpenCV DNN net for one input (the caller holds the net's lock).
+    OpenCV 5.0's new DNN engine refuses several output names in one forward ("outnames.size() ==
+    noutputs"; 4.8-4.14 and 5.1 take them), but answers each name on its own: then the net runs
+    once per output."""
+    cv2 = _cv2()
+    net.setInput(blob)
+    try:
+        return list(net.forward(list(names)))
+    except cv2.error:
+        outs = []
+        for name in names:
+            net.setInput(blob)
+            outs.append(net.forward(name))
+        return outs
 
 
 def _weighted_nms(boxes: np.ndarray, scores: np.ndarray):
@@ -144,6 +160,8 @@ def _to_haar(box: np.ndarray) -> FaceBox:
 def haar(rgb: np.ndarray) -> FaceBox | None:
     """Largest frontal face from OpenCV's Haar cascade, or None."""
     cv2 = _cv2()
+    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved it out of the main module
+        return None
     cascade_path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
     cascade = cv2.CascadeClassifier(str(cascade_path))
     if cascade.empty():

@@ -23,11 +23,12 @@ import numpy as np
 
 from ..errors import InputError
 from . import face_detect
-from .face_detect import TO_HAAR_SHIFT_Y, TO_HAAR_SIDE, blazeface
+from .face_detect import TO_HAAR_SHIFT_Y, TO_HAAR_SIDE, blazeface, forward_outputs
 
 MESH_MODEL = "face_landmark.tflite"
 INPUT = 192  # the model's square input
 ROI_SCALE = 1.5  # MediaPipe's face region: 1.5x the face box, square
+OUTPUTS = ("conv2d_21", "conv2d_31")  # the landmarks and the face-presence logit
 MIN_PRESENCE = 0.0  # the model's face-presence logit; below it the crop holds no face
 # gap_attention = (gap_this_model - GAP_OFFSET) / GAP_SCALE: least squares over 142 frames of the
 # 30 training clips (every 20th frame of their first 4 s, the runtime's crop), against
@@ -64,9 +65,7 @@ def _run(rgb: np.ndarray, centre: np.ndarray, side: float, angle: float):
     )
     blob = (crop.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
     with _NET_LOCK:
-        net = _mesh_net()
-        net.setInput(np.ascontiguousarray(blob))
-        lm, presence = net.forward(["conv2d_21", "conv2d_31"])
+        lm, presence = forward_outputs(_mesh_net(), np.ascontiguousarray(blob), OUTPUTS)
     pts = lm.reshape(468, 3)[:, :2].astype(np.float64) @ m.T + t
     return pts, float(presence.reshape(-1)[0])
 

@@ -98,6 +98,46 @@ def test_real_face_looking_down_is_found():
     assert got is not None and 0.2 * rgb.shape[1] < got.w < 0.8 * rgb.shape[1]
 
 
+class OneOutputPerForward:
+    """OpenCV 5.0's DNN engine as seen on a GPU machine's image: forward() with several output
+    names fails ("outnames.size() == noutputs"), each name on its own works."""
+
+    def __init__(self, net):
+        self.net = net
+        self.calls: list = []
+
+    def setInput(self, blob):  # noqa: N802 (OpenCV's name)
+        self.net.setInput(blob)
+
+    def forward(self, names):
+        self.calls.append(names)
+        if isinstance(names, list) and len(names) > 1:
+            raise cv2.error("the number of requested and actual outputs must be the same")
+        return self.net.forward(names)
+
+
+def test_detector_and_mesh_work_where_a_forward_gives_one_output(photo, monkeypatch):
+    from edgetalk.runtime import face_mesh
+
+    box, gap = detect_face(photo), face_mesh.mouth_gap(photo)
+    one = OneOutputPerForward(fd._blazeface())
+    monkeypatch.setattr(fd, "_blazeface", lambda: one)
+    mesh = OneOutputPerForward(face_mesh._mesh_net())
+    monkeypatch.setattr(face_mesh, "_mesh_net", lambda: mesh)
+    assert detect_face(photo) == box
+    assert face_mesh.mouth_gap(photo) == pytest.approx(gap, abs=1e-9)
+    assert one.calls[:3] == [list(fd.OUTPUTS), *fd.OUTPUTS]  # tried together, then one by one
+    assert mesh.calls[-2:] == list(face_mesh.OUTPUTS)
+
+
+def test_no_cascade_in_this_opencv_is_no_haar_face(photo, monkeypatch):
+    """OpenCV 5 moved CascadeClassifier out of the main module: the fallback then finds
+    nothing, and BlazeFace still finds the face."""
+    monkeypatch.delattr(cv2, "CascadeClassifier")
+    assert fd.haar(photo) is None
+    assert on_face(detect_face(photo), photo.shape)
+
+
 def test_no_face_no_box():
     rng = np.random.default_rng(0)
     board = (np.indices((8, 8)).sum(0) % 2 * 255).astype(np.uint8)
