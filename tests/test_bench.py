@@ -36,6 +36,8 @@ QUICK = ["--seconds", "1", "--repeats", "1", "--warmup", "0.2"]
 @pytest.fixture(scope="module")
 def bench_run(micro_ckpt, tmp_path_factory):
     """One real bench run on the micro model at two chunk sizes: (json path, plots dir)."""
+    need("matplotlib", "--plots needs the bench extra (matplotlib)")
+    need("psutil", "bench needs the bench extra (psutil)")
     out = tmp_path_factory.mktemp("bench")
     args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", "--chunk", "1,2"]
     args += [*QUICK, "--json", out / "a.json", "--plots", out / "plots", "--device-name", "laptop"]
