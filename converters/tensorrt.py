@@ -130,6 +130,7 @@ class TensorRTTarget(OnnxTarget):
     suffix = SUFFIX
     parity_backend = "tensorrt"
     gather_sampling = False  # TensorRT's own grid-sample layer, kept fp32 (FP32_LAYERS)
+    per_frame_decoder = False  # an engine renders the whole chunk in one launch
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

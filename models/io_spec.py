@@ -157,6 +157,27 @@ def per_avatar_feed(io: dict[str, ModuleIO], image, appearance: dict) -> dict:
     return {n: image if n == "image" else appearance[n] for n in per_avatar_inputs(io)}
 
 
+def decoder_per_frame(spec: ModuleIO) -> ModuleIO:
+    """The decoder's contract for one frame: motion [1, 1, P] in, frames [1, R, R, 3] out, the
+    photo inputs unchanged. ONNX bundles hold the decoder in this form for every chunk size and
+    their backends run it frame by frame, in parallel where they have threads (converters/onnx.py,
+    PER_FRAME_DECODER); the scheduler still sees the chunk's contract."""
+
+    def one(t: TensorSpec) -> TensorSpec:
+        if t.name == "motion":
+            return TensorSpec(t.name, (t.shape[0], 1, *t.shape[2:]), t.dtype)
+        if t.name == "frames":
+            return TensorSpec(t.name, (1, *t.shape[1:]), t.dtype)
+        return t
+
+    return ModuleIO(tuple(map(one, spec.inputs)), tuple(map(one, spec.outputs)))
+
+
+def frames_per_call(spec: ModuleIO) -> int:
+    """Frames one call of a decoder graph with this contract renders."""
+    return next(t.shape[1] for t in spec.inputs if t.name == "motion")
+
+
 def zeros_for(spec: ModuleIO) -> dict[str, np.ndarray]:
     return {t.name: np.zeros(t.shape, dtype=t.dtype) for t in spec.inputs}
 

@@ -60,7 +60,9 @@ class Backend(ABC):
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"
 
-    def check_graph_io(self, module: str, graph: dict[str, tuple], file: str = "") -> None:
+    def check_graph_io(
+        self, module: str, graph: dict[str, tuple], file: str = "", spec: ModuleIO | None = None
+    ) -> None:
         """Refuse a graph whose tensors differ from the manifest: a manifest can be edited (and
         re-hashed) without re-exporting, and a graph of other shapes would fail mid-stream.
 
@@ -70,7 +72,8 @@ class Backend(ABC):
         from ..errors import BundleError
 
         where = f"{module} graph {file}".rstrip()
-        want = {t.name: tuple(t.shape) for t in (*self.io[module].inputs, *self.io[module].outputs)}
+        spec = spec or self.io[module]  # or another form of its contract (decoder_per_frame)
+        want = {t.name: tuple(t.shape) for t in (*spec.inputs, *spec.outputs)}
         if set(graph) != set(want):
             extra, missing = sorted(set(graph) - set(want)), sorted(set(want) - set(graph))
             raise BundleError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..errors import BackendUnavailable
+from ..models.io_spec import ModuleIO, decoder_per_frame, frames_per_call
 from .backend import Backend
 
 
@@ -36,40 +38,57 @@ class OnnxRuntimeBackend(Backend):
         return [p for p in wanted if p in have] or ["CPUExecutionProvider"]
 
     def __init__(self, bundle, threads: int | None = None):
-        import onnxruntime as ort
-
         super().__init__(bundle.cfg, bundle.io, bundle.precision)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-            # modules run one after another: a second pool of threads would only compete
-            opts.inter_op_num_threads = 1
-        if threads != 1:
-            # Each of the four sessions has its own pool, and an idle pool spin-waits after its
-            # run: while the decoder works, the generator's and audio's workers spin beside it.
-            # On 2 cores that halved ONNX throughput at 2 threads (README, "Threads").
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(threads)
         self.threads = threads
-        opts.log_severity_level = 3
         self.providers = self.choose_providers()
         self.sessions = {}
+        # A one-frame decoder graph (converters/onnx.py, PER_FRAME_DECODER) runs frame by frame:
+        # one session of one thread per worker, each rendering a share of the chunk's frames.
+        self.frame_sessions: list = []
+        self.pool: ThreadPoolExecutor | None = None
         for module in self.io:
             declared = declared_io(bundle.file(module))
             if declared is not None:  # before loading: ORT would fail on it less clearly
-                self.check_graph_io(module, declared, bundle.files[module])
-            try:
-                self.sessions[module] = ort.InferenceSession(
-                    str(bundle.file(module)), sess_options=opts, providers=self.providers
+                self.check_graph_io(
+                    module, declared, bundle.files[module], self.graph_spec(module, declared)
                 )
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise BackendUnavailable(
-                    f"onnxruntime cannot load {bundle.files[module]}: {e}"
-                ) from None
+            sess = self._load(bundle, module, opts)
             if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
-                sess = self.sessions[module]
                 graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
-                self.check_graph_io(module, graph, bundle.files[module])
+                self.check_graph_io(
+                    module, graph, bundle.files[module], self.graph_spec(module, graph)
+                )
+                declared = graph
+            self.sessions[module] = sess
+            if module == "decoder" and self.graph_spec(module, declared) is not self.io[module]:
+                self._frame_workers(bundle, threads)
+
+    def _load(self, bundle, module: str, opts):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(
+                str(bundle.file(module)), sess_options=opts, providers=self.providers
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendUnavailable(
+                f"onnxruntime cannot load {bundle.files[module]}: {e}"
+            ) from None
+
+    def graph_spec(self, module: str, graph: dict[str, tuple]) -> ModuleIO:
+        return graph_spec(self.io[module], module, graph)
+
+    def _frame_workers(self, bundle, threads: int | None) -> None:
+        """min(threads, C) one-thread sessions of the one-frame decoder, and a pool to run them."""
+        from .threads import resolve
+
+        workers = max(1, min(resolve(threads), frames_per_call(self.io["decoder"])))
+        one = session_options(1)
+        self.frame_sessions = [self._load(bundle, "decoder", one) for _ in range(workers)]
+        self.sessions["decoder"] = self.frame_sessions[0]
+        if workers > 1:
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="edgetalk-decoder")
 
     @classmethod
     def from_bundle(cls, bundle):
@@ -78,11 +97,58 @@ class OnnxRuntimeBackend(Backend):
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.io[module].output_names
         feed = {t.name: inputs[t.name] for t in self.io[module].inputs}
+        if module == "decoder" and self.frame_sessions:
+            return {names[0]: self._decode_frames(feed, names[0])}
         outs = self.sessions[module].run(list(names), feed)
         return dict(zip(names, outs, strict=True))
 
+    def _decode_frames(self, feed: dict[str, np.ndarray], out: str) -> np.ndarray:
+        """The chunk's frames from the one-frame decoder: worker j renders the j-th contiguous
+        share of the frames on its own session; ONNX Runtime releases the GIL while it runs."""
+        motion = feed["motion"]
+        shares = np.array_split(np.arange(motion.shape[1]), len(self.frame_sessions))
+
+        def work(j: int) -> list[np.ndarray]:
+            sess = self.frame_sessions[j]
+            return [
+                sess.run([out], {**feed, "motion": np.ascontiguousarray(motion[:, i : i + 1])})[0]
+                for i in shares[j]
+            ]
+
+        parts = [work(0)] if self.pool is None else list(self.pool.map(work, range(len(shares))))
+        return np.concatenate([f for part in parts for f in part], axis=0)
+
     def describe(self) -> str:
         return f"onnxruntime ({self.precision}, {self.providers[0]})"
+
+
+def graph_spec(spec: ModuleIO, module: str, graph: dict[str, tuple]) -> ModuleIO:
+    """The contract a graph file holds: its module's `spec` (the chunk's), or one frame's for a
+    decoder exported per frame (its motion input has one frame where the chunk has more).
+    `graph` maps the file's tensor names to their declared shapes."""
+    if module == "decoder" and frames_per_call(spec) > 1:
+        motion = graph.get("motion")
+        if motion is not None and len(motion) == 3 and motion[1] == 1:
+            return decoder_per_frame(spec)
+    return spec
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        # modules run one after another: a second pool of threads would only compete
+        opts.inter_op_num_threads = 1
+    if threads != 1:
+        # Each of the four sessions has its own pool, and an idle pool spin-waits after its
+        # run: while the decoder works, the generator's and audio's workers spin beside it.
+        # On 2 cores that halved ONNX throughput at 2 threads (README, "Threads").
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
 
 
 def declared_io(path) -> dict[str, tuple] | None:

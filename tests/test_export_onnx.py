@@ -18,7 +18,7 @@ from edgetalk.errors import BundleError  # noqa: E402
 from edgetalk.export.pipeline import export_bundle  # noqa: E402
 from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
 from edgetalk.models.edgetalk import MODULES  # noqa: E402
-from edgetalk.models.io_spec import module_io  # noqa: E402
+from edgetalk.models.io_spec import decoder_per_frame, module_io  # noqa: E402
 from edgetalk.runtime.bundle import open_bundle  # noqa: E402
 from edgetalk.runtime.loader import open_backend  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
@@ -93,9 +93,13 @@ def test_graphs_have_static_contract_shapes(bundles):
             for v in (*m.graph.input, *m.graph.output)
             for d in v.type.tensor_type.shape.dim
         )
-        want = {t.name: t.shape for t in (*io[name].inputs, *io[name].outputs)}
+        # the decoder graph renders one frame per call; the manifest keeps the chunk's contract
+        graph_io = decoder_per_frame(io[name]) if name == "decoder" else io[name]
+        want = {t.name: t.shape for t in (*graph_io.inputs, *graph_io.outputs)}
         assert got == want
         assert r.manifest["modules"][name]["io"] == io[name].to_dict()
+    assert r.manifest["modules"]["decoder"]["info"]["frames_per_call"] == 1
+    assert io["decoder"].inputs[2].shape[1] == MICRO.chunk > 1  # so the two forms differ
 
 
 def test_outputs_bound_by_name(bundles):
@@ -173,13 +177,47 @@ def test_sessions_do_not_spin_beside_each_other(bundles):
 
     for threads, want in ((2, "0"), (1, "")):
         backend = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=threads)
-        for sess in backend.sessions.values():
+        for name, sess in backend.sessions.items():
             opts = sess.get_session_options()
             try:
                 got = opts.get_session_config_entry("session.intra_op.allow_spinning")
             except RuntimeError:  # not set: ORT's default (one thread has no pool to spin)
                 got = ""
-            assert got == want, threads
+            # the one-frame decoder runs on one-thread sessions, one per thread (no pool)
+            assert got == ("" if name == "decoder" else want), (threads, name)
+        frame = backend.frame_sessions
+        assert len(frame) == min(threads, MICRO.chunk) and backend.sessions["decoder"] is frame[0]
+        assert all(s.get_session_options().intra_op_num_threads == 1 for s in frame)
+
+
+def test_frame_workers_render_what_one_worker_renders(bundles):
+    """The one-frame decoder, run by two workers at once, gives the chunk's frames in order,
+    equal to one worker's and to the torch decoder's (the chunk's contract: [C, R, R, 3])."""
+    from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
+    from edgetalk.runtime.backend_torch import TorchBackend
+
+    one = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=1)
+    two = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=2)
+    assert one.pool is None and two.pool is not None
+    ref = TorchBackend(seeded_model(MICRO, seed=2), MICRO)  # micro_ckpt's weights
+    rng = np.random.default_rng(3)
+    spec = module_io(MICRO)["decoder"]
+    image = rng.integers(0, 256, (1, 3, MICRO.render.resolution, MICRO.render.resolution))
+    image = (image / 255.0).astype(np.float32)  # an 8-bit photo, as the runtime crops it
+    photo = ref.run("appearance", {"image": image})
+    feed = {t.name: photo[t.name] for t in spec.inputs if t.name in photo}
+    feed["image"] = image
+    feed["motion"] = (rng.standard_normal((1, MICRO.chunk, MICRO.motion_dim)) * 0.3).astype(
+        np.float32
+    )
+    a, b = one.run("decoder", feed)["frames"], two.run("decoder", feed)["frames"]
+    want = ref.run("decoder", feed)["frames"]
+    assert a.shape == b.shape == want.shape == spec.outputs[0].shape
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, want, atol=1e-4)
+    # each frame is its own motion's: frames swapped in the motion come out swapped
+    swapped = {**feed, "motion": feed["motion"][:, ::-1].copy()}
+    np.testing.assert_array_equal(two.run("decoder", swapped)["frames"], b[::-1])
 
 
 def test_bundle_runs_through_scheduler(bundles):

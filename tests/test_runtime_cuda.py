@@ -400,6 +400,7 @@ def test_onnxruntime_cuda_logic_on_cpu_matches_onnxruntime(onnx_bundle):
 
     ref = render(OnnxRuntimeBackend(onnx_bundle))
     be = OnnxRuntimeCudaBackend(onnx_bundle, device="cpu", providers=["CPUExecutionProvider"])
+    assert be.graph_io["decoder"] is not be.io["decoder"]  # the one-frame decoder, per frame
     calls = record_transfers(be)
     got = render(be)
     np.testing.assert_array_equal(got, ref)
