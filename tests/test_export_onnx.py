@@ -220,6 +220,31 @@ def test_frame_workers_render_what_one_worker_renders(bundles):
     np.testing.assert_array_equal(two.run("decoder", swapped)["frames"], b[::-1])
 
 
+def test_a_chunk_sized_decoder_from_earlier_releases_still_runs(
+    bundles, micro_ckpt, tmp_path, monkeypatch
+):
+    """Bundles exported before the one-frame decoder hold a graph of C frames: the backend
+    runs it in one call, as then, and renders what the one-frame graph renders."""
+    from edgetalk.converters.onnx import OnnxTarget
+    from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setattr(OnnxTarget, "per_frame_decoder", False)
+    old = export_bundle("onnx", "fp32", checkpoint=micro_ckpt, out=tmp_path / "old", progress=False)
+    assert old.ok and "frames_per_call" not in old.manifest["modules"]["decoder"]["info"]
+    for threads in (1, 2):
+        then = OnnxRuntimeBackend(open_bundle(old.path), threads=threads)
+        now = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=threads)
+        assert not then.frame_sessions and then.pool is None and now.frame_sessions
+        a, b = render_stream(then), render_stream(now)
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def render_stream(backend) -> np.ndarray:
+    sched = StreamScheduler(backend, np.full((32, 32, 3), 120, np.uint8), seed=1)
+    frames = sched.push_audio(speechlike(0.6)) + sched.flush()
+    return np.stack([f.rgb for f in frames]).astype(np.float32) / 255.0
+
+
 def test_bundle_runs_through_scheduler(bundles):
     backend = open_backend(bundle=bundles["int8"].path)
     assert backend.name == "onnxruntime" and backend.precision == "int8"
