@@ -119,7 +119,9 @@ class OnnxRuntimeBackend(Backend):
         return np.concatenate([f for part in parts for f in part], axis=0)
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.precision}, {self.providers[0]})"
+        frames = len(self.frame_sessions)
+        per_frame = f", decoder per frame on {frames} thread{'s' * (frames > 1)}" if frames else ""
+        return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
 
 
 def graph_spec(spec: ModuleIO, module: str, graph: dict[str, tuple]) -> ModuleIO:

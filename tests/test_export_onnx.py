@@ -187,6 +187,7 @@ def test_sessions_do_not_spin_beside_each_other(bundles):
             assert got == ("" if name == "decoder" else want), (threads, name)
         frame = backend.frame_sessions
         assert len(frame) == min(threads, MICRO.chunk) and backend.sessions["decoder"] is frame[0]
+        assert f"decoder per frame on {len(frame)} thread" in backend.describe()
         assert all(s.get_session_options().intra_op_num_threads == 1 for s in frame)
 
 
