@@ -198,3 +198,21 @@ def test_whole_clip_audio_encoding_equals_streaming():
             torch.from_numpy(np.stack([pcm, np.zeros_like(pcm)]))[None], torch.ones(1, n)
         )[0].numpy()
     assert np.abs(whole - streamed).max() < 1e-4
+
+
+def test_frames_to_uint8_rounds_and_clips_as_the_plain_formula():
+    """The scheduler's in-place 8-bit conversion gives exactly the plain formula's levels, at the
+    edges too (below 0, above 1, the half-way points), and leaves the decoder's frames as they were."""
+    from edgetalk.runtime.scheduler import to_uint8
+
+    rng = np.random.default_rng(0)
+    frames = rng.uniform(-0.2, 1.2, (2, 8, 8, 3)).astype(np.float32)
+    frames[0, 0, 0] = [0.0, 1.0, 0.5 / 255.0]
+    frames[0, 0, 1] = [254.5 / 255.0, -0.0, 1.0 + 1e-7]
+    before = frames.copy()
+    want = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    scratch = np.empty(frames.shape, np.float32)
+    got = to_uint8(frames, scratch)
+    assert got.dtype == np.uint8 and np.array_equal(got, want)
+    assert np.array_equal(frames, before)
+    assert not np.shares_memory(got, scratch)

@@ -94,6 +94,11 @@ class Decoder(Module):
         half = (half + LIP_ROLL * mx.tanh(half / LIP_ROLL)) * present
         off = grid_full[..., 1:2] - (up + low) * 0.5  # the photo row looked at, from the midline
         reach = mx.logaddexp(self.lip_reach.astype(F32), 0.0)  # softplus
-        dy = half * mx.tanh(off / self._sharp) * mx.exp(-((off / (reach + half)) ** 2))
+        # the exponent capped as in models/decoder.py: past e^-60 only denormals, which are slow
+        dy = (
+            half
+            * mx.tanh(off / self._sharp)
+            * mx.exp(-mx.minimum((off / (reach + half)) ** 2, 60.0))
+        )
         dy = dy * m[:, LIP_PRESS].astype(F32).reshape(-1, 1, 1, 1)
         return dy * mx.array([0.0, 1.0])
