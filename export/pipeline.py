@@ -29,6 +29,7 @@ from ..converters.target import target as find_target
 from ..errors import EdgeTalkError
 from ..models.checkpoint import default_checkpoint, load_checkpoint
 from ..models.edgetalk import MODULES
+from ..models.flops import module_flops
 from ..models.io_spec import module_io
 from ..runtime.backend import Backend
 from ..runtime.backend_torch import TorchBackend
@@ -111,6 +112,9 @@ def export_bundle(
 
     torch_backend = TorchBackend(model, cfg)
     recording = record_stream(torch_backend).calls
+    # recorded per module: a runtime sizes each module's thread pool by its work (a call of a
+    # few dozen MFLOP runs faster on one thread; backend_onnxruntime.module_threads)
+    flops = module_flops(model)
     files: dict[str, str] = {}
     results: list[ModuleResult] = []
     for part in MODULES:
@@ -148,6 +152,7 @@ def export_bundle(
                 bar.update(1)
                 bar.set_postfix_str("checks")
                 res.info.update(tgt.checks(dst, io[part], precision) or {})
+                res.info["flops_per_call"] = flops[part]
                 (work / f".{part}.key").write_text(json.dumps({"key": key, "info": res.info}))
                 bar.update(1)
         files[part] = fname

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BundleError
@@ -33,6 +34,8 @@ class Bundle:
     precision: str
     io: dict[str, ModuleIO]
     files: dict[str, str]  # role (module name, "weights", ...) -> file name in the bundle
+    # module -> FLOPs of one call, as the exporter counted them (absent in older bundles)
+    flops: dict[str, float] = field(default_factory=dict)
 
     def file(self, role: str) -> Path:
         return self.path / self.files[role]
@@ -168,6 +171,17 @@ def _lookahead_samples(streaming: dict) -> int:
     return frames * SAMPLES_PER_FRAME
 
 
+def _flops(module: dict) -> float | None:
+    """A module's recorded FLOPs per call (manifest `info.flops_per_call`), None when absent."""
+    info = module.get("info") or {}
+    if not isinstance(info, dict) or "flops_per_call" not in info:
+        return None
+    x = info["flops_per_call"]
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"flops_per_call {x!r} is not a count of FLOPs")
+    return float(x)
+
+
 def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool = True) -> Bundle:
     root = Path(path)
     m = read_manifest(root)
@@ -185,6 +199,7 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         hashes = {str(k): str(v) for k, v in m["sha256"].items()}
         streaming = m["streaming"]
         declared = (streaming["chunk"], _lookahead_samples(streaming), streaming["cache_slots"])
+        flops = {name: _flops(m["modules"][name]) for name in MODULES}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"{root}: manifest is missing or has a malformed field ({e})") from None
 
@@ -245,4 +260,5 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         raise BundleError(
             f"{root}: parity failed for {', '.join(failed)}; this bundle is not usable"
         )
-    return Bundle(root, m, cfg, target, precision, io, files)
+    known = {name: f for name, f in flops.items() if f is not None}
+    return Bundle(root, m, cfg, target, precision, io, files, known)

@@ -171,13 +171,17 @@ def test_decoder_graph_is_the_onnx_runtime_form(bundles):
     assert "float head /upsample/" in {reasons[k] for k in upsample}
 
 
-def test_sessions_do_not_spin_beside_each_other(bundles):
+def test_sessions_do_not_spin_beside_each_other(bundles, monkeypatch):
     """Four sessions, four pools: with more than one thread, an idle pool must not spin-wait
     while the next module runs (it halved ONNX FPS at 2 threads on 2 cores). Not even the
     decoder's: spinning between its own nodes won nothing quiet and cost a third of the FPS
     with one busy process beside it (0.45-0.49 of quiet against 0.61-0.74)."""
+    from edgetalk.runtime import backend_onnxruntime as bo
     from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
 
+    # every module of the micro model is below the one-thread bound: lift it, so that they
+    # all get pools here
+    monkeypatch.setattr(bo, "SMALL_MODULE_FLOPS", 0)
     for threads, want in ((2, "0"), (1, "")):
         backend = OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=threads)
         for name, sess in backend.sessions.items():
@@ -382,3 +386,17 @@ def test_manifest_that_disagrees_with_the_graph_is_refused(bundles, tmp_path):
     rehash()
     with pytest.raises(BundleError, match="missing from the graph"):
         open_backend(bundle=b)
+
+
+def test_manifest_records_each_modules_flops_per_call(bundles, micro_ckpt):
+    """What the runtime sizes each module's threads by: the model's own FLOP count per call, at
+    the bundle's streaming shapes, read back by open_bundle."""
+    from edgetalk.models.checkpoint import load_checkpoint
+    from edgetalk.models.flops import module_flops
+
+    b = open_bundle(bundles["fp32"].path)
+    model, _ = load_checkpoint(micro_ckpt)
+    want = module_flops(model.for_streaming(b.cfg))
+    assert b.flops == {m: float(f) for m, f in want.items()} and min(want.values()) > 0
+    for name, entry in b.manifest["modules"].items():
+        assert entry["info"]["flops_per_call"] == want[name]

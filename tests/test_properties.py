@@ -370,6 +370,11 @@ def test_manifest_refusals_name_the_problem(good_bundle):
         m = json.loads(json.dumps(manifest))
         m["modules"]["appearance"]["io"]["outputs"][0]["shape"][0] = bad
         cases.append((m, "malformed field .*dimension"))
+    # the recorded FLOPs per call that size a module's thread pool: a count, or absent
+    for bad in (-1.0, True, "3e7", [1]):
+        m = json.loads(json.dumps(manifest))
+        m["modules"]["audio"].setdefault("info", {})["flops_per_call"] = bad
+        cases.append((m, "malformed field .*flops_per_call"))
     for m, words in cases:
         (root / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(BundleError, match=words):
