@@ -216,3 +216,7 @@ def test_frames_to_uint8_rounds_and_clips_as_the_plain_formula():
     assert got.dtype == np.uint8 and np.array_equal(got, want)
     assert np.array_equal(frames, before)
     assert not np.shares_memory(got, scratch)
+    # torch's frames are channels-last views: a scratch in their memory order gives the same
+    strided = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    got = to_uint8(strided, np.empty_like(strided, dtype=np.float32))
+    assert np.array_equal(got, want)
