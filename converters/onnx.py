@@ -279,14 +279,13 @@ def fuse_gelu(m) -> int:
 def _float_reason(node, consts: set[str], front_end: set[str]) -> str | None:
     """Why a Conv/MatMul/Gemm stays float in an INT8 module (None: it is quantized). The one
     definition of the per-op policy, used to quantize and to audit the result."""
-    # the heads first: a head's matmul may take its constant first (the flow head's GEMM form)
-    head = next((h for h in FLOAT_HEADS if h in node.name), None)
-    if head is not None:
-        return f"float head {head}"
     if not any(i in consts for i in node.input[1:2]):
         return "activation x activation"
     if node.name in front_end:
         return "DFT/mel front end (feeds a log, which magnifies its error)"
+    head = next((h for h in FLOAT_HEADS if h in node.name), None)
+    if head is not None:
+        return f"float head {head}"
     return None
 
 

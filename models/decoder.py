@@ -31,7 +31,6 @@ from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
 from .constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
 from .sampling import (
-    NarrowConv2d,
     TableSampler,
     Upsample,
     grid_sample_border,
@@ -96,7 +95,7 @@ class Decoder(nn.Module):
         self.app_in = nn.Conv2d(ca, hd, 3, padding=1)
         self.film = nn.Linear(p, 2 * hd)
         self.blocks = nn.ModuleList(nn.Conv2d(hd, hd, 3, padding=1) for _ in range(r.flow_blocks))
-        self.flow_out = NarrowConv2d(hd, 2, 3, padding=1)  # its ORT form: models/sampling.py
+        self.flow_out = nn.Conv2d(hd, 2, 3, padding=1)
         self.basis = nn.Conv2d(ca, 3 * p, 3, padding=1)  # per parameter: flow (2) + alpha (1)
         self.affine = nn.Linear(p, 6)
         self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
@@ -217,8 +216,7 @@ class Decoder(nn.Module):
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
         theta = (identity + self.affine(m)).reshape(c, 2, 3)
         grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
-        flow = self.flow_out(x, native=self.native_sampling)
-        grid = grid + (flow + lin[:, :2]).permute(0, 2, 3, 1)
+        grid = grid + (self.flow_out(x) + lin[:, :2]).permute(0, 2, 3, 1)
         return x, grid, lin[:, 2:]
 
     def _refine(self, wfeat, x):

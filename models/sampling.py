@@ -6,9 +6,7 @@ the ONNX exporter switches on; see export/patching.py):
 - pixel shuffle as two small transposes: its DepthToSpace is one generic 6-D transpose, 12 ms of
   a 4-frame call for the last one (measured with ORT's profiler, 1 thread);
 - x4 bilinear upsampling (align_corners=False) as two matmuls with fixed interpolation
-  matrices: its Resize kernel took 5 ms, the matmuls are GEMMs;
-- a 3x3 convolution with very few output channels (the flow head's 2) as one GEMM and nine
-  shifted sums: ONNX Runtime's blocked (NCHWc) kernels pad its output to 16 channels."""
+  matrices: its Resize kernel took 5 ms, the matmuls are GEMMs."""
 
 from __future__ import annotations
 
@@ -102,38 +100,6 @@ def pixel_shuffle2(x: torch.Tensor, native: bool = True) -> torch.Tensor:
     x = x.reshape(n * c * 2, 2, h * w).transpose(1, 2)  # [(n c a), (h w), b]
     x = x.reshape(n * c, 2, h, 2 * w).transpose(1, 2)  # [(n c), h, a, (w b)]
     return x.reshape(n, c, 2 * h, 2 * w)
-
-
-class NarrowConv2d(torch.nn.Conv2d):
-    """A 3x3 convolution (stride 1, padding 1) with few output channels, which in its ONNX Runtime
-    form (`native=False`) runs as one GEMM of every tap's weights with the input, [9*O, C] x
-    [C, H*W], then the nine taps' planes summed, each shifted into place: the same sums in
-    another order. ONNX Runtime's NCHWc convolution padded the flow head's 2 output channels
-    to 16 and took 0.31 ms a 64x64 frame with its reorders; this form ~0.1 (one thread, AVX-512).
-    A Conv2d subclass, so its weights and their names are a plain convolution's, and its nodes
-    keep the module's scope (the INT8 policy keeps the flow head float by that name)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        shape = (self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
-        if shape != ((3, 3), (1, 1), (1, 1), (1, 1), 1) or self.bias is None:
-            raise ValueError("NarrowConv2d is a 3x3 convolution, stride 1, padding 1, with a bias")
-
-    def forward(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
-        if native:
-            return super().forward(x)
-        # plain ints: the slices' ends stay constants in a trace, so the graph keeps static shapes
-        n, c, h, w = (int(d) for d in x.shape)
-        o = self.out_channels
-        taps = self.weight.permute(2, 3, 0, 1).reshape(9 * o, c)  # rows (dy, dx, out)
-        x = F.pad(x, (1, 1, 1, 1))  # zero padding; tap (dy, dx) of (y, x) reads x[y + dy, x + dx]
-        z = torch.matmul(taps, x.reshape(n, c, (h + 2) * (w + 2)))
-        z = z.reshape(n, 3, 3, o, h + 2, w + 2)
-        out = self.bias.reshape(1, o, 1, 1)
-        for dy in range(3):
-            for dx in range(3):
-                out = out + z[:, dy, dx, :, dy : dy + h, dx : dx + w]
-        return out
 
 
 def upsample_matrix(size: int, factor: int) -> torch.Tensor:

@@ -142,20 +142,3 @@ def test_lip_closing_field_makes_no_denormals_far_from_the_lips():
     tiny = field.abs()
     assert not ((tiny > 0) & (tiny < torch.finfo(torch.float32).tiny)).any()
     assert field.abs().max() > 1.0  # the field itself still closes the lips
-
-
-@pytest.mark.parametrize("n,c,o,h,w", [(1, 32, 2, 64, 64), (3, 5, 4, 7, 9)])
-def test_narrow_conv_as_one_gemm_matches_the_convolution(n, c, o, h, w):
-    """The flow head's ONNX Runtime form: one GEMM of the nine taps' weights, then the taps'
-    planes shifted into place and summed, border pixels included (zero padding)."""
-    from edgetalk.models.sampling import NarrowConv2d
-
-    torch.manual_seed(0)
-    conv = NarrowConv2d(c, o, 3, padding=1)
-    x = torch.randn(n, c, h, w)
-    with torch.no_grad():
-        want, got = conv(x), conv(x, native=False)
-    assert got.shape == want.shape
-    assert torch.allclose(got, want, atol=1e-5)
-    with pytest.raises(ValueError, match="3x3 convolution"):
-        NarrowConv2d(c, o, 5, padding=2)

@@ -158,9 +158,6 @@ def test_decoder_graph_is_the_onnx_runtime_form(bundles):
         # the lip edges' per-element gathers, one per table row, all share one index
         shared = {n.input[1] for n in nodes if n.op_type == "GatherElements"}
         assert len(shared) == 1 and ops.count("GatherElements") == 6, prec
-        # the flow head (2 outputs) is one GEMM and shifted sums, not a blocked convolution
-        flow = [n for n in nodes if "/flow_out/" in n.name]
-        assert "MatMul" in {n.op_type for n in flow} and "Conv" not in {n.op_type for n in flow}
     fp32 = onnx.load(str(bundles["fp32"].path / "decoder.onnx")).graph.node
     int8 = onnx.load(str(bundles["int8"].path / "decoder.onnx")).graph.node
     gelus = [n for n in int8 if n.op_type == "Gelu"]
@@ -169,7 +166,6 @@ def test_decoder_graph_is_the_onnx_runtime_form(bundles):
     assert all(n.domain == "com.microsoft" for n in gelus)
     assert not [n for n in int8 if n.op_type == "Erf"]
     reasons = int8_report(bundles["int8"].path / "decoder.onnx")["float_reasons"]
-    assert {reasons[k] for k in reasons if "/flow_out/" in k} == {"float head /flow_out/"}
     upsample = [k for k in reasons if "/upsample/" in k]
     assert len(upsample) == 2  # both matmuls of the grid's upsampling stay float
     assert "float head /upsample/" in {reasons[k] for k in upsample}
