@@ -55,6 +55,9 @@ class OnnxRuntimeBackend(Backend):
                 self.check_graph_io(
                     module, declared, bundle.files[module], self.graph_spec(module, declared)
                 )
+            if declared is not None and self._per_frame(module, declared):
+                self._frame_workers(bundle, threads)  # its own sessions: no session to discard
+                continue
             own = self.module_threads[module]
             sess = self._load(bundle, module, opts if own == threads else session_options(own))
             if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
@@ -64,8 +67,12 @@ class OnnxRuntimeBackend(Backend):
                 )
                 declared = graph
             self.sessions[module] = sess
-            if module == "decoder" and self.graph_spec(module, declared) is not self.io[module]:
+            if self._per_frame(module, declared):  # known only now, from ORT's view of the graph
                 self._frame_workers(bundle, threads)
+
+    def _per_frame(self, module: str, graph: dict[str, tuple]) -> bool:
+        """Whether `graph` is a decoder exported one frame per call for a chunk of several."""
+        return module == "decoder" and self.graph_spec(module, graph) is not self.io[module]
 
     def _load(self, bundle, module: str, opts):
         import onnxruntime as ort

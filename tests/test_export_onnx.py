@@ -228,6 +228,36 @@ def test_frame_workers_render_what_one_worker_renders(bundles):
     np.testing.assert_array_equal(two.run("decoder", swapped)["frames"], b[::-1])
 
 
+def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundles, monkeypatch):
+    """A one-frame decoder graph: with the onnx package its shapes are read before loading, and it
+    is loaded once per worker and no more; without it (a bare runtime) they come from one ORT
+    session, which is then let go. Either way the frames are the same."""
+    import onnxruntime
+
+    from edgetalk.runtime import backend_onnxruntime as bo
+
+    loads = []
+    real = onnxruntime.InferenceSession
+
+    def counting(path, *a, **kw):
+        loads.append(str(path).rsplit("/", 1)[-1])
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
+    rng = np.random.default_rng(5)
+    spec = module_io(MICRO)["decoder"]
+    feed = {t.name: rng.random(t.shape).astype(np.float32) for t in spec.inputs}
+    frames = []
+    for declared, sessions in ((bo.declared_io, 2), (lambda path: None, 3)):
+        monkeypatch.setattr(bo, "declared_io", declared)
+        loads.clear()
+        backend = bo.OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=2)
+        assert len(backend.frame_sessions) == 2 and loads.count("decoder.onnx") == sessions
+        assert backend.sessions["decoder"] is backend.frame_sessions[0]
+        frames.append(backend.run("decoder", feed)["frames"])
+    np.testing.assert_array_equal(frames[0], frames[1])
+
+
 def test_a_chunk_sized_decoder_from_earlier_releases_still_runs(
     bundles, micro_ckpt, tmp_path, monkeypatch
 ):
