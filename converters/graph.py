@@ -13,9 +13,9 @@ from ..models.io_spec import ModuleIO
 
 
 class ModuleGraph(nn.Module):
-    def __init__(self, model: EdgeTalkModel, module: str, io: ModuleIO):
+    def __init__(self, model: EdgeTalkModel, module: str, io: ModuleIO, inner: nn.Module = None):
         super().__init__()
-        self.inner = model.module(module)
+        self.inner = model.module(module) if inner is None else inner
         self.io = io
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:

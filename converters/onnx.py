@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.io_spec import ModuleIO, decoder_per_frame
+from ..models.decoder import DecoderRows
+from ..models.io_spec import (
+    DECODER_BANDS,
+    ModuleIO,
+    band_index,
+    band_part,
+    band_span,
+    decoder_band,
+    decoder_per_frame,
+)
 from .graph import ModuleGraph, example_args
 from .target import Target
 
@@ -82,6 +91,12 @@ INT8_MODULES = ("decoder",)
 # frames each took 16.3 ms against 24.7 for the four-frame graph on a two-thread pool (ONNX
 # Runtime splits each small per-pixel node across its pool; frames split without overhead).
 PER_FRAME_DECODER = True
+# At chunk 1 there is one frame to split: a chunk-1 bundle also holds the frame in DECODER_BANDS
+# row bands (models/decoder.DecoderRows, the same values as the whole frame's), which the CPU
+# backend renders on as many one-thread sessions when it has the threads. Measured on the Xeon,
+# the fp32 one-frame graph: whole 8.5 ms; each band 4.8 (the head's halo rows and the photo's
+# neighbour table are done twice); both bands on two threads 5.3.
+BAND_PARTS = {band_part(k): "decoder" for k in range(DECODER_BANDS)}
 
 
 def _trace(graph, io: ModuleIO, path: Path, sample) -> None:
@@ -469,15 +484,27 @@ class OnnxTarget(Target):
 
     per_frame_decoder = PER_FRAME_DECODER
 
+    def extra_parts(self, cfg) -> dict[str, str]:
+        return dict(BAND_PARTS) if self.per_frame_decoder and cfg.chunk == 1 else {}
+
     def graph_io(self, part: str, io: ModuleIO) -> ModuleIO:
-        """The contract of the graph written for `part`: the chunk's, or one frame's (decoder)."""
+        """The contract of the graph written for `part`: the chunk's, one frame's (decoder) or
+        one band's of one frame (the decoder's row bands)."""
+        if part in BAND_PARTS:
+            return decoder_band(io, band_index(part))
         return decoder_per_frame(io) if part == "decoder" and self.per_frame_decoder else io
 
     def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
         graph_io = self.graph_io(part, io)
         if sample is not None and graph_io is not io:
             sample = {**sample, "motion": sample["motion"][:, :1]}
-        _trace(ModuleGraph(model, part, graph_io).eval(), graph_io, path, sample)
+        inner = None
+        if part in BAND_PARTS:
+            res = model.cfg.render.resolution
+            rows = band_span(res, band_index(part))
+            inner = DecoderRows(model.decoder, *rows)
+        module = BAND_PARTS.get(part, part)
+        _trace(ModuleGraph(model, module, graph_io, inner).eval(), graph_io, path, sample)
         _check_static(path, graph_io)
 
     def apply_precision(self, precision: str, src: Path, dst: Path, calibration) -> dict:
@@ -486,22 +513,25 @@ class OnnxTarget(Target):
             return {}
         if precision == "fp16":
             return to_fp16(src, dst)
-        if _part(dst) not in INT8_MODULES:
+        module = BAND_PARTS.get(_part(dst), _part(dst))
+        if module not in INT8_MODULES:
             src.replace(dst)
             return {"weights": "fp32", "why": "kept float by the INT8 module policy (INT8_MODULES)"}
-        if _part(dst) == "decoder" and self.per_frame_decoder:
+        if module == "decoder" and self.per_frame_decoder:
             calibration = per_frame_feeds(calibration)
         return to_int8(src, dst, calibration) | {"weights": "int8"}
 
     def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
         graph_io = self.graph_io(_part(path), io)
         _check_static(path, graph_io)
-        int8 = precision == "int8" and _part(path) in INT8_MODULES
+        int8 = precision == "int8" and BAND_PARTS.get(_part(path), _part(path)) in INT8_MODULES
         if int8 and int8_report(path)["quantized_compute_nodes"] == 0:
             raise RuntimeError(f"{path.name}: no 8-bit compute nodes in an int8 export")
         info = {"static_shapes": "pass", "opset": OPSET}
         if graph_io is not io:
             info["frames_per_call"] = 1
+        if _part(path) in BAND_PARTS:
+            info["rows"] = list(band_span(graph_io.outputs[0].shape[2], band_index(_part(path))))
         return info
 
     def tool_versions(self) -> dict:

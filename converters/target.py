@@ -50,6 +50,12 @@ class Target(ABC):
         export/patching.py, never at import) and undone after it, error or not."""
         return contextlib.nullcontext()
 
+    def extra_parts(self, cfg) -> dict[str, str]:
+        """Graphs this target writes beside the four modules' for streaming settings `cfg`:
+        part name -> the module whose contract it serves a share of (its recording, calibration
+        and parity come from that module's). ONNX: the chunk-1 decoder's row bands."""
+        return {}
+
     @abstractmethod
     def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
         """Write the fp32 artifact of one module (`model.module(part)`) with static shapes.

@@ -30,7 +30,7 @@ from ..errors import EdgeTalkError
 from ..models.checkpoint import default_checkpoint, load_checkpoint
 from ..models.edgetalk import MODULES
 from ..models.flops import module_flops
-from ..models.io_spec import module_io
+from ..models.io_spec import band_index, band_span, module_io
 from ..runtime.backend import Backend
 from ..runtime.backend_torch import TorchBackend
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
@@ -117,7 +117,9 @@ def export_bundle(
     flops = module_flops(model)
     files: dict[str, str] = {}
     results: list[ModuleResult] = []
-    for part in MODULES:
+    extra = tgt.extra_parts(cfg)  # part -> the module it serves a share of (its recording)
+    for part in (*MODULES, *extra):
+        module = extra.get(part, part)
         fname = f"{part}{tgt.suffix}"
         dst = work / fname
         res = ModuleResult(part)
@@ -142,17 +144,18 @@ def export_bundle(
                 _remove(src)
                 bar.set_postfix_str("tracing")
                 with export_patches(model, tgt) as patched:
-                    tgt.convert(patched, part, io[part], src, recording[part][0])
+                    tgt.convert(patched, part, io[module], src, recording[module][0])
                 bar.update(1)
                 bar.set_postfix_str(f"{precision}")
-                calibration = pick(recording[part], CALIBRATION_CALLS)
+                calibration = pick(recording[module], CALIBRATION_CALLS)
                 res.info = tgt.apply_precision(precision, src, dst, calibration) or {}
                 if src.exists() and src != dst:
                     _remove(src)
                 bar.update(1)
                 bar.set_postfix_str("checks")
-                res.info.update(tgt.checks(dst, io[part], precision) or {})
-                res.info["flops_per_call"] = flops[part]
+                res.info.update(tgt.checks(dst, io[module], precision) or {})
+                if part in flops:
+                    res.info["flops_per_call"] = flops[part]
                 (work / f".{part}.key").write_text(json.dumps({"key": key, "info": res.info}))
                 bar.update(1)
         files[part] = fname
@@ -169,9 +172,14 @@ def export_bundle(
         e2e = {"status": f"not run: {candidate}"}
     else:
         for r in results:
-            calls = pick(recording[r.name], PARITY_CALLS)
-            ref = [torch_backend.run(r.name, c) for c in calls]
-            got = [candidate.run(r.name, c) for c in calls]
+            module = extra.get(r.name, r.name)
+            calls = pick(recording[module], PARITY_CALLS)
+            ref = [torch_backend.run(module, c) for c in calls]
+            if r.name in extra:  # a share of the module's outputs, from its own graph
+                ref = [part_share(r.name, x) for x in ref]
+                got = [candidate.run_part(r.name, c) for c in calls]
+            else:
+                got = [candidate.run(r.name, c) for c in calls]
             r.parity = compare_outputs(ref, got, precision)
         e2e = end_to_end(torch_backend, candidate, precision, e2e_frames)
 
@@ -179,11 +187,15 @@ def export_bundle(
     if not ok:
         # A module that failed its gate is never reused by the next run; when only the stream
         # failed, no single module is to blame, so every module is rebuilt.
-        failed = [r.name for r in results if r.parity.get("status") == "fail"] or list(MODULES)
+        failed = [r.name for r in results if r.parity.get("status") == "fail"] or [
+            r.name for r in results
+        ]
         for part in failed:
             (work / f".{part}.key").unlink(missing_ok=True)
+    # each graph's contract: a module's, or an extra graph's own
+    ios = {**io, **{part: tgt.graph_io(part, io[module]) for part, module in extra.items()}}
     manifest = _manifest(
-        cfg, tgt, precision, files, work, results, e2e, meta, ck_path, time.time() - t_start
+        cfg, tgt, precision, files, work, results, e2e, meta, ck_path, time.time() - t_start, ios
     )
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     if ok:
@@ -192,6 +204,14 @@ def export_bundle(
         _replace_out(work, out)
     result_path = out if ok else work
     return ExportResult(result_path, ok, results, e2e, time.time() - t_start, manifest)
+
+
+def part_share(part: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The share of a module's outputs that an extra graph renders: a decoder row band's rows
+    of the one frame."""
+    frames = outputs["frames"]
+    r0, r1 = band_span(frames.shape[1], band_index(part))
+    return {"frames": frames[:, r0:r1]}
 
 
 def parity_backend(tgt: Target, draft: Bundle) -> Backend | str:
@@ -317,7 +337,7 @@ def _reuse(part: str, fname: str, key: str, work: Path, out: Path, force: bool) 
     return None
 
 
-def _manifest(cfg, tgt, precision, files, work, results, e2e, meta, ck_path, seconds):
+def _manifest(cfg, tgt, precision, files, work, results, e2e, meta, ck_path, seconds, ios):
     return {
         "schema_version": SCHEMA_VERSION,
         "edgetalk_version": __version__,
@@ -341,7 +361,7 @@ def _manifest(cfg, tgt, precision, files, work, results, e2e, meta, ck_path, sec
             "trained": meta.get("trained"),
         },
         "modules": {
-            r.name: {"io": module_io(cfg)[r.name].to_dict(), "info": r.info, "bytes": r.size_bytes}
+            r.name: {"io": ios[r.name].to_dict(), "info": r.info, "bytes": r.size_bytes}
             for r in results
         },
         "parity": {r.name: r.parity for r in results} | {"end_to_end": e2e},

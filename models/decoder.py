@@ -199,23 +199,40 @@ class Decoder(nn.Module):
         # (0, dy) as a broadcast product: a concat with zeros exports as a frame-sized constant
         return dy.permute(0, 2, 3, 1) * torch.tensor([0.0, 1.0], device=dy.device)
 
-    def _head(self, photo, m):
+    def band_rows(self, r0: int, r1: int) -> tuple[int, int]:
+        """The 1/4-resolution rows [lo, hi) from which _render_gather computes output rows
+        [r0, r1) exactly. Each 3x3 convolution on a cut-out reads one row past it (zeros there,
+        where the whole picture has its neighbour), so the cut's error creeps one row inward
+        per convolution: the flow blocks, flow_out, refine_in, refine_up and refine_out (one
+        row at 1/2 resolution, rounded up), and the grid's upsampling reads one row further."""
+        halo = len(self.blocks) + 4
+        q = self.res // self.feat
+        return max(0, r0 // q - halo), min(self.feat, -(-r1 // q) + halo)
+
+    def _head(self, photo, m, lo: int = 0, hi: int | None = None):
         """What both forms share: the motion-modulated features x [N, Hd, h, w], the sampling
-        grid at 1/4 resolution [N, h, w, 2] and the linear alpha [N, 1, h, w]."""
+        grid at 1/4 resolution [N, h, w, 2] and the linear alpha [N, 1, h, w]; for rows [lo, hi)
+        of it when given (band_rows)."""
         c, hw = m.shape[0], self.feat
         p = m.shape[1]
+        hi = hw if hi is None else hi
+        rows, cut = hi - lo, (lo, hi) != (0, hw)
         basis = photo["dec_basis"]  # [1 or N, 3P, h, w]
+        proj = photo["dec_proj"]
+        grid0 = self.grid0
+        if cut:
+            basis, proj, grid0 = basis[:, :, lo:hi], proj[:, :, lo:hi], grid0[lo * hw : hi * hw]
         if basis.shape[0] == 1:  # one reference: a single matmul mixes the bases for all frames
-            lin = torch.matmul(m, basis.reshape(p, 3 * hw * hw)).reshape(c, 3, hw, hw)
+            lin = torch.matmul(m, basis.reshape(p, 3 * rows * hw)).reshape(c, 3, rows, hw)
         else:
-            lin = (m.reshape(c, p, 1, 1, 1) * basis.reshape(c, p, 3, hw, hw)).sum(1)
+            lin = (m.reshape(c, p, 1, 1, 1) * basis.reshape(c, p, 3, rows, hw)).sum(1)
         gamma, beta = self.film(m).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
-        x = F.gelu(photo["dec_proj"] * (1.0 + gamma) + beta)  # [N, Hd, h, w]
+        x = F.gelu(proj * (1.0 + gamma) + beta)  # [N, Hd, h, w]
         for conv in self.blocks:
             x = x + F.gelu(conv(x))
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
         theta = (identity + self.affine(m)).reshape(c, 2, 3)
-        grid = torch.matmul(self.grid0, theta.transpose(1, 2)).reshape(c, hw, hw, 2)
+        grid = torch.matmul(grid0, theta.transpose(1, 2)).reshape(c, rows, hw, 2)
         grid = grid + (self.flow_out(x) + lin[:, :2]).permute(0, 2, 3, 1)
         return x, grid, lin[:, 2:]
 
@@ -245,22 +262,31 @@ class Decoder(nn.Module):
         frames = warped * (1.0 - alpha) + torch.sigmoid(o[:, :3]) * alpha
         return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0), grid_full, alpha
 
-    def _render_gather(self, app_feat, image, m, photo):
+    def _render_gather(self, app_feat, image, m, photo, rows: tuple[int, int] | None = None):
         """render() in the form ONNX Runtime runs fast (models/sampling.py, end): the same frames
         as render_parts to float rounding, for one reference picture. The grid is carried in
         pixel units (the upsampling is affine-equivariant: each row of its matrix sums to 1, so
         the conversion is done at 1/4 resolution), planar, and the photo is gathered from a
-        neighbour table with one int32 index per output pixel."""
+        neighbour table with one int32 index per output pixel.
+
+        `rows` (r0, r1): only those output rows [N, r1 - r0, R, 3], the same values as the
+        whole frame's (DecoderRows: a frame cut in bands that threads render side by side)."""
         c, res = m.shape[0], self.res
         half_res = res / 2.0
-        x, grid, lin_alpha = self._head(photo, m)
+        r0, r1 = (0, res) if rows is None else rows
+        lo, hi = (0, self.feat) if rows is None else self.band_rows(r0, r1)
+        x, grid, lin_alpha = self._head(photo, m, lo, hi)
         g = grid.permute(0, 3, 1, 2)  # [N, 2, h, w], normalized
         # (alpha, x, y) in the order of the refinement's (alpha, flow x, flow y)
-        full = self.upsample(torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1), False)
+        z = torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1)
+        full = self.upsample(z, False, None if rows is None else (r0, r1, lo, hi))
         # the features at 1/4 resolution: rows gathered per tap (a neighbour table of the
         # features would cost a [h*w, 4*Ca] build and transpose per call)
         wfeat = sample_rows(app_feat, grid)
         o = self._refine(wfeat, x)
+        if rows is not None:
+            q = res // self.feat
+            o = o[:, :, r0 - q * lo : r1 - q * lo]
         scale = torch.tensor([1.0, half_res, half_res], device=m.device).reshape(1, 3, 1, 1)
         s = full + o[:, 3:6] * scale
         alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
@@ -288,3 +314,20 @@ class Decoder(nn.Module):
         return closing_field(
             mid - 0.5 * gap, mid + 0.5 * gap, present, yp, reach, self.sharp * s, LIP_ROLL * s
         )
+
+
+class DecoderRows(nn.Module):
+    """The decoder's contract (Decoder.forward) for output rows [r0, r1) of one frame, in the
+    gather form: ONNX bundles at chunk 1 carry a frame in bands, so that two one-thread
+    sessions render one frame side by side (converters/onnx.py, BANDS)."""
+
+    def __init__(self, decoder: Decoder, r0: int, r1: int):
+        super().__init__()
+        self.decoder, self.r0, self.r1 = decoder, r0, r1
+
+    def forward(self, app_feat, image, motion, dec_proj, dec_basis, dec_lips):
+        if self.decoder.native_sampling or image.shape[0] != 1:
+            raise ValueError("DecoderRows renders one reference picture in the gather form")
+        photo = {"dec_proj": dec_proj, "dec_basis": dec_basis, "dec_lips": dec_lips}
+        rows = (self.r0, self.r1)
+        return {"frames": self.decoder._render_gather(app_feat, image, motion[0], photo, rows)}

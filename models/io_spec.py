@@ -173,6 +173,40 @@ def decoder_per_frame(spec: ModuleIO) -> ModuleIO:
     return ModuleIO(tuple(map(one, spec.inputs)), tuple(map(one, spec.outputs)))
 
 
+# A chunk-1 ONNX bundle also holds its one frame in this many row bands, one graph each
+# (converters/onnx.py): two one-thread sessions render a frame side by side, where the frame
+# workers of a longer chunk split its frames.
+DECODER_BANDS = 2
+
+
+def band_part(band: int) -> str:
+    """The bundle role (and file stem) of the decoder graph for row band `band`."""
+    return f"decoder_band{band}"
+
+
+def band_index(part: str) -> int:
+    """The band of a band_part name."""
+    prefix = band_part(0)[:-1]
+    if not part.startswith(prefix) or not part[len(prefix) :].isdigit():
+        raise ValueError(f"{part!r} is not a decoder band")
+    return int(part[len(prefix) :])
+
+
+def band_span(res: int, band: int, bands: int = DECODER_BANDS) -> tuple[int, int]:
+    """Output rows [r0, r1) of row band `band` of `bands` in an R-row frame."""
+    return res * band // bands, res * (band + 1) // bands
+
+
+def decoder_band(spec: ModuleIO, band: int, bands: int = DECODER_BANDS) -> ModuleIO:
+    """One frame's decoder contract (decoder_per_frame) for the rows of one band: frames
+    [1, r1 - r0, R, 3]; the inputs are the whole frame's."""
+    one = decoder_per_frame(spec)
+    (frames,) = one.outputs
+    r0, r1 = band_span(frames.shape[1], band, bands)
+    out = TensorSpec(frames.name, (1, r1 - r0, *frames.shape[2:]), frames.dtype)
+    return ModuleIO(one.inputs, (out,))
+
+
 def frames_per_call(spec: ModuleIO) -> int:
     """Frames one call of a decoder graph with this contract renders."""
     return next(t.shape[1] for t in spec.inputs if t.name == "motion")

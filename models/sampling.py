@@ -123,8 +123,16 @@ class Upsample(torch.nn.Module):
         self.factor = factor
         self.register_buffer("matrix", upsample_matrix(size, factor), persistent=False)
 
-    def forward(self, x: torch.Tensor, native: bool = True) -> torch.Tensor:
-        return upsample_bilinear(x, self.factor, native, self.matrix)
+    def forward(self, x: torch.Tensor, native: bool = True, rows=None) -> torch.Tensor:
+        if rows is None:
+            return upsample_bilinear(x, self.factor, native, self.matrix)
+        # output rows [r0, r1) of an input that holds rows [lo, hi) (Decoder.band_rows): the
+        # interpolation matrix's block; every row it reads lies inside [lo, hi)
+        r0, r1, lo, hi = rows
+        n, c, h, w = x.shape
+        a = self.matrix.to(x.dtype)
+        cols = torch.matmul(x.reshape(n * c * h, w), a.T).reshape(n * c, h, w * self.factor)
+        return torch.matmul(a[r0:r1, lo:hi], cols).reshape(n, c, r1 - r0, w * self.factor)
 
 
 def upsample_bilinear(

@@ -8,7 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import BackendUnavailable
-from ..models.io_spec import ModuleIO, decoder_per_frame, frames_per_call
+from ..models.io_spec import (
+    DECODER_BANDS,
+    ModuleIO,
+    band_index,
+    band_part,
+    decoder_band,
+    decoder_per_frame,
+    frames_per_call,
+)
 from .backend import Backend
 
 
@@ -47,9 +55,17 @@ class OnnxRuntimeBackend(Backend):
         # one session of one thread per worker, each rendering a share of the chunk's frames.
         self.frame_sessions: list = []
         self.pool: ThreadPoolExecutor | None = None
+        # A chunk-1 bundle's frame in row bands (converters/onnx.py, BAND_PARTS): with two
+        # threads, one one-thread session per band renders a share of the one frame.
+        self.band_sessions: dict[str, object] = {}
+        self.band_pool: ThreadPoolExecutor | None = None
+        self.bundle = bundle
+        bands = self._bands_wanted(bundle, threads)
         # per module: one thread where a call is too small to split (module_threads)
         self.module_threads = {m: module_threads(threads, bundle.flops.get(m)) for m in self.io}
         for module in self.io:
+            if module == "decoder" and bands:
+                continue  # the bands render every frame: the whole-frame graph is not loaded
             declared = declared_io(bundle.file(module))
             if declared is not None:  # before loading: ORT would fail on it less clearly
                 self.check_graph_io(
@@ -69,6 +85,9 @@ class OnnxRuntimeBackend(Backend):
             self.sessions[module] = sess
             if self._per_frame(module, declared):  # known only now, from ORT's view of the graph
                 self._frame_workers(bundle, threads)
+        if bands:
+            self.band_sessions = {p: self._load_part(p) for p in bands}
+            self.band_pool = ThreadPoolExecutor(len(bands), thread_name_prefix="edgetalk-band")
 
     def _per_frame(self, module: str, graph: dict[str, tuple]) -> bool:
         """Whether `graph` is a decoder exported one frame per call for a chunk of several."""
@@ -104,9 +123,46 @@ class OnnxRuntimeBackend(Backend):
     def from_bundle(cls, bundle):
         return cls(bundle)
 
+    def _bands_wanted(self, bundle, threads: int | None) -> list[str]:
+        """The row-band graphs to render each frame with: where the bundle has them (chunk 1)
+        and there are threads to render them side by side; else none."""
+        from .threads import resolve
+
+        parts = [band_part(k) for k in range(DECODER_BANDS)]
+        if frames_per_call(self.io["decoder"]) != 1 or resolve(threads) < len(parts):
+            return []
+        # exported before bands, or by a target without them: the whole frame
+        return parts if all(p in bundle.files for p in parts) else []
+
+    def _load_part(self, part: str):
+        """The session of an extra graph (a row band), its declared tensors checked first."""
+        spec = decoder_band(self.io["decoder"], band_index(part))
+        declared = declared_io(self.bundle.file(part))
+        if declared is not None:
+            self.check_graph_io("decoder", declared, self.bundle.files[part], spec)
+        sess = self._load(self.bundle, part, session_options(1))
+        if declared is None:
+            graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
+            self.check_graph_io("decoder", graph, self.bundle.files[part], spec)
+        return sess
+
+    def run_part(self, part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one extra graph on its module's inputs (the export's parity gate for each band)."""
+        if part not in self.band_sessions:
+            if part not in self.bundle.files:
+                raise KeyError(f"this bundle has no {part} graph")
+            self.band_sessions[part] = self._load_part(part)
+        feed = {t.name: inputs[t.name] for t in self.io["decoder"].inputs}
+        return {"frames": self.band_sessions[part].run(["frames"], feed)[0]}
+
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.io[module].output_names
         feed = {t.name: inputs[t.name] for t in self.io[module].inputs}
+        if module == "decoder" and self.band_pool is not None:
+            # ONNX Runtime releases the GIL while each band runs
+            sessions = list(self.band_sessions.values())
+            bands = self.band_pool.map(lambda sess: sess.run([names[0]], feed)[0], sessions)
+            return {names[0]: np.concatenate(list(bands), axis=1)}
         if module == "decoder" and self.frame_sessions:
             return {names[0]: self._decode_frames(feed, names[0])}
         outs = self.sessions[module].run(list(names), feed)
@@ -131,6 +187,8 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> str:
         frames = len(self.frame_sessions)
         per_frame = f", decoder per frame on {frames} thread{'s' * (frames > 1)}" if frames else ""
+        if self.band_pool is not None:
+            per_frame = f", decoder in {len(self.band_sessions)} row bands on as many threads"
         one = [m for m in ("audio", "generator") if self.module_threads[m] == 1]
         if one and (self.threads is None or self.threads > 1):
             per_frame += f", {' and '.join(one)} on 1 thread"

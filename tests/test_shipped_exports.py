@@ -72,7 +72,12 @@ def test_shipped_export_passes_every_gate(shipped, target, precision, chunk):
     th = README_THRESHOLDS[precision]
     assert r.manifest["thresholds"] == th
     assert r.manifest["checkpoint"]["trained"], "the default export must use the trained weights"
-    for name in MODULES:
+    # every graph: the four modules, and a chunk-1 ONNX bundle's decoder row bands
+    graphs = [name for name in r.manifest["parity"] if name != "end_to_end"]
+    assert set(MODULES) <= set(graphs) and set(graphs) == set(r.manifest["files"])
+    if target == "onnx" and chunk == 1:
+        assert {"decoder_band0", "decoder_band1"} <= set(graphs)
+    for name in graphs:
         par = r.manifest["parity"][name]
         assert par["status"] == "pass", (name, par)
         for out, entry in par["outputs"].items():
@@ -102,6 +107,30 @@ def test_shipped_bundle_streams_through_the_scheduler(shipped, target, precision
     assert len(frames) == 25 and frames[0].rgb.shape == avatar.shape
     video = np.stack([f.rgb for f in frames]).astype(np.float32)
     assert np.abs(np.diff(video, axis=0)).mean() > 0.05  # the face moves
+
+
+def test_shipped_chunk_1_bands_on_two_threads_render_the_stream(shipped):
+    """The shipped INT8 chunk-1 bundle at two threads renders each frame in its two row bands,
+    side by side; the stream is the one thread's (whole-frame graph) to within INT8's gate."""
+    from edgetalk.converters.parity import psnr
+    from edgetalk.runtime.audio_io import default_speech, read_audio
+    from edgetalk.runtime.avatar import prepare_avatar
+    from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
+    from edgetalk.runtime.bundle import open_bundle
+    from edgetalk.runtime.scheduler import StreamScheduler
+
+    path = shipped("onnx", "int8", 1).path
+    pcm = read_audio(default_speech()).pcm[8000 : 8000 + 16000]
+    videos = []
+    for threads in (1, 2):
+        backend = OnnxRuntimeBackend(open_bundle(path), threads=threads)
+        assert (backend.band_pool is not None) == (threads == 2)
+        avatar = prepare_avatar(None, backend.cfg.render.resolution)
+        sched = StreamScheduler(backend, avatar, seed=3)
+        frames = sched.push_audio(pcm) + sched.flush()
+        videos.append(np.stack([f.rgb for f in frames]).astype(np.float32) / 255.0)
+    assert videos[0].shape == videos[1].shape
+    assert psnr(videos[0], videos[1]) >= README_THRESHOLDS["int8"]["psnr_db"]
 
 
 def test_onnx_int8_is_8bit_where_the_policy_says(shipped):
