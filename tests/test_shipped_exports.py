@@ -227,14 +227,18 @@ RSS_BUDGET_MB = (
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
-def test_run_bundle_peak_rss_is_within_budget(shipped, tmp_path):
+@pytest.mark.parametrize(("chunk", "threads"), [(4, None), (1, 2)])
+def test_run_bundle_peak_rss_is_within_budget(shipped, tmp_path, chunk, threads):
     """The default stream (embedded avatar and speech) from the shipped INT8 bundle, in a child
-    of a child, so that only `edgetalk run`'s own peak is read (RUSAGE_CHILDREN)."""
+    of a child, so that only `edgetalk run`'s own peak is read (RUSAGE_CHILDREN). Chunk 1 at two
+    threads renders in row bands (two more sessions, the whole-frame graph not loaded)."""
     import subprocess
 
-    bundle = shipped("onnx", "int8", 4).path
+    bundle = shipped("onnx", "int8", chunk).path
     cmd = [sys.executable, "-m", "edgetalk", "run", "--bundle", str(bundle)]
     cmd += ["--out", str(tmp_path / "o.mp4")]
+    if threads:
+        cmd += ["--threads", str(threads)]
     probe = (
         "import resource, subprocess, sys\n"
         f"r = subprocess.run({cmd!r}, capture_output=True, text=True)\n"
