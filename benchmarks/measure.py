@@ -92,6 +92,8 @@ class PacedRun:
     arrivals: list[float]  # seconds after the first sample, one per frame, in frame order
     compute_s: float  # wall time spent inside the scheduler
     wall_s: float
+    # the calls of the chunk that gave the first frame (ms): where FFD - floor went
+    first_chunk_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def media_s(self) -> float:
@@ -179,11 +181,14 @@ def paced_run(
     piece = max(1, int(round(piece_ms * SAMPLE_RATE / 1000.0)))
     arrivals: list[float] = []
     compute = 0.0
+    first: dict[str, float] = {}
 
     def deliver(frames) -> None:
         for frame in frames:
             sink.write(frame)
             arrivals.append(clock() - t0)
+            if len(arrivals) == 1:  # the chunk just run gave it: each module's last call
+                first.update(first_chunk_calls(sched))
 
     t0 = clock()
     for start in range(0, pcm.shape[0], piece):
@@ -201,7 +206,15 @@ def paced_run(
     frames = sched.flush()
     compute += clock() - a
     deliver(frames)
-    return PacedRun(sink.frames, arrivals, compute, clock() - t0)
+    return PacedRun(sink.frames, arrivals, compute, clock() - t0, first)
+
+
+def first_chunk_calls(sched: StreamScheduler) -> dict[str, float]:
+    """Each streaming module's and the conversion's latest call (ms), as the scheduler timed
+    them."""
+    out = {m: float(sched.stats.module_ms[m].recent()[-1]) for m in STREAM_MODULES}
+    out["convert"] = float(sched.stats.convert_ms.recent()[-1])
+    return out
 
 
 @dataclass
@@ -327,6 +340,15 @@ def _record(
     misses = [p.misses() for p in paced]
     miss, miss_spread = _stat([m[0] for m in misses])
     late, _ = _stat([m[1] for m in misses], 3)
+    # the first frame's chunk, per part (median over the paced runs); "other" is what FFD holds
+    # beyond the floor and these calls: the scheduler's own code and the pacing's wake-up
+    first = {
+        k: round(float(np.median([p.first_chunk_ms[k] for p in paced])), 4)
+        for k in paced[0].first_chunk_ms
+    }
+    if first:
+        floor = first_frame_floor_ms(cfg.chunk, cfg.lookahead_samples)
+        first["other"] = round(ffd - floor - sum(first.values()), 4)
     return {
         "chunk": cfg.chunk,
         "lookahead_ms": cfg.lookahead_ms,
@@ -350,6 +372,7 @@ def _record(
             "deadline_miss_rate": miss_spread,
         },
         "modules": timings.summary(cfg.chunk),
+        "first_chunk_ms": first,
         "peak_rss_mb": memory.peak_rss_mb(),
         "gpu_peak_mb": memory.gpu_peak_mb(),
         "interleaved_with": interleaved - 1,

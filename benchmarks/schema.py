@@ -15,7 +15,7 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
   pieces of `settings.piece_ms` pushed at the instant their last sample would have arrived, the
   scheduler running inline. FFD is the wall time at which the first frame reached the sink.
   first_frame_floor_ms = C*40 ms + lookahead_ms: the audio the first chunk needs; FFD - floor is
-  compute. Reports of schema version 1 gave the lookahead in whole frames (`lookahead`, 2 = 80 ms);
+  compute; first_chunk_ms splits it into the first chunk's calls. Reports of schema version 1 gave the lookahead in whole frames (`lookahead`, 2 = 80 ms);
   `bench report` reads them as lookahead_ms (report.py).
 - rtf: compute time / media time in the paced run, compute time being the wall time spent inside
   the scheduler (push_audio and flush). rtf_throughput is the throughput run's wall time / media
@@ -162,6 +162,13 @@ RECORD = {
             "description": "per-module latency: " + ", ".join(MODULE_NAMES),
             "required": list(MODULE_NAMES),
             "additionalProperties": LATENCY,
+        },
+        "first_chunk_ms": {
+            "type": "object",
+            "description": "paced run, the chunk that gave the first frame (median over repeats): "
+            "each module's call and the conversion, ms; other = FFD - floor - those (the "
+            "scheduler's own code, the pacing's wake-up; negative when the runs disagree)",
+            "additionalProperties": _NUM,
         },
         "peak_rss_mb": _d(_NUM0, "peak resident memory while this configuration ran, MB"),
         "gpu_peak_mb": _d(_OPT_NUM, "torch.cuda peak allocated memory, MB (null: no CUDA)"),

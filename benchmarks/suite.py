@@ -108,6 +108,13 @@ def add_speedups(results: list[dict]) -> None:
 MERGED = ("fps", "first_frame_delay_ms", "rtf", "deadline_miss_rate")
 
 
+def first_chunk(rec: dict) -> str:
+    """'; first chunk: audio 1.0, generator 2.1, decoder 5.5, convert 0.2 ms' (or nothing)."""
+    parts = rec.get("first_chunk_ms") or {}
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "other")
+    return f"; first chunk: {shown} ms" if shown else ""
+
+
 def merge_rounds(recs: list[dict]) -> dict:
     """One record from a configuration measured in several rounds: each headline metric is the
     median over every run of every round (its spread lists them all); the rest (per-module
@@ -206,7 +213,7 @@ def run_plan(
             measured.setdefault(label, []).append(rec)
             log(
                 f"    {label}: {rec['fps']:.1f} fps, FFD {rec['first_frame_delay_ms']:.0f} ms "
-                f"(floor {rec['first_frame_floor_ms']:.0f}), RTF {rec['rtf']:.2f}"
+                f"(floor {rec['first_frame_floor_ms']:.0f}{first_chunk(rec)}), RTF {rec['rtf']:.2f}"
             )
     results = [merge_rounds(recs) for recs in measured.values()]
     if not results:

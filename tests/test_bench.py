@@ -120,6 +120,10 @@ def test_paced_audio_is_paced_and_ffd_is_floor_plus_compute(micro_backend):
     # The first chunk can only start once its C frames and the lookahead have arrived.
     assert floor == pytest.approx(c * 40 + 60)
     assert run.ffd_ms == pytest.approx(floor + per_chunk)
+    # where FFD - floor went: the first chunk's calls, as the scheduler timed them
+    assert run.first_chunk_ms == pytest.approx(
+        {"audio": MS["audio"], "generator": MS["generator"], "decoder": MS["decoder"], "convert": 0}
+    )
     assert run.wall_s >= frames * 0.04  # the stream took (at least) its media time
     assert len(t.sleeps) >= frames  # it waited for the audio, piece by piece
     # Constant compute well under real time: every frame on time; RTF = compute / media.
@@ -219,6 +223,11 @@ def test_measure_numbers_with_a_known_clock(micro_backend):
         rec["first_frame_floor_ms"] + 1000 * per_chunk, abs=1e-3
     )
     assert rec["rtf"] == pytest.approx(13 * per_chunk / 1.0, rel=1e-3)
+    first = rec["first_chunk_ms"]
+    assert set(first) == {"audio", "generator", "decoder", "convert", "other"}
+    for module in ("audio", "generator", "decoder"):
+        assert first[module] == pytest.approx(MS[module])
+    assert first["other"] == pytest.approx(0.0, abs=1e-3)  # nothing else takes time here
     assert rec["deadline_miss_rate"] == 0.0
     for module in ("audio", "generator", "decoder", "appearance"):
         assert rec["modules"][module]["p50_ms"] == pytest.approx(MS[module])
