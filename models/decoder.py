@@ -319,7 +319,7 @@ class Decoder(nn.Module):
 class DecoderRows(nn.Module):
     """The decoder's contract (Decoder.forward) for output rows [r0, r1) of one frame, in the
     gather form: ONNX bundles at chunk 1 carry a frame in bands, so that two one-thread
-    sessions render one frame side by side (converters/onnx.py, BANDS)."""
+    sessions render one frame side by side (converters/onnx.py, BAND_PARTS)."""
 
     def __init__(self, decoder: Decoder, r0: int, r1: int):
         super().__init__()
