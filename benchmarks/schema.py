@@ -15,8 +15,9 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
   pieces of `settings.piece_ms` pushed at the instant their last sample would have arrived, the
   scheduler running inline. FFD is the wall time at which the first frame reached the sink.
   first_frame_floor_ms = C*40 ms + lookahead_ms: the audio the first chunk needs; FFD - floor is
-  compute; first_chunk_ms splits it into the first chunk's calls. Reports of schema version 1 gave the lookahead in whole frames (`lookahead`, 2 = 80 ms);
-  `bench report` reads them as lookahead_ms (report.py).
+  compute; first_chunk_ms splits it into the first chunk's calls. Reports of schema version 1
+  gave the lookahead in whole frames (`lookahead`, 2 = 80 ms); `bench report` reads them as
+  lookahead_ms (report.py).
 - rtf: compute time / media time in the paced run, compute time being the wall time spent inside
   the scheduler (push_audio and flush). rtf_throughput is the throughput run's wall time / media
   time (= 25 / fps).

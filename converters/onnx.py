@@ -487,6 +487,11 @@ class OnnxTarget(Target):
     def extra_parts(self, cfg) -> dict[str, str]:
         return dict(BAND_PARTS) if self.per_frame_decoder and cfg.chunk == 1 else {}
 
+    def part_share(self, part: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frames = outputs["frames"]  # one frame: the band's rows of it
+        r0, r1 = band_span(frames.shape[1], band_index(part))
+        return {"frames": frames[:, r0:r1]}
+
     def graph_io(self, part: str, io: ModuleIO) -> ModuleIO:
         """The contract of the graph written for `part`: the chunk's, one frame's (decoder) or
         one band's of one frame (the decoder's row bands)."""

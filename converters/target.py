@@ -56,6 +56,11 @@ class Target(ABC):
         and parity come from that module's). ONNX: the chunk-1 decoder's row bands."""
         return {}
 
+    def part_share(self, part: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The share of its module's outputs (torch's, for the parity gate) that the extra
+        graph `part` gives; its parity backend runs the graph with `run_part`."""
+        raise NotImplementedError(f"{self.name} writes no extra graph {part!r}")
+
     @abstractmethod
     def convert(self, model, part: str, io: ModuleIO, path: Path, sample: dict | None) -> None:
         """Write the fp32 artifact of one module (`model.module(part)`) with static shapes.

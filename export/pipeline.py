@@ -30,7 +30,7 @@ from ..errors import EdgeTalkError
 from ..models.checkpoint import default_checkpoint, load_checkpoint
 from ..models.edgetalk import MODULES
 from ..models.flops import module_flops
-from ..models.io_spec import band_index, band_span, module_io
+from ..models.io_spec import module_io
 from ..runtime.backend import Backend
 from ..runtime.backend_torch import TorchBackend
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
@@ -176,7 +176,7 @@ def export_bundle(
             calls = pick(recording[module], PARITY_CALLS)
             ref = [torch_backend.run(module, c) for c in calls]
             if r.name in extra:  # a share of the module's outputs, from its own graph
-                ref = [part_share(r.name, x) for x in ref]
+                ref = [tgt.part_share(r.name, x) for x in ref]
                 got = [candidate.run_part(r.name, c) for c in calls]
             else:
                 got = [candidate.run(r.name, c) for c in calls]
@@ -204,14 +204,6 @@ def export_bundle(
         _replace_out(work, out)
     result_path = out if ok else work
     return ExportResult(result_path, ok, results, e2e, time.time() - t_start, manifest)
-
-
-def part_share(part: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The share of a module's outputs that an extra graph renders: a decoder row band's rows
-    of the one frame."""
-    frames = outputs["frames"]
-    r0, r1 = band_span(frames.shape[1], band_index(part))
-    return {"frames": frames[:, r0:r1]}
 
 
 def parity_backend(tgt: Target, draft: Bundle) -> Backend | str:

@@ -124,30 +124,32 @@ class Upsample(torch.nn.Module):
         self.register_buffer("matrix", upsample_matrix(size, factor), persistent=False)
 
     def forward(self, x: torch.Tensor, native: bool = True, rows=None) -> torch.Tensor:
-        if rows is None:
-            return upsample_bilinear(x, self.factor, native, self.matrix)
-        # output rows [r0, r1) of an input that holds rows [lo, hi) (Decoder.band_rows): the
-        # interpolation matrix's block; every row it reads lies inside [lo, hi)
-        r0, r1, lo, hi = rows
-        n, c, h, w = x.shape
-        a = self.matrix.to(x.dtype)
-        cols = torch.matmul(x.reshape(n * c * h, w), a.T).reshape(n * c, h, w * self.factor)
-        return torch.matmul(a[r0:r1, lo:hi], cols).reshape(n, c, r1 - r0, w * self.factor)
+        return upsample_bilinear(x, self.factor, native, self.matrix, rows)
 
 
 def upsample_bilinear(
-    x: torch.Tensor, factor: int, native: bool = True, matrix: torch.Tensor | None = None
+    x: torch.Tensor,
+    factor: int,
+    native: bool = True,
+    matrix: torch.Tensor | None = None,
+    rows: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False) for a square
-    [N, C, H, H]; `matrix` is upsample_matrix(H, factor) when the caller keeps one."""
+    [N, C, H, H]; `matrix` is upsample_matrix(H, factor) when the caller keeps one.
+
+    `rows` (r0, r1, lo, hi), matmul form only: output rows [r0, r1) of a cut-out x that holds
+    the input rows [lo, hi) (Decoder.band_rows), from the interpolation matrix's block; every
+    input row those output rows read lies inside the cut-out."""
     n, c, h, w = x.shape
     if native:
         return F.interpolate(x, size=(h * factor, w * factor), mode="bilinear", align_corners=False)
-    if h != w:
+    if rows is None and h != w:
         raise ValueError(f"upsample_bilinear's matmul form takes a square input, not {h}x{w}")
-    a = (upsample_matrix(h, factor) if matrix is None else matrix).to(x.dtype)
-    rows = torch.matmul(x.reshape(n * c * h, w), a.T)  # one GEMM: [(n c h), W]
-    return torch.matmul(a, rows.reshape(n * c, h, w * factor)).reshape(n, c, h * factor, w * factor)
+    a = (upsample_matrix(w, factor) if matrix is None else matrix).to(x.dtype)
+    cols = torch.matmul(x.reshape(n * c * h, w), a.T)  # one GEMM: [(n c h), W]
+    left = a if rows is None else a[rows[0] : rows[1], rows[2] : rows[3]]
+    out = torch.matmul(left, cols.reshape(n * c, h, w * factor))
+    return out.reshape(n, c, left.shape[0], w * factor)
 
 
 # ---- the fast ONNX Runtime form of the decoder's full-resolution tail (Decoder._render_gather) ---
