@@ -19,6 +19,7 @@ from .exif import orientation, upright
 
 MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs before decoding whole frames
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a photo file; bigger is not a photo
+FFMPEG_PAD = 128  # pixels FFmpeg's decoders may add to each side of a frame buffer (stride, blocks)
 IMAGE_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "bmp": "BMP"}
 # FFmpeg's single-image demuxer per format: no probing, no protocols, no references to other files
 IMAGE_DEMUXERS = {"png": "png_pipe", "jpeg": "jpeg_pipe", "webp": "webp_pipe", "bmp": "bmp_pipe"}
@@ -89,7 +90,7 @@ def decode_image(data: bytes, name: str = "the image", max_pixels: int | None = 
             w, h = stream.codec_context.width, stream.codec_context.height
             if w and h and w * h > cap:
                 raise InputError(f"image {name} is {w}x{h}, {over}")
-            stream.codec_context.options = {"max_pixels": str(cap)}
+            stream.codec_context.options = {"max_pixels": str(ffmpeg_pixel_cap(w, h, cap))}
             for frame in container.decode(stream):
                 if frame.width * frame.height > cap:
                     raise InputError(f"image {name} is over the {cap:,}-pixel limit")
@@ -107,6 +108,17 @@ def decode_image(data: bytes, name: str = "the image", max_pixels: int | None = 
             f"image {name} is too small ({rgb.shape[1]}x{rgb.shape[0]}); need 16x16 or more"
         )
     return np.ascontiguousarray(rgb)
+
+
+def ffmpeg_pixel_cap(w: int, h: int, cap: int) -> int:
+    """FFmpeg's `max_pixels` for an image announced as w x h (already checked against `cap`).
+    FFmpeg checks the frame buffer it allocates, whose width is padded to its SIMD stride (64 on
+    AVX-512) and whose height a JPEG pads to its block rows. A 50 MP phone photo (8160x6120,
+    49.9 MP) under a 50 MP cap was refused as damaged. So the padded size of the announced
+    image is allowed, and no more: a stream that decodes larger than it announced still fails."""
+    if w <= 0 or h <= 0:
+        return cap  # size unknown: the plain cap (and the per-frame check after decoding)
+    return (w + FFMPEG_PAD) * (h + FFMPEG_PAD)
 
 
 def _header_size(data: bytes) -> tuple[int, int]:

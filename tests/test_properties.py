@@ -305,6 +305,28 @@ def test_a_real_decompression_bomb_is_refused_without_decoding(tmp_path, monkeyp
         avatar.load_image(p)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP"])
+def test_an_image_just_under_the_pixel_cap_decodes(monkeypatch, fmt):
+    """FFmpeg checks its frame buffer, whose width it pads to its SIMD stride: with the cap
+    passed as is, a 50 MP phone photo (8160x6120) under the 50 MP cap was refused as "damaged".
+    Here the same at a lowered cap: 1000 px is not a multiple of 64, and 1000x990 is 1% under."""
+    from edgetalk.runtime import avatar
+
+    monkeypatch.setattr(avatar, "MAX_IMAGE_PIXELS", 1000 * 990)
+    data = _image("RGB", 1000, 990, fmt)
+    assert avatar.decode_image(data, "photo").shape == (990, 1000, 3)
+    with pytest.raises(InputError, match="1000x991, over the 990,000-pixel limit"):
+        avatar.decode_image(_image("RGB", 1000, 991, fmt), "photo")
+
+
+def test_ffmpeg_is_allowed_the_announced_image_padded_and_no_more():
+    from edgetalk.runtime.avatar import FFMPEG_PAD, ffmpeg_pixel_cap
+
+    assert ffmpeg_pixel_cap(8160, 6120, 50_000_000) == (8160 + FFMPEG_PAD) * (6120 + FFMPEG_PAD)
+    assert ffmpeg_pixel_cap(0, 0, 50_000_000) == 50_000_000  # size unknown: the plain cap
+    assert ffmpeg_pixel_cap(16, 16, 50_000_000) < 50_000  # a tiny announced image stays tiny
+
+
 # ---- bundle manifests -----------------------------------------------------------------------------
 def _paths(obj, prefix=()):
     yield prefix
