@@ -184,3 +184,38 @@ def test_tight_small_photo_is_not_smeared(photo):
     # The photo itself is untouched: the crop of a photo that covers it needs no padding.
     inside = crop_resize(photo, (256.0, 256.0, 400.0), 200)
     assert np.array_equal(inside, crop_resize(photo[56:456, 56:456], (200.0, 200.0, 400.0), 200))
+
+
+def test_block_mean_is_the_mean_of_each_block_partial_ones_included():
+    from edgetalk.runtime.avatar import block_mean
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    out = block_mean(img, 4)
+    assert out.shape == (6, 8, 3) and out.dtype == np.float32
+    for i in range(6):
+        for j in range(8):
+            want = img[4 * i : 4 * i + 4, 4 * j : 4 * j + 4].reshape(-1, 3).mean(0)
+            np.testing.assert_allclose(out[i, j], want, rtol=1e-6)
+
+
+def test_a_phone_photo_is_cropped_in_bounded_memory_and_as_the_exact_resize_would():
+    """A 12 MP phone photo whose face fills it: the resize by dense weights made float copies of
+    the whole crop and more (1 GB, 6 s here). Averaging whole blocks first (as PIL's thumbnail
+    does with reducing_gap 2) keeps the peak small; the picture stays within about a level of
+    the exact resize, and a photo that needs no reduction is untouched (the test above)."""
+    import tracemalloc
+
+    src = default_avatar()  # 512 px
+    # a 1000x750 photo (its crop needs no reduction: the exact resize) and the same photo with
+    # every pixel repeated 4x4 (4000x3000, 12 MP), each with the same crop
+    small = cv2.resize(src[:384], (1000, 750), interpolation=cv2.INTER_CUBIC)
+    big = np.repeat(np.repeat(small, 4, 0), 4, 1)
+    exact = crop_resize(small, (500.0, 375.0, 1000.0), 256)  # leaves the photo top and bottom
+    tracemalloc.start()
+    out = crop_resize(big, (2000.0, 1500.0, 4000.0), 256)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (256, 256, 3)
+    assert peak < 150e6, f"peak {peak / 1e6:.0f} MB"
+    assert np.abs(out.astype(int) - exact.astype(int)).mean() < 1.0
