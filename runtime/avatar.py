@@ -76,6 +76,9 @@ def decode_image(data: bytes, name: str = "the image", max_pixels: int | None = 
     kind = sniff_image(data)
     if kind is None:
         raise InputError(f"cannot read {name} as an image: it is not a PNG, JPEG, WebP or BMP file")
+    if kind == "webp" and data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02:
+        # FFmpeg's WebP decoder reads still pictures only: say so, not "damaged"
+        raise InputError(f"{name} is an animated WebP; use a still photo (PNG, JPEG, WebP or BMP)")
     over = f"over the {cap:,}-pixel limit; resize it first"
     w, h = _header_size(data)
     if w * h > cap:

@@ -319,6 +319,22 @@ def test_an_image_just_under_the_pixel_cap_decodes(monkeypatch, fmt):
         avatar.decode_image(_image("RGB", 1000, 991, fmt), "photo")
 
 
+def test_an_animated_webp_is_refused_by_name_not_as_damaged():
+    from PIL import Image
+
+    from edgetalk.runtime.avatar import decode_image
+
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match="sticker.webp is an animated WebP; use a still photo"):
+        decode_image(buf.getvalue(), "sticker.webp")
+    still = io.BytesIO()
+    Image.new("RGBA", (64, 64), (255, 0, 0, 128)).save(still, "WEBP")  # VP8X (alpha), still
+    assert still.getvalue()[12:16] == b"VP8X"
+    assert decode_image(still.getvalue(), "still.webp").shape == (64, 64, 3)
+
+
 def test_ffmpeg_is_allowed_the_announced_image_padded_and_no_more():
     from edgetalk.runtime.avatar import FFMPEG_PAD, ffmpeg_pixel_cap
 
