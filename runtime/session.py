@@ -394,6 +394,11 @@ class Session:
             return frames
 
     def _convert(self, pcm, rate: int, which: str, what: str) -> np.ndarray:
+        if isinstance(pcm, (bytes, bytearray, memoryview)):  # what most TTS APIs hand back
+            raise InputError(
+                f"{what} is raw bytes: pass np.frombuffer(data, np.int16) for 16-bit PCM "
+                "(little-endian), or float32 samples"
+            )
         x = np.asarray(pcm)
         if x.dtype == np.int16:
             x = x.astype(np.float32) / 32768.0

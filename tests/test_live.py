@@ -97,6 +97,8 @@ def test_bad_input_is_a_clear_error(backend):
             s.push_audio(np.full(100, np.nan, np.float32))
         with pytest.raises(InputError, match="float32 or int16"):
             s.push_audio(np.zeros(100, np.int32))
+        with pytest.raises(InputError, match=r"raw bytes: pass np\.frombuffer\(data, np\.int16\)"):
+            s.push_audio(b"\x00\x00" * 100)  # a TTS's PCM bytes: said how, not "dtype |S200"
         # channels-first stereo, at the model's rate and through the resampler: not 2 samples
         # of 16000-channel noise
         for rate in (16000, 22050):
