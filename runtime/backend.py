@@ -27,6 +27,9 @@ class Backend(ABC):
     name: ClassVar[str]
     # Bundle targets this backend can execute, e.g. ("onnx",). "torch" runs checkpoints.
     targets: ClassVar[tuple[str, ...]] = ()
+    # Whether two modules may run at once from two threads (the scheduler's overlap): the
+    # CPU runtimes, whose sessions/modules share no mutable state between calls.
+    concurrent_modules: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig, io: dict[str, ModuleIO], precision: str = "fp32"):
         self.cfg = cfg

@@ -23,6 +23,7 @@ from .backend import Backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     targets = ("onnx",)
+    concurrent_modules = True
     providers_wanted: tuple[str, ...] = ("CPUExecutionProvider",)
 
     @classmethod

@@ -17,6 +17,7 @@ from .backend import Backend
 class TorchBackend(Backend):
     name = "torch"
     targets = ("torch",)
+    concurrent_modules = True
 
     def __init__(self, model: EdgeTalkModel, cfg: ModelConfig | None = None, precision="fp32"):
         cfg = cfg or model.cfg

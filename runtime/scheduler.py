@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,7 +126,14 @@ class StreamScheduler:
         seed: int = 0,
         clock: Callable[[], float] = time.perf_counter,
         mouth_rest: MouthRest = KEEP,  # the photo's open mouth, closed at rest (rest_pose.py)
+        overlap: bool = False,
     ):
+        """`overlap`: the decoder of chunk k runs on a worker thread while the caller computes
+        chunk k+1's audio and motion, so frames come back one chunk later (push_audio returns
+        the previous chunk's; flush returns the rest). For rendering as fast as possible with
+        threads to spare (`edgetalk run` from a file); a live stream, whose next chunk's audio
+        has not arrived yet, would only be delayed. Only backends whose modules may run at the
+        same time from two threads take it (Backend.concurrent_modules); others run in turn."""
         cfg = backend.cfg
         res = cfg.render.resolution
         if avatar.shape != (res, res, 3) or avatar.dtype != np.uint8:
@@ -157,11 +166,28 @@ class StreamScheduler:
         make_cache = getattr(backend, "new_cache", None)
         self.cache = make_cache(cfg) if make_cache else KVCache(cfg)
         self.blend = BoundaryBlend(cfg.chunk)
+        self._pending: Future | None = None  # the chunk on the worker (overlap)
+        self._overlap: ThreadPoolExecutor | None = None
+        if overlap and backend.concurrent_modules:
+            self._overlap = ThreadPoolExecutor(1, thread_name_prefix="edgetalk-decode")
+            weakref.finalize(self, self._overlap.shutdown, wait=False)
         self.reset()
+
+    @property
+    def overlapping(self) -> bool:
+        return self._overlap is not None
+
+    def close(self) -> None:
+        """Let the overlap worker go (it also goes with the scheduler)."""
+        self._pending = None
+        if self._overlap is not None:
+            self._overlap.shutdown(wait=True)
+            self._overlap = None
 
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new stream with the same avatar (same seed, so the same noise sequence)."""
+        self._collect()  # a chunk still on the worker belongs to the old stream
         # The audio encoder's streaming state: every input but the chunk's own (pcm_state,
         # conv_state, and mel_state where the encoder normalizes), each returned as NAME_out.
         audio_io = self.backend.io["audio"]
@@ -233,6 +259,7 @@ class StreamScheduler:
             self.own = np.concatenate([self.own, np.zeros(pad, np.float32)])
             self.partner = np.concatenate([self.partner, np.zeros(pad, np.float32)])
             frames.extend(f for f in self._step() if f.index < total)
+        frames.extend(f for f in self._collect() if f.index < total)
         # Lookahead padding belongs to no frame; drop it so the stream can go on cleanly.
         self.own = self.own[:0]
         self.partner = self.partner[:0]
@@ -244,6 +271,7 @@ class StreamScheduler:
 
         Returns the number of samples dropped. Frames already returned are the caller's to drop.
         """
+        self._collect()  # with overlap, a chunk not yet returned: dropped like the audio
         dropped = self.own.shape[0]
         self.own = self.own[:0]
         self.partner = self.partner[:0]
@@ -259,6 +287,23 @@ class StreamScheduler:
         return out
 
     def _step(self) -> list[Frame]:
+        job = self._motion_chunk()
+        if self._overlap is None:
+            return self._render(*job)
+        # The decoder of this chunk runs on the worker while the caller goes on to the next
+        # chunk's audio and generator; the previous chunk's frames are returned now.
+        done = self._collect()
+        self._pending = self._overlap.submit(self._render, *job)
+        return done
+
+    def _collect(self) -> list[Frame]:
+        """The frames of the chunk whose decoder is running on the worker (overlap), or none."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else []
+
+    def _motion_chunk(self):
+        """Audio, generator and the shown motion of the next chunk; every stream state advances
+        here, on the caller's thread. -> what _render needs."""
         c, spf = self.chunk, SAMPLES_PER_FRAME
         n = self.cfg.chunk_samples
         own, partner = self.own[:n], self.partner[:n]
@@ -304,6 +349,19 @@ class StreamScheduler:
             motion[0][:, MOUTH_INDEX] = shown + w * (readout - shown)
         motion = self.mouth_rest.apply(motion)  # onto the photo's own mouth; a copy if it moves
         self.last_motion = motion[0]
+        start = self.next_frame
+        # Copied, so that frames kept by a caller do not pin the whole queued audio.
+        shown = own[: c * spf].reshape(c, spf).copy()
+        shown_p = partner[: c * spf].reshape(c, spf).copy() if self.partner_seen else [None] * c
+        self.own, self.partner = self.own[c * spf :], self.partner[c * spf :]
+        self.next_frame += c
+        self.stats.chunks += 1
+        self.stats.frames += c
+        return motion, start, shown, shown_p
+
+    def _render(self, motion, start: int, shown, shown_p) -> list[Frame]:
+        """The decoder and the 8-bit conversion of one chunk: no stream state is read or written
+        here but the conversion buffer, so with overlap it runs on the worker thread."""
         dec = self._run("decoder", {**self.photo, "motion": motion})
         t0 = self.clock()
         frames = dec["frames"]
@@ -313,14 +371,7 @@ class StreamScheduler:
             self._levels = np.empty_like(frames, dtype=np.float32)
         rgb = to_uint8(frames, self._levels)
         self.stats.convert_ms.append((self.clock() - t0) * 1000.0)
-        start = self.next_frame
-        # Copied, so that frames kept by a caller do not pin the whole queued audio.
-        shown = own[: c * spf].reshape(c, spf).copy()
-        shown_p = partner[: c * spf].reshape(c, spf).copy() if self.partner_seen else [None] * c
-        self.own, self.partner = self.own[c * spf :], self.partner[c * spf :]
-        self.next_frame += c
-        self.stats.chunks += 1
-        self.stats.frames += c
+        c = len(shown)
         return [Frame(start + i, (start + i) / FPS, rgb[i], shown[i], shown_p[i]) for i in range(c)]
 
 
