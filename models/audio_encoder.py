@@ -36,6 +36,7 @@ from torch import nn
 from .config import SAMPLE_RATE, SAMPLES_PER_FRAME, ModelConfig
 from .constants import GATE_CENTER, GATE_FLOOR, GATE_WIDTH, READOUT_PAST
 from .mel_mean import running_mean_weights
+from .meta import shapes_only
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sr: int = SAMPLE_RATE) -> torch.Tensor:
@@ -45,6 +46,8 @@ def mel_filterbank(n_fft: int, n_mels: int, sr: int = SAMPLE_RATE) -> torch.Tens
         return 2595.0 * math.log10(1.0 + f / 700.0)
 
     n_freq = n_fft // 2 + 1
+    if shapes_only():
+        return torch.empty(n_freq, n_mels)
     mels = torch.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2)
     hz = 700.0 * (10 ** (mels / 2595.0) - 1.0)
     freqs = torch.linspace(0, sr / 2, n_freq)
@@ -57,6 +60,8 @@ def mel_filterbank(n_fft: int, n_mels: int, sr: int = SAMPLE_RATE) -> torch.Tens
 def dft_basis(n_fft: int) -> torch.Tensor:
     """Hann-windowed real DFT as conv1d weights [2*n_freq, 1, n_fft] (cos rows, then sin rows)."""
     n_freq = n_fft // 2 + 1
+    if shapes_only():
+        return torch.empty(2 * n_freq, 1, n_fft)
     n = torch.arange(n_fft, dtype=torch.float64)
     k = torch.arange(n_freq, dtype=torch.float64)[:, None]
     window = 0.5 - 0.5 * torch.cos(2 * math.pi * n / n_fft)

@@ -30,6 +30,7 @@ from torch import nn
 from .config import REFINE_OUT_CHANNELS as OUT_CHANNELS
 from .config import ModelConfig
 from .constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
+from .meta import shapes_only
 from .sampling import (
     TableSampler,
     Upsample,
@@ -42,10 +43,18 @@ from .sampling import (
 )
 
 
+def pixel_centres(n: int) -> torch.Tensor:
+    """[n] pixel-centre coordinates in [-1, 1] (align_corners=False)."""
+    if shapes_only():
+        return torch.empty(n)
+    return (torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1
+
+
 def base_grid(h: int, w: int) -> torch.Tensor:
     """Homogeneous pixel-centre coordinates in [-1, 1] (align_corners=False), [h*w, 3]."""
-    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+    if shapes_only():
+        return torch.empty(h * w, 3)
+    ys, xs = pixel_centres(h), pixel_centres(w)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).reshape(h * w, 3)
 
@@ -109,8 +118,9 @@ class Decoder(nn.Module):
         self.upsample = Upsample(self.feat, self.res // self.feat)  # 1/4 resolution -> full
         self.sampler = TableSampler()  # the ONNX Runtime form's photo gather (_render_gather)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
-        rows = (torch.arange(self.feat, dtype=torch.float32) * 2 + 1) / self.feat - 1
-        self.register_buffer("rows", rows.reshape(1, 1, -1, 1), persistent=False)
+        self.register_buffer(
+            "rows", pixel_centres(self.feat).reshape(1, 1, -1, 1), persistent=False
+        )
         self.sharp = SHARP_ROWS * 2.0 / self.res  # the closing field's flip, normalized
         self.native_sampling = (
             True  # the ONNX exporter switches to the ORT form (models/sampling.py)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .meta import shapes_only
+
 
 def bilinear_corners(grid: torch.Tensor, h: int, w: int, index_dtype: torch.dtype):
     """For grid [N, Ho, Wo, 2] (normalized, align_corners=False, border padding) over an h x w
@@ -105,6 +107,8 @@ def pixel_shuffle2(x: torch.Tensor, native: bool = True) -> torch.Tensor:
 def upsample_matrix(size: int, factor: int) -> torch.Tensor:
     """[size*factor, size]: 1-D linear upsampling with align_corners=False (PyTorch's half-pixel
     rule, edges clamped), so that A @ x @ A.T is F.interpolate(x, bilinear)."""
+    if shapes_only():
+        return torch.empty(size * factor, size)
     eye = torch.eye(size).unsqueeze(1)  # [size, 1, size]: each row a unit impulse
     up = F.interpolate(eye, scale_factor=factor, mode="linear", align_corners=False)
     return up[:, 0].T.contiguous()
