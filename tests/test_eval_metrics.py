@@ -124,3 +124,26 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     per_face = report["lip_sync"]["model"]["bilabial_by_identity"]
     assert list(per_face) == [report["identities"][0]]  # one clip: the first held-out face
     assert "identity_ratio" in report["long_stream"]["model"]
+
+
+def test_whole_video_metrics_work_in_blocks_and_equal_the_plain_formulas(monkeypatch):
+    """psnr and the judder's frame differences step through a video a few frames at a time
+    (a float copy of a whole clip cost seconds and gigabytes a call); blocks that split the video
+    anywhere give the plain formulas' values, for 8-bit and float frames."""
+    from edgetalk.training import judder
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    plain_mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    plain_diffs = np.abs(np.diff(a.astype(np.float64).reshape(9, -1), axis=0)).mean(axis=1)
+    for block in (1 << 22, 500, 192, 7):  # one block, several, a frame split across blocks
+        monkeypatch.setattr(metrics, "BLOCK", block)
+        monkeypatch.setattr(judder, "BLOCK", block)
+        assert metrics.psnr(a, b) == pytest.approx(10 * np.log10(255.0**2 / plain_mse), rel=1e-12)
+        np.testing.assert_allclose(judder.frame_diffs(a), plain_diffs, rtol=1e-12)
+        f = a.astype(np.float32)
+        np.testing.assert_allclose(judder.frame_diffs(f), plain_diffs, rtol=1e-6)
+        assert metrics.psnr(f, b.astype(np.float32)) == pytest.approx(metrics.psnr(a, b))
+    with pytest.raises(ValueError, match="psnr of"):
+        metrics.psnr(a, b[:3])
