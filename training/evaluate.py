@@ -33,8 +33,12 @@ def stream_frames(
     """Frames the model streams for the audio (pieces of 0.2 s, as a live source would), with
     the photo's mouth handled as `edgetalk run` does (rest_pose.py)."""
     from ..runtime.rest_pose import measure
+    from ..runtime.threads import cpu_count, resolve
 
-    sched = StreamScheduler(backend, avatar, seed=seed, mouth_rest=measure(avatar, open_mouth))
+    # every frame is kept, so the decoder may overlap the next chunk (the same frames, sooner)
+    overlap = cpu_count() >= 2 * resolve(None)
+    rest = measure(avatar, open_mouth)
+    sched = StreamScheduler(backend, avatar, seed=seed, mouth_rest=rest, overlap=overlap)
     n = math.ceil(len(own) / SAMPLES_PER_FRAME)
     out = []
     piece = 3200
@@ -42,6 +46,7 @@ def stream_frames(
         p = None if partner is None else partner[i : i + piece]
         out += [f for f in sched.push_audio(own[i : i + piece], p) if keep is None or keep(f.index)]
     out += [f for f in sched.flush() if keep is None or keep(f.index)]
+    sched.close()
     return [f.rgb for f in out if f.index < n]
 
 
