@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     from .rest_pose import measure
     from .scheduler import StreamScheduler
     from .sinks import Mp4Sink
-    from .threads import cpu_count, resolve
+    from .threads import spare_cores
 
     audio_path = args.audio or default_speech()
     if args.audio is None:
@@ -117,11 +117,9 @@ def main(args: argparse.Namespace) -> int:
     avatar = prepare_avatar(args.avatar, res, face_check=not args.no_face_check)
     rest = measure(avatar, args.open_mouth)
     print(f"the photo's mouth: {rest.note}")
-    # A file is rendered as fast as the machine allows: with room for a second set of the
-    # model's threads, chunk k's decoder overlaps chunk k+1's generator (scheduler.py), the
-    # frames bit-identical. Both sides may use --threads each (torch's OpenMP team on the
-    # caller too): on 2 cores at 2 threads that oversubscribed them, 0.71x for torch at C=4.
-    spare = not args.no_overlap and cpu_count() >= 2 * resolve(args.threads)
+    # A file is rendered as fast as the machine allows: with cores to spare, chunk k's decoder
+    # overlaps chunk k+1's generator (scheduler.py), the frames bit-identical.
+    spare = not args.no_overlap and spare_cores(args.threads)
     sched = StreamScheduler(backend, avatar, seed=args.seed, mouth_rest=rest, overlap=spare)
 
     pcm = own.pcm

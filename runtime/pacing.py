@@ -107,13 +107,21 @@ class Pacer:
             return 0
         return gap // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
 
+    def _behind(self, next_index: int) -> float:
+        """How late the next frame would be when ready (now + the usual compute time of a
+        chunk); 0 where nothing is ever skipped (offline, late frames marked, not started)."""
+        if not (self.realtime and self.drop_late) or self.t0 is None:
+            return 0.0
+        return self.clock() + self.compute_s - (self.t0 + next_index / FPS)
+
+    def late(self, next_index: int) -> bool:
+        """Catch-up is due: the next frame would be more than a chunk late when ready."""
+        return self._behind(next_index) > self.chunk_s
+
     def frames_to_skip(self, next_index: int, waiting_frames: int) -> int:
         """Catch-up: how many of the next frames (whose audio waits, `waiting_frames` of them, not
         yet rendered) would be more than a chunk late when ready. Skip them unrendered."""
-        if not (self.realtime and self.drop_late) or self.t0 is None:
-            return 0
-        # How late the next frame would be when ready (now + the usual compute time of a chunk).
-        behind = self.clock() + self.compute_s - (self.t0 + next_index / FPS)
+        behind = self._behind(next_index)
         if behind <= self.chunk_s:
             return 0
         # Skipping helps only as far as the audio after the skip is already here: a chunk (and

@@ -170,12 +170,24 @@ class StreamScheduler:
         self._overlap: ThreadPoolExecutor | None = None
         if overlap and backend.concurrent_modules:
             self._overlap = ThreadPoolExecutor(1, thread_name_prefix="edgetalk-decode")
+            self._overlap.submit(int)  # its one thread starts now, not on the first backlog
             weakref.finalize(self, self._overlap.shutdown, wait=False)
         self.reset()
 
     @property
     def overlapping(self) -> bool:
         return self._overlap is not None
+
+    @property
+    def pending(self) -> bool:
+        """A chunk's decoder is running on the worker (overlap): drain() returns its frames."""
+        return self._pending is not None
+
+    def drain(self) -> list[Frame]:
+        """The frames of the chunk whose decoder is on the worker, once it is done; [] when none.
+        A live stream calls it whenever the next chunk's audio is not in hand, so overlap
+        never holds frames back while audio is awaited (runtime/session.py)."""
+        return self._collect()
 
     def close(self) -> None:
         """Let the overlap worker go (it also goes with the scheduler)."""

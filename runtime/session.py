@@ -9,7 +9,9 @@ Threads and queues (all bounded):
   at most MAX_INPUT_SECONDS; a push beyond that waits (backpressure) and an interrupt releases it.
   Unpaired partner audio (`push_partner`) is capped at MAX_PARTNER_SECONDS (oldest dropped).
 - One worker thread owns the StreamScheduler. It takes at most one chunk of audio at a time, so
-  an interrupt cuts in within one chunk of compute.
+  an interrupt cuts in within one chunk of compute. With cores to spare, a chunk's decoder runs
+  on the scheduler's overlap thread while the next chunk's audio is already here, and is handed
+  out as soon as that audio is not (`overlap`).
 - Rendered frames wait in the output queue (MAX_QUEUED_FRAMES, plus the chunk being added) until
   `frames()` takes them; beyond that the worker waits.
 
@@ -159,11 +161,17 @@ class Session:
         chunk: int | None = None,
         max_queued_frames: int = MAX_QUEUED_FRAMES,
         clock=time.monotonic,
+        overlap: bool | None = None,
     ):
+        """`overlap`: while the next chunk's audio is already here (a TTS sends faster than
+        real time, or the stream fell behind), a chunk's decoder runs on a second thread beside
+        the next chunk's audio and generator; frames are handed out as soon as they are ready,
+        so it never delays one. None: when the machine has cores to spare for it (threads.py)."""
         from .avatar import prepare_avatar
         from .backend import Backend
         from .rest_pose import check_policy, measure
         from .scheduler import StreamScheduler
+        from .threads import spare_cores
 
         check_late_policy(late_policy)  # before the model loads
         check_policy(open_mouth)
@@ -179,8 +187,14 @@ class Session:
             )
         self.resolution = self.backend.cfg.render.resolution
         self.avatar = prepare_avatar(avatar, self.resolution, face_check=face_check)
+        if overlap is None:
+            overlap = spare_cores()
         self.scheduler = StreamScheduler(
-            self.backend, self.avatar, seed=seed, mouth_rest=measure(self.avatar, open_mouth)
+            self.backend,
+            self.avatar,
+            seed=seed,
+            mouth_rest=measure(self.avatar, open_mouth),
+            overlap=overlap,
         )
         self.realtime = realtime
         self.late_policy = late_policy
@@ -504,6 +518,7 @@ class Session:
                 self._error = e
                 self._cond.notify_all()
         finally:
+            self.scheduler.close()  # its overlap thread (a chunk still on it is not wanted)
             with self._cond:
                 self._done = True
                 if self._end is None and self._aborted:
@@ -512,16 +527,28 @@ class Session:
 
     def _loop(self) -> None:
         sched = self.scheduler
+        pending_epoch = self._epoch  # the epoch of the chunk on the overlap worker
         while True:
-            flush = False
+            flush = drain = False
             with self._cond:
                 while True:
                     if self._aborted:
                         return
+                    if sched.pending and (
+                        self._sched_interrupt
+                        or not self._chunk_in_hand_locked()
+                        or self.pacer.late(self._tl_next)
+                    ):
+                        # Overlap only while the next chunk's audio is here: otherwise the
+                        # chunk on the worker is handed out now, not after audio yet to come;
+                        # an interrupt or a catch-up acts on a scheduler with nothing in flight.
+                        drain = True
+                        break
                     if self._sched_interrupt:
                         self._sched_interrupt = False
                         sched.interrupt()
-                    self._catch_up_locked()
+                    if not sched.pending:  # (late an instant ago: drained above)
+                        self._catch_up_locked()
                     if self._in_samples:
                         own, partner = self._take_locked(self.chunk * SPF)
                         break
@@ -531,9 +558,13 @@ class Session:
                     if self._fill_silence_locked():
                         continue
                     self._cond.wait(TICK_S)
-                epoch = self._epoch
+                epoch = pending_epoch if drain else self._epoch
             t_compute = time.perf_counter()
-            frames = sched.flush() if flush else sched.push_audio(own, partner)
+            if drain:
+                frames = sched.drain()
+            else:
+                frames = sched.flush() if flush else sched.push_audio(own, partner)
+                pending_epoch = epoch
             compute_s = time.perf_counter() - t_compute
             with self._cond:
                 if frames:
@@ -551,6 +582,12 @@ class Session:
                     self._put_frames_locked(frames)
                 if flush:
                     return
+
+    def _chunk_in_hand_locked(self) -> bool:
+        """The scheduler would render a chunk from the audio here now (overlap's condition)."""
+        sched = self.scheduler
+        here = sched.own.shape[0] + min(self._in_samples, self.chunk * SPF)
+        return here >= sched.cfg.chunk_samples
 
     def _put_frames_locked(self, frames) -> None:
         # Frames from before the partner's first audio carry silence for it, once it is there.

@@ -1,6 +1,7 @@
 """The scheduler's overlap: chunk k's decoder on a worker thread while the caller computes chunk
 k+1's audio and motion. The frames are the serial scheduler's, one chunk later; nothing is lost
-on flush, reset or interrupt, and a failure on the worker reaches the caller."""
+on flush, reset or interrupt, and a failure on the worker reaches the caller. A live Session
+overlaps only while the next chunk's audio is in hand, so no frame waits for audio to come."""
 
 from __future__ import annotations
 
@@ -143,3 +144,100 @@ def test_reset_and_interrupt_drop_the_chunk_on_the_worker(model):
     assert all(f.index >= s.next_frame for f in s.push_audio(np.zeros(640, np.float32)))
     s.close()
     assert not s.overlapping
+
+
+# ---- a live Session: overlap only while the next chunk's audio is in hand ----------------------
+
+
+def session_frames(backend, overlap, pcm, piece=3200):
+    from edgetalk.runtime.session import Session
+
+    s = Session(
+        avatar=avatar_for(backend),
+        backend=backend,
+        face_check=False,
+        realtime=False,
+        overlap=overlap,
+        seed=5,
+    )
+    assert s.scheduler.overlapping == overlap
+    for i in range(0, pcm.shape[0], piece):
+        s.push_audio(pcm[i : i + piece])
+    s.close()
+    return [(f.index, f.rgb.copy(), f.audio.copy()) for f in s.frames()], s
+
+
+def test_a_session_overlaps_a_backlog_and_gives_the_same_frames(model):
+    """Audio pushed faster than real time (a TTS) is in hand: each chunk's decoder runs beside
+    the next chunk's audio and generator, and the frames are the serial session's."""
+    pcm = speechlike(1.3)
+    tap = ThreadTap(model)
+    got, s = session_frames(tap, True, pcm)
+    want, _ = session_frames(TorchBackend(model), False, pcm)
+    assert [i for i, *_ in got] == [i for i, *_ in want] == list(range(len(want)))
+    assert len(want) == int(np.ceil(pcm.shape[0] / 640))
+    for (_, a, x), (_, b, y) in zip(got, want, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(x, y)
+    assert not tap.threads["decoder"] & tap.threads["audio"]  # decoded beside the audio
+    assert not s.scheduler.overlapping  # the worker's end let the overlap thread go
+
+
+def test_a_session_hands_a_chunk_out_without_waiting_for_more_audio(model):
+    """With nothing more in hand, the chunk on the overlap thread is handed out as soon as it
+    is decoded: overlap never adds a chunk of delay to a live stream (the scheduler alone,
+    used by `run`, returns it with the next chunk)."""
+    from edgetalk.runtime.session import Session
+
+    backend = TorchBackend(model)
+    s = Session(
+        avatar=avatar_for(backend), backend=backend, face_check=False, realtime=False, overlap=True
+    )
+    c, need = backend.cfg.chunk, backend.cfg.chunk_samples
+    got: list[int] = []
+    done = threading.Event()
+
+    def read():
+        for f in s.frames():
+            got.append(f.index)
+            if len(got) == c:
+                done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    s.push_audio(speechlike(need / 16000 + 0.001))  # one chunk and its lookahead, no more
+    assert done.wait(30), f"{len(got)} of the chunk's {c} frames came out"
+    assert got == list(range(c))
+    s.close()
+    reader.join(30)
+    assert not reader.is_alive()
+
+
+def test_an_interrupt_drops_the_chunk_on_the_overlap_thread(model):
+    """A barge-in while a chunk decodes on the overlap thread: that chunk is counted as
+    interrupted and never shown; the next utterance starts the timeline cleanly."""
+    from edgetalk.runtime.session import Session
+
+    class Slow(TorchBackend):
+        def run(self, module, inputs):
+            if module == "decoder":
+                threading.Event().wait(0.15)
+            return super().run(module, inputs)
+
+    backend = Slow(model)
+    s = Session(
+        avatar=avatar_for(backend), backend=backend, face_check=False, realtime=False, overlap=True
+    )
+    c = backend.cfg.chunk
+    s.push_audio(speechlike(0.8, seed=4))  # a backlog: several chunks in hand
+    for _ in range(300):
+        if s.scheduler.pending:
+            break
+        threading.Event().wait(0.01)
+    assert s.scheduler.pending
+    s.interrupt()
+    after = speechlike(0.5, seed=6)
+    s.push_audio(after)
+    s.close()
+    shown = [f.index for f in s.frames()]  # nothing was read before the interrupt
+    assert shown == list(range(int(np.ceil(after.shape[0] / 640))))
+    assert s.stats.interrupted_frames >= c

@@ -33,10 +33,10 @@ def stream_frames(
     """Frames the model streams for the audio (pieces of 0.2 s, as a live source would), with
     the photo's mouth handled as `edgetalk run` does (rest_pose.py)."""
     from ..runtime.rest_pose import measure
-    from ..runtime.threads import cpu_count, resolve
+    from ..runtime.threads import spare_cores
 
     # every frame is kept, so the decoder may overlap the next chunk (the same frames, sooner)
-    overlap = cpu_count() >= 2 * resolve(None)
+    overlap = spare_cores()
     rest = measure(avatar, open_mouth)
     sched = StreamScheduler(backend, avatar, seed=seed, mouth_rest=rest, overlap=overlap)
     n = math.ceil(len(own) / SAMPLES_PER_FRAME)
