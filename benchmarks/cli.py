@@ -69,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ratios hold (FFD is still measured one at a time; peak RSS is then of all together)",
     )
     p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="throughput as `edgetalk run` renders a file: each chunk's decoder on a second "
+        "thread beside the next chunk's audio and generator (FFD is still the serial live path)",
+    )
+    p.add_argument(
         "--json",
         type=cliargs.report_file,
         help="write the results here (schema: benchmarks/schema.py)",
@@ -180,7 +186,9 @@ def main(args: argparse.Namespace) -> int:
         bundles_root=args.bundles_root,
         seed=args.seed,
     )
-    settings = Settings(args.seconds, args.repeats, args.piece_ms, args.warmup, args.seed)
+    settings = Settings(
+        args.seconds, args.repeats, args.piece_ms, args.warmup, args.seed, overlap=args.overlap
+    )
     plan = make_plan(req, log=print)
     print(f"{len(plan.configs)} configuration(s): " + ", ".join(c.label for c in plan.configs))
     for s in plan.skipped:

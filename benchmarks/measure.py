@@ -31,6 +31,7 @@ class Settings:
     piece_ms: float = 20.0
     warmup_seconds: float = 1.0
     seed: int = 0
+    overlap: bool = False  # throughput streams overlap each chunk's decoder (as `edgetalk run`)
 
     def to_dict(self) -> dict:
         return {
@@ -39,6 +40,7 @@ class Settings:
             "piece_ms": self.piece_ms,
             "warmup_seconds": self.warmup_seconds,
             "seed": self.seed,
+            "overlap": self.overlap,
         }
 
 
@@ -111,6 +113,9 @@ class PacedRun:
         return deadline_misses(self.arrivals)
 
 
+OVERLAP_TURN = 4  # chunks per interleaved turn with overlap: 3 of 4 decoders overlapped
+
+
 def throughput_run(
     sched: StreamScheduler,
     pcm: np.ndarray,
@@ -142,9 +147,13 @@ def interleaved_throughput(
     scheduler in turn (who goes first rotates every chunk), each timed on its own. On a machine
     whose speed drifts by 2x over minutes (a shared VM, a laptop that throttles), every
     configuration then sees the same conditions within milliseconds of each other, so ratios
-    between them hold where back-to-back runs, seconds apart, do not. They share one chunk size."""
+    between them hold where back-to-back runs, seconds apart, do not. They share one chunk size.
+
+    Overlapping schedulers take OVERLAP_TURN chunks a turn and finish their last decoder within
+    it (drain), so no decoder runs into another configuration's turn and time."""
     n = len(scheds)
-    step = scheds[0].chunk * SAMPLES_PER_FRAME
+    turn_chunks = OVERLAP_TURN if any(s.overlapping for s in scheds) else 1
+    step = scheds[0].chunk * SAMPLES_PER_FRAME * turn_chunks
     if any(s.chunk != scheds[0].chunk for s in scheds):
         raise ValueError("interleaved schedulers must share one chunk size")
     sinks = [NullSink() for _ in scheds]
@@ -154,7 +163,7 @@ def interleaved_throughput(
         for k in range(n):
             i = (first + j + k) % n
             t0 = clock()
-            for frame in call(scheds[i]):
+            for frame in [*call(scheds[i]), *scheds[i].drain()]:
                 sinks[i].write(frame)
             spent[i] += clock() - t0
 
@@ -286,8 +295,8 @@ def measure_group(
     memory = PeakMemory().start()
     timings = [Timings() for _ in backends]
 
-    def scheduler(backend: Backend) -> StreamScheduler:
-        s = StreamScheduler(backend, avatar, seed=settings.seed, clock=clock)
+    def scheduler(backend: Backend, overlap: bool = False) -> StreamScheduler:
+        s = StreamScheduler(backend, avatar, seed=settings.seed, clock=clock, overlap=overlap)
         memory.sample()
         return s
 
@@ -296,11 +305,14 @@ def measure_group(
     warm_frames = max(int(round(settings.warmup_seconds * FPS)), 2 * cfg.chunk + look_frames)
     warm = np.tile(pcm, -(-warm_frames * SAMPLES_PER_FRAME // pcm.shape[0]))
     for backend in backends:
-        throughput_run(scheduler(backend), warm[: warm_frames * SAMPLES_PER_FRAME], clock, memory)
+        warm_sched = scheduler(backend, settings.overlap)
+        throughput_run(warm_sched, warm[: warm_frames * SAMPLES_PER_FRAME], clock, memory)
+        warm_sched.close()
 
     runs: list[list[ThroughputRun]] = [[] for _ in backends]
     for rep in range(settings.repeats):
-        scheds = [scheduler(b) for b in backends]
+        # Throughput only: a paced (live) stream has no next chunk in hand to overlap with.
+        scheds = [scheduler(b, settings.overlap) for b in backends]
         if len(scheds) == 1:
             done = [throughput_run(scheds[0], pcm, clock, memory)]
         else:
@@ -308,9 +320,13 @@ def measure_group(
         for i, (sched, run) in enumerate(zip(scheds, done, strict=True)):
             runs[i].append(run)
             timings[i].add(sched)
+            sched.close()
     if log:
         fps = ", ".join(f"{np.median([r.fps for r in rs]):.1f}" for rs in runs)
-        log(f"throughput {fps} fps" + (" (interleaved)" if len(backends) > 1 else ""))
+        how = [" (interleaved)"] * (len(backends) > 1) + [
+            " (decoder overlapped)"
+        ] * settings.overlap
+        log(f"throughput {fps} fps" + "".join(how))
 
     paced: list[list[PacedRun]] = [
         [

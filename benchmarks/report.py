@@ -184,7 +184,8 @@ def render_run(report: dict) -> str:
         f"## edgetalk bench — {d['name']}",
         "",
         f"{s['seconds']:g} s of speech, {s['repeats']} repeat(s), median shown; "
-        f"threads {d['threads']} (where a row has no thr); fp32 GEMM peak "
+        + ("FPS with each chunk's decoder overlapped (--overlap); " if s.get("overlap") else "")
+        + f"threads {d['threads']} (where a row has no thr); fp32 GEMM peak "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in d["gemm_peak_gflops"].items())
         + f" (cpu: all {d['cores_logical']} cores)",
         "",

@@ -266,6 +266,11 @@ SCHEMA: dict[str, Any] = {
                 "piece_ms": _d(_NUM0, "paced audio piece length"),
                 "warmup_seconds": _d(_NUM0, "audio streamed before measuring (excluded)"),
                 "seed": _d({"type": "integer"}, "noise seed (and random-weight seed)"),
+                "overlap": _d(
+                    {"type": "boolean"},
+                    "bench --overlap: the throughput streams ran each chunk's decoder beside the "
+                    "next chunk's audio and generator, as `edgetalk run` does (FFD stays serial)",
+                ),
             },
         },
         "device": DEVICE,

@@ -612,3 +612,57 @@ def test_device_peak_is_every_core_and_threads_are_what_rows_run(monkeypatch):
         set_threads(None)
     assert d["threads"] == 1 and seen == [os.cpu_count()]
     assert torch.get_num_threads() == before
+
+
+# ---- --overlap: throughput as `edgetalk run` renders a file ------------------------------------
+def sleepy(micro_backend, calls=None):
+    """The micro model with a 30 ms decoder and a 20 ms generator a chunk (sleeps, so the
+    figures hold on a loaded machine): 50 ms a chunk in turn, about 30 overlapped. `calls`
+    collects (backend, start, end) of every call."""
+    import time
+
+    from edgetalk.runtime.backend_torch import TorchBackend
+
+    class Sleepy(TorchBackend):
+        def run(self, module, inputs):
+            t0 = time.perf_counter()
+            time.sleep({"decoder": 0.03, "generator": 0.02}.get(module, 0.0))
+            out = super().run(module, inputs)
+            if calls is not None:
+                calls.append((id(self), t0, time.perf_counter()))
+            return out
+
+    return Sleepy(micro_backend.model)
+
+
+def test_overlap_throughput_decodes_beside_the_next_chunk(micro_backend):
+    import dataclasses
+
+    avatar = prepare_avatar(None, 32)
+    pcm = speechlike(1.0)
+    settings = Settings(seconds=1.0, repeats=1, warmup_seconds=0.2)
+    overlap = dataclasses.replace(settings, overlap=True)
+    serial = measure(sleepy(micro_backend), avatar, pcm, settings)
+    alone = measure(sleepy(micro_backend), avatar, pcm, overlap)
+    assert alone["frames"] == serial["frames"] == 25
+    assert alone["fps"] > 1.3 * serial["fps"], (alone["fps"], serial["fps"])  # ~1.6x
+    # Interleaved: turns of OVERLAP_TURN chunks, each configuration's last decoder finished
+    # within its own turn, so no call of one runs while the other's turn is timed.
+    calls: list = []
+    pair = [sleepy(micro_backend, calls), sleepy(micro_backend, calls)]
+    together = measure_group(pair, avatar, pcm, overlap)
+    for rec in together:
+        assert rec["frames"] == 25 and rec["modules"]["decoder"]["calls"] == 13
+        assert rec["fps"] > 1.2 * serial["fps"], (rec["fps"], serial["fps"])  # ~1.4x
+    a, b = ([(t0, t1) for who, t0, t1 in calls if who == id(x)] for x in pair)
+    assert not [(x, y) for x in a for y in b if x[0] < y[1] and y[0] < x[1]]
+
+
+def test_bench_overlap_is_recorded_and_said(micro_ckpt, tmp_path, capsys):
+    out = tmp_path / "o.json"
+    args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", *QUICK, "--overlap"]
+    code, text, _ = run_cli([*args, "--json", out], capsys)
+    assert code == 0
+    assert "(decoder overlapped)" in text and "overlapped (--overlap)" in text
+    report = load_report(out)
+    assert validate(report) == [] and report["settings"]["overlap"] is True
