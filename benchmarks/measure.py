@@ -323,10 +323,9 @@ def measure_group(
             sched.close()
     if log:
         fps = ", ".join(f"{np.median([r.fps for r in rs]):.1f}" for rs in runs)
-        how = [" (interleaved)"] * (len(backends) > 1) + [
-            " (decoder overlapped)"
-        ] * settings.overlap
-        log(f"throughput {fps} fps" + "".join(how))
+        how = " (interleaved)" if len(backends) > 1 else ""
+        how += " (decoder overlapped)" if settings.overlap else ""
+        log(f"throughput {fps} fps{how}")
 
     paced: list[list[PacedRun]] = [
         [

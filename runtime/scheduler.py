@@ -187,7 +187,8 @@ class StreamScheduler:
         """The frames of the chunk whose decoder is on the worker, once it is done; [] when none.
         A live stream calls it whenever the next chunk's audio is not in hand, so overlap
         never holds frames back while audio is awaited (runtime/session.py)."""
-        return self._collect()
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else []
 
     def close(self) -> None:
         """Let the overlap worker go (it also goes with the scheduler)."""
@@ -199,7 +200,7 @@ class StreamScheduler:
     # ---- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new stream with the same avatar (same seed, so the same noise sequence)."""
-        self._collect()  # a chunk still on the worker belongs to the old stream
+        self.drain()  # a chunk still on the worker belongs to the old stream
         # The audio encoder's streaming state: every input but the chunk's own (pcm_state,
         # conv_state, and mel_state where the encoder normalizes), each returned as NAME_out.
         audio_io = self.backend.io["audio"]
@@ -271,7 +272,7 @@ class StreamScheduler:
             self.own = np.concatenate([self.own, np.zeros(pad, np.float32)])
             self.partner = np.concatenate([self.partner, np.zeros(pad, np.float32)])
             frames.extend(f for f in self._step() if f.index < total)
-        frames.extend(f for f in self._collect() if f.index < total)
+        frames.extend(f for f in self.drain() if f.index < total)
         # Lookahead padding belongs to no frame; drop it so the stream can go on cleanly.
         self.own = self.own[:0]
         self.partner = self.partner[:0]
@@ -283,7 +284,7 @@ class StreamScheduler:
 
         Returns the number of samples dropped. Frames already returned are the caller's to drop.
         """
-        self._collect()  # with overlap, a chunk not yet returned: dropped like the audio
+        self.drain()  # with overlap, a chunk not yet returned: dropped like the audio
         dropped = self.own.shape[0]
         self.own = self.own[:0]
         self.partner = self.partner[:0]
@@ -304,14 +305,9 @@ class StreamScheduler:
             return self._render(*job)
         # The decoder of this chunk runs on the worker while the caller goes on to the next
         # chunk's audio and generator; the previous chunk's frames are returned now.
-        done = self._collect()
+        done = self.drain()
         self._pending = self._overlap.submit(self._render, *job)
         return done
-
-    def _collect(self) -> list[Frame]:
-        """The frames of the chunk whose decoder is running on the worker (overlap), or none."""
-        pending, self._pending = self._pending, None
-        return pending.result() if pending is not None else []
 
     def _motion_chunk(self):
         """Audio, generator and the shown motion of the next chunk; every stream state advances

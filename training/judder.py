@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 1 << 22  # values per step
+from .metrics import BLOCK  # values per step
 
 
 def frame_diffs(frames: np.ndarray) -> np.ndarray:
