@@ -90,7 +90,7 @@ class SessionStats:
     skipped: int = 0  # of `dropped`: audio the worker did not render, to catch up
     interruptions: int = 0
     interrupted_frames: int = 0  # rendered but discarded by interrupt() (never on the timeline)
-    interrupted_audio_s: float = 0.0  # queued audio discarded by interrupt()
+    interrupted_audio_s: float = 0.0  # audio discarded by interrupt(): queued, or of dropped frames
     silence_s: float = 0.0  # silence fed while no audio came (realtime idling)
     partner_dropped_s: float = 0.0
     first_frame_delay_s: float | None = None  # first audio on the timeline -> first frame out
@@ -392,8 +392,14 @@ class Session:
             self._epoch += 1
             self._stats.interruptions += 1
             frames = sum(o.n for o in self._out if o.rgb is not None)
-            # Audio on the timeline but in no frame yet: queued, in the scheduler, or rendering.
+            # Audio on the timeline but in no frame yet: queued, in the scheduler, or rendering;
+            # and that of frames skipped or dropped just before, which waits for the next frame
+            # shown (frames() hands it on): after a barge-in it would play as a burst of the old
+            # speech on the first idle frame.
             unrendered = max(0, self._tl_end - self._tl_next * SPF)
+            unrendered += sum(a.shape[0] for a in self._carry)
+            self._carry.clear()
+            self._carry_partner.clear()
             self._stats.interrupted_frames += frames
             self._stats.interrupted_audio_s += unrendered / SAMPLE_RATE
             if self._out:
