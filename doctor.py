@@ -11,6 +11,8 @@ import platform
 import sys
 from importlib import metadata
 
+from .benchmarks.device import describe_cpu
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -86,6 +88,7 @@ def version_rows() -> list[tuple[str, str]]:
         trt = _version("tensorrt-cu12")
     return [
         ("python", f"{platform.python_version()} ({platform.system()} {platform.machine()})"),
+        ("CPU", describe_cpu()),
         (
             "GPU",
             f"{gpu.name}, compute capability {gpu.compute_capability}, driver CUDA {gpu.driver}"
@@ -178,6 +181,7 @@ def quick_version_rows() -> list[tuple[str, str]]:
     gpu, why = probe()
     return [
         ("python", f"{platform.python_version()} ({platform.system()} {platform.machine()})"),
+        ("CPU", describe_cpu()),
         (
             "GPU",
             f"{gpu.name}, compute capability {gpu.compute_capability}, driver CUDA {gpu.driver}"

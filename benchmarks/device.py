@@ -34,6 +34,103 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# Instruction-set extensions that decide which kernels torch and ONNX Runtime run. Cloud VMs all
+# call themselves "AMD EPYC" or "Intel Xeon"; these (with x86's family and model) tell a 2017 Zen 1,
+# where an 8-bit convolution ran as slowly as a float one, from a Xeon with VNNI and AMX.
+# /proc/cpuinfo flag (x86 "flags", Arm "Features") -> the name reported.
+LINUX_FEATURES = {
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx512f": "avx512f",
+    "avx512_vnni": "avx512_vnni",
+    "avx512_bf16": "avx512_bf16",
+    "avx512_fp16": "avx512_fp16",
+    "avx_vnni": "avx_vnni",
+    "amx_int8": "amx_int8",
+    "amx_bf16": "amx_bf16",
+    "asimd": "neon",
+    "asimddp": "dotprod",
+    "asimdhp": "fp16",
+    "i8mm": "i8mm",
+    "bf16": "bf16",
+    "sve": "sve",
+    "sve2": "sve2",
+}
+# macOS `sysctl hw.optional` keys -> the same names
+MAC_FEATURES = {
+    "hw.optional.avx1_0": "avx",
+    "hw.optional.avx2_0": "avx2",
+    "hw.optional.fma": "fma",
+    "hw.optional.avx512f": "avx512f",
+    "hw.optional.avx512vnni": "avx512_vnni",
+    "hw.optional.neon": "neon",
+    "hw.optional.arm.FEAT_DotProd": "dotprod",
+    "hw.optional.arm.FEAT_FP16": "fp16",
+    "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_BF16": "bf16",
+    "hw.optional.arm.FEAT_SME": "sme",
+}
+
+
+def _ordered(found: set[str]) -> list[str]:
+    order = list(dict.fromkeys([*LINUX_FEATURES.values(), *MAC_FEATURES.values()]))
+    return [f for f in order if f in found]
+
+
+def parse_cpuinfo(text: str) -> tuple[list[str], str | None]:
+    """(kernel-relevant extensions, "family F model M" on x86 or None) from /proc/cpuinfo."""
+    flags: set[str] = set()
+    fam = model = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features") and not flags:
+            flags = set(value.split())
+        elif key == "cpu family" and fam is None:
+            fam = value.strip()
+        elif key == "model" and model is None and value.strip().isdigit():
+            model = value.strip()
+    found = {name for flag, name in LINUX_FEATURES.items() if flag in flags}
+    return _ordered(found), (f"family {fam} model {model}" if fam and model else None)
+
+
+def parse_sysctl(text: str) -> list[str]:
+    """Extensions from `sysctl hw.optional` ("key: 1" lines)."""
+    found = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.strip() == "1" and key.strip() in MAC_FEATURES:
+            found.add(MAC_FEATURES[key.strip()])
+    return _ordered(found)
+
+
+def cpu_identity() -> tuple[list[str], str | None]:
+    """This machine's kernel-relevant extensions and x86 family/model (empty/None if unknown)."""
+    system = platform.system()
+    try:
+        if system == "Linux":
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                return parse_cpuinfo(f.read(1 << 20))  # one CPU's block is enough; cap the read
+        if system == "Darwin":
+            out = subprocess.run(
+                ["sysctl", "hw.optional"], capture_output=True, text=True, timeout=5
+            )
+            if out.returncode == 0:
+                return parse_sysctl(out.stdout), None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return [], None
+
+
+def describe_cpu() -> str:
+    """One line for `doctor`: model, x86 family/model, extensions."""
+    features, ident = cpu_identity()
+    name = cpu_model() + (f" ({ident})" if ident else "")
+    return f"{name}; {' '.join(features) if features else 'extensions unknown'}"
+
+
 def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in VERSIONED:
@@ -113,6 +210,7 @@ def device_info(
 
     psutil = import_extra("psutil", "describing this machine")
     cpu = cpu_model()
+    features, ident = cpu_identity()
     cores = os.cpu_count() or 1
     gpu, gpu_mem = gpu_info()
     # The peak is the machine's, on every core, whatever threads the rows then run with; the
@@ -127,6 +225,8 @@ def device_info(
     return {
         "name": name or default_name(cpu, cores, gpu),
         "cpu": cpu,
+        "cpu_id": ident,
+        "cpu_features": features,
         "cores_logical": cores,
         "cores_physical": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 2),

@@ -149,7 +149,8 @@ def _order(r: dict):
 
 
 def device_table(devices: list[dict]) -> str:
-    header = ["device", "CPU", "cores", "memory GB", "GPU", "OS", "GEMM peak GFLOP/s", "versions"]
+    header = ["device", "CPU", "CPU extensions", "cores", "memory GB", "GPU", "OS"]
+    header += ["GEMM peak GFLOP/s", "versions"]
     body = []
     for d in devices:
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in d["gemm_peak_gflops"].items())
@@ -157,7 +158,8 @@ def device_table(devices: list[dict]) -> str:
         body.append(
             [
                 d["name"],
-                d["cpu"],
+                d["cpu"] + (f" ({d['cpu_id']})" if d.get("cpu_id") else ""),
+                " ".join(d.get("cpu_features") or []) or "–",
                 str(d["cores_logical"]),
                 f"{d['memory_gb']:.0f}",
                 d["gpu"] or "–",

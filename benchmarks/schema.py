@@ -219,6 +219,12 @@ DEVICE = {
     "properties": {
         "name": _d(_STR, "device name used in merged reports (--device-name)"),
         "cpu": _d(_STR, "CPU model"),
+        "cpu_id": _d(_OPT_STR, "x86 'family F model M' (null: not x86 or unknown)"),
+        "cpu_features": _d(
+            {"type": "array", "items": _STR},
+            "instruction-set extensions that decide the kernels (avx2, avx512_vnni, amx_int8, "
+            "neon, dotprod, i8mm, ...); absent in older files",
+        ),
         "cores_logical": _d({"type": "integer", "minimum": 1}, "logical CPU cores"),
         "cores_physical": _d({"type": ["integer", "null"]}, "physical CPU cores"),
         "memory_gb": _d(_NUM0, "total memory, GB"),
