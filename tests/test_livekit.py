@@ -29,6 +29,8 @@ from livekit.agents.voice.avatar import AvatarRunner, QueueAudioOutput  # noqa: 
 
 from edgetalk.integrations.livekit import EdgeTalkVideoGenerator, avatar_options  # noqa: E402
 
+from .conftest import floor_for_this_machine  # noqa: E402
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 TTS_RATE = 24000
 
@@ -220,7 +222,8 @@ def test_avatar_runner_drives_the_generator():
     assert len(idle_after) >= 3 and idle_after[-1] - idle_after[0] >= 10  # timeline frames
     assert ffd < 2.0
     assert -125 <= report["av_offset_ms_median"] <= 45  # ITU-R BT.1359 detectability window
-    assert fps >= 15, fps  # 19.3-20.2 measured on the 2-core CI-class VM
+    # 19.3-20.2 measured on the 2-core CI-class VM
+    assert fps >= floor_for_this_machine(fps, 15, "livekit FPS"), fps
 
 
 def test_avatar_session_starts_the_worker(monkeypatch):
