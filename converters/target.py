@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import ClassVar
@@ -77,6 +78,12 @@ class Target(ABC):
         """Spec checks on the finished artifact (static shapes, 8-bit ops present); raise when
         one fails, return what passed for the manifest."""
         return {}
+
+    def timed_call(self, path: Path, sample: dict[str, np.ndarray]) -> Callable[[], object] | None:
+        """One call of the artifact at `path` on `sample` (its module's inputs), on this machine
+        with one thread, as a callable for export/speed.py to time against the fp32 artifact;
+        None where this target's artifacts do not run here the way its runtime runs them."""
+        return None
 
     def check_reused(self, part: str, info: dict) -> None:
         """Raise when an artifact kept from an earlier run (its manifest `info`) cannot serve

@@ -163,6 +163,9 @@ class TensorRTTarget(OnnxTarget):
                 graph.unlink(missing_ok=True)
         return info
 
+    def timed_call(self, path: Path, sample: dict):
+        return None  # an engine, not an ONNX graph: `edgetalk bench --backend tensorrt` times it
+
     def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
         from ..runtime_cuda.backend_tensorrt import engine_io_problems
 

@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..converters.parity import headline
     from ..converters.target import targets
+    from . import speed
     from .pipeline import export_bundle
 
     chosen = [args.target]
@@ -74,25 +75,32 @@ def main(args: argparse.Namespace) -> int:
             out=out,
             force=args.force,
         )
-        rows = [("module", "size", "parity", "result")]
+        rows = [("module", "size", "parity", "result", "speed, 1 thread")]
         for m in result.modules:
             status = m.parity.get("status", "")
             figure = headline(m.parity) if status in ("pass", "fail") else status
             note = " (reused)" if m.skipped else ""
-            rows.append((m.name, _mb(m.size_bytes), figure, _verdict(status) + note))
+            rows.append(
+                (m.name, _mb(m.size_bytes), figure, _verdict(status) + note, speed.column(m.info))
+            )
         e2e = result.e2e
         e2e_fig = (
             f"PSNR {e2e['psnr_db']:.1f} dB over {e2e['frames']} frames"
             if "psnr_db" in e2e
             else e2e.get("status", "")
         )
-        rows.append(("end-to-end", "", e2e_fig, _verdict(e2e.get("status", ""))))
+        rows.append(("end-to-end", "", e2e_fig, _verdict(e2e.get("status", "")), ""))
+        if not any(r[4] for r in rows[1:]):  # fp32, or a target that cannot time here
+            rows = [r[:4] for r in rows]
         print(f"\n{target} {args.precision} -> {result.path}  ({result.seconds:.0f} s)")
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for i, r in enumerate(rows):
             print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
             if i == 0:
                 print("  " + "  ".join("-" * w for w in widths))
+        note = speed.verdict([(m.name, m.info) for m in result.modules], target, args.precision)
+        if note:
+            print(note)
         if not result.ok:
             bad = [m for m in result.modules if m.parity.get("status") == "fail"]
             what = ", ".join(f"{m.name} ({headline(m.parity)})" for m in bad) or (

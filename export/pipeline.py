@@ -37,6 +37,7 @@ from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha2
 from ..runtime.registry import lookup
 from .calibration import pick, record_stream
 from .patching import export_patches
+from .speed import measure as measure_speed
 
 E2E_FRAMES = 100
 PARITY_CALLS = 6
@@ -150,6 +151,10 @@ def export_bundle(
                 calibration = pick(recording[module], CALIBRATION_CALLS)
                 res.info = tgt.apply_precision(precision, src, dst, calibration) or {}
                 if src.exists() and src != dst:
+                    bar.set_postfix_str(f"timing {precision} against fp32")
+                    speed = measure_speed(tgt, src, dst, recording[module][0])
+                    if speed is not None:
+                        res.info["speed"] = speed
                     _remove(src)
                 bar.update(1)
                 bar.set_postfix_str("checks")

@@ -430,3 +430,35 @@ def test_manifest_records_each_modules_flops_per_call(bundles, micro_ckpt):
     assert b.flops == {m: float(f) for m, f in want.items()} and min(want.values()) > 0
     for name, entry in b.manifest["modules"].items():
         assert entry["info"]["flops_per_call"] == want[name]
+
+
+def test_each_converted_artifact_is_timed_against_its_fp32_graph(bundles):
+    """fp16 and INT8 manifests record, per converted graph, a call's time against its fp32
+    graph's on this machine (export/speed.py); fp32 bundles and graphs the INT8 policy keeps
+    float have no such figure (there is nothing to compare)."""
+    for prec in ("fp16", "int8"):
+        for name, mod in bundles[prec].manifest["modules"].items():
+            s = mod["info"].get("speed")
+            if prec == "int8" and mod["info"].get("weights") == "fp32":
+                assert s is None, name
+                continue
+            assert s["threads"] == 1 and s["ms"] > 0 and s["fp32_ms"] > 0, (prec, name, s)
+            assert s["vs_fp32"] == pytest.approx(s["fp32_ms"] / s["ms"], rel=0.01)
+    assert "speed" in bundles["int8"].manifest["modules"]["decoder"]["info"]
+    assert all("speed" not in m["info"] for m in bundles["fp32"].manifest["modules"].values())
+
+
+def test_cli_says_when_int8_does_not_pay_here(micro_ckpt, tmp_path, capsys, monkeypatch):
+    from edgetalk.export import pipeline
+
+    def slow(tgt, fp32_path, path, sample):  # what a CPU without 8-bit dot products measures
+        return {"threads": 1, "ms": 27.5, "fp32_ms": 26.7, "vs_fp32": 0.97, "cpu": "a test CPU"}
+
+    monkeypatch.setattr(pipeline, "measure_speed", slow)
+    out = tmp_path / "b"
+    args = ["export", "--target", "onnx", "--precision", "int8", "--checkpoint", str(micro_ckpt)]
+    assert main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speed, 1 thread" in text and "0.97x fp32" in text
+    assert "on this CPU (a test CPU) the int8 decoder runs 0.97x its fp32 graph" in text
+    assert "no faster than fp32 here" in text
