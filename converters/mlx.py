@@ -191,6 +191,30 @@ class MlxTarget(Target):
         _save(dst, {**arrays, **module.constants()}, meta)
         return info
 
+    def timed_call(self, path: Path, sample: dict[str, np.ndarray]):
+        import mlx.core as mx
+
+        from ..runtime.backend_mlx import COMPILED, _compiled
+        from ..runtime.mlx.loader import load
+
+        module, meta = load(Path(path))
+        spec = ModuleIO.from_dict(json.loads(meta["io"]))
+        # compiled where the runtime compiles it (backend_mlx), so the figure is the runtime's
+        run = _compiled(module, spec) if meta["module"] in COMPILED else module
+        feed = {t.name: mx.array(np.asarray(sample[t.name], np.float32)) for t in spec.inputs}
+
+        def call():
+            out = run(**feed)
+            mx.eval([out[n] for n in spec.output_names])  # MLX is lazy: force the work
+
+        return call
+
+    def timing_setting(self) -> dict:
+        import mlx.core as mx
+
+        kind = str(mx.default_device().type).rsplit(".", 1)[-1]  # "DeviceType.gpu" -> "gpu"
+        return {"device": f"mlx {kind}"}
+
     def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
         """The file is what its precision says (names, shapes, dtypes; real 8-bit weights for
         int8), and the module it builds maps the contract's inputs to the contract's outputs."""

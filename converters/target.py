@@ -81,9 +81,13 @@ class Target(ABC):
 
     def timed_call(self, path: Path, sample: dict[str, np.ndarray]) -> Callable[[], object] | None:
         """One call of the artifact at `path` on `sample` (its module's inputs), on this machine
-        with one thread, as a callable for export/speed.py to time against the fp32 artifact;
+        as its runtime runs it (timing_setting), as a callable for export/speed.py to time against the fp32 artifact;
         None where this target's artifacts do not run here the way its runtime runs them."""
         return None
+
+    def timing_setting(self) -> dict:
+        """Where timed_call runs, recorded beside its figures (a CPU thread count, a device)."""
+        return {"threads": 1}
 
     def check_reused(self, part: str, info: dict) -> None:
         """Raise when an artifact kept from an earlier run (its manifest `info`) cannot serve

@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
             out=out,
             force=args.force,
         )
-        rows = [("module", "size", "parity", "result", "speed, 1 thread")]
+        rows = [("module", "size", "parity", "result", "speed")]
         for m in result.modules:
             status = m.parity.get("status", "")
             figure = headline(m.parity) if status in ("pass", "fail") else status

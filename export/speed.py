@@ -7,8 +7,9 @@ AVX-512 VMs; fp16 ran slower than fp32 on every CPU measured. Peers ship "int8" 
 silently buy nothing. The export times each converted artifact against the fp32 graph it was
 made from, while both exist, and says so when the precision does not pay here.
 
-The figure is one module call on one thread (a bundle's default on 2 cores), in interleaved
-rounds because a VM's speed drifts over seconds. It is an indicator, not a benchmark:
+The figure is one module call as the target's runtime makes it (ONNX Runtime on one thread, a
+bundle's default on 2 cores; MLX on its default device, compiled where the runtime compiles), in
+interleaved rounds because a VM's speed drifts over seconds. It is an indicator, not a benchmark:
 `edgetalk bench --export T:fp32,T:P` compares whole streams."""
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 ROUNDS = 3
-ROUND_S = 0.15  # per artifact and round: ~1 s for a decoder of 30 ms a call, both artifacts
-MIN_CALLS, MAX_CALLS = 3, 40
+# per artifact and round: about 1 s in all for an ONNX decoder of 30 ms a call; a call slower
+# than this (MLX's CPU build here: 2 s) is timed once a round
+ROUND_S = 0.15
+MAX_CALLS = 40
 PAYS = 1.05  # a speed-up under 5% is inside what these interleaved medians resolve
 
 
 def measure(target, fp32_path: Path, path: Path, sample: dict[str, np.ndarray]) -> dict | None:
-    """{"threads", "ms", "fp32_ms", "vs_fp32", "cpu"} for the artifact at `path` against its
+    """{"threads" or "device", "ms", "fp32_ms", "vs_fp32", "cpu"} for the artifact at `path` against its
     fp32 graph; None where the target cannot run its artifacts here (the manifest then has no
     figure); {"status": "not measured: ..."} when a run failed (the parity gate runs the same
     artifact and reports the failure; the export does not stop for a timing)."""
@@ -34,15 +37,14 @@ def measure(target, fp32_path: Path, path: Path, sample: dict[str, np.ndarray]) 
         calls["this"] = target.timed_call(path, sample)
         if any(c is None for c in calls.values()):
             return None
-        for call in calls.values():  # first runs allocate and plan
-            call()
+        for call in calls.values():  # a first run allocates and plans (and compiles)
             call()
         times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(ROUNDS):
             for key, call in calls.items():
                 end = time.perf_counter() + ROUND_S
                 for n in range(MAX_CALLS):
-                    if n >= MIN_CALLS and time.perf_counter() > end:
+                    if n and time.perf_counter() > end:
                         break
                     t0 = time.perf_counter()
                     call()
@@ -51,7 +53,7 @@ def measure(target, fp32_path: Path, path: Path, sample: dict[str, np.ndarray]) 
         return {"status": f"not measured: {type(e).__name__}: {e}"[:300]}
     ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     return {
-        "threads": 1,
+        **target.timing_setting(),
         "ms": round(ms["this"], 3),
         "fp32_ms": round(ms["fp32"], 3),
         "vs_fp32": round(ms["fp32"] / ms["this"], 3),
@@ -75,10 +77,17 @@ def verdict(modules, target: str, precision: str, main_part: str = "decoder") ->
     return (
         f"note: on this CPU ({speed.get('cpu') or 'unknown'}) the {precision} {main_part} runs "
         f"{speed['vs_fp32']:.2f}x its fp32 graph ({speed['ms']:.1f} against "
-        f"{speed['fp32_ms']:.1f} ms a call, one thread): {how} fp32 here. "
+        f"{speed['fp32_ms']:.1f} ms a call, {_setting(speed)}): {how} fp32 here. "
         f"`edgetalk bench --export {target}:fp32,{target}:{precision}` compares whole streams; "
         "export fp32 for this machine if it agrees"
     )
+
+
+def _setting(speed: dict) -> str:
+    if "device" in speed:
+        return f"on {speed['device']}"
+    n = speed.get("threads", 1)
+    return f"{n} thread{'s' * (n != 1)}" if n != 1 else "one thread"
 
 
 def _cpu() -> str | None:

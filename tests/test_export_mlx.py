@@ -301,3 +301,14 @@ def test_cache_stays_mlx_and_compiled_equals_eager(bundles):
     assert isinstance(sched_np.cache.k, np.ndarray)
     assert np.abs(got - ref).max() <= 1  # the same model; fused kernels may round differently
     np.testing.assert_allclose(np.array(sched.cache.k), sched_np.cache.k, atol=1e-4)
+
+
+def test_converted_modules_are_timed_on_the_mlx_device(bundles):
+    """MLX fp16/int8 files are timed against their fp32 file as the runtime calls them (compiled,
+    on MLX's default device; export/speed.py); the fp32 bundle has nothing to compare with."""
+    for prec in ("fp16", "int8"):
+        for name, mod in bundles[prec].manifest["modules"].items():
+            s = mod["info"]["speed"]
+            assert s["device"].startswith("mlx ") and "threads" not in s, (prec, name, s)
+            assert s["ms"] > 0 and s["vs_fp32"] == pytest.approx(s["fp32_ms"] / s["ms"], rel=0.01)
+    assert all("speed" not in m["info"] for m in bundles["fp32"].manifest["modules"].values())

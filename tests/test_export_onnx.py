@@ -459,6 +459,6 @@ def test_cli_says_when_int8_does_not_pay_here(micro_ckpt, tmp_path, capsys, monk
     args = ["export", "--target", "onnx", "--precision", "int8", "--checkpoint", str(micro_ckpt)]
     assert main([*args, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "speed, 1 thread" in text and "0.97x fp32" in text
+    assert "speed" in text and "0.97x fp32" in text
     assert "on this CPU (a test CPU) the int8 decoder runs 0.97x its fp32 graph" in text
     assert "no faster than fp32 here" in text

@@ -13,6 +13,9 @@ class _Timed:
     def __init__(self, seconds: dict):
         self.seconds = seconds
 
+    def timing_setting(self):
+        return {"threads": 1}
+
     def timed_call(self, path, sample):
         if path not in self.seconds:
             return None
@@ -88,3 +91,12 @@ def test_onnx_target_times_the_graph_as_the_runtime_runs_it(tmp_path):
     sample = {"motion": np.array([[[-1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]], np.float32)}
     call = OnnxTarget().timed_call(path, sample)
     np.testing.assert_array_equal(call()[0], [[[0.0, 2.0, 3.0]]])
+
+
+def test_the_note_names_where_it_was_timed():
+    info = _info(0.8)
+    info["speed"].pop("threads")
+    info["speed"]["device"] = "mlx gpu"
+    line = speed.verdict([("decoder", info)], "mlx", "int8")
+    assert "ms a call, on mlx gpu): slower than fp32 here" in line
+    assert "edgetalk bench --export mlx:fp32,mlx:int8" in line
