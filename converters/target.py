@@ -81,8 +81,9 @@ class Target(ABC):
 
     def timed_call(self, path: Path, sample: dict[str, np.ndarray]) -> Callable[[], object] | None:
         """One call of the artifact at `path` on `sample` (its module's inputs), on this machine
-        as its runtime runs it (timing_setting), as a callable for export/speed.py to time against the fp32 artifact;
-        None where this target's artifacts do not run here the way its runtime runs them."""
+        as its runtime runs it (timing_setting), as a callable for export/speed.py to time
+        against the fp32 artifact; None where this target's artifacts do not run here the way
+        its runtime runs them."""
         return None
 
     def timing_setting(self) -> dict:

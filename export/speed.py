@@ -29,9 +29,9 @@ PAYS = 1.05  # a speed-up under 5% is inside what these interleaved medians reso
 
 def measure(target, fp32_path: Path, path: Path, sample: dict[str, np.ndarray]) -> dict | None:
     """{"threads" or "device", "ms", "fp32_ms", "vs_fp32", "cpu"} for the artifact at `path`
-    against its fp32 graph; None where the target cannot run its artifacts here (the manifest then has no
-    figure); {"status": "not measured: ..."} when a run failed (the parity gate runs the same
-    artifact and reports the failure; the export does not stop for a timing)."""
+    against its fp32 graph; None where the target cannot run its artifacts here (the manifest
+    then has no figure); {"status": "not measured: ..."} when a run failed (the parity gate runs
+    the same artifact and reports the failure; the export does not stop for a timing)."""
     try:
         calls = {"fp32": target.timed_call(fp32_path, sample)}
         calls["this"] = target.timed_call(path, sample)
