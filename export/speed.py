@@ -87,7 +87,7 @@ def _setting(speed: dict) -> str:
     if "device" in speed:
         return f"on {speed['device']}"
     n = speed.get("threads", 1)
-    return f"{n} thread{'s' * (n != 1)}" if n != 1 else "one thread"
+    return "one thread" if n == 1 else f"{n} threads"
 
 
 def _cpu() -> str | None:
