@@ -6,10 +6,11 @@ queue it. aiortc's RTP senders pull from the tracks.
 
 A/V sync: a Session frame carries the 640 samples (40 ms at 16 kHz) of its span. They are
 upsampled to 48 kHz (exactly 1920 samples, see Upsampler) and cut into two 20 ms audio frames whose
-pts count samples from the start of the timeline, while the video frame's pts is index / 25 s. The audio track releases
-each 20 ms frame at its own time on the same wall clock as the video frames, so the RTCP sender
-reports of both tracks (NTP time of sending <-> RTP time) put them on one clock and the browser
-plays them in sync. The incoming microphone is never mixed into the outgoing audio.
+pts count samples from the start of the timeline, while the video frame's pts is index / 25 s.
+The audio track releases each 20 ms frame at its own time on the same wall clock as the video
+frames, and the RTCP sender reports of both tracks pair RTP time with that presentation time, not
+with the time of sending (rtp_clock: audio carried past dropped frames goes out late), so the
+browser plays them in sync. The incoming microphone is never mixed into the outgoing audio.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import uuid
 from collections import deque
 
 import numpy as np
+
+from .rtp_clock import media_clock_sender
 
 log = logging.getLogger("edgetalk.serve")
 
@@ -124,16 +127,17 @@ def make_tracks():
             super().__init__()
             self.dropped = 0  # frames dropped because the encoder fell behind
             self.lateness: deque[float] = deque(maxlen=500)  # taken by the sender minus queued
+            self.media_base: float | None = None  # timeline 0 of the frame sent last (rtp_clock)
 
-        def put(self, frame) -> None:
-            self._q.append((time.monotonic(), frame))
+        def put(self, frame, media_base: float | None) -> None:
+            self._q.append((time.monotonic(), frame, media_base))
             while len(self._q) > MAX_VIDEO_BACKLOG:
                 self._q.popleft()
                 self.dropped += 1
             self._ready.set()
 
         async def recv(self):
-            put_at, frame = await self._next()
+            put_at, frame, self.media_base = await self._next()
             self.lateness.append(time.monotonic() - put_at)
             return frame
 
@@ -144,6 +148,7 @@ def make_tracks():
             super().__init__()
             self.base: float | None = None  # monotonic wall time of timeline 0
             self.lateness: deque[float] = deque(maxlen=500)  # sent minus due, seconds
+            self.media_base: float | None = None  # timeline 0 of the frame sent last (rtp_clock)
 
         def put(self, frame) -> None:
             self._q.append(frame)
@@ -151,6 +156,7 @@ def make_tracks():
 
         async def recv(self):
             frame = await self._next()
+            self.media_base = self.base
             if self.base is not None:  # send each 20 ms at its time on the video's clock
                 due = self.base + frame.pts / OUT_RATE
                 wait = due - time.monotonic()
@@ -236,8 +242,8 @@ class Peer:
                 await self.close(f"connection {self.state}")
 
     def add_outgoing(self) -> None:
-        self.pc.addTrack(self.audio)
-        self.pc.addTrack(self.video)
+        for track in (self.audio, self.video):
+            media_clock_sender(self.pc.addTrack(track))
 
     async def _watchdog(self) -> None:
         """Browsers send microphone packets without pause (silence included), so a long gap means
@@ -333,7 +339,7 @@ class Peer:
             self.audio.base = base + self._handoff_lag
         elif self.audio.base is None:
             self.audio.base = now - t
-        self.video.put(vf)
+        self.video.put(vf, self.audio.base)
         for af in afs:
             self.audio.put(af)
         self.frames_sent += 1

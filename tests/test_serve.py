@@ -326,6 +326,13 @@ def _measure_av(trace: dict, frame_log: list, recorded: list, window_s: float = 
     ):
         lag, r = _xcorr_offset(shown, loud, a, grid)
         out[f"{name}_offset_ms"], out[f"{name}_corr"] = lag, r
+    # The course of it (4 s windows every 2 s: start s, ms, r): after a stall Chrome re-syncs at
+    # ~30 ms a second, which one window at each end cannot show.
+    out["offset_track"] = [
+        (round((s - t0) / 1000.0), *(round(x, 2) for x in _xcorr_offset(shown, loud, a, g)))
+        for s in np.arange(t0, t1 - 4000.0, 2000.0)
+        for g in [np.arange(s, s + 4000.0, 5.0)]
+    ]
     sync = np.array(
         [(s[1], s[2]) for s in trace["sync"] if s[1] is not None and s[2] is not None], float
     )
@@ -439,10 +446,17 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
             except AssertionError:
                 if steal.speed_judged("600 frames in 90 s"):
                     raise
-            page.locator("#video").screenshot(path=str(out / "serve_video.png"))
-            page.screenshot(path=str(out / "serve_page.png"), full_page=True)
+            # The A/V logs first: screenshots and the face check below load both processes
+            # (the server shares this one), and a stall they cause inside the measured window
+            # is the test's, not the product's (Chrome takes ~10 s to re-sync after one).
             stats = page.evaluate("() => window.edgetalk.stats")
             browser = page.evaluate("() => window.edgetalk.browser")
+            trace = page.evaluate("() => window.edgetalk.trace")
+            peer = server.server.peers[stats["id"]]
+            # One snapshot of both logs: frames keep flowing between two separate calls.
+            frame_log, recorded = server.call(lambda: (list(peer.frame_log), list(peer.recorded)))
+            page.locator("#video").screenshot(path=str(out / "serve_video.png"))
+            page.screenshot(path=str(out / "serve_page.png"), full_page=True)
             report["server_stats"] = stats
             report["browser"] = browser
             report["browser_first_frame_after_start"] = page.text_content("#st-browser-ffd")
@@ -463,11 +477,7 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
             assert shot.std() > 20, "the video element looks blank"
             assert detect_face(shot) is not None, "no face in the video element"
 
-            # Receiving-end A/V offset (before the interrupt disturbs the stream).
-            peer = server.server.peers[stats["id"]]
-            # One snapshot of both logs: frames keep flowing between two separate calls.
-            frame_log, recorded = server.call(lambda: (list(peer.frame_log), list(peer.recorded)))
-            trace = page.evaluate("() => window.edgetalk.trace")
+            # Receiving-end A/V offset (logs taken before the interrupt disturbs the stream).
             report["av"] = _measure_av(trace, frame_log, recorded)
             (out / "serve_trace.json").write_text(json.dumps({"trace": trace, "log": frame_log}))
 
@@ -555,11 +565,17 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
     # BT.1359 detectability window (sound at most 125 ms after / 45 ms before the picture).
     # Unconditional: a correlation too weak to place the offset is itself a failure. The window
     # is BT.1359's acceptability one (sound at most 185 ms after / 90 ms before the picture):
-    # on the 2-core CI-class VM the settled offset measured -75 to -115 ms.
+    # on the 2-core CI-class VM the settled offset measured -75 to -115 ms with aiortc's own
+    # sender reports; with rtp_clock's (session 29, a Zen 1 EPYC VM) -35 to -45 ms, and -10 to
+    # -60 ms with a busy process on one of the two cores.
     report["cpu_steal"] = steal.share()
     if steal.speed_judged("the receiver's A/V offset and the FPS floors"):
         assert av.get("settled_corr", 0) > 0.4, f"the A/V offset could not be measured: {av}"
-        assert -185 <= av["settled_offset_ms"] <= 90, av
+        assert -185 <= av["settled_offset_ms"] <= 90, (
+            f"sound and picture apart by {av['settled_offset_ms']} ms at the end (initial "
+            f"{av['initial_offset_ms']} ms); 4 s windows (s, ms, r): {av['offset_track']}; "
+            f"audio sent late (ms): {report['server_stats']['audio_send_late_ms']}"
+        )
     # Frames at both ends, with Chromium on the same 2 cores. Measured on the AMD EPYC CI-class
     # VM: 19.0-21.5 FPS server, 16.1-21.2 browser (the old code: 12.4 / 11.0). On the Intel
     # Xeon (AVX-512) CI-class VM (session 11): the previous release 15.0 server / 13.6 browser,
