@@ -301,7 +301,11 @@ def _measure_av(trace: dict, frame_log: list, recorded: list, window_s: float = 
     (FaceMeasurer on the sent frames) with "loudness heard" gives mouth-to-sound.
 
     Chrome's A/V sync starts with audio behind (its audio jitter buffer starts deep) and closes
-    the gap gradually, so the offset is reported for the first and the last `window_s` seconds.
+    the gap gradually, at about 30 ms a second; a stall that sends audio late in a burst opens it
+    again. So the offset is reported for the first and the last `window_s` seconds, and over 4-s
+    windows every 2 s (`offset_track`). "Settled" is the median over the windows of the stream's
+    second half where the offset can be read (r >= 0.3): one stall near the end shows in the
+    last window but not there, a lasting offset shows in both.
     """
     v = np.array([(r[0], r[1]) for r in trace["video"] if r[1] is not None], float)
     a = np.array(trace["audio"], float)
@@ -322,17 +326,21 @@ def _measure_av(trace: dict, frame_log: list, recorded: list, window_s: float = 
     loud = {i: r for i, _, r in frame_log}
     for name, grid in (
         ("initial", np.arange(t0, min(t1, t0 + w), 5.0)),
-        ("settled", np.arange(max(t0, t1 - w), t1, 5.0)),
+        ("end", np.arange(max(t0, t1 - w), t1, 5.0)),
     ):
         lag, r = _xcorr_offset(shown, loud, a, grid)
         out[f"{name}_offset_ms"], out[f"{name}_corr"] = lag, r
-    # The course of it (4 s windows every 2 s: start s, ms, r): after a stall Chrome re-syncs at
-    # ~30 ms a second, which one window at each end cannot show.
-    out["offset_track"] = [
+    track = [  # (start s, ms, r)
         (round((s - t0) / 1000.0), *(round(x, 2) for x in _xcorr_offset(shown, loud, a, g)))
         for s in np.arange(t0, t1 - 4000.0, 2000.0)
         for g in [np.arange(s, s + 4000.0, 5.0)]
     ]
+    out["offset_track"] = track
+    half = [(lag, r) for start, lag, r in track if start * 1000.0 >= (t1 - t0) / 2]
+    readable = [lag for lag, r in half if r >= 0.3]
+    out["settled_windows"] = f"{len(readable)} of {len(half)}"
+    out["settled_corr"] = float(np.median([r for _, r in half])) if half else 0.0
+    out["settled_offset_ms"] = float(np.median(readable)) if len(readable) >= 3 else None
     sync = np.array(
         [(s[1], s[2]) for s in trace["sync"] if s[1] is not None and s[2] is not None], float
     )
@@ -440,17 +448,24 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
             )
             report["start_to_first_stats_s"] = time.monotonic() - t_click
             # Let it talk a while (the fake microphone loops the speech) for the measurements.
-            # 90 s: 600 frames at the slower CI-class VM's ~14 FPS, after the first ones
+            # 750 frames: 54 s at the slower CI-class VM's ~14 FPS, 36 s at 21. The A/V offset is
+            # judged on the second half, long enough after the start for Chrome's A/V sync
+            # (30 ms a second) to have closed the 200-400 ms it starts with on a busy machine.
             try:
-                _wait(page, "() => window.edgetalk.stats.frames > 600", 90, "600 frames")
+                _wait(page, "() => window.edgetalk.stats.frames > 750", 90, "750 frames")
             except AssertionError:
-                if steal.speed_judged("600 frames in 90 s"):
+                if steal.speed_judged("750 frames in 90 s"):
                     raise
             # The A/V logs first: screenshots and the face check below load both processes
             # (the server shares this one), and a stall they cause inside the measured window
             # is the test's, not the product's (Chrome takes ~10 s to re-sync after one).
-            stats = page.evaluate("() => window.edgetalk.stats")
-            browser = page.evaluate("() => window.edgetalk.browser")
+            # The page's own lines with the stats they show (the next poll may come after the
+            # trace's transfer below, which holds this process for a moment).
+            stats, browser, shown = page.evaluate(
+                """() => [window.edgetalk.stats, window.edgetalk.browser,
+                    ["st-fps", "st-backend", "st-ffd", "st-browser-ffd"].map(
+                        (id) => document.getElementById(id).textContent)]"""
+            )
             trace = page.evaluate("() => window.edgetalk.trace")
             peer = server.server.peers[stats["id"]]
             # One snapshot of both logs: frames keep flowing between two separate calls.
@@ -459,7 +474,7 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
             page.screenshot(path=str(out / "serve_page.png"), full_page=True)
             report["server_stats"] = stats
             report["browser"] = browser
-            report["browser_first_frame_after_start"] = page.text_content("#st-browser-ffd")
+            report["browser_first_frame_after_start"] = shown[3]
             assert stats["state"] == "connected" and stats["avatar"] == "avatar.png"
             assert stats["fps"] > 0 and stats["fps_recent"] > 0
             assert stats["first_frame_delay_s"] is not None and stats["first_frame_delay_s"] > 0
@@ -468,9 +483,9 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
             assert stats["mic_seconds"] > 5 and stats["mic_rms_session"] > 0.001
             assert 0.0 <= stats["mic_rms"] <= 1.0
             assert browser["shownFps"] > 0 and browser["framesDecoded"] > 100
-            assert float(page.text_content("#st-fps")) > 0
-            assert page.text_content("#st-backend") == stats["backend"]
-            assert "ms (floor" in page.text_content("#st-ffd")
+            assert float(shown[0]) > 0
+            assert shown[1] == stats["backend"]
+            assert "ms (floor" in shown[2]
 
             # The video element shows the avatar: not blank, and a face is in it.
             shot = load_image(out / "serve_video.png")
@@ -555,7 +570,8 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
         f"browser first frame after Start {report['browser_first_frame_after_start']}, "
         f"FPS server {report['server_stats']['fps_recent']:.1f} / browser "
         f"{report['browser']['shownFps']:.1f}; A/V offset initial {av.get('initial_offset_ms')} "
-        f"ms, settled {av.get('settled_offset_ms')} ms (r={av.get('settled_corr', 0):.2f}; "
+        f"ms, settled {av.get('settled_offset_ms')} ms (r={av.get('settled_corr', 0):.2f}, "
+        f"last 6 s {av.get('end_offset_ms')} ms; "
         f"Chrome's estimate {av.get('chrome_estimate_initial_ms')} -> "
         f"{av.get('chrome_estimate_settled_ms')} ms); mouth-to-sound "
         f"{av.get('mouth_to_sound_offset_ms')} ms (r={av.get('mouth_to_sound_corr', 0):.2f}); "
@@ -566,15 +582,22 @@ def test_page_in_browser(server, tmp_path, monkeypatch):
     # Unconditional: a correlation too weak to place the offset is itself a failure. The window
     # is BT.1359's acceptability one (sound at most 185 ms after / 90 ms before the picture):
     # on the 2-core CI-class VM the settled offset measured -75 to -115 ms with aiortc's own
-    # sender reports; with rtp_clock's (session 29, a Zen 1 EPYC VM) -35 to -45 ms, and -10 to
-    # -60 ms with a busy process on one of the two cores.
+    # sender reports; with rtp_clock's (session 29, a Zen 1 EPYC VM) -35 to -45 ms over the last
+    # 6 s, and -10 to -125 ms with a busy process on one of the two cores; the second half's
+    # median -35 ms quiet, -25 ms busy.
     report["cpu_steal"] = steal.share()
     if steal.speed_judged("the receiver's A/V offset and the FPS floors"):
-        assert av.get("settled_corr", 0) > 0.4, f"the A/V offset could not be measured: {av}"
+        why = (
+            f"initial {av.get('initial_offset_ms')} ms, last 6 s {av.get('end_offset_ms')} ms; "
+            f"4-s windows (s, ms, r): {av.get('offset_track')}; audio sent late (ms): "
+            f"{report['server_stats']['audio_send_late_ms']}"
+        )
+        assert av.get("settled_corr", 0) > 0.4 and av.get("settled_offset_ms") is not None, (
+            f"the A/V offset could not be measured: median r {av.get('settled_corr')}; {why}"
+        )
         assert -185 <= av["settled_offset_ms"] <= 90, (
-            f"sound and picture apart by {av['settled_offset_ms']} ms at the end (initial "
-            f"{av['initial_offset_ms']} ms); 4 s windows (s, ms, r): {av['offset_track']}; "
-            f"audio sent late (ms): {report['server_stats']['audio_send_late_ms']}"
+            f"sound and picture apart by {av['settled_offset_ms']} ms (median of the second "
+            f"half); {why}"
         )
     # Frames at both ends, with Chromium on the same 2 cores. Measured on the AMD EPYC CI-class
     # VM: 19.0-21.5 FPS server, 16.1-21.2 browser (the old code: 12.4 / 11.0). On the Intel
