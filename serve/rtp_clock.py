@@ -7,16 +7,17 @@ every packet leaves exactly at its media time. The avatar's audio cannot always:
 machine makes the Session drop or skip frames, their audio goes out with the next frame it
 renders, 100-300 ms after its time, and a report taken then tells the browser that the sound was
 sampled that much later than the picture. On a 2-core VM with Chromium beside the server, the
-sound settled 85-100 ms behind the mouth with aiortc's reports and 40-45 ms with these.
+sound settled 85-100 ms behind the mouth with aiortc's reports and 35-45 ms with these.
 
 Here the pair is the last packet's RTP timestamp and its *presentation* time: the track's media
 base (monotonic wall time of timeline 0, which follows the Session's presentation clock) plus the
 packet's timestamp over the codec's clock rate. A late packet is then only network jitter to the
 receiver, which its jitter buffer absorbs, and both tracks' reports sit on one clock.
 
-It relies on aiortc's private attribute `_RTCRtpSender__ntp_timestamp` (aiortc 1.9-1.16): a data
-property of the same name on a subclass takes every assignment aiortc makes to it.
-`tests/test_serve_rtp_clock.py` runs a real sender and fails if that stops being so.
+It relies on aiortc's private attribute `_RTCRtpSender__ntp_timestamp` (as in aiortc 1.16.0,
+the version constraints.txt pins): a data property of the same name on a subclass takes every
+assignment aiortc makes to it. `tests/test_serve_rtp_clock.py` runs a real sender and fails if
+that stops being so.
 """
 
 from __future__ import annotations
