@@ -62,7 +62,8 @@ class LiveFrame(tuple):
     frame's span, plus those of frames dropped just before it), `partner_audio` (or None) and
     `due`: in real time, when the frame is due on the session's clock (its presentation time;
     None offline). A sink that plays the audio on its own schedule keys it to `due - t`: that
-    moves when the pacer raises the delay, and the sound must move with the picture."""
+    moves when the pacer raises the delay, and the sound must move with the picture.
+    From `frames(gaps=True)`, rgb is None for a gap: frames dropped or skipped, with their audio."""
 
     def __new__(cls, index, rgb, late=False, audio=None, partner_audio=None, due=None):
         self = super().__new__(cls, (index / FPS, rgb))
@@ -448,9 +449,16 @@ class Session:
         self._cond.notify_all()
 
     # ---- output ----------------------------------------------------------------------------------
-    def frames(self) -> Iterator[LiveFrame]:
+    def frames(self, gaps: bool = False) -> Iterator[LiveFrame]:
         """Every frame of the stream, in order, until the input is closed and rendered (or
-        abort()). In realtime mode each frame is handed out at its presentation time."""
+        abort()). In realtime mode each frame is handed out at its presentation time.
+
+        gaps=False: the audio of frames dropped as late or skipped goes out with the next frame
+        shown (a sink that writes each frame and then its audio stays in sync).
+        gaps=True: each of them is handed out in its place as a gap, a LiveFrame whose rgb is
+        None with its own audio and `due` (a skip of several frames is one gap with all their
+        audio), at its time or as soon as it is dropped. For sinks that play the audio on its own
+        clock (WebRTC): carried audio would leave a whole chunk's compute late, in a burst."""
         self.start()
         while True:
             with self._cond:
@@ -458,7 +466,8 @@ class Session:
                     self._raise_error_locked()
                     if self._out:
                         head = self._out[0]
-                        if head.rgb is None:  # skipped by the worker: its audio goes on
+                        skipped = head.rgb is None  # by the worker, unrendered: its audio goes on
+                        if skipped and not gaps:
                             self._out.popleft()
                             self._carry_locked(head)
                             self._cond.notify_all()
@@ -467,12 +476,14 @@ class Session:
                         if wait > 0:
                             self._cond.wait(min(wait, 0.05))
                             continue
-                        if late and self.pacer.drop_late:
-                            self._out.popleft()
-                            self._carry_locked(head)
+                        if late and self.pacer.drop_late and not skipped:
                             self._stats.dropped += 1
-                            self._cond.notify_all()
-                            continue
+                            if not gaps:
+                                self._out.popleft()
+                                self._carry_locked(head)
+                                self._cond.notify_all()
+                                continue
+                            skipped = True
                         item = self._out.popleft()
                         self._cond.notify_all()
                         break
@@ -481,14 +492,17 @@ class Session:
                             self._end = self.clock()
                         return
                     self._cond.wait(0.05)
-                if self._stats.first_frame_delay_s is None:
-                    now = self.clock()
-                    self._stats.first_frame_delay_s = now - (self.pacer.origin or now)
-                self._stats.frames += 1
-                self._stats.late += int(late)
-                audio, partner = self._with_carry_locked(item)
                 due = self.pacer.due(item.index)
-                frame = LiveFrame(item.index, item.rgb, late, audio, partner, due)
+                if skipped:  # a gap (gaps=True): counted as dropped, by the worker or above
+                    frame = LiveFrame(item.index, None, late, item.audio, item.partner, due)
+                else:
+                    if self._stats.first_frame_delay_s is None:
+                        now = self.clock()
+                        self._stats.first_frame_delay_s = now - (self.pacer.origin or now)
+                    self._stats.frames += 1
+                    self._stats.late += int(late)
+                    audio, partner = self._with_carry_locked(item)
+                    frame = LiveFrame(item.index, item.rgb, late, audio, partner, due)
             yield frame
 
     def _carry_locked(self, item: _Out) -> None:

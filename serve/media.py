@@ -9,8 +9,9 @@ upsampled to 48 kHz (exactly 1920 samples, see Upsampler) and cut into two 20 ms
 pts count samples from the start of the timeline, while the video frame's pts is index / 25 s.
 The audio track releases each 20 ms frame at its own time on the same wall clock as the video
 frames, and the RTCP sender reports of both tracks pair RTP time with that presentation time, not
-with the time of sending (rtp_clock: audio carried past dropped frames goes out late), so the
-browser plays them in sync. The incoming microphone is never mixed into the outgoing audio.
+with the time of sending (rtp_clock: audio can still leave late when the machine stalls), so the
+browser plays them in sync. Frames the Session drops as late come as gaps (`frames(gaps=True)`):
+their audio is queued at once, not carried to the next frame shown. The incoming microphone is never mixed into the outgoing audio.
 """
 
 from __future__ import annotations
@@ -291,12 +292,17 @@ class Peer:
         vtb = fractions.Fraction(1, VIDEO_CLOCK)
         atb = fractions.Fraction(1, OUT_RATE)
         try:
-            for f in self.session.frames():
+            # gaps: the audio of frames dropped as late leaves at its own time, not with the
+            # next frame shown (a chunk's compute later, in a burst that the browser's jitter
+            # buffer and A/V sync take tens of seconds to absorb)
+            for f in self.session.frames(gaps=True):
                 if self.closed:
                     break
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f.rgb), format="rgb24")
-                vf.pts = f.index * VIDEO_CLOCK // 25
-                vf.time_base = vtb
+                vf = None
+                if f.rgb is not None:
+                    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f.rgb), format="rgb24")
+                    vf.pts = f.index * VIDEO_CLOCK // 25
+                    vf.time_base = vtb
                 pending = np.concatenate([pending, upsample(f.audio)])
                 afs = []
                 while pending.shape[0] >= OUT_FRAME:
@@ -309,7 +315,7 @@ class Peer:
                     apts += OUT_FRAME
                     afs.append(af)
                 rms = float(np.sqrt(np.mean(np.square(f.audio)))) if f.audio.size else 0.0
-                rgb = f.rgb if self._record else None
+                rgb = f.rgb if self._record and vf is not None else None
                 # The audio's clock: timeline 0 on the session's presentation clock (it moves
                 # when the pacer raises the delay; see LiveFrame.due).
                 base = None if f.due is None else f.due - f.t
@@ -325,10 +331,11 @@ class Peer:
             self.loop.call_soon_threadsafe(self._end_tracks)
 
     def _deliver(self, index: int, t: float, vf, afs, rms: float, rgb, base) -> None:
+        """One frame and its audio, or (vf None) the audio of a gap: frames dropped as late."""
         if self.closed:
             return
         now = time.monotonic()
-        if self.first_frame_at is None:
+        if vf is not None and self.first_frame_at is None:
             self.first_frame_at = now
         # The session's clock is time.monotonic (Peer does not pass another one). The audio keeps
         # the first frame's hand-off lag (the picture's path to the sender) and follows every
@@ -339,9 +346,11 @@ class Peer:
             self.audio.base = base + self._handoff_lag
         elif self.audio.base is None:
             self.audio.base = now - t
-        self.video.put(vf, self.audio.base)
         for af in afs:
             self.audio.put(af)
+        if vf is None:
+            return
+        self.video.put(vf, self.audio.base)
         self.frames_sent += 1
         self._sent_times.append(now)
         while self._sent_times and now - self._sent_times[0] > 2.0:

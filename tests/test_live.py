@@ -261,6 +261,45 @@ def test_late_policy_is_explicit_and_counted(micro_model, policy):
     assert f"{policy}:" in st.summary()
 
 
+def test_gaps_hand_out_the_audio_of_dropped_frames_when_they_are_dropped(micro_model):
+    """frames(gaps=True), for sinks that play audio on its own clock (serve's WebRTC track): a
+    frame dropped as late, or a run of frames skipped to catch up, comes as a gap (rgb None)
+    with exactly its own audio, in timeline order, before the compute of the next frame shown.
+    Carried to that frame instead, the audio left a chunk's compute late, in a burst."""
+    speech = speechlike(3.0) + 0.05
+    items = []
+    with Session(backend=SlowBackend(micro_model), realtime=True) as s:
+        s.push_audio(speech)
+        s.close()  # the whole stream, so that every count is final
+        t0 = time.monotonic()
+        for f in s.frames(gaps=True):
+            items.append((time.monotonic() - t0, f))
+        st = s.stats
+    gaps = [(t, f) for t, f in items if f.rgb is None]
+    shown = [(t, f) for t, f in items if f.rgb is not None]
+    assert gaps and shown, "SlowBackend no longer falls behind"
+    assert st.frames == len(shown) and st.late == 0
+    # every frame of the timeline once, in order; each shown frame with its own span only
+    index = 0
+    for _, f in items:
+        assert f.index == index
+        assert f.audio.shape[0] % SPF == 0 and f.audio.shape[0] > 0
+        index += f.audio.shape[0] // SPF
+    assert st.dropped == sum(f.audio.shape[0] // SPF for _, f in gaps)
+    assert all(f.audio.shape[0] == SPF for _, f in shown)
+    audio = np.concatenate([f.audio for _, f in items])
+    np.testing.assert_array_equal(audio, speech[: audio.shape[0]])
+    assert audio.shape[0] == speech.shape[0] // SPF * SPF  # nothing lost (a part-frame is cut)
+    # a gap is on the presentation clock like a frame (which only ever moves later) ...
+    for (_, a), (_, b) in zip(items, items[1:], strict=False):
+        assert b.due - a.due >= (b.index - a.index) / 25 - 1e-6
+    # ... and is handed out when dropped: a chunk's compute (two chunks' time here) before the
+    # frame shown after it
+    ahead = [items[i + 1][0] - t for i, (t, f) in enumerate(items[:-1]) if f.rgb is None]
+    print("gap lead over the next frame shown (s):", np.round(ahead, 3))
+    assert max(ahead) >= CHUNK_S, ahead
+
+
 class SlowSpellBackend(TorchBackend):
     """Real time except for a spell (a busy neighbour, a hypervisor taking the CPU) in which each
     chunk takes three chunks' worth of time."""
