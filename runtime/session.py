@@ -24,7 +24,8 @@ ends on that timeline. Frames discarded by an interrupt never reach the timeline
 When frames are due, which are late, when silence is fed and what is skipped to catch up is the
 pacing policy's (pacing.py): in realtime mode frames are handed out at their presentation time,
 the avatar idles on silence while no audio comes, and with late policy "drop" late frames are
-skipped (their audio moves to the next delivered frame) while "mark" delivers them `late=True`.
+skipped (their audio moves to the next delivered frame, or with `frames(gaps=True)` comes in their
+place as a gap, no picture) while "mark" delivers them `late=True`.
 """
 
 from __future__ import annotations
