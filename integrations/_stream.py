@@ -2,8 +2,10 @@
 
 Speech (any rate, any channel count) goes in with `push()`; frames come out of `async for`, each
 with its RGB image, the 640 samples of its 40 ms span and whether that span holds pushed speech
-or idle silence. When the CPU falls behind, the Session drops late frames (late policy "drop")
-and their audio goes too, so picture, sound and the conversation stay on time. Between utterances the Session feeds silence itself, so frames keep coming at
+or idle silence. When the CPU falls behind, the Session skips frames to catch up: each comes at
+its time with its audio under the last picture (`repeat`), so no speech is lost. A frame that is
+still more than a chunk late when handed out is dropped with its audio, so picture, sound and the
+conversation stay on time. Between utterances the Session feeds silence itself, so frames keep coming at
 25 fps and the avatar idles.
 
 Markers: `mark(obj)` ties an object (a framework's end-of-segment marker, a control frame that
@@ -44,6 +46,9 @@ class AvatarFrame:
     speech: bool  # the span holds pushed speech (False: idle silence)
     markers: list  # objects whose speech ended within this frame; hand them on after it
     late: bool = False
+    # the picture of the frame shown before: this one was skipped to catch up, and is here for
+    # its audio (see AvatarStream._frames)
+    repeat: bool = False
 
     @property
     def t(self) -> float:
@@ -131,6 +136,8 @@ class AvatarStream:
         self.first_frame_at: float | None = None
         self.last_frame_at: float | None = None
         self.late_audio_dropped_s = 0.0
+        self._last_rgb: np.ndarray | None = None  # the picture of the frame handed out last
+        self._chunk_s = 0.0  # the Session's lateness bound (a chunk), once it is open
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -144,6 +151,7 @@ class AvatarStream:
 
     async def _start(self) -> None:
         self.session = await self._loop.run_in_executor(None, self._open)
+        self._chunk_s = self.session.chunk_s
         self.session.start()
         self._pump = threading.Thread(target=self._run_pump, name="edgetalk-pump", daemon=True)
         self._pump.start()
@@ -265,7 +273,7 @@ class AvatarStream:
     def _run_pump(self) -> None:
         """Session frames (paced in real time by the Session) -> the event loop."""
         try:
-            for f in self.session.frames():
+            for f in self.session.frames(gaps=True):
                 while not self._slots.acquire(timeout=0.1):
                     if self._closed:
                         return
@@ -297,11 +305,33 @@ class AvatarStream:
             epoch, f = item
             if epoch != self._epoch:  # handed out by the Session before an interrupt
                 continue
-            yield self._annotate(f)
+            if f.rgb is not None:
+                self._last_rgb = f.rgb
+                yield self._annotate(f.index, f.rgb, f.audio, f.late)
+            else:
+                for k in range(f.audio.shape[0] // SPF):
+                    repeat = self._repeat(f, k)
+                    if repeat is not None:
+                        yield repeat
 
-    def _annotate(self, f) -> AvatarFrame:
-        end = (f.index + 1) * SPF
-        start = end - f.audio.shape[0]
+    def _repeat(self, gap, k: int) -> AvatarFrame | None:
+        """Frame k of a gap (frames the Session skipped to catch up, or dropped as late), for
+        its audio: under the last picture if it is at most a chunk past its time, as a late
+        frame the Session still shows would be, so the protocol (a picture, then its 40 ms of
+        audio) holds and no words are lost to a busy CPU. Later than that it is dropped: agent
+        transports play audio on their own clock (filling gaps with silence), so audio that
+        comes late would queue up behind and lag the conversation from then on. (Markers in a
+        dropped span come out with the next frame.)"""
+        index, audio = gap.index + k, gap.audio[k * SPF : (k + 1) * SPF]
+        late = gap.due is not None and time.monotonic() - (gap.due + k / FPS) > self._chunk_s
+        if late or self._last_rgb is None:
+            self.late_audio_dropped_s += audio.shape[0] / (SPF * FPS)
+            return None
+        return self._annotate(index, self._last_rgb, audio, False, repeat=True)
+
+    def _annotate(self, index, rgb, audio, late: bool, repeat: bool = False) -> AvatarFrame:
+        end = (index + 1) * SPF
+        start = end - audio.shape[0]
         now = time.monotonic()
         with self._lock:
             self._emitted_end = max(self._emitted_end, end)
@@ -314,16 +344,12 @@ class AvatarStream:
             if speech and self._speech_in_at is not None and end > self._speech_in_pos:
                 self.speech_delays.append(now - self._speech_in_at)
                 self._speech_in_at = None
-        self.frames_out += 1
-        if self.first_frame_at is None:
-            self.first_frame_at = now
-        self.last_frame_at = now
-        # A frame after frames dropped as late carries their audio too. Agent transports play
-        # audio on their own clock (filling gaps with silence), so audio that comes late would
-        # queue up behind and lag the conversation from then on: it is dropped with its frames.
-        audio = f.audio[-SPF:]
-        self.late_audio_dropped_s += (f.audio.shape[0] - audio.shape[0]) / (SPF * FPS)
-        return AvatarFrame(f.index, f.rgb, audio, speech, markers, f.late)
+        if not repeat:  # rendered frames only
+            self.frames_out += 1
+            if self.first_frame_at is None:
+                self.first_frame_at = now
+            self.last_frame_at = now
+        return AvatarFrame(index, rgb, audio, speech, markers, late, repeat)
 
     @property
     def fps(self) -> float:

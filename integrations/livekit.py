@@ -14,8 +14,9 @@ The avatar protocol (livekit.agents.voice.avatar):
 - `clear_buffer()`: the agent was interrupted. `Session.interrupt()` drops the queued speech and
   the frames not yet shown; the avatar idles within one chunk.
 - `async for` yields, every 40 ms, an `rtc.VideoFrame` (RGB24); while the avatar speaks, each is
-  followed by the `rtc.AudioFrame` of that frame's span (16 kHz mono, 640 samples; late frames
-  are dropped with their audio when the CPU falls behind), and each `AudioSegmentEnd` comes right after the frame that holds the
+  followed by the `rtc.AudioFrame` of that frame's span (16 kHz mono, 640 samples; when the CPU
+  falls behind, frames skipped to catch up repeat the last picture with their own audio, and a
+  frame still more than a chunk late is dropped with its audio), and each `AudioSegmentEnd` comes right after the frame that holds the
   last audio of its utterance, which is when the runner tells the agent that playback finished.
   Between utterances the frames are the avatar idling (video only, as in LiveKit's own example
   generator: the runner counts every audio frame as playback), so the video never stops.

@@ -11,7 +11,8 @@ What goes through it:
 - Every downstream `OutputAudioRawFrame` (TTS audio, any rate and channel count) is taken and fed
   to one live `edgetalk.Session`. Out comes, every 40 ms, an `OutputImageRawFrame`; while the
   avatar speaks it is followed by a `TTSAudioRawFrame` with the 640 samples (16 kHz mono) of that
-  frame's span (when the CPU falls behind, late frames are dropped with their audio). The images
+  frame's span (when the CPU falls behind, frames skipped to catch up repeat the last picture with
+  their own audio; a frame still more than a chunk late is dropped with its audio). The images
   are `sync_with_audio`: the output transport queues them with the audio and shows each one when
   the audio before it has been sent, so picture and sound stay on one clock (the audio's) even
   when the CPU hiccups and audio queues up; `transport_params()` has the matching settings. Idle
