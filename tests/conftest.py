@@ -209,6 +209,22 @@ def floor_for_this_machine(measured: float, floor: float, what: str) -> float:
     return scaled
 
 
+def ceiling_for_this_machine(measured: float, ceiling: float, what: str) -> float:
+    """For a duration that must stay under `ceiling` (a stall): `ceiling` when `measured` is
+    under it; else the ceiling stretched by how much slower than REFERENCE_FPS this machine
+    streams the shipped model (never shrunk), printed, which the caller asserts against. Too
+    slow for real time, the pacer raises the delay, and the picture pauses that long once."""
+    if measured <= ceiling:
+        return ceiling
+    cap = machine_capacity_fps()
+    scaled = ceiling * max(1.0, REFERENCE_FPS / cap)
+    print(
+        f"\n{what}: {measured:.2f} over the ceiling {ceiling:g}; this machine streams the shipped "
+        f"model at {cap:.1f} FPS (reference {REFERENCE_FPS:g}), so the ceiling here is {scaled:.2f}"
+    )
+    return scaled
+
+
 def tiny_real_folder(tmp_path, item_id: str, identity: str):
     """A one-clip real data folder (catalog.json, videos/, audio/): 2.4 s of a GRID speaker
     (MIT, rizkiarm/LipNet). The identity decides the split: a held-out one makes it eval data."""

