@@ -2,11 +2,11 @@
 
 Speech (any rate, any channel count) goes in with `push()`; frames come out of `async for`, each
 with its RGB image, the 640 samples of its 40 ms span and whether that span holds pushed speech
-or idle silence. When the CPU falls behind, the Session skips frames to catch up: each comes at
-its time with its audio under the last picture (`repeat`), so no speech is lost. A frame that is
-still more than a chunk late when handed out is dropped with its audio, so picture, sound and the
-conversation stay on time. Between utterances the Session feeds silence itself, so frames keep coming at
-25 fps and the avatar idles.
+or idle silence. When the CPU falls behind, the Session skips frames to catch up: each still
+comes with its audio, under the last picture (`repeat`), when it is at most a chunk past its time,
+as a late frame that is shown would be. Audio later than that is dropped with its frame, so
+picture, sound and the conversation stay on time. Between utterances the Session feeds silence
+itself, so frames keep coming at 25 fps and the avatar idles.
 
 Markers: `mark(obj)` ties an object (a framework's end-of-segment marker, a control frame that
 must not overtake the speech before it) to the end of the speech pushed so far; it comes out
