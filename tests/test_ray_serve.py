@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import StealMeter, need, skip_or_fail
+from .conftest import StealMeter, floor_for_this_machine, need, skip_or_fail
 
 need("aiohttp", "edgetalk serve needs aiohttp (pip install 'edgetalk[serve]')")
 need("aiortc", "edgetalk serve needs aiortc (pip install 'edgetalk[serve]')")
@@ -358,8 +358,9 @@ def _run(serve, url, tmp_path, sync_playwright, report) -> None:
             judged = steal.speed_judged(f"FPS {report['with_C_fps']} (floor {FPS_FLOOR})")
             for fps in (fps_b, *report["with_C_fps"].values()):
                 assert fps["server"] > 0 and fps["browser"] > 0, report  # never frozen
-                if judged:
-                    assert fps["server"] >= FPS_FLOOR and fps["browser"] >= FPS_FLOOR, report
+                if judged:  # on a machine slower than the reference, against its own speed
+                    low = min(fps["server"], fps["browser"])
+                    assert low >= floor_for_this_machine(low, FPS_FLOOR, "ray serve FPS"), report
             st, health = _request(url + "api/health", headers={"X-EdgeTalk-Token": TOKEN})
             assert health["active"] == 2, health
 
