@@ -198,29 +198,26 @@ def machine_capacity_fps(seconds: float = 2.0) -> float:
 def floor_for_this_machine(measured: float, floor: float, what: str) -> float:
     """`floor` when `measured` reaches it; else the floor scaled to this machine's capacity
     (printed, with the capacity), which the caller asserts against."""
-    if measured >= floor:
-        return floor
-    cap = machine_capacity_fps()
-    scaled = floor * min(1.0, cap / REFERENCE_FPS)
-    print(
-        f"\n{what}: {measured:.1f} under the floor {floor:g}; this machine streams the shipped "
-        f"model at {cap:.1f} FPS (reference {REFERENCE_FPS:g}), so the floor here is {scaled:.1f}"
-    )
-    return scaled
+    return _bound_for_this_machine(measured, floor, what, ceiling=False)
 
 
 def ceiling_for_this_machine(measured: float, ceiling: float, what: str) -> float:
-    """For a duration that must stay under `ceiling` (a stall): `ceiling` when `measured` is
-    under it; else the ceiling stretched by how much slower than REFERENCE_FPS this machine
-    streams the shipped model (never shrunk), printed, which the caller asserts against. Too
-    slow for real time, the pacer raises the delay, and the picture pauses that long once."""
-    if measured <= ceiling:
-        return ceiling
+    """For a duration that must stay under `ceiling` (a stall): the same, the ceiling stretched
+    (never shrunk) by how much slower than REFERENCE_FPS this machine is. Too slow for real time,
+    the pacer raises the delay, and the picture pauses that long once."""
+    return _bound_for_this_machine(measured, ceiling, what, ceiling=True)
+
+
+def _bound_for_this_machine(measured: float, bound: float, what: str, ceiling: bool) -> float:
+    if (measured <= bound) if ceiling else (measured >= bound):
+        return bound
     cap = machine_capacity_fps()
-    scaled = ceiling * max(1.0, REFERENCE_FPS / cap)
+    slow = min(1.0, cap / REFERENCE_FPS)
+    scaled = bound / slow if ceiling else bound * slow
+    word, side, fmt = ("ceiling", "over", ".2f") if ceiling else ("floor", "under", ".1f")
     print(
-        f"\n{what}: {measured:.2f} over the ceiling {ceiling:g}; this machine streams the shipped "
-        f"model at {cap:.1f} FPS (reference {REFERENCE_FPS:g}), so the ceiling here is {scaled:.2f}"
+        f"\n{what}: {measured:{fmt}} {side} the {word} {bound:g}; this machine streams the shipped "
+        f"model at {cap:.1f} FPS (reference {REFERENCE_FPS:g}), so the {word} here is {scaled:{fmt}}"
     )
     return scaled
 
