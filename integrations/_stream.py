@@ -2,9 +2,11 @@
 
 Speech (any rate, any channel count) goes in with `push()`; frames come out of `async for`, each
 with its RGB image, the 640 samples of its 40 ms span and whether that span holds pushed speech
-or idle silence. When the CPU falls behind, the Session skips frames to catch up: each still
-comes with its audio, under the last picture (`repeat`), when it is at most a chunk past its time,
-as a late frame that is shown would be. Audio later than that is dropped with its frame, so
+or idle silence. When the CPU falls behind, the Session skips frames to catch up, or hands their
+audio out ahead of the worker when a chunk's compute stalls: each such frame still comes with
+its audio, under the last picture (`repeat`), at most a chunk past its time, as a late frame
+that is shown would be. No speech is lost to a busy CPU. Only when the event loop itself falls
+behind (audio more than a chunk and HANDOFF_SLACK_S late) is audio dropped with its frame, so
 picture, sound and the conversation stay on time. Between utterances the Session feeds silence
 itself, so frames keep coming at 25 fps and the avatar idles.
 
@@ -35,6 +37,9 @@ from ..errors import InputError
 from ..models.config import FPS, SAMPLES_PER_FRAME
 
 MAX_PENDING_FRAMES = 50  # frames handed out by the Session but not yet taken (2 s)
+# The Session hands each frame's audio out at most a chunk after its time (frames(gaps=True));
+# beyond that, plus this for the hand-off to the event loop, the loop itself fell behind.
+HANDOFF_SLACK_S = 0.1
 SPF = SAMPLES_PER_FRAME
 
 
@@ -315,15 +320,17 @@ class AvatarStream:
                         yield repeat
 
     def _repeat(self, gap, k: int) -> AvatarFrame | None:
-        """Frame k of a gap (frames the Session skipped to catch up, or dropped as late), for
-        its audio: under the last picture if it is at most a chunk past its time, as a late
-        frame the Session still shows would be, so the protocol (a picture, then its 40 ms of
-        audio) holds and no words are lost to a busy CPU. Later than that it is dropped: agent
-        transports play audio on their own clock (filling gaps with silence), so audio that
-        comes late would queue up behind and lag the conversation from then on. (Markers in a
-        dropped span come out with the next frame.)"""
+        """Frame k of a gap (frames the Session skipped to catch up, dropped as late, or whose
+        audio it handed out ahead of the worker), for its audio: under the last picture, as a
+        late frame the Session still shows would be, so the protocol (a picture, then its 40 ms
+        of audio) holds and no words are lost to a busy CPU. The Session hands it out at most a
+        chunk late; later than that (and the hand-off's slack) the event loop fell behind, and
+        it is dropped: agent transports play audio on their own clock (filling gaps with
+        silence), so audio that comes late would queue up behind and lag the conversation from
+        then on. (Markers in a dropped span come out with the next frame.)"""
         index, audio = gap.index + k, gap.audio[k * SPF : (k + 1) * SPF]
-        late = gap.due is not None and time.monotonic() - (gap.due + k / FPS) > self._chunk_s
+        bound = self._chunk_s + HANDOFF_SLACK_S
+        late = gap.due is not None and time.monotonic() - (gap.due + k / FPS) > bound
         if late or self._last_rgb is None:
             self.late_audio_dropped_s += audio.shape[0] / (SPF * FPS)
             return None

@@ -16,6 +16,10 @@ It keeps the clocks and answers the Session's questions; the Session owns the qu
   and with nothing rendered the compute time is never measured again, so the avatar froze for
   good. t0 moves later instead, by just enough (the latency grows, counted in `raised_s`); it is
   not lowered again, since that would need the audio of the frames in between to be dropped.
+  Only a slowness that lasts raises it: the budget is judged by the typical compute of the last
+  few chunks, not by one stalled chunk. A one-off stall (a page-fault storm, a hypervisor pause)
+  costs the frames it holds up, and the stream goes on at its delay; raising it for every such
+  hiccup would ratchet a conversation's delay up for good.
 - Silence: while no audio comes, the audio timeline is kept up with the wall clock with silence,
   so the avatar idles and a stream never needs its length up front.
 
@@ -25,12 +29,15 @@ Offline (realtime=False) nothing waits, nothing is late, no silence is fed.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable
 
 from ..errors import InputError
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 LATE_POLICIES = ("drop", "mark")
+TYPICAL_CHUNKS = 5  # the budget is judged by the median compute of this many recent chunks
 
 
 def check_late_policy(late_policy: str) -> None:
@@ -63,11 +70,17 @@ class Pacer:
         self.t0: float | None = None  # frame i is due at t0 + i / FPS
         self.last_push: float | None = None
         self.compute_s = 0.0  # recent compute time of one chunk (moving average)
+        self._recent: deque[float] = deque(maxlen=TYPICAL_CHUNKS)  # the last chunks' times
         self.raised_s = 0.0  # how much later t0 moved because the budget was short
 
     @property
     def drop_late(self) -> bool:
         return self.late_policy == "drop"
+
+    @property
+    def late_s(self) -> float:
+        """A frame handed out more than this past its time is late: one chunk."""
+        return self.chunk_s
 
     # ---- events --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,6 +103,7 @@ class Pacer:
     def computed(self, seconds: float, frames: int) -> None:
         """`frames` frames took `seconds` to render."""
         dt = seconds * self.chunk / frames
+        self._recent.append(dt)
         # Up at once, down gradually: a frame judged on time by a stale, lower estimate would be
         # rendered only to be dropped as late when handed out.
         self.compute_s = dt if dt > self.compute_s else 0.8 * self.compute_s + 0.2 * dt
@@ -116,21 +130,24 @@ class Pacer:
 
     def late(self, next_index: int) -> bool:
         """Catch-up is due: the next frame would be more than a chunk late when ready."""
-        return self._behind(next_index) > self.chunk_s
+        return self._behind(next_index) > self.late_s
 
     def frames_to_skip(self, next_index: int, waiting_frames: int) -> int:
         """Catch-up: how many of the next frames (whose audio waits, `waiting_frames` of them, not
         yet rendered) would be more than a chunk late when ready. Skip them unrendered."""
         behind = self._behind(next_index)
-        if behind <= self.chunk_s:
+        if behind <= self.late_s:
             return 0
         # Skipping helps only as far as the audio after the skip is already here: a chunk (and
         # its lookahead) must remain to render at once. Audio still to come arrives in real
         # time, so skipping into it leaves the frame after it just as late.
         spare = max(0, waiting_frames - self.chunk_frames)
         k = min(math.ceil(behind * FPS), spare)
-        rest = behind - k / FPS
-        if rest > self.chunk_s:  # a short budget, not a backlog
+        # A short budget, not a backlog, if the next frame stays late at the typical compute
+        # time (the moving average jumps to a single stalled chunk's).
+        typical = statistics.median(self._recent) if self._recent else self.compute_s
+        rest = behind - k / FPS - max(0.0, self.compute_s - typical)
+        if rest > self.late_s:
             raise_s = rest - self.chunk_s / 2  # the next frame on time, half a chunk to spare
             self.t0 += raise_s
             self.raised_s += raise_s
@@ -152,4 +169,4 @@ class Pacer:
         due = self.t0 + index / FPS
         if now < due:
             return due - now, False
-        return 0.0, now - due > self.chunk_s
+        return 0.0, now - due > self.late_s

@@ -25,7 +25,8 @@ When frames are due, which are late, when silence is fed and what is skipped to 
 pacing policy's (pacing.py): in realtime mode frames are handed out at their presentation time,
 the avatar idles on silence while no audio comes, and with late policy "drop" late frames are
 skipped (their audio moves to the next delivered frame, or with `frames(gaps=True)` comes in their
-place as a gap, no picture) while "mark" delivers them `late=True`.
+place as a gap, no picture, and never more than a chunk late: see frames()) while "mark" delivers
+them `late=True`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..errors import InputError
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from .audio_io import StreamResampler, check_channels
 from .pacing import LATE_POLICIES, Pacer, check_late_policy
+from .timeline_audio import TimelineAudio
 
 MAX_INPUT_SECONDS = 60.0  # audio waiting for the worker; push_audio waits beyond this
 MAX_PARTNER_SECONDS = 5.0  # unpaired partner audio waiting; the oldest is dropped beyond this
@@ -64,7 +66,8 @@ class LiveFrame(tuple):
     `due`: in real time, when the frame is due on the session's clock (its presentation time;
     None offline). A sink that plays the audio on its own schedule keys it to `due - t`: that
     moves when the pacer raises the delay, and the sound must move with the picture.
-    From `frames(gaps=True)`, rgb is None for a gap: frames dropped or skipped, with their audio."""
+    From `frames(gaps=True)`, rgb is None for a gap: frames dropped or skipped, with their audio
+    (a gap handed out ahead of the worker is one frame, own voice only)."""
 
     def __new__(cls, index, rgb, late=False, audio=None, partner_audio=None, due=None):
         self = super().__new__(cls, (index / FPS, rgb))
@@ -90,6 +93,9 @@ class SessionStats:
     late: int = 0  # delivered late ("mark")
     dropped: int = 0  # on the timeline but not delivered ("drop"): late frames + skipped ones
     skipped: int = 0  # of `dropped`: audio the worker did not render, to catch up
+    # of `dropped`: frames whose audio frames(gaps=True) handed out at their time, before the
+    # worker had rendered or skipped them
+    audio_ahead: int = 0
     interruptions: int = 0
     interrupted_frames: int = 0  # rendered but discarded by interrupt() (never on the timeline)
     interrupted_audio_s: float = 0.0  # audio discarded by interrupt(): queued, or of dropped frames
@@ -126,7 +132,9 @@ class SessionStats:
             f"frames {self.frames} in {self.wall_s:.2f} s ({self.fps:.1f} FPS), "
             f"timeline {self.timeline_frames / FPS:.2f} s, first-frame delay {ffd}",
             f"late policy {self.late_policy}: {self.late} late, {self.dropped} dropped "
-            f"({self.skipped} skipped to catch up); interruptions {self.interruptions} "
+            f"({self.skipped} skipped to catch up"
+            + (f", {self.audio_ahead} audio ahead of the worker" if self.audio_ahead else "")
+            + f"); interruptions {self.interruptions} "
             f"({self.interrupted_frames} frames, {self.interrupted_audio_s:.2f} s audio discarded); "
             f"silence fed {self.silence_s:.2f} s",
         ]
@@ -220,6 +228,8 @@ class Session:
         # the timeline: frames handed to the output queue, and own-voice samples put on it so far
         self._tl_next = 0
         self._tl_end = 0
+        self._next_out = 0  # the next frame frames() hands out (or carries, or drops)
+        self._audio = TimelineAudio()  # own voice from frame _next_out on (for gaps=True)
         # worker side
         self._sched_interrupt = False
         self._epoch = 0
@@ -393,21 +403,24 @@ class Session:
         with self._cond:
             self._epoch += 1
             self._stats.interruptions += 1
-            frames = sum(o.n for o in self._out if o.rgb is not None)
-            # Audio on the timeline but in no frame yet: queued, in the scheduler, or rendering;
-            # and that of frames skipped or dropped just before, which waits for the next frame
-            # shown (frames() hands it on): after a barge-in it would play as a burst of the old
-            # speech on the first idle frame.
-            unrendered = max(0, self._tl_end - self._tl_next * SPF)
+            frames = sum(o.n for o in self._out if o.rgb is not None and o.index >= self._next_out)
+            # Audio on the timeline but in no frame yet: queued, in the scheduler, or rendering
+            # (less what frames(gaps=True) handed out ahead of the worker); and that of frames
+            # skipped or dropped just before, which waits for the next frame shown (frames()
+            # hands it on): after a barge-in it would play as a burst of the old speech on the
+            # first idle frame.
+            unrendered = max(0, self._tl_end - max(self._tl_next, self._next_out) * SPF)
             unrendered += sum(a.shape[0] for a in self._carry)
             self._carry.clear()
             self._carry_partner.clear()
             self._stats.interrupted_frames += frames
             self._stats.interrupted_audio_s += unrendered / SAMPLE_RATE
-            if self._out:
-                self._tl_next = self._out[0].index  # those frames were never shown
+            # The timeline goes on from the first frame not handed out: the queued frames were
+            # never shown, and the audio of frames before it is out (with a frame or ahead).
+            self._tl_next = self._next_out
             self._out.clear()
             self._tl_end = self._tl_next * SPF
+            self._audio.truncate(self._tl_end)
             self._in.clear()
             self._in_samples = 0
             self._sched_interrupt = True
@@ -447,6 +460,7 @@ class Session:
         self._in.append((own, partner))
         self._in_samples += own.shape[0]
         self._tl_end += own.shape[0]
+        self._audio.append(own)
         self._cond.notify_all()
 
     # ---- output ----------------------------------------------------------------------------------
@@ -459,52 +473,99 @@ class Session:
         gaps=True: each of them is handed out in its place as a gap, a LiveFrame whose rgb is
         None with its own audio and `due` (a skip of several frames is one gap with all their
         audio), at its time or as soon as it is dropped. For sinks that play the audio on its own
-        clock (WebRTC): carried audio would leave a whole chunk's compute late, in a burst."""
+        clock (WebRTC, agent transports): carried audio would leave a whole chunk's compute late,
+        in a burst. Nor does the audio wait for the worker: with late policy "drop", a frame
+        neither rendered nor skipped a chunk after its time (the late bound) is handed out then
+        as a gap of its own, with its audio (own voice only: partner_audio None), and its
+        picture is dropped when it comes. So no audio leaves more than a chunk late, however
+        long a chunk's compute stalls."""
         self.start()
         while True:
             with self._cond:
-                while True:
-                    self._raise_error_locked()
-                    if self._out:
-                        head = self._out[0]
-                        skipped = head.rgb is None  # by the worker, unrendered: its audio goes on
-                        if skipped and not gaps:
-                            self._out.popleft()
-                            self._carry_locked(head)
-                            self._cond.notify_all()
-                            continue
-                        wait, late = self.pacer.present(head.index)
-                        if wait > 0:
-                            self._cond.wait(min(wait, 0.05))
-                            continue
-                        if late and self.pacer.drop_late and not skipped:
-                            self._stats.dropped += 1
-                            if not gaps:
-                                self._out.popleft()
-                                self._carry_locked(head)
-                                self._cond.notify_all()
-                                continue
-                            skipped = True
-                        item = self._out.popleft()
-                        self._cond.notify_all()
-                        break
-                    if self._done or self._aborted:
-                        if self._end is None:
-                            self._end = self.clock()
-                        return
-                    self._cond.wait(0.05)
+                frame = self._next_frame_locked(gaps)
+            if frame is None:
+                return
+            yield frame
+
+    def _next_frame_locked(self, gaps: bool) -> LiveFrame | None:
+        """Wait for the next frame (or gap) to hand out; None at the end of the stream."""
+        while True:
+            self._raise_error_locked()
+            self._drop_handed_locked()
+            if self._out:
+                head = self._out[0]
+                skipped = head.rgb is None  # by the worker, unrendered: its audio goes on
+                if skipped and not gaps:
+                    self._hand_out_locked(carry=True)
+                    continue
+                wait, late = self.pacer.present(head.index)
+                if wait > 0:
+                    self._cond.wait(min(wait, 0.05))
+                    continue
+                if late and self.pacer.drop_late and not skipped:
+                    self._stats.dropped += 1
+                    if not gaps:
+                        self._hand_out_locked(carry=True)
+                        continue
+                    skipped = True
+                item = self._hand_out_locked()
                 due = self.pacer.due(item.index)
                 if skipped:  # a gap (gaps=True): counted as dropped, by the worker or above
-                    frame = LiveFrame(item.index, None, late, item.audio, item.partner, due)
-                else:
-                    if self._stats.first_frame_delay_s is None:
-                        now = self.clock()
-                        self._stats.first_frame_delay_s = now - (self.pacer.origin or now)
-                    self._stats.frames += 1
-                    self._stats.late += int(late)
-                    audio, partner = self._with_carry_locked(item)
-                    frame = LiveFrame(item.index, item.rgb, late, audio, partner, due)
-            yield frame
+                    return LiveFrame(item.index, None, late, item.audio, item.partner, due)
+                if self._stats.first_frame_delay_s is None:
+                    now = self.clock()
+                    self._stats.first_frame_delay_s = now - (self.pacer.origin or now)
+                self._stats.frames += 1
+                self._stats.late += int(late)
+                audio, partner = self._with_carry_locked(item)
+                return LiveFrame(item.index, item.rgb, late, audio, partner, due)
+            if self._done or self._aborted:
+                if self._end is None:
+                    self._end = self.clock()
+                return None
+            wait = 0.05
+            if gaps:
+                ahead, wait = self._audio_ahead_locked()
+                if ahead is not None:
+                    return ahead
+            self._cond.wait(wait)
+
+    def _hand_out_locked(self, carry: bool = False) -> _Out:
+        """The head of the output queue leaves it: handed out, or (carry) its audio waits for
+        the next frame shown."""
+        item = self._out.popleft()
+        if carry:
+            self._carry_locked(item)
+        self._next_out = item.index + item.n
+        self._audio.release(self._next_out * SPF)
+        self._cond.notify_all()
+        return item
+
+    def _drop_handed_locked(self) -> None:
+        """Frames the worker put out after frames(gaps=True) handed their audio out ahead of it
+        (only rendered ones: the worker skips such frames without putting them out)."""
+        while self._out and self._out[0].index < self._next_out:
+            self._out.popleft()
+            self._cond.notify_all()
+
+    def _audio_ahead_locked(self) -> tuple[LiveFrame | None, float]:
+        """With nothing from the worker for frame `_next_out`: its audio as a gap once it is a
+        chunk past its time (when it would be dropped as late anyway), if it is on the timeline.
+        Else (None, how long to wait)."""
+        index = self._next_out
+        due = self.pacer.due(index) if self.pacer.drop_late else None
+        if due is None or self._audio.end < (index + 1) * SPF:  # not anchored; no audio yet
+            return None, 0.05
+        wait = due + self.pacer.late_s - self.clock()
+        if wait > 0:
+            return None, min(wait, 0.05)
+        audio = self._audio.take(index * SPF, (index + 1) * SPF)
+        self._next_out = index + 1
+        self._audio.release(self._next_out * SPF)
+        self._stats.dropped += 1
+        self._stats.audio_ahead += 1
+        self._cond.notify_all()
+        return LiveFrame(index, None, True, audio, None, due), 0.0
 
     def _carry_locked(self, item: _Out) -> None:
         self._carry.append(item.audio)
@@ -667,21 +728,26 @@ class Session:
         n = self.pacer.silence_needed(self._tl_end)
         if not n:
             return False
-        self._in.append((np.zeros(n, np.float32), None))
+        silence = np.zeros(n, np.float32)
+        self._in.append((silence, None))
         self._in_samples += n
         self._tl_end += n
+        self._audio.append(silence)
         self._stats.silence_s += n / SAMPLE_RATE
         return True
 
     def _catch_up_locked(self) -> None:
         """Skip rendering the audio of the frames the pacing policy says would be late: they are
-        dropped (counted), their audio goes to the next delivered frame, the timeline moves on."""
+        dropped (counted), their audio goes to the next delivered frame, the timeline moves on.
+        Frames whose audio frames(gaps=True) already handed out are skipped first, unseen."""
         sched = self.scheduler
         queued = sched.own.shape[0]  # in the scheduler, from its next frame on
-        k = self.pacer.frames_to_skip(self._tl_next, (queued + self._in_samples) // SPF)
-        if k < 1:
+        waiting = (queued + self._in_samples) // SPF
+        handed = min(max(0, self._next_out - self._tl_next), waiting)
+        k = self.pacer.frames_to_skip(self._tl_next + handed, waiting - handed)
+        if k + handed < 1:
             return
-        need = k * SPF
+        need = (handed + k) * SPF
         own, par = sched.own, sched.partner
         sched.interrupt()
         if own.shape[0] >= need:
@@ -693,6 +759,10 @@ class Session:
             more, more_p = self._take_locked(need - own.shape[0])
             skipped = np.concatenate([own, more])
             skipped_p = np.concatenate([par, more_p if more_p is not None else np.zeros_like(more)])
+        self._tl_next += handed
+        if k < 1:
+            return
+        skipped, skipped_p = skipped[handed * SPF :], skipped_p[handed * SPF :]
         has_partner = sched.partner_seen or skipped_p.any()
         self._out.append(_Out(self._tl_next, None, skipped, skipped_p if has_partner else None, k))
         self._tl_next += k

@@ -1,6 +1,6 @@
 """integrations/_stream.py, the core of the voice-agent integrations, on a CPU that falls behind:
-frames skipped to catch up keep their speech (repeating the last picture), and only audio that
-would come more than a chunk late is dropped."""
+frames skipped to catch up keep their speech (repeating the last picture); the Session hands no
+audio out more than a chunk late, so none is dropped."""
 
 from __future__ import annotations
 
@@ -69,5 +69,6 @@ def test_frames_skipped_to_catch_up_keep_their_speech_under_the_last_picture():
     first, last = start // SPF, (start + speech.shape[0]) // SPF - 1
     missing = [i for i in range(first, last + 1) if i not in kept]
     assert abs(len(missing) * SPF / 16000 - dropped_s) < 1e-6
-    # most of it kept: frames skipped by the worker come at their time
-    assert len(missing) < sum(f.repeat for f in spoken), (len(missing), len(repeats))
+    # all of it kept: the Session hands a skipped frame's audio out at most a chunk late (two
+    # frames of slack for a hiccup of the machine running the test)
+    assert len(missing) <= 2, (len(missing), len(repeats))

@@ -300,6 +300,71 @@ def test_gaps_hand_out_the_audio_of_dropped_frames_when_they_are_dropped(micro_m
     assert max(ahead) >= CHUNK_S, ahead
 
 
+class StallBackend(TorchBackend):
+    """Real time, except that one decoder call stalls for `stall_s` (a hypervisor taking the
+    CPU, a page fault storm) once the stream runs."""
+
+    def __init__(self, model, after_calls: int, stall_s: float):
+        super().__init__(model)
+        self.calls, self.after, self.stall_s = 0, after_calls, stall_s
+
+    def run(self, module, inputs):
+        if module == "decoder":
+            self.calls += 1
+            if self.calls == self.after:
+                time.sleep(self.stall_s)
+        return super().run(module, inputs)
+
+
+def test_gaps_hand_out_audio_at_its_time_while_the_worker_stalls(micro_model):
+    """frames(gaps=True) does not wait for the worker: when a chunk's compute stalls for five
+    chunks' time, the audio of the frames it holds up still leaves at most a chunk after its
+    time (the late bound), each frame's own span, in order, with nothing lost; the pictures
+    rendered after their audio left are dropped, not shown. Before, that audio left only when
+    the stalled chunk came out, and the pacer raised the stream's delay for good by the stall
+    (measured: 354-361 ms here)."""
+    speech = speechlike(3.0) + 0.05
+    stall_s = 5 * CHUNK_S
+    items = []
+    with Session(backend=StallBackend(micro_model, 8, stall_s), realtime=True) as s:
+
+        def mic():  # paced in real time, 40 ms at a time, as a microphone delivers it
+            t0 = time.monotonic()
+            for i in range(0, speech.shape[0], SPF):
+                time.sleep(max(0.0, t0 + i / 16000 - time.monotonic()))
+                s.push_audio(speech[i : i + SPF])
+            s.close()
+
+        pusher = threading.Thread(target=mic, daemon=True)
+        pusher.start()
+        for f in s.frames(gaps=True):
+            items.append((time.monotonic(), f))
+        pusher.join(5.0)
+        st = s.stats
+    why = st.summary()
+    assert st.audio_ahead > 0, f"no audio went ahead of the worker: {why}"
+    # every frame of the timeline once, in order, with exactly its own audio
+    index = 0
+    for _, f in items:
+        assert f.index == index, (f.index, index, why)
+        index += f.audio.shape[0] // SPF
+    audio = np.concatenate([f.audio for _, f in items])
+    start = int(np.argmax(audio != 0))  # idle silence before the first push
+    np.testing.assert_array_equal(audio[start : start + speech.shape[0]], speech)
+    shown = [f for _, f in items if f.rgb is not None]
+    assert st.frames == len(shown) and len(shown) + st.dropped == index, why
+    # no audio later than the late bound (a frame's time plus a chunk), give or take the
+    # reader's wake-up on a busy machine; the stalled chunk alone would make it five chunks
+    lateness = [t - (f.due + k / 25) for t, f in items for k in range(f.audio.shape[0] // SPF)]
+    print(
+        f"stall {stall_s * 1000:.0f} ms: audio late at most {max(lateness) * 1000:.0f} ms "
+        f"(bound {CHUNK_S * 1000:.0f} ms); {why}"
+    )
+    assert max(lateness) < CHUNK_S + 0.1, (max(lateness), why)
+    # and the delay stays: a one-off stall is not a slower machine (pacing.py)
+    assert st.latency_raised_s < CHUNK_S, why
+
+
 class SlowSpellBackend(TorchBackend):
     """Real time except for a spell (a busy neighbour, a hypervisor taking the CPU) in which each
     chunk takes three chunks' worth of time."""

@@ -122,6 +122,20 @@ def test_pacing_policy_on_a_fake_clock():
     assert p.compute_s == pytest.approx(0.3)
     p.computed(0.1, 2)  # and comes down gradually
     assert p.compute_s == pytest.approx(0.26)
+    # The budget is judged by the typical chunk: one stalled chunk (a hypervisor pause) costs
+    # frames but does not raise the delay for good; a slowness that lasts does.
+    q = Pacer(True, "drop", chunk=2, lookahead_samples=1280, clock=lambda: t[0])
+    q.start()
+    q.audio_arrived()
+    q.t0 = t[0]  # frame 0 is due now
+    for _ in range(4):
+        q.computed(0.02, 2)
+    q.computed(0.5, 2)
+    assert q.frames_to_skip(0, waiting_frames=2) == 0 and q.raised_s == 0.0
+    for _ in range(3):
+        q.computed(0.5, 2)
+    assert q.frames_to_skip(0, waiting_frames=2) == 0
+    assert q.raised_s == pytest.approx(0.5 - 0.04)  # frame 0 on time, half a chunk to spare
     p.interrupted()  # a barge-in: the avatar idles from here
     assert p.silence_needed(int(0.5 * 16000)) > 0
     mark = Pacer(True, "mark", chunk=2, lookahead_samples=1280, clock=lambda: t[0])
@@ -185,3 +199,34 @@ def test_two_loopback_questions():
     assert not any(names_loopback(h) for h in ("0.0.0.0", "::", "example.com", "10.0.0.1"))
     assert resolves_to_loopback("127.0.0.1") and resolves_to_loopback("localhost")
     assert not resolves_to_loopback("0.0.0.0")
+
+
+def test_timeline_audio_holds_what_is_not_handed_out():
+    """The Session's copy of the timeline's audio (frames(gaps=True) hands it out ahead of the
+    worker): any span of what is held, across the pieces it came in; released from the front as
+    frames go out, truncated from the back by an interrupt."""
+    from edgetalk.runtime.timeline_audio import TimelineAudio
+
+    x = np.arange(5000, dtype=np.float32)
+    a = TimelineAudio()
+    for lo, hi in ((0, 700), (700, 710), (710, 3000), (3000, 5000)):
+        a.append(x[lo:hi])
+    a.append(x[:0])
+    assert (a.start, a.end) == (0, 5000)
+    np.testing.assert_array_equal(a.take(640, 1280), x[640:1280])
+    np.testing.assert_array_equal(a.take(0, 5000), x)
+    assert a.take(3000, 3000).shape == (0,)
+    a.release(705)
+    np.testing.assert_array_equal(a.take(705, 3100), x[705:3100])
+    with pytest.raises(ValueError):
+        a.take(640, 1280)  # released
+    a.truncate(2000)
+    assert (a.start, a.end) == (705, 2000)
+    with pytest.raises(ValueError):
+        a.take(1280, 2560)  # past the end
+    a.append(x[2000:2100])
+    np.testing.assert_array_equal(a.take(1900, 2100), x[1900:2100])
+    a.release(10_000)  # past the end: nothing is held, the next sample is still 2100
+    assert (a.start, a.end) == (2100, 2100)
+    a.truncate(0)  # an interrupt never rewinds below what was handed out
+    assert (a.start, a.end) == (2100, 2100)
