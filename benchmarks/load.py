@@ -30,6 +30,10 @@ class BusyLoad:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End the load now (also at the end of the block)."""
         for p in self.procs:  # only the processes this object started, by their handle
             p.kill()
         for p in self.procs:

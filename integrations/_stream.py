@@ -8,7 +8,9 @@ its audio, under the last picture (`repeat`), at most a chunk past its time, as 
 that is shown would be. No speech is lost to a busy CPU. Only when the event loop itself falls
 behind (audio more than a chunk and HANDOFF_SLACK_S late) is audio dropped with its frame, so
 picture, sound and the conversation stay on time. Between utterances the Session feeds silence
-itself, so frames keep coming at 25 fps and the avatar idles.
+itself, so frames keep coming at 25 fps and the avatar idles. If a slow spell raised the
+Session's delay, it drops some of those idle frames (their index is skipped) until the delay is
+back down: the conversation does not keep the spell's lag.
 
 Markers: `mark(obj)` ties an object (a framework's end-of-segment marker, a control frame that
 must not overtake the speech before it) to the end of the speech pushed so far; it comes out

@@ -14,8 +14,10 @@ It keeps the clocks and answers the Session's questions; the Session owns the qu
   (compute slower than when t0 was set: a busy neighbour, a hypervisor taking the CPU; or input
   arriving later). Skipping cannot cure that: it would drop every frame for as long as it lasts,
   and with nothing rendered the compute time is never measured again, so the avatar froze for
-  good. t0 moves later instead, by just enough (the latency grows, counted in `raised_s`); it is
-  not lowered again, since that would need the audio of the frames in between to be dropped.
+  good. t0 moves later instead, by just enough (the latency grows, counted in `raised_s`). It
+  comes back down only in pauses (`lower`): with frames(gaps=True) the Session drops a quiet
+  frame at a time while the machine has the budget again, and each takes a frame's time off
+  the delay (`lowered_s`). Elsewhere it stays, since lowering it would drop the audio between.
   Only a slowness that lasts raises it: the budget is judged by the typical compute of the last
   few chunks, not by one stalled chunk. A one-off stall (a page-fault storm, a hypervisor pause)
   costs the frames it holds up, and the stream goes on at its delay; raising it for every such
@@ -72,6 +74,7 @@ class Pacer:
         self.compute_s = 0.0  # recent compute time of one chunk (moving average)
         self._recent: deque[float] = deque(maxlen=TYPICAL_CHUNKS)  # the last chunks' times
         self.raised_s = 0.0  # how much later t0 moved because the budget was short
+        self.lowered_s = 0.0  # how much of that was taken back in pauses
 
     @property
     def drop_late(self) -> bool:
@@ -145,13 +148,32 @@ class Pacer:
         k = min(math.ceil(behind * FPS), spare)
         # A short budget, not a backlog, if the next frame stays late at the typical compute
         # time (the moving average jumps to a single stalled chunk's).
-        typical = statistics.median(self._recent) if self._recent else self.compute_s
-        rest = behind - k / FPS - max(0.0, self.compute_s - typical)
+        rest = behind - k / FPS - max(0.0, self.compute_s - self.typical_compute_s())
         if rest > self.late_s:
             raise_s = rest - self.chunk_s / 2  # the next frame on time, half a chunk to spare
             self.t0 += raise_s
             self.raised_s += raise_s
         return k
+
+    def typical_compute_s(self) -> float:
+        """The median compute time of the last chunks (one stalled chunk does not move it)."""
+        return statistics.median(self._recent) if self._recent else self.compute_s
+
+    def can_lower(self) -> bool:
+        """A frame's time can come off a raised delay: some of it is left to take back, and the
+        delay without it still covers the audio the next chunk needs, its typical compute and
+        half a chunk to spare (what a raise leaves)."""
+        if not (self.realtime and self.drop_late) or self.t0 is None or self.origin is None:
+            return False
+        if self.raised_s - self.lowered_s < 1 / FPS - 1e-9:
+            return False
+        need = self.origin + self.floor_s + self.typical_compute_s() + self.chunk_s / 2
+        return self.t0 - 1 / FPS >= need - 1e-9
+
+    def lower(self) -> None:
+        """The Session dropped a quiet frame: every later frame is due a frame's time earlier."""
+        self.t0 -= 1 / FPS
+        self.lowered_s += 1 / FPS
 
     def due(self, index: int) -> float | None:
         """When frame `index` is due on the clock (None offline, or before the anchor)."""

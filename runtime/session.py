@@ -52,6 +52,20 @@ MAX_QUEUED_FRAMES = 50  # rendered frames (2 s) waiting for frames(); the worker
 PUSH_PIECE_SECONDS = 1.0  # long pushes are queued in pieces of this size
 TICK_S = 0.01  # worker/reader poll period while idle
 SPF = SAMPLES_PER_FRAME
+# A frame whose own voice never exceeds this (-40 dBFS) is quiet: silence fed while idle, a pause
+# in a TTS's speech, a quiet room. Only quiet frames are dropped to bring a raised delay back.
+QUIET_PEAK = 0.01
+# At most one frame in TRIM_EVERY is dropped so: the idle motion runs at most 1.5x for a while
+# (a pause of 2 d takes d back) instead of jumping ahead. And only once QUIET_RUN quiet frames
+# were handed out in a row: the pause between a TTS's sentences (about 300 ms) keeps its length,
+# it is the idle time between turns that gives the delay back.
+TRIM_EVERY = 3
+QUIET_RUN = 8
+
+
+def quiet(audio: np.ndarray) -> bool:
+    return audio.size == 0 or float(np.max(np.abs(audio))) < QUIET_PEAK
+
 
 __all__ = ["LATE_POLICIES", "LiveFrame", "Session", "SessionClosed", "SessionStats"]
 
@@ -96,6 +110,8 @@ class SessionStats:
     # of `dropped`: frames whose audio frames(gaps=True) handed out at their time, before the
     # worker had rendered or skipped them
     audio_ahead: int = 0
+    # of `dropped`: quiet frames frames(gaps=True) dropped in pauses to take a raised delay back
+    trimmed: int = 0
     interruptions: int = 0
     interrupted_frames: int = 0  # rendered but discarded by interrupt() (never on the timeline)
     interrupted_audio_s: float = 0.0  # audio discarded by interrupt(): queued, or of dropped frames
@@ -104,6 +120,7 @@ class SessionStats:
     first_frame_delay_s: float | None = None  # first audio on the timeline -> first frame out
     floor_s: float = 0.0  # (C + L) * 40 ms: the audio the first chunk needs
     latency_raised_s: float = 0.0  # added to the delay when compute fell behind it (pacing.py)
+    latency_lowered_s: float = 0.0  # of that, taken back in pauses (frames(gaps=True))
     wall_s: float = 0.0  # from the start of the stream to now (or its end)
     chunk: int = 0
     realtime: bool = True
@@ -140,7 +157,9 @@ class SessionStats:
         ]
         if self.latency_raised_s:
             lines.append(
-                f"delay raised {self.latency_raised_s * 1000:.0f} ms (compute fell behind it)"
+                f"delay raised {self.latency_raised_s * 1000:.0f} ms (compute fell behind it), "
+                f"{self.latency_lowered_s * 1000:.0f} ms of it taken back in pauses "
+                f"({self.trimmed} quiet frames dropped)"
             )
         if self.partner_dropped_s:
             lines.append(f"partner audio dropped (backlog): {self.partner_dropped_s:.2f} s")
@@ -230,6 +249,8 @@ class Session:
         self._tl_end = 0
         self._next_out = 0  # the next frame frames() hands out (or carries, or drops)
         self._audio = TimelineAudio()  # own voice from frame _next_out on (for gaps=True)
+        self._quiet_run = 0  # quiet frames handed out in a row (a pause)
+        self._since_trim = 0  # frames handed out since a quiet frame was last dropped
         # worker side
         self._sched_interrupt = False
         self._epoch = 0
@@ -306,6 +327,7 @@ class Session:
             if self.pacer.origin is not None:
                 s.wall_s = (self._end or self.clock()) - self.pacer.origin
             s.latency_raised_s = self.pacer.raised_s
+            s.latency_lowered_s = self.pacer.lowered_s
         return s
 
     @property
@@ -478,7 +500,9 @@ class Session:
         neither rendered nor skipped a chunk after its time (the late bound) is handed out then
         as a gap of its own, with its audio (own voice only: partner_audio None), and its
         picture is dropped when it comes. So no audio leaves more than a chunk late, however
-        long a chunk's compute stalls."""
+        long a chunk's compute stalls. And a delay the pacer raised while compute fell behind
+        comes back down in the pauses after it: quiet frames are dropped, at most one in three
+        (`stats.trimmed`), so the sink plays that much less silence (_trim_locked)."""
         self.start()
         while True:
             with self._cond:
@@ -494,6 +518,8 @@ class Session:
             self._drop_handed_locked()
             if self._out:
                 head = self._out[0]
+                if gaps and self._trim_locked():
+                    continue
                 skipped = head.rgb is None  # by the worker, unrendered: its audio goes on
                 if skipped and not gaps:
                     self._hand_out_locked(carry=True)
@@ -530,10 +556,37 @@ class Session:
                     return ahead
             self._cond.wait(wait)
 
+    def _trim_locked(self) -> bool:
+        """In a pause (QUIET_RUN quiet frames handed out in a row), take a frame's time back off
+        a delay the pacer raised: drop the head of the queue, rendered, quiet and followed by a
+        quiet frame, with its audio (silence, or a room's hush). The frames after it come a frame's time earlier. Only while the worker is
+        well ahead of the presentation (more than a chunk and two frames rendered and waiting)
+        and the pacer finds the budget for it, so no later frame comes late for it. Sinks that
+        play audio on their own clock (gaps=True) just play 40 ms less silence; a recorder
+        (frames()) would lose those samples from its timeline, so it is never done there."""
+        out = self._out
+        if self._since_trim < TRIM_EVERY - 1 or len(out) < self.chunk + 2:
+            return False
+        if self._quiet_run < QUIET_RUN or not self.pacer.can_lower():
+            return False
+        head, nxt = out[0], out[1]
+        if head.rgb is None or nxt.rgb is None or not (quiet(head.audio) and quiet(nxt.audio)):
+            return False
+        if self.pacer.present(head.index)[0] <= 0:  # due already: hand it out as it is
+            return False
+        self._hand_out_locked()
+        self._since_trim = 0
+        self.pacer.lower()
+        self._stats.dropped += 1
+        self._stats.trimmed += 1
+        return True
+
     def _hand_out_locked(self, carry: bool = False) -> _Out:
         """The head of the output queue leaves it: handed out, or (carry) its audio waits for
         the next frame shown."""
         item = self._out.popleft()
+        self._quiet_run = self._quiet_run + item.n if quiet(item.audio) else 0
+        self._since_trim += item.n
         if carry:
             self._carry_locked(item)
         self._next_out = item.index + item.n
@@ -560,6 +613,8 @@ class Session:
         if wait > 0:
             return None, min(wait, 0.05)
         audio = self._audio.take(index * SPF, (index + 1) * SPF)
+        self._quiet_run = self._quiet_run + 1 if quiet(audio) else 0
+        self._since_trim += 1
         self._next_out = index + 1
         self._audio.release(self._next_out * SPF)
         self._stats.dropped += 1

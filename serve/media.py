@@ -192,6 +192,7 @@ class Peer:
         self.started_at: float | None = None  # the session's timeline origin
         self.first_frame_at: float | None = None
         self._handoff_lag: float | None = None  # first frame: handed to the loop minus due
+        self._video_base: float | None = None  # the video track's time 0 (monotonic)
         self.state = "new"
         self.closed = False
         self.close_reason = ""
@@ -303,6 +304,9 @@ class Peer:
                     vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f.rgb), format="rgb24")
                     vf.pts = f.index * VIDEO_CLOCK // 25
                     vf.time_base = vtb
+                # where this frame's audio starts in the audio track's own stream: its timeline
+                # time, less the quiet frames the session dropped to bring a raised delay down
+                at = (apts + pending.shape[0]) / OUT_RATE
                 pending = np.concatenate([pending, upsample(f.audio)])
                 afs = []
                 while pending.shape[0] >= OUT_FRAME:
@@ -316,9 +320,9 @@ class Peer:
                     afs.append(af)
                 rms = float(np.sqrt(np.mean(np.square(f.audio)))) if f.audio.size else 0.0
                 rgb = f.rgb if self._record and vf is not None else None
-                # The audio's clock: timeline 0 on the session's presentation clock (it moves
-                # when the pacer raises the delay; see LiveFrame.due).
-                base = None if f.due is None else f.due - f.t
+                # Each track's clock: its time 0 on the session's presentation clock (it moves
+                # when the pacer raises or lowers the delay; see LiveFrame.due).
+                base = None if f.due is None else (f.due - f.t, f.due - at)
                 self.loop.call_soon_threadsafe(self._deliver, f.index, f.t, vf, afs, rms, rgb, base)
         except Exception:  # the session failed: tell the page, free the slot
             log.exception("peer %s: session failed", self.id[:8])
@@ -337,20 +341,23 @@ class Peer:
         now = time.monotonic()
         if vf is not None and self.first_frame_at is None:
             self.first_frame_at = now
-        # The session's clock is time.monotonic (Peer does not pass another one). The audio keeps
-        # the first frame's hand-off lag (the picture's path to the sender) and follows every
-        # later move of the presentation clock.
+        # The session's clock is time.monotonic (Peer does not pass another one). Both tracks
+        # keep the first frame's hand-off lag (the picture's path to the sender) and follow
+        # every later move of the presentation clock. The audio stream is the timeline less
+        # the quiet frames the session dropped (Session.frames), so its time 0 is its own.
         if base is not None:
+            vbase, abase = base
             if self._handoff_lag is None:
-                self._handoff_lag = max(0.0, now - (base + t))
-            self.audio.base = base + self._handoff_lag
+                self._handoff_lag = max(0.0, now - (vbase + t))
+            self.audio.base = abase + self._handoff_lag
+            self._video_base = vbase + self._handoff_lag
         elif self.audio.base is None:
-            self.audio.base = now - t
+            self.audio.base = self._video_base = now - t
         for af in afs:
             self.audio.put(af)
         if vf is None:
             return
-        self.video.put(vf, self.audio.base)
+        self.video.put(vf, self._video_base)
         self.frames_sent += 1
         self._sent_times.append(now)
         while self._sent_times and now - self._sent_times[0] > 2.0:

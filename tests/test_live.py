@@ -407,6 +407,50 @@ def test_a_slow_spell_costs_frames_then_the_stream_recovers(micro_model):
     assert after >= 20, after  # and back to real time (25 FPS)
 
 
+def test_a_raised_delay_comes_back_down_in_the_pause_after_it(micro_model):
+    """frames(gaps=True): a slow spell in the middle of speech raises the delay (pacing.py). In
+    the pause after it, once the machine is fast again, quiet frames are dropped (at most one in
+    three) until the delay is back near what the machine needs: a conversation does not keep the
+    spell's delay for good. No speech is lost for it: only quiet frames of the pause go."""
+    speech = speechlike(4.0) + 0.05  # every sample loud
+    pause = np.zeros(int(4.0 * 16000), np.float32)  # a microphone in a quiet room
+    audio = np.concatenate([speech, pause])
+    items = []
+    with Session(backend=SlowSpellBackend(micro_model, 1.0, 2.5), realtime=True) as s:
+
+        def mic():
+            t0 = time.monotonic()
+            for i in range(0, audio.shape[0], SPF):
+                time.sleep(max(0.0, t0 + i / 16000 - time.monotonic()))
+                s.push_audio(audio[i : i + SPF])
+            s.close()
+
+        pusher = threading.Thread(target=mic, daemon=True)
+        pusher.start()
+        for f in s.frames(gaps=True):
+            items.append((time.monotonic(), f))
+        pusher.join(5.0)
+        st = s.stats
+    why = st.summary()
+    print(why)
+    assert st.latency_raised_s > 0, f"the slow spell no longer raises the delay: {why}"
+    assert st.trimmed > 0 and st.latency_lowered_s == pytest.approx(st.trimmed / 25), why
+    # all that was raised comes back but what the machine needs (about half a chunk; the
+    # queue must hold more than a chunk to drop one)
+    assert st.latency_raised_s - st.latency_lowered_s <= 2 * CHUNK_S, why
+    # at most one frame in three, and only in the pause: every frame of speech is there
+    index = [f.index for _, f in items]
+    spans = {f.index + k for _, f in items for k in range(f.audio.shape[0] // SPF)}
+    missing = sorted(set(range(index[-1] + 1)) - spans)
+    assert len(missing) == st.trimmed, (missing, why)
+    got = np.concatenate([f.audio for _, f in items])
+    start = int(np.argmax(got != 0))
+    np.testing.assert_array_equal(got[start : start + speech.shape[0]], speech)
+    first_pause = start // SPF + speech.shape[0] // SPF + 1
+    assert all(i >= first_pause for i in missing), (missing[:5], first_pause)
+    assert all(b - a >= 3 for a, b in zip(missing, missing[1:], strict=False)), missing
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

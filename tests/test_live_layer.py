@@ -136,6 +136,28 @@ def test_pacing_policy_on_a_fake_clock():
         q.computed(0.5, 2)
     assert q.frames_to_skip(0, waiting_frames=2) == 0
     assert q.raised_s == pytest.approx(0.5 - 0.04)  # frame 0 on time, half a chunk to spare
+    # Taking it back (in pauses, frame by frame): not while the machine is as slow as when it
+    # was raised; then only while the delay without that frame still covers the audio the
+    # chunk needs (floor 160 ms), the typical compute and half a chunk; never more than raised.
+    assert not q.can_lower()  # the last chunks still take 500 ms
+    for _ in range(5):
+        q.computed(0.02, 2)  # the neighbour is gone
+    n = 0
+    while q.can_lower():
+        q.lower()
+        n += 1
+    # a delay of 460 ms (all of it raised) comes down to 160 + 20 + 40 = 220 ms
+    assert n == 6 and q.lowered_s == pytest.approx(0.24) and q.lowered_s <= q.raised_s
+    assert q.t0 - q.origin == pytest.approx(0.46 - 0.24)
+    r = Pacer(True, "drop", chunk=2, lookahead_samples=1280, clock=lambda: t[0])
+    r.start()
+    r.audio_arrived()
+    r.t0 = r.origin + r.floor_s + 0.52
+    r.raised_s = 0.1  # only 100 ms of the delay was raised: two whole frames to take back
+    r.computed(0.02, 2)
+    while r.can_lower():
+        r.lower()
+    assert r.lowered_s == pytest.approx(0.08)
     p.interrupted()  # a barge-in: the avatar idles from here
     assert p.silence_needed(int(0.5 * 16000)) > 0
     mark = Pacer(True, "mark", chunk=2, lookahead_samples=1280, clock=lambda: t[0])

@@ -105,6 +105,62 @@ def test_upsampler_is_exact_and_flat():
         assert np.abs(y[500:] - ref[500:]).max() < 1e-3
 
 
+def test_each_track_keeps_its_own_time_0_when_the_session_drops_a_quiet_frame():
+    """The pump's clocks (serve/media.py): every frame's picture and every 20 ms of its sound are
+    sent at the frame's presentation time (LiveFrame.due). The session drops a quiet frame in a
+    pause to take back a raised delay (index 3 here; every frame after it is due 40 ms earlier),
+    so the audio stream is the timeline less that frame: keyed to the timeline, its sound would
+    go out 40 ms before its picture for every frame dropped."""
+    import asyncio
+
+    from edgetalk.runtime.session import LiveFrame
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    t0 = time.monotonic() + 0.05
+
+    class Session:
+        def start(self):
+            pass
+
+        def frames(self, gaps=False):
+            assert gaps  # the pump plays audio on its own clock
+            for i in (0, 1, 2, 4, 5):  # frame 3 dropped: the delay came down by 40 ms
+                yield LiveFrame(
+                    i,
+                    rgb,
+                    audio=np.full(640, 0.001 * i, np.float32),
+                    due=t0 + i / 25 - 0.04 * (i > 3),
+                )
+
+    async def main():
+        peer = media.Peer(None, None, Session(), "x")
+        audio_bases = []
+        deliver = peer._deliver
+
+        def spy(*args):
+            deliver(*args)
+            audio_bases.append(peer.audio.base)
+
+        peer._deliver = spy
+        peer.start_media()
+        await asyncio.get_running_loop().run_in_executor(None, peer._pump_thread.join, 5.0)
+        await asyncio.sleep(0.05)  # the last _deliver calls
+        peer._timeout.cancel()
+        return peer, audio_bases
+
+    peer, audio_bases = asyncio.run(main())
+    video = list(peer.video._q)
+    audio = list(peer.audio._q)
+    assert [f.pts * 25 // media.VIDEO_CLOCK for _, f, _ in video] == [0, 1, 2, 4, 5]
+    assert len(audio) == 10 and len(audio_bases) == 5  # two 20 ms frames per frame sent
+    lag = peer._handoff_lag
+    for k, (i, (_, vf, vbase)) in enumerate(zip((0, 1, 2, 4, 5), video, strict=True)):
+        due = t0 + i / 25 - 0.04 * (i > 3)
+        assert vbase + vf.pts / media.VIDEO_CLOCK == pytest.approx(due + lag, abs=1e-6)
+        af = audio[2 * k]  # this frame's first 20 ms of sound
+        assert audio_bases[k] + af.pts / 48000 == pytest.approx(due + lag, abs=1e-6)
+
+
 def test_audio_frame_to_float():
     import av
 
