@@ -23,7 +23,7 @@ from edgetalk.cli import main
 from edgetalk.errors import InputError
 from edgetalk.models.checkpoint import save_checkpoint
 from edgetalk.runtime.backend_torch import TorchBackend
-from edgetalk.runtime.session import Session
+from edgetalk.runtime.session import QUIET_RUN, Session
 from edgetalk.runtime.socket_source import CTRL_END, CTRL_INTERRUPT, MAX_FRAME_BYTES, SocketSource
 from edgetalk.runtime.sources import PcmStdinSource, feed
 
@@ -363,6 +363,35 @@ def test_gaps_hand_out_audio_at_its_time_while_the_worker_stalls(micro_model):
     assert max(lateness) < CHUNK_S + 0.1, (max(lateness), why)
     # and the delay stays: a one-off stall is not a slower machine (pacing.py)
     assert st.latency_raised_s < CHUNK_S, why
+
+
+def test_an_interrupt_while_audio_goes_ahead_of_a_stalled_worker(micro_model):
+    """A barge-in while the worker is stalled and frames(gaps=True) hands the audio out ahead of
+    it: the speech stops at once (nothing of it after the interrupt, not even the stalled
+    chunk's frames when they come), and the timeline goes on from the first frame not handed
+    out, each index once."""
+    speech = speechlike(3.0) + 0.05
+    items, at = [], {}
+    with Session(backend=StallBackend(micro_model, 6, 8 * CHUNK_S), realtime=True) as s:
+        s.push_audio(speech)  # a TTS: all of it at once
+        for f in s.frames(gaps=True):
+            items.append(f)
+            if "n" not in at and s.stats.audio_ahead >= 3:
+                at["n"] = len(items)
+                s.interrupt()
+            if len(items) > at.get("n", 10**6) + 30:
+                break
+        st = s.stats
+    why = st.summary()
+    assert at, f"no audio went ahead of the stalled worker: {why}"
+    after = items[at["n"] :]
+    assert after and not any(np.any(f.audio) for f in after), why
+    # each index once, in order, up to where the pause after the interrupt could begin to give
+    # a raised delay back (QUIET_RUN quiet frames; then quiet frames may be dropped)
+    span = items[: at["n"] + QUIET_RUN]
+    for a, b in zip(span, span[1:], strict=False):
+        assert b.index == a.index + a.audio.shape[0] // SPF, (a.index, b.index, why)
+    assert st.interruptions == 1 and st.interrupted_audio_s > 1.0, why
 
 
 class SlowSpellBackend(TorchBackend):
