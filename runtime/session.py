@@ -559,11 +559,12 @@ class Session:
     def _trim_locked(self) -> bool:
         """In a pause (QUIET_RUN quiet frames handed out in a row), take a frame's time back off
         a delay the pacer raised: drop the head of the queue, rendered, quiet and followed by a
-        quiet frame, with its audio (silence, or a room's hush). The frames after it come a frame's time earlier. Only while the worker is
-        well ahead of the presentation (more than a chunk and two frames rendered and waiting)
-        and the pacer finds the budget for it, so no later frame comes late for it. Sinks that
-        play audio on their own clock (gaps=True) just play 40 ms less silence; a recorder
-        (frames()) would lose those samples from its timeline, so it is never done there."""
+        quiet frame, with its audio (silence, or a room's hush). The frames after it come a
+        frame's time earlier. Only while the worker is well ahead of the presentation (more
+        than a chunk and two frames rendered and waiting) and the pacer finds the budget for
+        it, so no later frame comes late for it. Sinks that play audio on their own clock
+        (gaps=True) just play 40 ms less silence; a recorder (frames()) would lose those
+        samples from its timeline, so it is never done there."""
         out = self._out
         if self._since_trim < TRIM_EVERY - 1 or len(out) < self.chunk + 2:
             return False
