@@ -686,6 +686,11 @@ class Session:
                         self._sched_interrupt = False
                         sched.interrupt()
                     if not sched.pending:  # (late an instant ago: drained above)
+                        if not self._in_samples and not self._input_closed:
+                            # Idle: the silence due now first, so that frames of it that would
+                            # be late are skipped (after a barge-in, a stall) rather than raise
+                            # the delay for want of audio in hand.
+                            self._fill_silence_locked()
                         self._catch_up_locked()
                     if self._in_samples:
                         own, partner = self._take_locked(self.chunk * SPF)
