@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..models.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 LATE_POLICIES = ("drop", "mark")
-TYPICAL_CHUNKS = 5  # the budget is judged by the median compute of this many recent chunks
+TYPICAL_CHUNKS = 3  # the budget is judged by the median compute of this many recent chunks
 
 
 def check_late_policy(late_policy: str) -> None:
