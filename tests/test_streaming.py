@@ -220,3 +220,78 @@ def test_frames_to_uint8_rounds_and_clips_as_the_plain_formula():
     strided = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
     got = to_uint8(strided, np.empty_like(strided, dtype=np.float32))
     assert np.array_equal(got, want)
+
+
+class CountingBackend(TorchBackend):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = {"audio": 0, "generator": 0, "decoder": 0}
+
+    def run(self, module, inputs):
+        if module in self.calls:
+            self.calls[module] += 1
+        return super().run(module, inputs)
+
+
+def test_first_chunk_is_primed_while_its_audio_is_awaited_and_changes_nothing():
+    """Audio in microphone-sized pieces, pushed as a live driver does (prime when due before
+    waiting for the next piece): after the piece before the one that completes the first chunk,
+    the chunk's three calls run once more (outputs thrown away) so that the real chunk runs
+    warm. The frames are bit for bit those of a stream pushed at once, which primes nothing; a
+    reset stream primes again, and only its first chunk."""
+
+    def push(s, pcm, piece):
+        out = []
+        for i in range(0, pcm.shape[0], piece):
+            out += s.push_audio(pcm[i : i + piece])
+            if s.prime_due(piece):
+                s.prime()
+        return out
+
+    model = seeded_model(MICRO, seed=3)
+    avatar = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    pcm = speechlike(1.5, seed=2)
+    runs, scheds = {}, {}
+    for piece in (320, pcm.shape[0]):  # 20 ms pieces; everything at once
+        be = CountingBackend(model)
+        s = scheds[piece] = StreamScheduler(be, avatar, seed=5)
+        s.stats.module_ms["appearance"].append(1.0)  # the estimate: 4 ms, under 20 ms away
+        frames = push(s, pcm, piece) + s.flush()
+        runs[piece] = (np.stack([f.rgb for f in frames]), s.stats, be.calls)
+    (primed, st, calls), (whole, st_whole, calls_whole) = runs[320], runs[pcm.shape[0]]
+    assert np.array_equal(primed, whole)
+    assert len(st.primed_ms) == 1 and st_whole.primed_ms == []
+    assert {m: calls[m] - calls_whole[m] for m in calls} == {
+        "audio": 1,
+        "generator": 1,
+        "decoder": 1,
+    }
+    # the primed first chunk's calls are timed as the stream's (the prime itself is not)
+    assert st.module_ms["decoder"].count == st_whole.module_ms["decoder"].count
+    s = scheds[320]
+    s.reset()
+    push(s, pcm[:6400], 320)
+    assert len(s.stats.primed_ms) == 2
+
+
+def test_no_prime_when_the_chunk_would_not_wait_long_enough_for_it():
+    """The missing audio must be further away than the chunk's cost (estimated as
+    PRIME_COST_PER_FRAME appearance calls per frame): a slow machine, or pieces so short that
+    the next one comes before the prime would end, would only have the real chunk wait."""
+    import edgetalk.runtime.scheduler as scheduler
+
+    model = seeded_model(MICRO, seed=3)
+    avatar = np.zeros((32, 32, 3), np.uint8)
+    pcm = speechlike(0.5, seed=2)
+    for cost, piece, expect in ((1e9, 320, 0), (scheduler.PRIME_COST_PER_FRAME, 16, 0)):
+        old, scheduler.PRIME_COST_PER_FRAME = scheduler.PRIME_COST_PER_FRAME, cost
+        try:
+            s = StreamScheduler(TorchBackend(model), avatar)
+            s.stats.module_ms["appearance"].append(5.0)  # 1 ms pieces: never 10 ms away
+            for i in range(0, pcm.shape[0], piece):
+                s.push_audio(pcm[i : i + piece])
+                if s.prime_due(piece):
+                    s.prime()
+        finally:
+            scheduler.PRIME_COST_PER_FRAME = old
+        assert len(s.stats.primed_ms) == expect, (cost, piece)
