@@ -209,8 +209,6 @@ def paced_run(
         frames = sched.push_audio(pcm[start:end])
         compute += clock() - a
         deliver(frames)
-        if sched.prime_due(end - start):  # as the live Session does while it awaits audio
-            sched.prime()
         if memory is not None:
             memory.sample()
     a = clock()

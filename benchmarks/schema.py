@@ -13,9 +13,7 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
   appearance encoder runs once per avatar, before the clock starts).
 - first_frame_delay_ms (FFD): audio paced in real time from wall time 0 (the first sample), in
   pieces of `settings.piece_ms` pushed at the instant their last sample would have arrived, the
-  scheduler running inline; while it waits for the piece that completes the first chunk it
-  primes that chunk when the scheduler finds it due, as the live Session does
-  (StreamScheduler.prime_due). FFD is the wall time at which the first frame reached the sink.
+  scheduler running inline. FFD is the wall time at which the first frame reached the sink.
   first_frame_floor_ms = C*40 ms + lookahead_ms: the audio the first chunk needs; FFD - floor is
   compute; first_chunk_ms splits it into the first chunk's calls. Reports of schema version 1
   gave the lookahead in whole frames (`lookahead`, 2 = 80 ms); `bench report` reads them as

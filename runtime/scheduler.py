@@ -32,10 +32,6 @@ from .rest_pose import KEEP, MouthRest
 SILENCE_RMS = 3e-3  # about -50 dBFS: below this a frame counts as silent
 MAX_QUEUED_SECONDS = 120.0  # cap on audio waiting to be consumed (live sources must not pile up)
 TIMING_WINDOW = 4096  # per-module latency samples kept (bounded: memory stays flat)
-# A stream's first chunk is primed (run once, its outputs thrown away) while its last audio is
-# still to come, when that audio is at least this many appearance calls per frame away: the
-# chunk's cost estimated from the one call made before the stream (1.5-2.3x it at C=1 on x86).
-PRIME_COST_PER_FRAME = 2.0
 
 
 @dataclass
@@ -78,7 +74,6 @@ class StreamStats:
     )
     convert_ms: LatencyRing = field(default_factory=LatencyRing)
     dropped_audio_samples: int = 0  # discarded by interrupt()
-    primed_ms: list[float] = field(default_factory=list)  # each stream's priming pass
 
     def percentiles(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -222,7 +217,6 @@ class StreamScheduler:
         self.partner = np.zeros(0, dtype=np.float32)
         self.partner_seen = False
         self.next_frame = 0
-        self.primed = False  # the first chunk's priming pass (_prime_if_due) has run
         self.samples_in = 0  # samples received on the own-voice timeline since the stream began
         self.last_motion: np.ndarray | None = None  # the chunk's motion as shown [C, P]
 
@@ -315,76 +309,39 @@ class StreamScheduler:
         self._pending = self._overlap.submit(self._render, *job)
         return done
 
-    # ---- priming -----------------------------------------------------------------------------
-    def prime_due(self, piece: int) -> bool:
-        """Whether prime() would pay now. A live driver asks when it has pushed all the audio it
-        holds and will wait for more, about `piece` samples like the piece it last pushed.
-
-        Before a stream's first chunk the caches and thread pools are cold: the wait for its
-        lookahead lets them go, and its calls took 1.2-2.2x their usual time, much of the
-        first-frame delay's margin over its floor at C=1. Due once per stream, when the next
-        piece completes the first chunk and that audio is further away than the chunk's
-        estimated cost, so that the real chunk never waits for the prime."""
-        if self.primed or self.next_frame or self._pending is not None:
-            return False
-        missing = self.cfg.chunk_samples - self.own.shape[0]
-        app = self.stats.module_ms["appearance"]
-        if not 0 < missing <= piece or not len(app):
-            return False
-        estimate_ms = PRIME_COST_PER_FRAME * self.chunk * float(app.recent()[-1])
-        return missing * 1000.0 / (FPS * SAMPLES_PER_FRAME) >= estimate_ms
-
-    def prime(self) -> None:
-        """Run the first chunk's three calls once on the stream's state as it is, the audio still
-        missing as silence, and throw their outputs away: nothing of the stream changes (the
-        frames are bit for bit the same), and the real chunk then runs warm."""
-        if self.primed or self.next_frame or self._pending is not None:
-            return
-        self.primed = True
-        n = self.cfg.chunk_samples
-        have = min(self.own.shape[0], n)
-        t0 = self.clock()
-        own = np.zeros(n, np.float32)
-        own[:have] = self.own[:have]
-        partner = np.zeros_like(own)
-        partner[:have] = self.partner[:have]
-        feed, mask = self._audio_feed(own, partner)
-        audio = self.backend.run("audio", feed)
-        noise = np.zeros((1, self.chunk, self.cfg.motion_dim), np.float32)
-        gen = self.backend.run("generator", self._generator_feed(audio, mask, noise))
-        self.backend.run("decoder", {**self.photo, "motion": gen["motion"]})
-        self.stats.primed_ms.append((self.clock() - t0) * 1000.0)
-
-    def _audio_feed(self, own: np.ndarray, partner: np.ndarray) -> tuple[dict, np.ndarray]:
-        mask = talk_listen_mask(own, partner if self.partner_seen else None, self.chunk)[None]
-        return {"pcm": np.stack([own, partner])[None], "talk_mask": mask, **self.audio_state}, mask
-
-    def _generator_feed(self, audio: dict, mask: np.ndarray, noise: np.ndarray) -> dict:
-        cache_pos, query_pos = self.cache.positions(self.next_frame)
-        return {
-            "audio_tokens": audio["audio_tokens"],
-            "talk_mask": mask,
-            "ref_motion": self.ref_motion,
-            "prev_motion": self.prev_motion,
-            "noise": noise,
-            "k_cache": self.cache.k,
-            "v_cache": self.cache.v,
-            "cache_valid": self.cache.valid,
-            "cache_pos": cache_pos,
-            "query_pos": query_pos,
-        }
-
     def _motion_chunk(self):
         """Audio, generator and the shown motion of the next chunk; every stream state advances
         here, on the caller's thread. -> what _render needs."""
         c, spf = self.chunk, SAMPLES_PER_FRAME
         n = self.cfg.chunk_samples
         own, partner = self.own[:n], self.partner[:n]
-        feed, mask = self._audio_feed(own, partner)
-        audio = self._run("audio", feed)
+        mask = talk_listen_mask(own, partner if self.partner_seen else None, c)[None]
+        audio = self._run(
+            "audio",
+            {
+                "pcm": np.stack([own, partner])[None],
+                "talk_mask": mask,
+                **self.audio_state,
+            },
+        )
         self.audio_state = {name: audio[f"{name}_out"] for name in self.audio_state}
+        cache_pos, query_pos = self.cache.positions(self.next_frame)
         noise = self.rng.standard_normal((1, c, self.cfg.motion_dim)).astype(np.float32)
-        gen = self._run("generator", self._generator_feed(audio, mask, noise))
+        gen = self._run(
+            "generator",
+            {
+                "audio_tokens": audio["audio_tokens"],
+                "talk_mask": mask,
+                "ref_motion": self.ref_motion,
+                "prev_motion": self.prev_motion,
+                "noise": noise,
+                "k_cache": self.cache.k,
+                "v_cache": self.cache.v,
+                "cache_valid": self.cache.valid,
+                "cache_pos": cache_pos,
+                "query_pos": query_pos,
+            },
+        )
         self.cache.write(gen["new_k"], gen["new_v"], self.next_frame)
         # The generator's own motion stays its context (prev_motion, cache); the decoder shows it
         # made continuous across the chunk boundary (continuity.py: the judder fix).

@@ -666,9 +666,8 @@ class Session:
     def _loop(self) -> None:
         sched = self.scheduler
         pending_epoch = self._epoch  # the epoch of the chunk on the overlap worker
-        piece = 0  # the size of the audio last pushed: the next piece is expected alike
         while True:
-            flush = drain = prime = False
+            flush = drain = False
             with self._cond:
                 while True:
                     if self._aborted:
@@ -695,21 +694,14 @@ class Session:
                         self._catch_up_locked()
                     if self._in_samples:
                         own, partner = self._take_locked(self.chunk * SPF)
-                        piece = own.shape[0]
                         break
                     if self._input_closed:
                         flush = True
                         break
                     if self._fill_silence_locked():
                         continue
-                    if sched.prime_due(piece):  # the first chunk waits for its last audio
-                        prime = True
-                        break
                     self._cond.wait(TICK_S)
                 epoch = pending_epoch if drain else self._epoch
-            if prime:
-                sched.prime()  # outside the lock: pushes go on meanwhile
-                continue
             t_compute = time.perf_counter()
             if drain:
                 frames = sched.drain()

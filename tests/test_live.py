@@ -816,34 +816,3 @@ def test_import_edgetalk_stays_cheap():
         "assert edgetalk.Session.__name__ == 'Session'; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-def test_the_first_chunk_is_primed_while_a_microphone_delivers_its_audio(micro_model):
-    """A microphone's 20 ms pieces: the worker, about to wait for the piece that completes the
-    first chunk, primes it (scheduler.prime) when that piece is further away than the chunk's
-    estimated cost. A TTS pushing all its audio at once never waits, so nothing is primed."""
-    import edgetalk.runtime.scheduler as scheduler
-
-    speech = speechlike(1.0) + 0.05
-    with Session(backend=TorchBackend(micro_model), realtime=True) as s:
-
-        def mic():
-            t0 = time.monotonic()
-            for i in range(0, speech.shape[0], 320):
-                time.sleep(max(0.0, t0 + (i + 320) / 16000 - time.monotonic()))
-                s.push_audio(speech[i : i + 320])
-            s.close()
-
-        threading.Thread(target=mic, daemon=True).start()
-        frames = [f for f in s.frames()]
-        st = s.scheduler.stats
-    app_ms = float(st.module_ms["appearance"].recent()[-1])
-    due = scheduler.PRIME_COST_PER_FRAME * MICRO.chunk * app_ms <= 20.0
-    print(f"appearance {app_ms:.2f} ms, primed {st.primed_ms}")
-    assert len(st.primed_ms) == int(due), (app_ms, st.primed_ms)
-    assert [f.index for f in frames] == list(range(len(frames))) and len(frames) >= 24
-    with Session(backend=TorchBackend(micro_model), realtime=True) as s:
-        s.push_audio(speech)
-        s.close()
-        assert len(list(s.frames())) >= 25
-        assert s.scheduler.stats.primed_ms == []
