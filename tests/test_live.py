@@ -60,6 +60,24 @@ def collect(session, limit_s: float = 20.0, stop=None):
     return out
 
 
+def from_a_microphone(session, audio) -> list:
+    """Push `audio` paced in real time, 40 ms at a time, as a microphone delivers it, then
+    close; meanwhile read frames(gaps=True). -> [(monotonic time handed out, frame)]"""
+
+    def mic():
+        t0 = time.monotonic()
+        for i in range(0, audio.shape[0], SPF):
+            time.sleep(max(0.0, t0 + i / 16000 - time.monotonic()))
+            session.push_audio(audio[i : i + SPF])
+        session.close()
+
+    pusher = threading.Thread(target=mic, daemon=True)
+    pusher.start()
+    items = [(time.monotonic(), f) for f in session.frames(gaps=True)]
+    pusher.join(5.0)
+    return items
+
+
 # ---- Session ------------------------------------------------------------------------------------
 def test_offline_session_frames_carry_their_audio(backend):
     pcm = speechlike(1.3)
@@ -325,21 +343,8 @@ def test_gaps_hand_out_audio_at_its_time_while_the_worker_stalls(micro_model):
     (measured: 354-361 ms here)."""
     speech = speechlike(3.0) + 0.05
     stall_s = 5 * CHUNK_S
-    items = []
     with Session(backend=StallBackend(micro_model, 8, stall_s), realtime=True) as s:
-
-        def mic():  # paced in real time, 40 ms at a time, as a microphone delivers it
-            t0 = time.monotonic()
-            for i in range(0, speech.shape[0], SPF):
-                time.sleep(max(0.0, t0 + i / 16000 - time.monotonic()))
-                s.push_audio(speech[i : i + SPF])
-            s.close()
-
-        pusher = threading.Thread(target=mic, daemon=True)
-        pusher.start()
-        for f in s.frames(gaps=True):
-            items.append((time.monotonic(), f))
-        pusher.join(5.0)
+        items = from_a_microphone(s, speech)
         st = s.stats
     why = st.summary()
     assert st.audio_ahead > 0, f"no audio went ahead of the worker: {why}"
@@ -451,21 +456,8 @@ def test_a_raised_delay_comes_back_down_in_the_pause_after_it(micro_model):
     speech = speechlike(4.0) + 0.05  # every sample loud
     pause = np.zeros(int(4.0 * 16000), np.float32)  # a microphone in a quiet room
     audio = np.concatenate([speech, pause])
-    items = []
     with Session(backend=SlowSpellBackend(micro_model, 1.0, 2.5), realtime=True) as s:
-
-        def mic():
-            t0 = time.monotonic()
-            for i in range(0, audio.shape[0], SPF):
-                time.sleep(max(0.0, t0 + i / 16000 - time.monotonic()))
-                s.push_audio(audio[i : i + SPF])
-            s.close()
-
-        pusher = threading.Thread(target=mic, daemon=True)
-        pusher.start()
-        for f in s.frames(gaps=True):
-            items.append((time.monotonic(), f))
-        pusher.join(5.0)
+        items = from_a_microphone(s, audio)
         st = s.stats
     why = st.summary()
     print(why)
