@@ -18,6 +18,7 @@ from ..models.io_spec import (
     frames_per_call,
 )
 from .backend import Backend
+from .photo_split import SplitGraph, derived_key, split_photo_work
 
 
 class OnnxRuntimeBackend(Backend):
@@ -60,6 +61,11 @@ class OnnxRuntimeBackend(Backend):
         # threads, one one-thread session per band renders a share of the one frame.
         self.band_sessions: dict[str, object] = {}
         self.band_pool: ThreadPoolExecutor | None = None
+        # Each decoder graph (the whole frame's, or a band's) split in its photo part, run once
+        # per avatar (prepare_photo), and its frame part, which the sessions above run
+        # (runtime/photo_split.py); a graph that cannot be split is absent and runs whole.
+        self.splits: dict[str, SplitGraph] = {}
+        self.photo_sessions: dict[str, object] = {}
         self.bundle = bundle
         bands = self._bands_wanted(bundle, threads)
         # per module: one thread where a call is too small to split (module_threads)
@@ -76,7 +82,10 @@ class OnnxRuntimeBackend(Backend):
                 self._frame_workers(bundle, threads)  # its own sessions: no session to discard
                 continue
             own = self.module_threads[module]
-            sess = self._load(bundle, module, opts if own == threads else session_options(own))
+            o = opts if own == threads else session_options(own)
+            # a decoder whole per call (chunk 1 without bands; older bundles): split where it can
+            split = module == "decoder" and declared is not None and self._split_decoder(module, o)
+            sess = split or self._load(bundle, module, o)
             if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
                 graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
                 self.check_graph_io(
@@ -106,6 +115,55 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime cannot load {bundle.files[module]}: {e}"
             ) from None
 
+    def _split_decoder(self, part: str, opts):
+        """The session of decoder graph `part`'s frame part, its photo part loaded beside it; None
+        where the graph does not split (runtime/photo_split.py)."""
+        import onnxruntime as ort
+
+        split = self.splits.get(part) or split_photo_work(self.bundle.file(part))
+        if split is None:
+            return None
+        try:
+            frame = ort.InferenceSession(split.frame, sess_options=opts, providers=self.providers)
+            if part not in self.photo_sessions:
+                self.photo_sessions[part] = ort.InferenceSession(
+                    split.photo, sess_options=session_options(1), providers=self.providers
+                )
+        except Exception:  # onnxruntime's own types: the whole graph, which loaded, runs instead
+            return None
+        self.splits[part] = split
+        return frame
+
+    def prepare_photo(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decoder's per-avatar feed with what each split graph's photo part makes of it."""
+        out = dict(feed)
+        for part in self.splits:
+            out.update(self._derived(part, feed))
+        return out
+
+    def _derived(self, part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What `part`'s photo part makes of these inputs, under derived_key names: taken from
+        the inputs where prepare_photo put it there, else made now (a caller that feeds the
+        decoder's contract alone, as the export's parity check does)."""
+        split = self.splits[part]
+        keys = [derived_key(part, name) for name in split.derived]
+        if all(k in inputs for k in keys):
+            return {k: inputs[k] for k in keys}
+        feed = {name: inputs[name] for name in split.photo_inputs}
+        made = self.photo_sessions[part].run(list(split.derived), feed)
+        return dict(zip(keys, made, strict=True))
+
+    def _decoder_feed(self, part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feed of decoder graph `part`'s session: the contract's inputs, or its frame part's."""
+        split = self.splits.get(part)
+        if split is None:
+            return {t.name: inputs[t.name] for t in self.io["decoder"].inputs}
+        derived = self._derived(part, inputs)
+        return {
+            name: inputs[name] if name not in split.derived else derived[derived_key(part, name)]
+            for name in split.frame_inputs
+        }
+
     def graph_spec(self, module: str, graph: dict[str, tuple]) -> ModuleIO:
         return graph_spec(self.io[module], module, graph)
 
@@ -115,7 +173,10 @@ class OnnxRuntimeBackend(Backend):
 
         workers = max(1, min(resolve(threads), frames_per_call(self.io["decoder"])))
         one = session_options(1)
-        self.frame_sessions = [self._load(bundle, "decoder", one) for _ in range(workers)]
+        self.frame_sessions = [
+            self._split_decoder("decoder", one) or self._load(bundle, "decoder", one)
+            for _ in range(workers)
+        ]
         self.sessions["decoder"] = self.frame_sessions[0]
         if workers > 1:
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="edgetalk-decoder")
@@ -141,6 +202,9 @@ class OnnxRuntimeBackend(Backend):
         declared = declared_io(self.bundle.file(part))
         if declared is not None:
             self.check_graph_io("decoder", declared, self.bundle.files[part], spec)
+            split = self._split_decoder(part, session_options(1))
+            if split is not None:
+                return split
         sess = self._load(self.bundle, part, session_options(1))
         if declared is None:
             graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
@@ -153,19 +217,22 @@ class OnnxRuntimeBackend(Backend):
             if part not in self.bundle.files:
                 raise KeyError(f"this bundle has no {part} graph")
             self.band_sessions[part] = self._load_part(part)
-        feed = {t.name: inputs[t.name] for t in self.io["decoder"].inputs}
+        feed = self._decoder_feed(part, inputs)
         return {"frames": self.band_sessions[part].run(["frames"], feed)[0]}
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.io[module].output_names
-        feed = {t.name: inputs[t.name] for t in self.io[module].inputs}
         if module == "decoder" and self.band_pool is not None:
             # ONNX Runtime releases the GIL while each band runs
-            sessions = list(self.band_sessions.values())
-            bands = self.band_pool.map(lambda sess: sess.run([names[0]], feed)[0], sessions)
+            jobs = [(s, self._decoder_feed(p, inputs)) for p, s in self.band_sessions.items()]
+            bands = self.band_pool.map(lambda job: job[0].run([names[0]], job[1])[0], jobs)
             return {names[0]: np.concatenate(list(bands), axis=1)}
         if module == "decoder" and self.frame_sessions:
-            return {names[0]: self._decode_frames(feed, names[0])}
+            return {names[0]: self._decode_frames(self._decoder_feed(module, inputs), names[0])}
+        if module == "decoder":
+            feed = self._decoder_feed(module, inputs)
+        else:
+            feed = {t.name: inputs[t.name] for t in self.io[module].inputs}
         outs = self.sessions[module].run(list(names), feed)
         return dict(zip(names, outs, strict=True))
 

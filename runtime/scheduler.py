@@ -158,10 +158,17 @@ class StreamScheduler:
         # (clip, scale, round) cost a quarter of the conversion's time at C=4
         self._levels = np.empty(0, np.float32)
         self.image = (avatar.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
-        app = self._run("appearance", {"image": self.image})
+        # every decoder input but the motion: the photo and what the appearance stage made of
+        # it, with what the backend derives from them once (Backend.prepare_photo), all timed
+        # as the appearance stage
+        t0 = self.clock()
+        app = self.backend.run("appearance", {"image": self.image})
         self.ref_motion = app["ref_motion"]
-        # every decoder input but the motion: the photo and what the appearance stage made of it
         self.photo = per_avatar_feed(backend.io, self.image, app)
+        prepare = getattr(backend, "prepare_photo", None)  # duck-typed wrappers have none
+        if prepare is not None:
+            self.photo = prepare(self.photo)
+        self.stats.module_ms["appearance"].append((self.clock() - t0) * 1000.0)
         # the backend decides where K/V live; a duck-typed wrapper without new_cache gets numpy
         make_cache = getattr(backend, "new_cache", None)
         self.cache = make_cache(cfg) if make_cache else KVCache(cfg)

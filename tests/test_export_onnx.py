@@ -229,9 +229,10 @@ def test_frame_workers_render_what_one_worker_renders(bundles):
 
 
 def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundles, monkeypatch):
-    """A one-frame decoder graph: with the onnx package its shapes are read before loading, and it
-    is loaded once per worker and no more; without it (a bare runtime) they come from one ORT
-    session, which is then let go. Either way the frames are the same."""
+    """A one-frame decoder graph: with the onnx package its shapes are read before loading and it
+    is split (runtime/photo_split.py): its frame part loaded once per worker, its photo part once,
+    the file never whole; without it (a bare runtime) the shapes come from one ORT session of the
+    whole file, which is then let go. Either way the frames are the same."""
     import onnxruntime
 
     from edgetalk.runtime import backend_onnxruntime as bo
@@ -240,7 +241,7 @@ def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundl
     real = onnxruntime.InferenceSession
 
     def counting(path, *a, **kw):
-        loads.append(str(path).rsplit("/", 1)[-1])
+        loads.append("<graph>" if isinstance(path, bytes) else str(path).rsplit("/", 1)[-1])
         return real(path, *a, **kw)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", counting)
@@ -248,11 +249,17 @@ def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundl
     spec = module_io(MICRO)["decoder"]
     feed = {t.name: rng.random(t.shape).astype(np.float32) for t in spec.inputs}
     frames = []
-    for declared, sessions in ((bo.declared_io, 2), (lambda path: None, 3)):
+    bare = lambda path: None  # noqa: E731
+    for declared, split, whole, parts in (
+        (bo.declared_io, bo.split_photo_work, 0, 3),
+        (bare, bare, 3, 0),
+    ):
         monkeypatch.setattr(bo, "declared_io", declared)
+        monkeypatch.setattr(bo, "split_photo_work", split)
         loads.clear()
         backend = bo.OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=2)
-        assert len(backend.frame_sessions) == 2 and loads.count("decoder.onnx") == sessions
+        assert len(backend.frame_sessions) == 2
+        assert loads.count("decoder.onnx") == whole and loads.count("<graph>") == parts
         assert backend.sessions["decoder"] is backend.frame_sessions[0]
         frames.append(backend.run("decoder", feed)["frames"])
     np.testing.assert_array_equal(frames[0], frames[1])

@@ -1,0 +1,197 @@
+"""The CPU backend splits each decoder graph at load (runtime/photo_split.py): the nodes that read
+the photo only run once per avatar, the rest every frame, and the frames are the whole graph's to
+the bit in fp32 and INT8 (fp16: within one float16 step), for the row bands of chunk 1 too."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from .conftest import MICRO, need, seeded_model, speechlike
+
+need("onnxruntime", "the onnx extra is not installed")
+need("onnx", "the onnx package is not installed (the split reads the graph with it)")
+
+from edgetalk.export.pipeline import export_bundle  # noqa: E402
+from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
+from edgetalk.models.io_spec import DECODER_BANDS, band_part, module_io  # noqa: E402
+from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
+from edgetalk.runtime.bundle import open_bundle  # noqa: E402
+from edgetalk.runtime.photo_split import derived_key, split_photo_work  # noqa: E402
+from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
+
+# chunk 1 at 64 px: the ONNX export then also writes the row bands
+BANDED = dataclasses.replace(
+    MICRO, chunk=1, render=dataclasses.replace(MICRO.render, resolution=64)
+)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    out = {}
+    for name, cfg in (("micro", MICRO), ("banded", BANDED)):
+        ck = root / f"{name}.safetensors"
+        save_checkpoint(seeded_model(cfg, seed=4), ck)
+        for prec in ("fp32", "fp16", "int8"):
+            if name == "banded" and prec == "fp16":
+                continue
+            r = export_bundle(
+                "onnx", prec, checkpoint=ck, out=root / f"{name}-{prec}", progress=False
+            )
+            assert r.ok, r.manifest["parity"]
+            out[name, prec] = r.path
+    return out
+
+
+def avatar(res: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (res, res, 3), dtype=np.uint8)
+
+
+def stream(backend, seed: int = 0) -> np.ndarray:
+    sched = StreamScheduler(backend, avatar(backend.cfg.render.resolution, seed), seed=1)
+    frames = sched.push_audio(speechlike(0.5)) + sched.flush()
+    return np.stack([f.rgb for f in frames])
+
+
+def whole(monkeypatch, path, threads):
+    """The backend as it was before the split: every decoder graph runs whole."""
+    with monkeypatch.context() as m:
+        m.setattr(bo, "split_photo_work", lambda path: None)
+        return bo.OnnxRuntimeBackend(open_bundle(path), threads=threads)
+
+
+def run_parts(split, feed):
+    import onnxruntime as ort
+
+    photo = ort.InferenceSession(split.photo)
+    frame = ort.InferenceSession(split.frame)
+    photo_feed = {n: feed[n] for n in split.photo_inputs}
+    made = dict(zip(split.derived, photo.run(list(split.derived), photo_feed), strict=True))
+    return frame.run(None, {n: made.get(n, feed.get(n)) for n in split.frame_inputs})[0]
+
+
+@pytest.mark.parametrize(
+    "key", [("micro", "fp32"), ("micro", "fp16"), ("micro", "int8"), ("banded", "int8")]
+)
+def test_the_two_parts_compute_the_whole_graphs_frames(bundles, key):
+    import onnxruntime as ort
+
+    files = ["decoder.onnx"] + [f"{band_part(k)}.onnx" for k in range(DECODER_BANDS)] * (
+        key[0] == "banded"
+    )
+    rng = np.random.default_rng(1)
+    for name in files:
+        path = bundles[key] / name
+        split = split_photo_work(path)
+        assert split is not None, name
+        # the photo's neighbour table is the photo part's: the frame part no longer reads it
+        assert "image" in split.photo_inputs and "image" not in split.frame_inputs
+        assert split.frame_inputs[0] == "motion" and split.derived
+        sess = ort.InferenceSession(str(path))
+        feed = {}
+        for t in sess.get_inputs():
+            shape = tuple(t.shape)
+            feed[t.name] = (rng.random(shape) * (0.5 if t.name == "motion" else 1.0)).astype(
+                np.float32
+            )
+        want, got = sess.run(None, feed)[0], run_parts(split, feed)
+        if key[1] == "fp16":
+            # ONNX Runtime drops a float16 round trip of the whole graph that crosses the cut:
+            # a few values then differ by one float16 step
+            np.testing.assert_allclose(got, want, rtol=0, atol=2.0**-11)
+            assert np.mean(got != want) < 0.01
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("key", "threads"),
+    [
+        (("micro", "fp32"), 1),
+        (("micro", "int8"), 2),
+        (("banded", "fp32"), 1),
+        (("banded", "int8"), 2),
+    ],
+)
+def test_a_split_backend_streams_the_frames_of_the_whole_graphs(bundles, monkeypatch, key, threads):
+    """Per frame (C=2, one or two workers), whole per call (C=1, one thread) and in row bands
+    (C=1, two threads): the same frames to the bit as the unsplit graphs give."""
+    split = bo.OnnxRuntimeBackend(open_bundle(bundles[key]), threads=threads)
+    parts = [band_part(k) for k in range(DECODER_BANDS)] if split.band_sessions else ["decoder"]
+    assert sorted(split.splits) == sorted(parts) == sorted(split.photo_sessions)
+    np.testing.assert_array_equal(stream(split), stream(whole(monkeypatch, bundles[key], threads)))
+
+
+def test_the_photo_part_runs_once_per_avatar_and_each_stream_keeps_its_own(bundles, monkeypatch):
+    backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "int8"]), threads=2)
+    calls = []
+    sess = backend.photo_sessions["decoder"]
+    monkeypatch.setattr(
+        backend, "photo_sessions", {"decoder": _Counting(sess, calls)}, raising=True
+    )
+    res = MICRO.render.resolution
+    a = StreamScheduler(backend, avatar(res, 1), seed=1)
+    b = StreamScheduler(backend, avatar(res, 2), seed=1)
+    assert len(calls) == 2  # one per avatar
+    keys = [derived_key("decoder", n) for n in backend.splits["decoder"].derived]
+    assert all(k in a.photo and k in b.photo for k in keys)
+    assert not np.array_equal(a.photo[keys[-1]], b.photo[keys[-1]])
+    # the two streams interleaved, each with its own photo: what each alone renders
+    fa, fb = [], []
+    for piece in np.array_split(speechlike(0.5), 5):
+        fa += a.push_audio(piece)
+        fb += b.push_audio(piece)
+    fa, fb = fa + a.flush(), fb + b.flush()
+    assert len(calls) == 2  # never per frame
+    plain = whole(monkeypatch, bundles["micro", "int8"], 2)
+    for frames, seed in ((fa, 1), (fb, 2)):
+        np.testing.assert_array_equal(np.stack([f.rgb for f in frames]), stream(plain, seed))
+
+
+class _Counting:
+    def __init__(self, sess, calls):
+        self.sess, self.calls = sess, calls
+
+    def run(self, *a, **kw):
+        self.calls.append(1)
+        return self.sess.run(*a, **kw)
+
+
+def test_the_contracts_inputs_alone_still_render(bundles):
+    """A caller that feeds the decoder its contract only (the export's parity check, a user's
+    script): the backend makes the photo part's tensors for that call."""
+    backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=1)
+    rng = np.random.default_rng(2)
+    spec = module_io(MICRO)["decoder"]
+    image = (avatar(MICRO.render.resolution, 3).transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
+    app = backend.run("appearance", {"image": image})
+    feed = {t.name: image if t.name == "image" else app.get(t.name) for t in spec.inputs}
+    feed["motion"] = (rng.standard_normal((1, MICRO.chunk, MICRO.motion_dim)) * 0.3).astype(
+        np.float32
+    )
+    bare = backend.run("decoder", feed)["frames"]
+    prepared = backend.run("decoder", {**backend.prepare_photo(feed), "motion": feed["motion"]})
+    np.testing.assert_array_equal(bare, prepared["frames"])
+
+
+def test_without_the_onnx_package_the_graph_runs_whole(bundles, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_onnx(name, *a, **kw):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    assert split_photo_work(bundles["micro", "fp32"] / "decoder.onnx") is None
+    monkeypatch.setattr(bo, "declared_io", lambda path: None)  # what a bare runtime reads
+    backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
+    assert not backend.splits and not backend.photo_sessions
+    monkeypatch.undo()
+    split = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
+    np.testing.assert_array_equal(stream(backend), stream(split))
