@@ -32,6 +32,7 @@ from .config import ModelConfig
 from .constants import LIP_PRESS, LIP_ROLL, PRESENCE_FILL, SHARP_ROWS
 from .meta import shapes_only
 from .sampling import (
+    RowsConv2d,
     TableSampler,
     Upsample,
     grid_sample_border,
@@ -104,7 +105,7 @@ class Decoder(nn.Module):
         self.app_in = nn.Conv2d(ca, hd, 3, padding=1)
         self.film = nn.Linear(p, 2 * hd)
         self.blocks = nn.ModuleList(nn.Conv2d(hd, hd, 3, padding=1) for _ in range(r.flow_blocks))
-        self.flow_out = nn.Conv2d(hd, 2, 3, padding=1)
+        self.flow_out = RowsConv2d(hd, 2, 3, padding=1)
         self.basis = nn.Conv2d(ca, 3 * p, 3, padding=1)  # per parameter: flow (2) + alpha (1)
         self.affine = nn.Linear(p, 6)
         self.refine_in = nn.Conv2d(ca + hd, hd, 3, padding=1)
@@ -243,7 +244,8 @@ class Decoder(nn.Module):
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=m.device)
         theta = (identity + self.affine(m)).reshape(c, 2, 3)
         grid = torch.matmul(grid0, theta.transpose(1, 2)).reshape(c, rows, hw, 2)
-        grid = grid + (self.flow_out(x) + lin[:, :2]).permute(0, 2, 3, 1)
+        flow = self.flow_out(x, rows=not self.native_sampling)  # its ONNX Runtime form
+        grid = grid + (flow + lin[:, :2]).permute(0, 2, 3, 1)
         return x, grid, lin[:, 2:]
 
     def _refine(self, wfeat, x):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from edgetalk.models.checkpoint import default_checkpoint, load_checkpoint
 from edgetalk.models.sampling import (
+    RowsConv2d,
     grid_sample_border,
     pixel_shuffle2,
     upsample_bilinear,
@@ -20,6 +21,17 @@ from edgetalk.models.sampling import (
 def test_pixel_shuffle_as_two_transposes_is_exact(shape):
     x = torch.randn(shape)
     assert torch.equal(pixel_shuffle2(x, native=False), F.pixel_shuffle(x, 2))
+
+
+@pytest.mark.parametrize(("cin", "cout", "h", "w"), [(32, 2, 64, 64), (8, 3, 5, 7), (4, 1, 1, 9)])
+def test_a_convolution_by_its_kernel_rows_is_the_convolution(cin, cout, h, w):
+    torch.manual_seed(cin + h)
+    conv = RowsConv2d(cin, cout, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, cin, h, w)
+    torch.testing.assert_close(conv(x, rows=True), conv(x), rtol=0, atol=1e-5)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    with pytest.raises(ValueError, match="3x3"):
+        RowsConv2d(cin, cout, 5, padding=2)(x, rows=True)
 
 
 @pytest.mark.parametrize("size,factor", [(8, 4), (64, 4), (5, 2)])

@@ -169,6 +169,13 @@ def test_decoder_graph_is_the_onnx_runtime_form(bundles):
     upsample = [k for k in reasons if "/upsample/" in k]
     assert len(upsample) == 2  # both matmuls of the grid's upsampling stay float
     assert "float head /upsample/" in {reasons[k] for k in upsample}
+    # the flow head in its rows form (RowsConv2d): one 1x3 convolution, kept float in INT8
+    for prec in ("fp32", "int8"):
+        nodes = onnx.load(str(bundles[prec].path / "decoder.onnx")).graph.node
+        flow = [n for n in nodes if n.op_type == "Conv" and "/flow_out/" in n.name]
+        kernel = [list(a.ints) for n in flow for a in n.attribute if a.name == "kernel_shape"]
+        assert kernel == [[1, 3]], (prec, kernel)
+    assert reasons[f"Conv:{flow[0].name}"] == "float head /flow_out/"
 
 
 def test_sessions_do_not_spin_beside_each_other(bundles, monkeypatch):

@@ -69,7 +69,7 @@ def decoder_reconstruction(backend: Backend, avatar: np.ndarray, motion: np.ndar
     c = backend.cfg.chunk
     image = (avatar.astype(np.float32) / 255).transpose(2, 0, 1)[None].copy()
     app = backend.run("appearance", {"image": image})
-    photo = per_avatar_feed(backend.io, image, app)
+    photo = backend.prepare_photo(per_avatar_feed(backend.io, image, app))
     out = []
     for s in range(0, len(motion) - c + 1, c):
         m = motion[s : s + c][None].astype(np.float32)
