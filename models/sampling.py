@@ -254,8 +254,9 @@ def row_table(row: torch.Tensor) -> torch.Tensor:
 
 class RowsConv2d(torch.nn.Conv2d):
     """A 3x3 convolution (padding 1, stride 1) of few output channels (the decoder's flow head,
-    2), with a second form for ONNX Runtime (`rows=True`): the kernel's three rows as one 1x3
-    convolution of three times the outputs, whose three row slices are summed one row apart.
+    2), with a second form for ONNX Runtime (`rows=True` while an ONNX export traces it): the
+    kernel's three rows as one 1x3 convolution of three times the outputs, whose three row
+    slices are summed one row apart.
     The same sums in another order (1e-6 apart). ONNX Runtime's blocked CPU convolution pads
     the output channels to its block of 16, so 2 outputs cost as much as 16: 0.27 ms for
     32 -> 2 channels at 64x64 on the Intel Xeon (one thread), this form 0.12 ms. A subclass, so
@@ -263,8 +264,14 @@ class RowsConv2d(torch.nn.Conv2d):
     the INT8 policy reads."""
 
     def forward(self, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-        if not rows:
-            return super().forward(x)
+        # In eager PyTorch the 3x3 kernel stays: oneDNN picks its 1x3 kernel's algorithm by the
+        # input's height at one thread, so a band of rows and the whole frame round apart
+        # (6.8e-5), where the 3x3 one keeps a band's rows the frame's to the bit.
+        if rows and torch.onnx.is_in_onnx_export():
+            return self.rows_form(x)
+        return super().forward(x)
+
+    def rows_form(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size != (3, 3) or self.padding != (1, 1) or self.stride != (1, 1):
             raise ValueError("RowsConv2d's rows form is for a 3x3 convolution with padding 1")
         c = self.out_channels
