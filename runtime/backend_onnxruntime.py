@@ -260,6 +260,8 @@ class OnnxRuntimeBackend(Backend):
         one = [m for m in ("audio", "generator") if self.module_threads[m] == 1]
         if one and (self.threads is None or self.threads > 1):
             per_frame += f", {' and '.join(one)} on 1 thread"
+        if self.splits:
+            per_frame += ", the decoder's photo work once per avatar"
         return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
 
 

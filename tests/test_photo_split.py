@@ -122,6 +122,7 @@ def test_a_split_backend_streams_the_frames_of_the_whole_graphs(bundles, monkeyp
     split = bo.OnnxRuntimeBackend(open_bundle(bundles[key]), threads=threads)
     parts = [band_part(k) for k in range(DECODER_BANDS)] if split.band_sessions else ["decoder"]
     assert sorted(split.splits) == sorted(parts) == sorted(split.photo_sessions)
+    assert "photo work once per avatar" in split.describe()
     np.testing.assert_array_equal(stream(split), stream(whole(monkeypatch, bundles[key], threads)))
 
 
@@ -192,6 +193,7 @@ def test_without_the_onnx_package_the_graph_runs_whole(bundles, monkeypatch):
     monkeypatch.setattr(bo, "declared_io", lambda path: None)  # what a bare runtime reads
     backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
     assert not backend.splits and not backend.photo_sessions
+    assert "photo work" not in backend.describe()
     monkeypatch.undo()
     split = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
     np.testing.assert_array_equal(stream(backend), stream(split))
