@@ -66,6 +66,7 @@ class OnnxRuntimeBackend(Backend):
         # (runtime/photo_split.py); a graph that cannot be split is absent and runs whole.
         self.splits: dict[str, SplitGraph] = {}
         self.photo_sessions: dict[str, object] = {}
+        self._whole: set[str] = set()  # graphs found not to split: not read again per worker
         self.bundle = bundle
         bands = self._bands_wanted(bundle, threads)
         # per module: one thread where a call is too small to split (module_threads)
@@ -120,8 +121,11 @@ class OnnxRuntimeBackend(Backend):
         where the graph does not split (runtime/photo_split.py)."""
         import onnxruntime as ort
 
+        if part in self._whole:
+            return None
         split = self.splits.get(part) or split_photo_work(self.bundle.file(part))
         if split is None:
+            self._whole.add(part)
             return None
         try:
             frame = ort.InferenceSession(split.frame, sess_options=opts, providers=self.providers)
@@ -130,6 +134,7 @@ class OnnxRuntimeBackend(Backend):
                     split.photo, sess_options=session_options(1), providers=self.providers
                 )
         except Exception:  # onnxruntime's own types: the whole graph, which loaded, runs instead
+            self._whole.add(part)
             return None
         self.splits[part] = split
         return frame

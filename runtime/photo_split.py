@@ -7,7 +7,9 @@ as rows, the lip edges' row table (models/sampling.py). ONNX Runtime cannot keep
 calls, so one graph redoes them for every frame: 0.33 ms of a 7.4-ms frame (fp32) and of a
 6.2-ms frame (INT8) on the Intel Xeon at one thread. Split, the photo part runs when the avatar
 is prepared (Backend.prepare_photo) and the frame part reads what it made. Both parts are the
-graph's own nodes, partitioned, so the frames are the same to the bit (tests/test_photo_split.py).
+graph's own nodes, partitioned: the frames are the same to the bit in fp32 and INT8; in fp16 a
+few differ by one float16 step, where ONNX Runtime drops a float16 round trip of the whole graph
+that crosses the cut (tests/test_photo_split.py).
 
 Done at load, not at export: every ONNX bundle gains it without a new export, and the files
 other runtimes read (CUDA, TensorRT) stay the contract's.
