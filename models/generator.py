@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .constants import NEG
-from .rope import apply_rope, rope_tables
+from .rope import apply_rope, full_tables, rope_tables
 
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -46,8 +46,10 @@ class Block(nn.Module):
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, D] -> q, k, v as [B, heads, T, head_dim]."""
         b, t, d = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # heads of q, k and v side by side, then split: an unbind exports as a split and three
+        # squeezes, for each of the generator's 20 block passes a call
+        qkv = self.qkv(self.norm1(x)).reshape(b, t, 3 * self.heads, d // self.heads)
+        q, k, v = qkv.transpose(1, 2).split(self.heads, dim=1)
         return q, k, v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -146,6 +148,9 @@ class MotionGenerator(nn.Module):
         cos_q, sin_q = cos_q.unsqueeze(1), sin_q.unsqueeze(1)
         cos_k, sin_k = rope_tables(torch.cat([zero, cache_pos], dim=1), hd, g.rope_base)
         cos_k, sin_k = cos_k.unsqueeze(1), sin_k.unsqueeze(1)
+        if torch.onnx.is_in_onnx_export():  # the rotation's few-node form (rope.apply_rope)
+            cos_q, sin_q = full_tables(cos_q, sin_q)
+            cos_k, sin_k = full_tables(cos_k, sin_k)
         ctx_k, ctx_v = [], []
         for i, (rk, rv) in enumerate(ref_kv):
             keys = torch.cat([rk, k_cache[i]], dim=2)

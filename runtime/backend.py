@@ -50,11 +50,14 @@ class Backend(ABC):
         """Run one module. Inputs and outputs are bound by name, per `self.io[module]`: numpy
         float32, except k_cache/v_cache, which are the storage of a cache from `new_cache()`."""
 
-    def prepare_photo(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The decoder's per-avatar inputs (the photo and what the appearance stage made of
-        it), with whatever this backend derives from them once per avatar rather than in
-        every call; the scheduler keeps the result and feeds it to each decoder call with the
-        motion. The contract's inputs stay as they are."""
+    def prepare_photo(
+        self, feed: dict[str, np.ndarray], module: str = "decoder"
+    ) -> dict[str, np.ndarray]:
+        """`module`'s per-avatar inputs, with whatever this backend derives from them once per
+        avatar rather than in every call; the scheduler keeps the result and feeds it to each
+        call of the module with the inputs that change. The decoder's are the photo and what
+        the appearance stage made of it; the generator's, the reference motion. The
+        contract's inputs stay as they are."""
         return feed
 
     def new_cache(self, cfg: ModelConfig | None = None) -> KVCache:

@@ -18,7 +18,7 @@ from ..models.io_spec import (
     frames_per_call,
 )
 from .backend import Backend
-from .photo_split import SplitGraph, derived_key, split_photo_work
+from .photo_split import AVATAR_INPUTS, SplitGraph, derived_key, split_photo_work
 
 
 class OnnxRuntimeBackend(Backend):
@@ -62,7 +62,8 @@ class OnnxRuntimeBackend(Backend):
         self.band_sessions: dict[str, object] = {}
         self.band_pool: ThreadPoolExecutor | None = None
         # Each decoder graph (the whole frame's, or a band's) split in its photo part, run once
-        # per avatar (prepare_photo), and its frame part, which the sessions above run
+        # per avatar (prepare_photo), and its frame part, which the sessions above run; the
+        # generator's likewise, its reference token's pass the avatar's part
         # (runtime/photo_split.py); a graph that cannot be split is absent and runs whole.
         self.splits: dict[str, SplitGraph] = {}
         self.photo_sessions: dict[str, object] = {}
@@ -84,8 +85,9 @@ class OnnxRuntimeBackend(Backend):
                 continue
             own = self.module_threads[module]
             o = opts if own == threads else session_options(own)
-            # a decoder whole per call (chunk 1 without bands; older bundles): split where it can
-            split = module == "decoder" and declared is not None and self._split_decoder(module, o)
+            # a decoder whole per call (chunk 1 without bands; older bundles), and the
+            # generator: split where they can
+            split = module in AVATAR_INPUTS and declared is not None and self._split(module, o)
             sess = split or self._load(bundle, module, o)
             if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
                 graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
@@ -116,14 +118,15 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime cannot load {bundle.files[module]}: {e}"
             ) from None
 
-    def _split_decoder(self, part: str, opts):
-        """The session of decoder graph `part`'s frame part, its photo part loaded beside it; None
-        where the graph does not split (runtime/photo_split.py)."""
+    def _split(self, part: str, opts):
+        """The session of graph `part`'s frame part (a decoder graph's, or the generator's), its
+        avatar's part loaded beside it; None where the graph does not split
+        (runtime/photo_split.py)."""
         import onnxruntime as ort
 
         if part in self._whole:
             return None
-        split = self.splits.get(part) or split_photo_work(self.bundle.file(part))
+        split = self.splits.get(part) or split_photo_work(self.bundle.file(part), _module(part))
         if split is None:
             self._whole.add(part)
             return None
@@ -139,11 +142,14 @@ class OnnxRuntimeBackend(Backend):
         self.splits[part] = split
         return frame
 
-    def prepare_photo(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The decoder's per-avatar feed with what each split graph's photo part makes of it."""
+    def prepare_photo(
+        self, feed: dict[str, np.ndarray], module: str = "decoder"
+    ) -> dict[str, np.ndarray]:
+        """`module`'s per-avatar feed with what each of its split graphs' avatar part makes of it."""
         out = dict(feed)
         for part in self.splits:
-            out.update(self._derived(part, feed))
+            if _module(part) == module:
+                out.update(self._derived(part, feed))
         return out
 
     def _derived(self, part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -158,11 +164,11 @@ class OnnxRuntimeBackend(Backend):
         made = self.photo_sessions[part].run(list(split.derived), feed)
         return dict(zip(keys, made, strict=True))
 
-    def _decoder_feed(self, part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The feed of decoder graph `part`'s session: the contract's inputs, or its frame part's."""
+    def _feed(self, part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feed of graph `part`'s session: the contract's inputs, or its frame part's."""
         split = self.splits.get(part)
         if split is None:
-            return {t.name: inputs[t.name] for t in self.io["decoder"].inputs}
+            return {t.name: inputs[t.name] for t in self.io[_module(part)].inputs}
         derived = self._derived(part, inputs)
         return {
             name: inputs[name] if name not in split.derived else derived[derived_key(part, name)]
@@ -179,7 +185,7 @@ class OnnxRuntimeBackend(Backend):
         workers = max(1, min(resolve(threads), frames_per_call(self.io["decoder"])))
         one = session_options(1)
         self.frame_sessions = [
-            self._split_decoder("decoder", one) or self._load(bundle, "decoder", one)
+            self._split("decoder", one) or self._load(bundle, "decoder", one)
             for _ in range(workers)
         ]
         self.sessions["decoder"] = self.frame_sessions[0]
@@ -207,7 +213,7 @@ class OnnxRuntimeBackend(Backend):
         declared = declared_io(self.bundle.file(part))
         if declared is not None:
             self.check_graph_io("decoder", declared, self.bundle.files[part], spec)
-            split = self._split_decoder(part, session_options(1))
+            split = self._split(part, session_options(1))
             if split is not None:
                 return split
         sess = self._load(self.bundle, part, session_options(1))
@@ -222,22 +228,19 @@ class OnnxRuntimeBackend(Backend):
             if part not in self.bundle.files:
                 raise KeyError(f"this bundle has no {part} graph")
             self.band_sessions[part] = self._load_part(part)
-        feed = self._decoder_feed(part, inputs)
+        feed = self._feed(part, inputs)
         return {"frames": self.band_sessions[part].run(["frames"], feed)[0]}
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.io[module].output_names
         if module == "decoder" and self.band_pool is not None:
             # ONNX Runtime releases the GIL while each band runs
-            jobs = [(s, self._decoder_feed(p, inputs)) for p, s in self.band_sessions.items()]
+            jobs = [(s, self._feed(p, inputs)) for p, s in self.band_sessions.items()]
             bands = self.band_pool.map(lambda job: job[0].run([names[0]], job[1])[0], jobs)
             return {names[0]: np.concatenate(list(bands), axis=1)}
         if module == "decoder" and self.frame_sessions:
-            return {names[0]: self._decode_frames(self._decoder_feed(module, inputs), names[0])}
-        if module == "decoder":
-            feed = self._decoder_feed(module, inputs)
-        else:
-            feed = {t.name: inputs[t.name] for t in self.io[module].inputs}
+            return {names[0]: self._decode_frames(self._feed(module, inputs), names[0])}
+        feed = self._feed(module, inputs)
         outs = self.sessions[module].run(list(names), feed)
         return dict(zip(names, outs, strict=True))
 
@@ -265,9 +268,16 @@ class OnnxRuntimeBackend(Backend):
         one = [m for m in ("audio", "generator") if self.module_threads[m] == 1]
         if one and (self.threads is None or self.threads > 1):
             per_frame += f", {' and '.join(one)} on 1 thread"
-        if self.splits:
-            per_frame += ", the decoder's photo work once per avatar"
+        once = [m for m in AVATAR_INPUTS if any(_module(p) == m for p in self.splits)]
+        if once:
+            work = {"decoder": "the decoder's photo work", "generator": "the reference token"}
+            per_frame += f", {' and '.join(work[m] for m in once)} once per avatar"
         return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
+
+
+def _module(part: str) -> str:
+    """The module whose contract graph `part` holds (a row band is the decoder's)."""
+    return "decoder" if part.startswith(band_part(0)[:-1]) else part
 
 
 def graph_spec(spec: ModuleIO, module: str, graph: dict[str, tuple]) -> ModuleIO:

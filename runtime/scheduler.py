@@ -163,11 +163,14 @@ class StreamScheduler:
         # as the appearance stage
         t0 = self.clock()
         app = self.backend.run("appearance", {"image": self.image})
-        self.ref_motion = app["ref_motion"]
         self.photo = per_avatar_feed(backend.io, self.image, app)
+        # the generator's: the reference motion (and its token's pass, where the backend
+        # derives it once)
+        self.reference = {"ref_motion": app["ref_motion"]}
         prepare = getattr(backend, "prepare_photo", None)  # duck-typed wrappers have none
         if prepare is not None:
             self.photo = prepare(self.photo)
+            self.reference = prepare(self.reference, "generator")
         self.stats.module_ms["appearance"].append((self.clock() - t0) * 1000.0)
         # the backend decides where K/V live; a duck-typed wrapper without new_cache gets numpy
         make_cache = getattr(backend, "new_cache", None)
@@ -339,7 +342,7 @@ class StreamScheduler:
             {
                 "audio_tokens": audio["audio_tokens"],
                 "talk_mask": mask,
-                "ref_motion": self.ref_motion,
+                **self.reference,
                 "prev_motion": self.prev_motion,
                 "noise": noise,
                 "k_cache": self.cache.k,

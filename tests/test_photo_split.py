@@ -1,6 +1,7 @@
 """The CPU backend splits each decoder graph at load (runtime/photo_split.py): the nodes that read
 the photo only run once per avatar, the rest every frame, and the frames are the whole graph's to
-the bit in fp32 and INT8 (fp16: within one float16 step), for the row bands of chunk 1 too."""
+the bit in fp32 and INT8 (fp16: within one float16 step), for the row bands of chunk 1 too. The
+generator splits the same way: its reference token's pass runs once per avatar."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def stream(backend, seed: int = 0) -> np.ndarray:
 def whole(monkeypatch, path, threads):
     """The backend as it was before the split: every decoder graph runs whole."""
     with monkeypatch.context() as m:
-        m.setattr(bo, "split_photo_work", lambda path: None)
+        m.setattr(bo, "split_photo_work", lambda path, module="decoder": None)
         return bo.OnnxRuntimeBackend(open_bundle(path), threads=threads)
 
 
@@ -121,32 +122,38 @@ def test_a_split_backend_streams_the_frames_of_the_whole_graphs(bundles, monkeyp
     (C=1, two threads): the same frames to the bit as the unsplit graphs give."""
     split = bo.OnnxRuntimeBackend(open_bundle(bundles[key]), threads=threads)
     parts = [band_part(k) for k in range(DECODER_BANDS)] if split.band_sessions else ["decoder"]
+    parts.append("generator")
     assert sorted(split.splits) == sorted(parts) == sorted(split.photo_sessions)
-    assert "photo work once per avatar" in split.describe()
+    assert "photo work and the reference token once per avatar" in split.describe()
     np.testing.assert_array_equal(stream(split), stream(whole(monkeypatch, bundles[key], threads)))
 
 
 def test_the_photo_part_runs_once_per_avatar_and_each_stream_keeps_its_own(bundles, monkeypatch):
     backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "int8"]), threads=2)
-    calls = []
-    sess = backend.photo_sessions["decoder"]
-    monkeypatch.setattr(
-        backend, "photo_sessions", {"decoder": _Counting(sess, calls)}, raising=True
-    )
+    calls, ref_calls = [], []
+    sessions = backend.photo_sessions
+    counting = {
+        "decoder": _Counting(sessions["decoder"], calls),
+        "generator": _Counting(sessions["generator"], ref_calls),
+    }
+    monkeypatch.setattr(backend, "photo_sessions", counting, raising=True)
     res = MICRO.render.resolution
     a = StreamScheduler(backend, avatar(res, 1), seed=1)
     b = StreamScheduler(backend, avatar(res, 2), seed=1)
-    assert len(calls) == 2  # one per avatar
+    assert len(calls) == len(ref_calls) == 2  # one per avatar
     keys = [derived_key("decoder", n) for n in backend.splits["decoder"].derived]
     assert all(k in a.photo and k in b.photo for k in keys)
     assert not np.array_equal(a.photo[keys[-1]], b.photo[keys[-1]])
+    ref_keys = [derived_key("generator", n) for n in backend.splits["generator"].derived]
+    assert all(k in a.reference and k in b.reference for k in ref_keys)
+    assert not np.array_equal(a.reference[ref_keys[0]], b.reference[ref_keys[0]])
     # the two streams interleaved, each with its own photo: what each alone renders
     fa, fb = [], []
     for piece in np.array_split(speechlike(0.5), 5):
         fa += a.push_audio(piece)
         fb += b.push_audio(piece)
     fa, fb = fa + a.flush(), fb + b.flush()
-    assert len(calls) == 2  # never per frame
+    assert len(calls) == len(ref_calls) == 2  # never per frame or per chunk
     plain = whole(monkeypatch, bundles["micro", "int8"], 2)
     for frames, seed in ((fa, 1), (fb, 2)):
         np.testing.assert_array_equal(np.stack([f.rgb for f in frames]), stream(plain, seed))
@@ -176,6 +183,51 @@ def test_the_contracts_inputs_alone_still_render(bundles):
     bare = backend.run("decoder", feed)["frames"]
     prepared = backend.run("decoder", {**backend.prepare_photo(feed), "motion": feed["motion"]})
     np.testing.assert_array_equal(bare, prepared["frames"])
+
+
+@pytest.mark.parametrize("prec", ["fp32", "fp16", "int8"])
+def test_the_generators_two_parts_compute_the_whole_graphs_outputs(bundles, prec):
+    """The reference token's pass is the avatar's part: the frame part never reads ref_motion,
+    and the motion and new keys/values are the whole graph's to the bit (fp16: one step)."""
+    import onnxruntime as ort
+
+    path = bundles["micro", prec] / "generator.onnx"
+    split = split_photo_work(path, "generator")
+    assert split is not None
+    assert split.photo_inputs == ("ref_motion",) and "ref_motion" not in split.frame_inputs
+    sess = ort.InferenceSession(str(path))
+    rng = np.random.default_rng(5)
+    feed = {
+        t.name: rng.standard_normal(tuple(t.shape)).astype(np.float32) for t in sess.get_inputs()
+    }
+    feed["cache_valid"] = (rng.random(feed["cache_valid"].shape) < 0.7).astype(np.float32)
+    photo = ort.InferenceSession(split.photo)
+    frame = ort.InferenceSession(split.frame)
+    ref = {"ref_motion": feed["ref_motion"]}
+    made = dict(zip(split.derived, photo.run(list(split.derived), ref), strict=True))
+    got = frame.run(None, {n: made.get(n, feed.get(n)) for n in split.frame_inputs})
+    for g, w in zip(got, sess.run(None, feed), strict=True):
+        if prec == "fp16":
+            np.testing.assert_allclose(g, w, rtol=2.0**-10, atol=2.0**-12)
+        else:
+            np.testing.assert_array_equal(g, w)
+
+
+def test_the_generators_contract_inputs_alone_still_run(bundles):
+    """The export's parity check feeds the generator its contract: the backend then makes the
+    reference token's pass for that call, and the outputs are those of a prepared feed."""
+    backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=1)
+    assert "generator" in backend.splits
+    rng = np.random.default_rng(6)
+    feed = {
+        t.name: rng.standard_normal(t.shape).astype(np.float32)
+        for t in module_io(MICRO)["generator"].inputs
+    }
+    bare = backend.run("generator", feed)
+    prepared = backend.prepare_photo({"ref_motion": feed["ref_motion"]}, "generator")
+    again = backend.run("generator", {**feed, **prepared})
+    for name, value in bare.items():
+        np.testing.assert_array_equal(value, again[name])
 
 
 def test_without_the_onnx_package_the_graph_runs_whole(bundles, monkeypatch):

@@ -220,3 +220,15 @@ def test_frames_to_uint8_rounds_and_clips_as_the_plain_formula():
     strided = np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
     got = to_uint8(strided, np.empty_like(strided, dtype=np.float32))
     assert np.array_equal(got, want)
+
+
+def test_the_rotations_exported_form_gives_the_same_values():
+    """apply_rope with full_tables (the form ONNX export traces: one product by a signed swap)
+    rotates exactly as the two-halves form, for queries, cached keys and broadcast tables."""
+    from edgetalk.models.rope import apply_rope, full_tables, rope_tables
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((1, 4, 6, 32)).astype(np.float32))
+    pos = torch.from_numpy(rng.uniform(0, 40, (1, 6)).astype(np.float32))
+    cos, sin = (t.unsqueeze(1) for t in rope_tables(pos, 32, 10000.0))
+    assert torch.equal(apply_rope(x, *full_tables(cos, sin)), apply_rope(x, cos, sin))

@@ -88,7 +88,7 @@ def open_fake_onnx(monkeypatch, flops=None, **kw):
     monkeypatch.setattr(bundle_mod, "open_bundle", lambda path, expect_chunk=None: fake)
     monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
     monkeypatch.setattr(bo, "declared_io", lambda path: {})
-    monkeypatch.setattr(bo, "split_photo_work", lambda path: None)  # no graph to split
+    monkeypatch.setattr(bo, "split_photo_work", lambda path, module=None: None)  # no split
     monkeypatch.setattr(bo.OnnxRuntimeBackend, "check_graph_io", lambda *a: None)
     open_backend(bundle="fake", **kw)
     assert len(seen) == len(FakeBundle().io)
