@@ -162,6 +162,9 @@ def main(args: argparse.Namespace) -> int:
 
     threads = parse_threads(args.threads)
     require_bench_extra(plots=args.plots is not None)
+    from .allocator import steady_allocator
+
+    allocator = steady_allocator()  # before any backend allocates
 
     from .configs import Request, make_plan, parse_chunks
     from .device import device_info
@@ -210,6 +213,8 @@ def main(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         interleave=args.interleave,
     )
+    report["settings"]["allocator"] = allocator
+    report["notes"].append(allocator)
     problems = validate(report)
     if problems:  # a bug here, not bad input: say so loudly
         raise AssertionError("bench report does not match its schema: " + "; ".join(problems))

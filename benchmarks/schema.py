@@ -272,6 +272,11 @@ SCHEMA: dict[str, Any] = {
                 "piece_ms": _d(_NUM0, "paced audio piece length"),
                 "warmup_seconds": _d(_NUM0, "audio streamed before measuring (excluded)"),
                 "seed": _d({"type": "integer"}, "noise seed (and random-weight seed)"),
+                "allocator": _d(
+                    _STR,
+                    "how the bench process's allocator was set (benchmarks/allocator.py): one "
+                    "state for every backend measured",
+                ),
                 "overlap": _d(
                     {"type": "boolean"},
                     "bench --overlap: the throughput streams ran each chunk's decoder beside the "

@@ -17,6 +17,9 @@ from edgetalk.runtime.backend_torch import TorchBackend
 # Set by .ci/run. The README's test command installs every test dependency, so on CI a missing one is
 # a failure, never a skip that hides it; on a developer's machine the same tests skip with the reason.
 ON_CI = bool(os.environ.get("EDGETALK_CI"))
+# bench fixes glibc's malloc thresholds for its process (benchmarks/allocator.py); tests run bench
+# inside pytest's process, whose other tests should keep the system's allocator
+os.environ.setdefault("EDGETALK_BENCH_ALLOCATOR", "system")
 
 
 def as_from_a_terminal() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -279,6 +281,34 @@ def test_bench_json_validates_and_holds_every_field(bench_run):
         assert r["peak_rss_mb"] > 0
         # torch eager fp32 is its own reference
         assert r["reference"] and r["speedup_vs_torch"] == 1.0
+
+
+def test_the_allocator_setting_is_recorded(bench_run):
+    data = json.loads(bench_run[0].read_text())
+    said = data["settings"]["allocator"]
+    assert said in data["notes"]
+    assert said == "allocator as the system has it (EDGETALK_BENCH_ALLOCATOR=system)"
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+def test_bench_fixes_glibcs_thresholds_unless_the_user_set_them():
+    """In a process of its own, as `edgetalk bench` runs: mallopt takes both thresholds; a
+    user's MALLOC_* variable, or EDGETALK_BENCH_ALLOCATOR=system, leaves the allocator alone."""
+    code = "from edgetalk.benchmarks.allocator import steady_allocator; print(steady_allocator())"
+    base = {k: v for k, v in os.environ.items() if k != "EDGETALK_BENCH_ALLOCATOR"}
+
+    def said(**env):
+        r = subprocess.run(
+            [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert said().startswith("glibc malloc fixed for the run: blocks mapped from 32 MB")
+    assert said(MALLOC_TRIM_THRESHOLD_="1000000") == ("allocator as set by MALLOC_TRIM_THRESHOLD_")
+    assert said(EDGETALK_BENCH_ALLOCATOR="system").endswith("(EDGETALK_BENCH_ALLOCATOR=system)")
 
 
 def test_schema_catches_broken_records(bench_run, tmp_path):
