@@ -114,6 +114,22 @@ class MotionGenerator(nn.Module):
     def velocity(self, h: torch.Tensor) -> torch.Tensor:
         return self.out(self.out_norm(h))
 
+    def reference(self, ref_motion: torch.Tensor) -> tuple[list, list]:
+        """The reference token's keys and values in every layer ([1, heads, 1, hd] each): the
+        sink's first slot. They depend on the avatar's reference motion alone, so a backend may
+        make them once per avatar and pass them to forward (`ref_kv`): one of the five passes
+        over the layers' weights in a call. The reference attends only to itself (softmax over
+        a single key is 1), and the last layer's output is never read."""
+        ref = self.ref_token(ref_motion)
+        keys, values = [], []
+        for i, blk in enumerate(self.blocks):
+            _, k, v = blk.qkv_heads(ref)
+            keys.append(k)
+            values.append(v)
+            if i + 1 < len(self.blocks):
+                ref = blk.finish(ref, v)
+        return keys, values
+
     # ---- streaming step ---------------------------------------------------------------------
     def forward(
         self,
@@ -127,6 +143,7 @@ class MotionGenerator(nn.Module):
         cache_valid: torch.Tensor,  # [1, S]: 1 = slot holds a frame
         cache_pos: torch.Tensor,  # [1, S]: RAPR position of each slot
         query_pos: torch.Tensor,  # [1, C]: RAPR position of each frame of the chunk
+        ref_kv: tuple[list, list] | None = None,  # reference(ref_motion), made beforehand
     ) -> dict[str, torch.Tensor]:
         g = self.cfg.generator
         c = audio_tokens.shape[1]
@@ -135,12 +152,7 @@ class MotionGenerator(nn.Module):
         cond = self.condition(audio_tokens, talk_mask, prev)
 
         # Reference token: attends only to itself, position 0.
-        ref = self.ref_token(ref_motion)
-        ref_kv = []
-        for blk in self.blocks:
-            q, k, v = blk.qkv_heads(ref)
-            ref_kv.append((k, v))
-            ref = blk.finish(ref, v)  # softmax over a single key is 1
+        ref_k, ref_v = self.reference(ref_motion) if ref_kv is None else ref_kv
 
         # Keys for every layer: [ref, cache, chunk]; rotate ref+cache once for all passes.
         zero = torch.zeros_like(cache_pos[:, :1])
@@ -152,7 +164,7 @@ class MotionGenerator(nn.Module):
             cos_q, sin_q = full_tables(cos_q, sin_q)
             cos_k, sin_k = full_tables(cos_k, sin_k)
         ctx_k, ctx_v = [], []
-        for i, (rk, rv) in enumerate(ref_kv):
+        for i, (rk, rv) in enumerate(zip(ref_k, ref_v, strict=True)):
             keys = torch.cat([rk, k_cache[i]], dim=2)
             ctx_k.append(apply_rope(keys, cos_k, sin_k))
             ctx_v.append(torch.cat([rv, v_cache[i]], dim=2))

@@ -13,6 +13,10 @@ from ..models.edgetalk import EdgeTalkModel
 from ..models.io_spec import module_io
 from .backend import Backend
 
+# The key under which prepare_photo hands the generator's reference keys and values back (a
+# name no contract input has; the scheduler passes it to each generator call untouched)
+REFERENCE = "generator:reference"
+
 
 class TorchBackend(Backend):
     name = "torch"
@@ -52,14 +56,28 @@ class TorchBackend(Backend):
             f"{bundle.path}: the torch backend runs checkpoints (--checkpoint), not bundles"
         )
 
+    def _autocast(self):
+        return torch.autocast("cpu", self.dtype, enabled=self.dtype != torch.float32)
+
+    def prepare_photo(self, feed: dict, module: str = "decoder") -> dict:
+        """The generator's reference keys and values, made once per avatar: the reference
+        token's pass through the layers was 0.5-0.6 ms of each 4.5-5.6 ms generator call on the
+        Intel Xeon (one thread, chunk 1 and 4). The same values, so the same motion to the bit."""
+        if module != "generator":
+            return feed
+        ref = torch.from_numpy(np.ascontiguousarray(feed["ref_motion"], dtype=np.float32))
+        with torch.inference_mode(), self._autocast():
+            return {**feed, REFERENCE: self.model.generator.reference(ref)}
+
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.io[module]
-        autocast = torch.autocast("cpu", self.dtype, enabled=self.dtype != torch.float32)
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self._autocast():
             args = {
                 t.name: torch.from_numpy(np.ascontiguousarray(inputs[t.name], dtype=np.float32))
                 for t in spec.inputs
             }
+            if module == "generator" and REFERENCE in inputs:
+                args["ref_kv"] = inputs[REFERENCE]
             out = self.model.module(module)(**args)
             return {t.name: out[t.name].float().numpy() for t in spec.outputs}
 

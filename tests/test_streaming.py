@@ -232,3 +232,35 @@ def test_the_rotations_exported_form_gives_the_same_values():
     pos = torch.from_numpy(rng.uniform(0, 40, (1, 6)).astype(np.float32))
     cos, sin = (t.unsqueeze(1) for t in rope_tables(pos, 32, 10000.0))
     assert torch.equal(apply_rope(x, *full_tables(cos, sin)), apply_rope(x, cos, sin))
+
+
+def test_the_torch_generator_with_its_reference_made_once_gives_the_same_outputs():
+    """TorchBackend.prepare_photo(..., "generator") makes the reference token's keys and values
+    once; generator calls that get them return what a call making them itself returns, and a
+    whole stream renders the same frames to the bit."""
+    from edgetalk.runtime.backend_torch import REFERENCE
+
+    model = seeded_model(MICRO, seed=7)
+    backend = TorchBackend(model, MICRO)
+    rng = np.random.default_rng(8)
+    feed = {
+        t.name: rng.standard_normal(t.shape).astype(np.float32)
+        for t in module_io(MICRO)["generator"].inputs
+    }
+    prepared = backend.prepare_photo({"ref_motion": feed["ref_motion"]}, "generator")
+    assert REFERENCE in prepared and backend.prepare_photo(feed) is feed  # the decoder's: as is
+    bare, again = backend.run("generator", feed), backend.run("generator", {**feed, **prepared})
+    for name, value in bare.items():
+        assert np.array_equal(value, again[name]), name
+
+    class EveryCall(TorchBackend):  # the reference pass in every call, as before
+        def prepare_photo(self, feed, module="decoder"):
+            return feed
+
+    frames = []
+    for b in (TorchBackend(model, MICRO), EveryCall(model, MICRO)):
+        avatar = np.random.default_rng(9).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        sched = StreamScheduler(b, avatar, seed=1)
+        frames.append(np.stack([f.rgb for f in sched.push_audio(speechlike(0.6)) + sched.flush()]))
+    assert REFERENCE in StreamScheduler(TorchBackend(model, MICRO), avatar, seed=1).reference
+    np.testing.assert_array_equal(frames[0], frames[1])
