@@ -21,6 +21,9 @@ from .backend import Backend
 from .cache import KVCache
 
 KV = ("k_cache", "v_cache")
+# prepare_photo's names for the generator's reference keys and values (MLX arrays), passed
+# back to each generator call; no contract input has them
+REFERENCE = ("generator:ref_k", "generator:ref_v")
 COMPILED = ("audio", "generator", "decoder")  # appearance runs once per avatar
 
 
@@ -78,10 +81,28 @@ class MlxBackend(Backend):
             for m, mod in self.modules.items()
         }
         self.returned: dict[str, dict] = {}  # the last call's outputs: numpy and MLX
+        # the generator with its reference keys and values made beforehand (prepare_photo)
+        gen = self.modules["generator"]
+        self.reference = mx.compile(gen.reference) if compile else gen.reference
+        self.generator_given_reference = (
+            _compiled(gen, self.io["generator"], ("ref_k", "ref_v")) if compile else gen
+        )
 
     @classmethod
     def from_bundle(cls, bundle):
         return cls(bundle)
+
+    def prepare_photo(self, feed: dict, module: str = "decoder") -> dict:
+        """The generator's reference keys and values, made once per avatar as MLX arrays (the
+        reference token's pass through the layers, one of five in every call)."""
+        if module != "generator":
+            return feed
+        import mlx.core as mx
+
+        ref = mx.array(np.ascontiguousarray(feed["ref_motion"], dtype=np.float32))
+        made = self.reference(ref)
+        mx.eval(made)
+        return {**feed, **dict(zip(REFERENCE, made, strict=True))}
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import mlx.core as mx
@@ -97,7 +118,11 @@ class MlxBackend(Backend):
             else mx.array(np.ascontiguousarray(inputs[t.name], dtype=np.float32))
             for t in spec.inputs
         }
-        out = self.calls[module](**feed)
+        call = self.calls[module]
+        if module == "generator" and all(k in inputs for k in REFERENCE):
+            feed.update(ref_k=inputs[REFERENCE[0]], ref_v=inputs[REFERENCE[1]])
+            call = self.generator_given_reference
+        out = call(**feed)
         arrays = [out[t.name] for t in spec.outputs]
         mx.eval(arrays)
         got = {
@@ -125,11 +150,12 @@ class MlxBackend(Backend):
         return f"mlx ({self.precision}, {self.device})"
 
 
-def _compiled(module, spec):
-    """mx.compile over the module's call, inputs by position (compile traces positional arrays)."""
+def _compiled(module, spec, extra: tuple[str, ...] = ()):
+    """mx.compile over the module's call, inputs by position (compile traces positional arrays);
+    `extra`: keyword inputs beyond the contract's (the generator's ref_k and ref_v)."""
     import mlx.core as mx
 
-    names, outs = spec.input_names, spec.output_names
+    names, outs = (*spec.input_names, *extra), spec.output_names
 
     def call(*arrays):
         out = module(**dict(zip(names, arrays, strict=True)))

@@ -303,6 +303,29 @@ def test_cache_stays_mlx_and_compiled_equals_eager(bundles):
     np.testing.assert_allclose(np.array(sched.cache.k), sched_np.cache.k, atol=1e-4)
 
 
+@pytest.mark.parametrize("compile", [True, False])
+def test_the_reference_made_once_per_avatar_gives_the_same_motion(bundles, compile):
+    """prepare_photo(..., "generator") makes the reference token's keys and values once, as MLX
+    arrays; a generator call given them returns what a call making them itself returns, and the
+    scheduler hands them to every call of its stream."""
+    from edgetalk.runtime.backend_mlx import REFERENCE, MlxBackend
+
+    backend = MlxBackend(open_bundle(bundles["fp32"].path), compile=compile)
+    rng = np.random.default_rng(11)
+    feed = {
+        t.name: rng.standard_normal(t.shape).astype(np.float32)
+        for t in backend.io["generator"].inputs
+    }
+    prepared = backend.prepare_photo({"ref_motion": feed["ref_motion"]}, "generator")
+    assert all(isinstance(prepared[k], mx.array) for k in REFERENCE)
+    bare = backend.run("generator", feed)
+    given = backend.run("generator", {**feed, **prepared})
+    for name, value in bare.items():
+        np.testing.assert_allclose(given[name], value, rtol=0, atol=1e-6)
+    sched = StreamScheduler(backend, np.full((32, 32, 3), 100, np.uint8), seed=1)
+    assert all(k in sched.reference for k in REFERENCE)
+
+
 def test_converted_modules_are_timed_on_the_mlx_device(bundles):
     """MLX fp16/int8 files are timed against their fp32 file as the runtime calls them (compiled,
     on MLX's default device; export/speed.py); the fp32 bundle has nothing to compare with."""

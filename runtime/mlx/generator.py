@@ -78,6 +78,20 @@ class MotionGenerator(Module):
             temb = layer(temb)
         return self.in_x(self.c(x)) + temb + cond
 
+    def reference(self, ref_motion):
+        """The reference token's keys and values, [layers, 1, heads, 1, hd] each
+        (models/generator.py, MotionGenerator.reference): the avatar's alone, so the backend
+        makes them once per avatar."""
+        ref = (self.in_ref(self.c(ref_motion)) + self.ref_type)[:, None]  # [1, 1, D]
+        keys, values = [], []
+        for i, blk in enumerate(self.blocks):
+            _, k, v = blk.qkv_heads(ref)
+            keys.append(k)
+            values.append(v)
+            if i + 1 < len(self.blocks):
+                ref = blk.finish(ref, v)
+        return mx.stack(keys, axis=0), mx.stack(values, axis=0)
+
     def __call__(
         self,
         audio_tokens,
@@ -90,6 +104,8 @@ class MotionGenerator(Module):
         cache_valid,
         cache_pos,
         query_pos,
+        ref_k=None,  # reference(ref_motion), made beforehand
+        ref_v=None,
     ):
         g = self.cfg.generator
         c = audio_tokens.shape[1]
@@ -102,12 +118,9 @@ class MotionGenerator(Module):
             + self.in_prev(self.c(prev))
         )
 
-        ref = (self.in_ref(self.c(ref_motion)) + self.ref_type)[:, None]  # [1, 1, D]
-        ref_kv = []
-        for blk in self.blocks:
-            _, k, v = blk.qkv_heads(ref)
-            ref_kv.append((k, v))
-            ref = blk.finish(ref, v)
+        if ref_k is None:
+            ref_k, ref_v = self.reference(ref_motion)
+        ref_kv = [(ref_k[i], ref_v[i]) for i in range(len(self.blocks))]
 
         zero = mx.zeros_like(cache_pos[:, :1])
         cos_q, sin_q = (self.c(z[:, None]) for z in rope_tables(query_pos, hd, g.rope_base))
