@@ -558,7 +558,9 @@ def test_threads_and_load_in_one_run(micro_ckpt, tmp_path):
     for t in (1, 2):
         quiet, loaded = rows[(t, 0)], rows[(t, 1)]
         assert "fps_vs_quiet" not in quiet
-        assert loaded["fps_vs_quiet"] == pytest.approx(loaded["fps"] / quiet["fps"], rel=1e-3)
+        # the report rounds the ratio to 4 decimals: a collapse under load (torch at two threads
+        # beside a busy process can keep under 5% of its FPS) makes that more than 1e-3 of it
+        assert loaded["fps_vs_quiet"] == pytest.approx(loaded["fps"] / quiet["fps"], abs=5.1e-5)
         assert loaded["label"] == f"torch fp32 c2 t{t} load1"
 
 
