@@ -5,9 +5,9 @@ are freed, and it gives the heap's top back to the system past another. Torch ea
 its tensors anew in every call, so whether they come back as reused memory or as fresh pages
 (a page fault each 4 KB) depends on what the process allocated before. In one interleaved bench
 process, ONNX Runtime's arenas change that history: on the Intel Xeon at C=4, one thread, torch
-eager ran at 72-75 FPS in such runs and at 84-88 in others, alone or not, while ONNX Runtime
-moved by 3%. Fixing both thresholds (large blocks mapped only from MMAP_THRESHOLD, the heap
-never trimmed) gave torch its 85-88 in every run. The ratios between backends then compare
+eager ran at 72-75 FPS in three interleaved runs and at 84-86 alone, while ONNX Runtime moved by
+3%. Fixing both thresholds (large blocks mapped only from MMAP_THRESHOLD, the heap never
+trimmed) gave torch 85-88 in every interleaved run. The ratios between backends then compare
 the backends, not the allocator's history.
 
 Only `edgetalk bench` does this, for its own process; `run`, `live` and `serve` leave the

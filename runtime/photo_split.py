@@ -38,7 +38,7 @@ def avatar_inputs(module: str, inputs: list[str]) -> set[str]:
     fixed = AVATAR_INPUTS[module]
     if fixed is None:
         return set(inputs) - {VARYING_DECODER_INPUT} if VARYING_DECODER_INPUT in inputs else set()
-    return fixed & set(inputs)
+    return set(fixed) & set(inputs)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def split_photo_work(path: str | Path, module: str = "decoder") -> SplitGraph | 
     graph = model.graph
     constants = {i.name for i in graph.initializer}
     inputs = [i.name for i in graph.input if i.name not in constants]
-    photo_only = set(avatar_inputs(module, inputs))
+    photo_only = avatar_inputs(module, inputs)
     per_frame = set(inputs) - photo_only
     if not photo_only or not per_frame:
         return None
