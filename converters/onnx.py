@@ -539,6 +539,34 @@ class OnnxTarget(Target):
             info["rows"] = list(band_span(graph_io.outputs[0].shape[2], band_index(_part(path))))
         return info
 
+    def runtime_aids(self, folder: Path, files: dict[str, str]) -> dict:
+        """Each graph's declared shapes, and the two parts of every graph that splits (the
+        decoder's, its bands', the generator's), stored so that the runtime loads them without
+        the onnx package (runtime/photo_split.py)."""
+        from ..runtime.backend_onnxruntime import GRAPH_IO, declared_io
+        from ..runtime.photo_split import (
+            AVATAR_INPUTS,
+            SPLITS,
+            part_roles,
+            split_photo_work,
+            store_parts,
+        )
+
+        graphs = dict(files)
+        splits = {}
+        for part, fname in graphs.items():
+            module = BAND_PARTS.get(part, part)
+            split = split_photo_work(folder / fname, module) if module in AVATAR_INPUTS else None
+            if split is not None:
+                splits[part] = store_parts(split, folder, part)
+                for role, key in zip(part_roles(part), ("avatar", "stream"), strict=True):
+                    files[role] = splits[part][key]
+        shapes = {part: declared_io(folder / fname) for part, fname in graphs.items()}
+        return {
+            GRAPH_IO: {part: {k: list(v) for k, v in io.items()} for part, io in shapes.items()},
+            SPLITS: splits,
+        }
+
     def timed_call(self, path: Path, sample: dict[str, np.ndarray]):
         import onnxruntime as ort
 

@@ -90,6 +90,13 @@ class Target(ABC):
         """Where timed_call runs, recorded beside its figures (a CPU thread count, a device)."""
         return {"threads": 1}
 
+    def runtime_aids(self, folder: Path, files: dict[str, str]) -> dict:
+        """What the manifest records for this target's runtime beyond the contract, made from
+        the finished artifacts (`files`: role -> file in `folder`); a file written here is
+        added to `files`, so the manifest hashes it. ONNX: each graph's declared shapes and the
+        stored parts of the graphs that split (runtime/photo_split.py)."""
+        return {}
+
     def check_reused(self, part: str, info: dict) -> None:
         """Raise when an artifact kept from an earlier run (its manifest `info`) cannot serve
         here, e.g. an engine built for another GPU; the reuse key names no machine."""

@@ -132,6 +132,9 @@ class TensorRTTarget(OnnxTarget):
     gather_sampling = False  # TensorRT's own grid-sample layer, kept fp32 (FP32_LAYERS)
     per_frame_decoder = False  # an engine renders the whole chunk in one launch
 
+    def runtime_aids(self, folder: Path, files: dict[str, str]) -> dict:
+        return {}  # engines: nothing of the ONNX runtime's to record
+
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         from ..runtime_cuda.gpu import probe

@@ -33,7 +33,15 @@ from ..models.flops import module_flops
 from ..models.io_spec import module_io
 from ..runtime.backend import Backend
 from ..runtime.backend_torch import TorchBackend
-from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, Bundle, sha256, tree_sha256
+from ..runtime.bundle import (
+    EXTERNAL_DATA,
+    MANIFEST,
+    SCHEMA_VERSION,
+    Bundle,
+    onnx_external_data,
+    sha256,
+    tree_sha256,
+)
 from ..runtime.registry import lookup
 from .calibration import pick, record_stream
 from .patching import export_patches
@@ -168,7 +176,8 @@ def export_bundle(
         res.seconds = time.time() - t0
         results.append(res)
 
-    draft = Bundle(work, {}, cfg, target, precision, io, files)
+    aids = tgt.runtime_aids(work, files)  # may add files (stored graph parts)
+    draft = Bundle(work, aids, cfg, target, precision, io, files)
     candidate = parity_backend(tgt, draft)
     e2e: dict
     if isinstance(candidate, str):
@@ -199,8 +208,21 @@ def export_bundle(
             (work / f".{part}.key").unlink(missing_ok=True)
     # each graph's contract: a module's, or an extra graph's own
     ios = {**io, **{part: tgt.graph_io(part, io[module]) for part, module in extra.items()}}
-    manifest = _manifest(
-        cfg, tgt, precision, files, work, results, e2e, meta, ck_path, time.time() - t_start, ios
+    manifest = (
+        _manifest(
+            cfg,
+            tgt,
+            precision,
+            files,
+            work,
+            results,
+            e2e,
+            meta,
+            ck_path,
+            time.time() - t_start,
+            ios,
+        )
+        | aids
     )
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     if ok:
@@ -365,6 +387,9 @@ def _manifest(cfg, tgt, precision, files, work, results, e2e, meta, ck_path, sec
         "thresholds": THRESHOLDS[precision],
         "files": files,
         "sha256": {f: tree_sha256(work / f) for f in files.values()},
+        EXTERNAL_DATA: {
+            f: onnx_external_data(work / f) for f in files.values() if f.endswith(".onnx")
+        },
         "tool_versions": tgt.tool_versions(),
         "export_seconds": round(seconds, 1),
     }

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, BundleError
 from ..models.io_spec import (
     DECODER_BANDS,
     ModuleIO,
@@ -18,7 +18,14 @@ from ..models.io_spec import (
     frames_per_call,
 )
 from .backend import Backend
-from .photo_split import AVATAR_INPUTS, SplitGraph, derived_key, split_photo_work
+from .photo_split import (
+    AVATAR_INPUTS,
+    SPLITS,
+    SplitGraph,
+    derived_key,
+    split_photo_work,
+    stored_parts,
+)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -75,20 +82,27 @@ class OnnxRuntimeBackend(Backend):
         for module in self.io:
             if module == "decoder" and bands:
                 continue  # the bands render every frame: the whole-frame graph is not loaded
-            declared = declared_io(bundle.file(module))
+            declared = self._declared(module)
             if declared is not None:  # before loading: ORT would fail on it less clearly
                 self.check_graph_io(
                     module, declared, bundle.files[module], self.graph_spec(module, declared)
                 )
             if declared is not None and self._per_frame(module, declared):
-                self._frame_workers(bundle, threads)  # its own sessions: no session to discard
+                # its own sessions: no session to discard
+                self._frame_workers(bundle, threads, declared)
                 continue
             own = self.module_threads[module]
             o = opts if own == threads else session_options(own)
             # a decoder whole per call (chunk 1 without bands; older bundles), and the
             # generator: split where they can
-            split = module in AVATAR_INPUTS and declared is not None and self._split(module, o)
+            split = (
+                module in AVATAR_INPUTS
+                and declared is not None
+                and self._split(module, o, declared)
+            )
             sess = split or self._load(bundle, module, o)
+            if not split and GRAPH_IO in bundle.manifest:
+                self._check_recorded(module, declared, sess)
             if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
                 graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
                 self.check_graph_io(
@@ -97,10 +111,37 @@ class OnnxRuntimeBackend(Backend):
                 declared = graph
             self.sessions[module] = sess
             if self._per_frame(module, declared):  # known only now, from ORT's view of the graph
-                self._frame_workers(bundle, threads)
+                self._frame_workers(bundle, threads, declared)
         if bands:
             self.band_sessions = {p: self._load_part(p) for p in bands}
             self.band_pool = ThreadPoolExecutor(len(bands), thread_name_prefix="edgetalk-band")
+
+    def _declared(self, part: str) -> dict[str, tuple] | None:
+        """The shapes graph `part` declares for its inputs and outputs: as the exporter recorded
+        them in the manifest (GRAPH_IO), else read from the graph with the onnx package (a bundle
+        exported before), else None (ONNX Runtime's view is checked after loading)."""
+        recorded = self.bundle.manifest.get(GRAPH_IO)
+        if recorded is None:
+            return declared_io(self.bundle.file(part))
+        graph = recorded.get(part) if isinstance(recorded, dict) else None
+        ok = isinstance(graph, dict) and all(
+            isinstance(v, list) and all(isinstance(d, int | str) for d in v) for v in graph.values()
+        )
+        if not ok:
+            raise BundleError(
+                f"{self.bundle.path}: the manifest's {GRAPH_IO!r} block has no valid entry for "
+                f"{part}; re-export the bundle"
+            )
+        return {str(k): tuple(v) for k, v in graph.items()}
+
+    def _check_recorded(self, part: str, declared: dict[str, tuple], sess) -> None:
+        """The graph loaded whole takes and gives the tensors the manifest recorded for it."""
+        view = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
+        if view != declared:
+            raise BundleError(
+                f"{self.bundle.path}: {self.bundle.files[part]} does not take and give the "
+                f"tensors the manifest's {GRAPH_IO!r} records for it; re-export the bundle"
+            )
 
     def _per_frame(self, module: str, graph: dict[str, tuple]) -> bool:
         """Whether `graph` is a decoder exported one frame per call for a chunk of several."""
@@ -118,15 +159,20 @@ class OnnxRuntimeBackend(Backend):
                 f"onnxruntime cannot load {bundle.files[module]}: {e}"
             ) from None
 
-    def _split(self, part: str, opts):
+    def _split(self, part: str, opts, declared: dict[str, tuple]):
         """The session of graph `part`'s frame part (a decoder graph's, or the generator's), its
         avatar's part loaded beside it; None where the graph does not split
-        (runtime/photo_split.py)."""
+        (runtime/photo_split.py). `declared`: the whole graph's tensors, checked against the
+        contract, which the two parts must take and give between them."""
         import onnxruntime as ort
 
         if part in self._whole:
             return None
-        split = self.splits.get(part) or split_photo_work(self.bundle.file(part), _module(part))
+        split, stored = self.splits.get(part), SPLITS in self.bundle.manifest
+        if split is None and stored:  # stored by the exporter
+            split = stored_parts(self.bundle, part)
+        elif split is None:  # a bundle exported before: split at load
+            split = split_photo_work(self.bundle.file(part), _module(part))
         if split is None:
             self._whole.add(part)
             return None
@@ -139,6 +185,11 @@ class OnnxRuntimeBackend(Backend):
         except Exception:  # onnxruntime's own types: the whole graph, which loaded, runs instead
             self._whole.add(part)
             return None
+        if stored and split_view(split, self.photo_sessions[part], frame) != declared:
+            raise BundleError(
+                f"{self.bundle.path}: the stored parts of {self.bundle.files[part]} do not take "
+                "and give that graph's tensors; re-export the bundle"
+            )
         self.splits[part] = split
         return frame
 
@@ -178,14 +229,14 @@ class OnnxRuntimeBackend(Backend):
     def graph_spec(self, module: str, graph: dict[str, tuple]) -> ModuleIO:
         return graph_spec(self.io[module], module, graph)
 
-    def _frame_workers(self, bundle, threads: int | None) -> None:
+    def _frame_workers(self, bundle, threads: int | None, declared: dict[str, tuple]) -> None:
         """min(threads, C) one-thread sessions of the one-frame decoder, and a pool to run them."""
         from .threads import resolve
 
         workers = max(1, min(resolve(threads), frames_per_call(self.io["decoder"])))
         one = session_options(1)
         self.frame_sessions = [
-            self._split("decoder", one) or self._load(bundle, "decoder", one)
+            self._split("decoder", one, declared) or self._load(bundle, "decoder", one)
             for _ in range(workers)
         ]
         self.sessions["decoder"] = self.frame_sessions[0]
@@ -210,13 +261,15 @@ class OnnxRuntimeBackend(Backend):
     def _load_part(self, part: str):
         """The session of an extra graph (a row band), its declared tensors checked first."""
         spec = decoder_band(self.io["decoder"], band_index(part))
-        declared = declared_io(self.bundle.file(part))
+        declared = self._declared(part)
         if declared is not None:
             self.check_graph_io("decoder", declared, self.bundle.files[part], spec)
-            split = self._split(part, session_options(1))
+            split = self._split(part, session_options(1), declared)
             if split is not None:
                 return split
         sess = self._load(self.bundle, part, session_options(1))
+        if GRAPH_IO in self.bundle.manifest:
+            self._check_recorded(part, declared, sess)
         if declared is None:
             graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
             self.check_graph_io("decoder", graph, self.bundle.files[part], spec)
@@ -288,6 +341,13 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
 
 
+def split_view(split: SplitGraph, photo, frame) -> dict[str, tuple]:
+    """ONNX Runtime's view of a graph run in two parts: the inputs of both (but what the one
+    hands the other) and the per-call part's outputs, as the whole graph declares them."""
+    tensors = (*photo.get_inputs(), *frame.get_inputs(), *frame.get_outputs())
+    return {t.name: tuple(t.shape) for t in tensors if t.name not in split.derived}
+
+
 def run_into(sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list) -> None:
     """Run the one-frame decoder session `sess` once per array in `dests`, with `feed` and the
     matching motion of `motions`, writing output `out` into that array (float32, C-ordered, the
@@ -351,6 +411,11 @@ def session_options(threads: int | None):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
+
+
+# The manifest's record of every graph's declared input and output shapes (converters/onnx.py),
+# so that a runtime checks them before loading without the onnx package.
+GRAPH_IO = "graph_io"
 
 
 def declared_io(path) -> dict[str, tuple] | None:

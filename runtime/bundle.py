@@ -90,6 +90,26 @@ def _verify(root: Path, fname: str, hashes: dict[str, str]) -> None:
         )
 
 
+# The exporter's record of each ONNX file's external-data locations (export/pipeline.py), read
+# instead of parsing the graph: the onnx package's import alone is 17 MB and 0.5 s of a runtime
+# that needs only onnxruntime. Trusted only with the files' hashes checked (verify): the record
+# then describes these very bytes. It is no weaker than a runtime without the onnx package,
+# where onnxruntime (>= 1.32) confines the paths to the model's folder itself.
+EXTERNAL_DATA = "external_data"
+
+
+def _external_data(root: Path, m: dict, fname: str, verify: bool) -> list[str]:
+    recorded = m.get(EXTERNAL_DATA)
+    if not verify or not isinstance(recorded, dict) or fname not in recorded:
+        return onnx_external_data(root / fname)
+    locations = recorded[fname]
+    if not isinstance(locations, list) or not all(isinstance(x, str) for x in locations):
+        raise BundleError(
+            f"{root}: the manifest's {EXTERNAL_DATA!r} entry for {fname} is malformed"
+        )
+    return locations
+
+
 def onnx_external_data(path: Path) -> list[str]:
     """The external-data locations an ONNX file names (every tensor: initializers, constants,
     subgraphs). [] without the onnx package: recent onnxruntime releases confine the paths to the
@@ -182,6 +202,28 @@ def _flops(module: dict) -> float | None:
     return float(x)
 
 
+def _check_splits(root: Path, m: dict, files: dict[str, str]) -> None:
+    """The stored parts of split graphs (runtime/photo_split.py): each names a graph of the
+    bundle, and files the bundle lists (so hashed) under that graph's roles."""
+    from .photo_split import SPLITS, STORED_FIELDS, part_roles
+
+    splits = m.get(SPLITS)
+    if splits is None:
+        return
+    bad = f"{root}: the manifest's {SPLITS!r} block is malformed"
+    if not isinstance(splits, dict):
+        raise BundleError(bad)
+    for part, entry in splits.items():
+        if part not in files or not isinstance(entry, dict) or set(entry) != set(STORED_FIELDS):
+            raise BundleError(f"{bad} (entry {part!r})")
+        names = [entry[k] for k in STORED_FIELDS[2:]]
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in names):
+            raise BundleError(f"{bad} (entry {part!r})")
+        for role, key in zip(part_roles(part), STORED_FIELDS[:2], strict=True):
+            if files.get(role) != entry[key]:
+                raise BundleError(f"{bad}: {part}'s {key} part is not the file listed as {role!r}")
+
+
 def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool = True) -> Bundle:
     root = Path(path)
     m = read_manifest(root)
@@ -234,7 +276,7 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         if verify:
             _verify(root, fname, hashes)
         if fname.endswith(".onnx"):
-            for data in onnx_external_data(p):
+            for data in _external_data(root, m, fname, verify):
                 rel = (Path(fname).parent / data).as_posix()
                 if Path(data).is_absolute() or ".." in Path(data).parts or not data.strip():
                     raise BundleError(
@@ -260,5 +302,6 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
         raise BundleError(
             f"{root}: parity failed for {', '.join(failed)}; this bundle is not usable"
         )
+    _check_splits(root, m, files)
     known = {name: f for name, f in flops.items() if f is not None}
     return Bundle(root, m, cfg, target, precision, io, files, known)

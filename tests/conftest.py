@@ -250,3 +250,25 @@ def tiny_real_folder(tmp_path, item_id: str, identity: str):
     }
     (root / "catalog.json").write_text(json.dumps({"items": [item]}))
     return root
+
+
+def exported_before(path, dst):
+    """A copy of the bundle at `path` as an export before the stored parts wrote it: no parts,
+    no record of the graphs' shapes or external data."""
+    import json
+    import shutil
+
+    from edgetalk.runtime.backend_onnxruntime import GRAPH_IO
+    from edgetalk.runtime.bundle import EXTERNAL_DATA, MANIFEST
+    from edgetalk.runtime.photo_split import SPLITS, part_roles
+
+    shutil.copytree(path, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    for part in m.pop(SPLITS):
+        for role in part_roles(part):
+            fname = m["files"].pop(role)
+            del m["sha256"][fname]
+            (dst / fname).unlink()
+    del m[GRAPH_IO], m[EXTERNAL_DATA]
+    (dst / MANIFEST).write_text(json.dumps(m))
+    return dst

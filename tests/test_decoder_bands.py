@@ -210,29 +210,33 @@ def test_a_band_graph_of_other_shapes_is_refused(band_bundle, tmp_path):
     from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from edgetalk.runtime.bundle import open_bundle, tree_sha256
 
-    copy = tmp_path / "swapped"
-    shutil.copytree(band_bundle["fp32"].path, copy)
-    # band 0's file holds the whole-frame graph, re-hashed: a frame where a band should be
-    shutil.copy2(copy / "decoder.onnx", copy / f"{band_part(0)}.onnx")
-    mf = json.loads((copy / "manifest.json").read_text())
-    mf["sha256"] = {f: tree_sha256(copy / f) for f in mf["files"].values()}
-    (copy / "manifest.json").write_text(json.dumps(mf))
-    with pytest.raises(BundleError, match="decoder_band0"):
-        OnnxRuntimeBackend(open_bundle(copy), threads=2)
-    # one thread never reads the bands
-    OnnxRuntimeBackend(open_bundle(copy), threads=1)
+    from .conftest import exported_before
+
+    # band 0's file holds the whole-frame graph, re-hashed: a frame where a band should be; in
+    # a bundle exported before the stored parts, and in its stored per-call part
+    old = exported_before(band_bundle["fp32"].path, tmp_path / "old")
+    new = shutil.copytree(band_bundle["fp32"].path, tmp_path / "new")
+    for copy, graph in ((old, ""), (new, ".stream")):
+        shutil.copy2(copy / f"decoder{graph}.onnx", copy / f"{band_part(0)}{graph}.onnx")
+        mf = json.loads((copy / "manifest.json").read_text())
+        mf["sha256"] = {f: tree_sha256(copy / f) for f in mf["files"].values()}
+        (copy / "manifest.json").write_text(json.dumps(mf))
+        with pytest.raises(BundleError, match="decoder_band0"):
+            OnnxRuntimeBackend(open_bundle(copy), threads=2)
+        # one thread never reads the bands
+        OnnxRuntimeBackend(open_bundle(copy), threads=1)
 
 
 @onnx_only
 def test_a_chunk_1_bundle_without_bands_still_runs_on_two_threads(band_bundle, tmp_path):
     """Bundles exported before bands: two threads render the whole frame, as then."""
-    import shutil
 
     from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from edgetalk.runtime.bundle import open_bundle
 
-    copy = tmp_path / "old"
-    shutil.copytree(band_bundle["fp32"].path, copy)
+    from .conftest import exported_before
+
+    copy = exported_before(band_bundle["fp32"].path, tmp_path / "old")  # before stored parts too
     mf = json.loads((copy / "manifest.json").read_text())
     for k in range(DECODER_BANDS):
         part = band_part(k)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from .conftest import need  # noqa: E402
+from .conftest import exported_before, need  # noqa: E402
 
 need("onnxruntime", "the onnx extra is not installed")
 
@@ -242,11 +242,14 @@ def test_frame_workers_render_what_one_worker_renders(bundles):
     np.testing.assert_array_equal(one.run("decoder", feed)["frames"], a)
 
 
-def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundles, monkeypatch):
-    """A one-frame decoder graph: with the onnx package its shapes are read before loading and it
-    is split (runtime/photo_split.py): its frame part loaded once per worker, its photo part once,
-    the file never whole (the generator splits too: two more graphs); without it (a bare runtime) the shapes come from one ORT session of the
-    whole file, which is then let go. Either way the frames are the same."""
+def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(
+    bundles, monkeypatch, tmp_path
+):
+    """A one-frame decoder graph is never loaded whole where it splits: its frame part once per
+    worker, its photo part once (the generator's two parts: two more graphs), from the parts the
+    bundle stores or, for a bundle exported before, split at load with the onnx package. Such a
+    bundle on a bare runtime gets the shapes from one ORT session of the whole file, which is then
+    let go. Either way the frames are the same."""
     import onnxruntime
 
     from edgetalk.runtime import backend_onnxruntime as bo
@@ -263,20 +266,23 @@ def test_per_frame_decoder_is_loaded_once_with_or_without_the_onnx_package(bundl
     spec = module_io(MICRO)["decoder"]
     feed = {t.name: rng.random(t.shape).astype(np.float32) for t in spec.inputs}
     frames = []
+    old = exported_before(bundles["fp32"].path, tmp_path / "old")
     bare = lambda path, module=None: None  # noqa: E731
-    for declared, split, whole, parts in (
-        (bo.declared_io, bo.split_photo_work, 0, 5),
-        (bare, bare, 3, 0),
+    for path, declared, split, whole, parts in (
+        (bundles["fp32"].path, bare, bare, 0, 5),  # stored: neither is called
+        (old, bo.declared_io, bo.split_photo_work, 0, 5),
+        (old, bare, bare, 3, 0),
     ):
         monkeypatch.setattr(bo, "declared_io", declared)
         monkeypatch.setattr(bo, "split_photo_work", split)
         loads.clear()
-        backend = bo.OnnxRuntimeBackend(open_bundle(bundles["fp32"].path), threads=2)
+        backend = bo.OnnxRuntimeBackend(open_bundle(path), threads=2)
         assert len(backend.frame_sessions) == 2
         assert loads.count("decoder.onnx") == whole and loads.count("<graph>") == parts
         assert backend.sessions["decoder"] is backend.frame_sessions[0]
         frames.append(backend.run("decoder", feed)["frames"])
     np.testing.assert_array_equal(frames[0], frames[1])
+    np.testing.assert_array_equal(frames[0], frames[2])
 
 
 def test_a_chunk_sized_decoder_from_earlier_releases_still_runs(
@@ -324,6 +330,7 @@ def test_existing_modules_are_skipped_unless_forced(bundles, micro_ckpt, tmp_pat
 
 
 def copy_bundle(bundles, tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     dst = tmp_path / "copy"
     shutil.copytree(bundles["fp32"].path, dst)
     return dst
@@ -412,31 +419,47 @@ def test_cli_run_with_bundle(bundles, tmp_path, wav_file, capsys):
     assert "onnxruntime (fp16" in capsys.readouterr().out
 
 
-def test_manifest_that_disagrees_with_the_graph_is_refused(bundles, tmp_path):
-    """A manifest edited and re-hashed without re-exporting: the graph's own tensor shapes and
-    names are checked against it when the backend opens the bundle."""
+def _edit_graph(path):
     import onnx
 
+    m = onnx.load(str(path))  # declare another output shape in the graph
+    out = next(o for o in m.graph.output if o.name == "motion")
+    out.type.tensor_type.shape.dim[1].dim_value += 1
+    onnx.save(m, str(path))
+
+
+def test_manifest_that_disagrees_with_the_graph_is_refused(bundles, tmp_path):
+    """A manifest edited and re-hashed without re-exporting: the graph's own tensor shapes and
+    names are checked against it when the backend opens the bundle, in a bundle exported before
+    the stored parts (read with the onnx package) and in one with them (ONNX Runtime's view of
+    each graph it loads, against the manifest's record)."""
     from edgetalk.runtime.bundle import tree_sha256
 
-    b = copy_bundle(bundles, tmp_path)
-    mf = json.loads((b / "manifest.json").read_text())
-
-    def rehash():
+    def rehash(b):
+        mf = json.loads((b / "manifest.json").read_text())
         mf["sha256"] = {f: tree_sha256(b / f) for f in mf["files"].values()}
         (b / "manifest.json").write_text(json.dumps(mf))
 
-    m = onnx.load(str(b / "generator.onnx"))  # declare another output shape in the graph
-    out = next(o for o in m.graph.output if o.name == "motion")
-    out.type.tensor_type.shape.dim[1].dim_value += 1
-    onnx.save(m, str(b / "generator.onnx"))
-    rehash()
+    b = exported_before(bundles["fp32"].path, tmp_path / "old")
+    _edit_graph(b / "generator.onnx")
+    rehash(b)
     with pytest.raises(BundleError, match=r"generator graph generator.onnx: motion has shape"):
         open_backend(bundle=b)
     shutil.copy(b / "audio.onnx", b / "generator.onnx")  # another module's graph in its place
-    rehash()
+    rehash(b)
     with pytest.raises(BundleError, match="missing from the graph"):
         open_backend(bundle=b)
+
+    # ONNX Runtime infers the output shapes itself: another graph in a file's place is what shows
+    for graph, message in (
+        ("generator.stream.onnx", "the stored parts of generator.onnx do not take"),
+        ("appearance.onnx", "appearance.onnx does not take and give the tensors"),
+    ):
+        b = copy_bundle(bundles, tmp_path / graph)
+        shutil.copy(b / "audio.onnx", b / graph)
+        rehash(b)
+        with pytest.raises(BundleError, match=message):
+            open_backend(bundle=b)
 
 
 def test_manifest_records_each_modules_flops_per_call(bundles, micro_ckpt):

@@ -1,26 +1,39 @@
-"""The CPU backend splits each decoder graph at load (runtime/photo_split.py): the nodes that read
-the photo only run once per avatar, the rest every frame, and the frames are the whole graph's to
-the bit in fp32 and INT8 (fp16: within one float16 step), for the row bands of chunk 1 too. The
-generator splits the same way: its reference token's pass runs once per avatar."""
+"""The CPU backend runs each decoder graph in two parts (runtime/photo_split.py): the nodes that
+read the photo only run once per avatar, the rest every frame, and the frames are the whole
+graph's to the bit in fp32 and INT8 (fp16: within one float16 step), for the row bands of chunk 1
+too. The generator splits the same way: its reference token's pass runs once per avatar. The
+exporter stores the parts in the bundle, which a runtime then loads without the onnx package; a
+bundle exported before is split at load."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from .conftest import MICRO, need, seeded_model, speechlike
+from .conftest import MICRO, exported_before, need, seeded_model, speechlike
 
 need("onnxruntime", "the onnx extra is not installed")
 need("onnx", "the onnx package is not installed (the split reads the graph with it)")
 
+from edgetalk.errors import BundleError  # noqa: E402
 from edgetalk.export.pipeline import export_bundle  # noqa: E402
 from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
 from edgetalk.models.io_spec import DECODER_BANDS, band_part, module_io  # noqa: E402
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
-from edgetalk.runtime.bundle import open_bundle  # noqa: E402
-from edgetalk.runtime.photo_split import derived_key, split_photo_work  # noqa: E402
+from edgetalk.runtime.bundle import EXTERNAL_DATA, MANIFEST, open_bundle  # noqa: E402
+from edgetalk.runtime.photo_split import (  # noqa: E402
+    SPLITS,
+    derived_key,
+    part_roles,
+    split_photo_work,
+    stored_parts,
+)
 from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
 
 # chunk 1 at 64 px: the ONNX export then also writes the row bands
@@ -61,6 +74,7 @@ def whole(monkeypatch, path, threads):
     """The backend as it was before the split: every decoder graph runs whole."""
     with monkeypatch.context() as m:
         m.setattr(bo, "split_photo_work", lambda path, module="decoder": None)
+        m.setattr(bo, "stored_parts", lambda bundle, part: None)
         return bo.OnnxRuntimeBackend(open_bundle(path), threads=threads)
 
 
@@ -230,7 +244,7 @@ def test_the_generators_contract_inputs_alone_still_run(bundles):
         np.testing.assert_array_equal(value, again[name])
 
 
-def test_without_the_onnx_package_the_graph_runs_whole(bundles, monkeypatch):
+def no_onnx_import(monkeypatch):
     import builtins
 
     real = builtins.__import__
@@ -241,11 +255,93 @@ def test_without_the_onnx_package_the_graph_runs_whole(bundles, monkeypatch):
         return real(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_onnx)
+
+
+@pytest.mark.parametrize("key", [("micro", "fp32"), ("banded", "int8")])
+def test_the_bundle_stores_the_parts_the_split_at_load_makes(bundles, key):
+    bundle = open_bundle(bundles[key])
+    parts = bundle.manifest[SPLITS]
+    bands = [band_part(k) for k in range(DECODER_BANDS)] * (key[0] == "banded")
+    assert sorted(parts) == sorted(["decoder", "generator", *bands])
+    for part in parts:
+        stored = stored_parts(bundle, part)
+        module = "generator" if part == "generator" else "decoder"
+        assert stored == split_photo_work(bundle.file(part), module), part
+        # hashed like every file of the bundle
+        for role in part_roles(part):
+            assert bundle.manifest["sha256"][bundle.files[role]]
+    assert bundle.manifest[EXTERNAL_DATA] == {f: [] for f in bundle.files.values()}
+
+
+def test_a_bundle_exported_before_is_split_at_load_and_renders_the_same(
+    bundles, monkeypatch, tmp_path
+):
+    old = exported_before(bundles["micro", "int8"], tmp_path / "old")
+    calls = []
+    real = bo.split_photo_work
+    monkeypatch.setattr(
+        bo, "split_photo_work", lambda p, m="decoder": calls.append(m) or real(p, m)
+    )
+    then = bo.OnnxRuntimeBackend(open_bundle(old), threads=2)
+    assert sorted(calls) == ["decoder", "generator"] and sorted(then.splits) == sorted(calls)
+    calls.clear()
+    now = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "int8"]), threads=2)
+    assert not calls and sorted(now.splits) == ["decoder", "generator"]
+    np.testing.assert_array_equal(stream(then), stream(now))
+
+
+def test_without_the_onnx_package_the_stored_parts_run_and_an_older_bundle_runs_whole(
+    bundles, monkeypatch, tmp_path
+):
+    old = exported_before(bundles["micro", "fp32"], tmp_path / "old")
+    plain = whole(monkeypatch, bundles["micro", "fp32"], 2)
+    no_onnx_import(monkeypatch)
     assert split_photo_work(bundles["micro", "fp32"] / "decoder.onnx") is None
-    monkeypatch.setattr(bo, "declared_io", lambda path: None)  # what a bare runtime reads
-    backend = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
-    assert not backend.splits and not backend.photo_sessions
-    assert "photo work" not in backend.describe()
-    monkeypatch.undo()
-    split = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
-    np.testing.assert_array_equal(stream(backend), stream(split))
+    then = bo.OnnxRuntimeBackend(open_bundle(old), threads=2)
+    assert not then.splits and not then.photo_sessions
+    assert "photo work" not in then.describe()
+    now = bo.OnnxRuntimeBackend(open_bundle(bundles["micro", "fp32"]), threads=2)
+    assert sorted(now.splits) == ["decoder", "generator"]
+    assert "photo work and the reference token once per avatar" in now.describe()
+    want = stream(plain)
+    np.testing.assert_array_equal(stream(then), want)
+    np.testing.assert_array_equal(stream(now), want)
+
+
+def test_a_run_from_a_bundle_never_imports_onnx(bundles, tmp_path):
+    """The runtime's load needs onnxruntime only: the onnx package's import is 17 MB and 0.5 s."""
+    code = (
+        "import sys; from edgetalk.cli import main; "
+        f"rc = main(['run', '--bundle', {str(bundles['banded', 'int8'])!r}, '--threads', '2', "
+        f"'--out', {str(tmp_path / 'o.mp4')!r}]); "
+        "print('onnx imported:', 'onnx' in sys.modules); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "onnx imported: False" in r.stdout
+    assert "row bands" in r.stdout and "once per avatar" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update({SPLITS: ["decoder"]}), "'splits' block is malformed"),
+        (lambda m: m[SPLITS]["decoder"].pop("derived"), "malformed \\(entry 'decoder'\\)"),
+        (
+            lambda m: m[SPLITS]["decoder"].update(stream="appearance.onnx"),
+            "stream part is not the file listed",
+        ),
+        (lambda m: m[SPLITS].update(nothing={}), "entry 'nothing'"),
+        (lambda m: m[EXTERNAL_DATA].update({"decoder.onnx": "x"}), "'external_data' entry"),
+        (lambda m: m[bo.GRAPH_IO].pop("audio"), "'graph_io' block has no valid entry for audio"),
+    ],
+)
+def test_a_malformed_record_of_the_stored_parts_is_refused_clearly(
+    bundles, tmp_path, change, message
+):
+    copy = shutil.copytree(bundles["micro", "fp32"], tmp_path / "b")
+    m = json.loads((copy / MANIFEST).read_text())
+    change(m)
+    (copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=message):
+        bo.OnnxRuntimeBackend(open_bundle(copy), threads=1)

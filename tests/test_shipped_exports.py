@@ -17,6 +17,7 @@ import pytest
 
 from edgetalk.converters.parity import THRESHOLDS
 from edgetalk.models.edgetalk import MODULES
+from edgetalk.runtime.photo_split import SPLITS, part_roles
 
 from .conftest import need
 
@@ -74,7 +75,11 @@ def test_shipped_export_passes_every_gate(shipped, target, precision, chunk):
     assert r.manifest["checkpoint"]["trained"], "the default export must use the trained weights"
     # every graph: the four modules, and a chunk-1 ONNX bundle's decoder row bands
     graphs = [name for name in r.manifest["parity"] if name != "end_to_end"]
-    assert set(MODULES) <= set(graphs) and set(graphs) == set(r.manifest["files"])
+    # and an ONNX bundle's stored parts of each graph that splits (runtime/photo_split.py)
+    stored = {role for part in r.manifest.get(SPLITS, {}) for role in part_roles(part)}
+    assert set(MODULES) <= set(graphs) and set(graphs) == set(r.manifest["files"]) - stored
+    if target == "onnx":
+        assert set(r.manifest[SPLITS]) == {"decoder", "generator"} | ({*graphs} - set(MODULES))
     if target == "onnx" and chunk == 1:
         assert {"decoder_band0", "decoder_band1"} <= set(graphs)
     for name in graphs:

@@ -63,6 +63,7 @@ class FakeBundle:
         self.io = module_io(MICRO)
         self.files = {m: f"{m}.onnx" for m in self.io}
         self.flops = {}  # exported before FLOPs were recorded
+        self.manifest = {}  # and before the stored parts and their records
 
     def file(self, module):
         return self.files[module]
