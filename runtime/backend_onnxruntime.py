@@ -39,7 +39,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            return False, "onnxruntime is not installed (pip install 'edgetalk[onnx]')"
+            return False, "onnxruntime is not installed (pip install 'edgetalk[ort]')"
         return True, ""
 
     @classmethod
