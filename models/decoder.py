@@ -248,12 +248,25 @@ class Decoder(nn.Module):
         grid = grid + (flow + lin[:, :2]).permute(0, 2, 3, 1)
         return x, grid, lin[:, 2:]
 
-    def _refine(self, wfeat, x):
-        """[N, 6, R, R]: colour logits (3), alpha logit (1), flow correction (2)."""
+    def _refine(self, wfeat, x, flow_px: float | None = None):
+        """[N, 6, R, R]: colour logits (3), alpha logit (1), flow correction (2).
+
+        `flow_px` (the ONNX Runtime form): the flow correction in pixel units, its scale folded
+        into the last convolution's weights and bias (a product of constants, which the export
+        folds). An INT8 export quantizes that convolution with one output scale for all its
+        channels: normalized, the flow (±0.04) got a few of its 256 steps and a frame fell to
+        31.0 dB; in pixels it shares the logits' range and keeps 37.9 dB (38.0 float)."""
         native = self.native_sampling
         r = F.gelu(self.refine_in(torch.cat([wfeat, x], dim=1)))
         r = F.gelu(pixel_shuffle2(self.refine_up(r), native))  # [N, rc, R/2, R/2]
-        return pixel_shuffle2(self.refine_out(r), native)
+        if flow_px is None:
+            return pixel_shuffle2(self.refine_out(r), native)
+        # output channels are (value, row offset, column offset): values 4 and 5 are the flow
+        flow = torch.arange(4 * OUT_CHANNELS, device=r.device) // 4 >= 4
+        scale = torch.where(flow, flow_px, 1.0)
+        w = self.refine_out.weight * scale.reshape(-1, 1, 1, 1)
+        o = F.conv2d(r, w, self.refine_out.bias * scale, padding=1)
+        return pixel_shuffle2(o, native)
 
     def render_parts(self, app_feat, image, m, photo=None):
         """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
@@ -296,12 +309,11 @@ class Decoder(nn.Module):
         # features, made once per avatar (runtime/photo_split.py), was slower: ONNX Runtime
         # took 0.52 ms a frame to transpose the gathered [h*w, 4*Ca] floats back to planar
         wfeat = sample_rows(app_feat, grid)
-        o = self._refine(wfeat, x)
+        o = self._refine(wfeat, x, half_res)
         if rows is not None:
             q = res // self.feat
             o = o[:, :, r0 - q * lo : r1 - q * lo]
-        scale = torch.tensor([1.0, half_res, half_res], device=m.device).reshape(1, 3, 1, 1)
-        s = full + o[:, 3:6] * scale
+        s = full + o[:, 3:6]
         alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
         yp = yp + self._closing_px(photo["dec_lips"], xp, yp) * m[:, LIP_PRESS].reshape(c, 1, 1, 1)
         warped = self.sampler(image, xp, yp)  # [N, 3, R, R]
