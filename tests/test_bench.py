@@ -565,7 +565,7 @@ def test_threads_and_load_in_one_run(micro_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module, backend, extra", [("onnxruntime", "onnxruntime", "onnx"), ("mlx", "mlx", "mlx")]
+    "module, backend, extra", [("onnxruntime", "onnxruntime", "ort"), ("mlx", "mlx", "mlx")]
 )
 def test_missing_backend_library_names_its_extra(monkeypatch, micro_ckpt, module, backend, extra):
     from edgetalk.errors import BackendUnavailable
