@@ -79,6 +79,8 @@ FLOAT_HEADS = (
     "/in_x/",
     "/in_prev/",
 )
+# The native form (grid_sample, TensorRT's graphs) gives that flow normalized: its head stays float.
+NATIVE_FLOAT_HEADS = (*FLOAT_HEADS, "/refine_out/")
 # Modules an INT8 bundle quantizes: the decoder, 98% of a frame's work. With the shipped weights,
 # quantizing the others failed the gates for ~2% of the work: appearance features cos 0.953 and
 # audio tokens cos 0.988 (gate 0.99); the generator passes alone (cos 0.9995), but its error feeds
@@ -181,7 +183,12 @@ class _Reader:
         pass
 
 
-def to_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> dict:
+def to_int8(
+    src: Path,
+    dst: Path,
+    calibration: list[dict[str, np.ndarray]],
+    float_heads: tuple[str, ...] = FLOAT_HEADS,
+) -> dict:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -203,7 +210,7 @@ def to_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> d
     exclude = [
         n.name
         for n in m.graph.node
-        if n.op_type in QUANT_OPS and _float_reason(n, consts, front_end) is not None
+        if n.op_type in QUANT_OPS and _float_reason(n, consts, front_end, float_heads) is not None
     ]
     names = [i.name for i in m.graph.input]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration, names)
@@ -221,7 +228,7 @@ def to_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> d
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     pre.unlink(missing_ok=True)
-    info = int8_report(dst)
+    info = int8_report(dst, float_heads)
     if info["int8_weight_tensors"] == 0 or info["quantized_compute_nodes"] == 0:
         raise RuntimeError(f"{dst.name}: INT8 quantization produced no 8-bit weights")
     return info
@@ -292,14 +299,16 @@ def fuse_gelu(m) -> int:
     return len(fused)
 
 
-def _float_reason(node, consts: set[str], front_end: set[str]) -> str | None:
+def _float_reason(
+    node, consts: set[str], front_end: set[str], float_heads: tuple[str, ...] = FLOAT_HEADS
+) -> str | None:
     """Why a Conv/MatMul/Gemm stays float in an INT8 module (None: it is quantized). The one
     definition of the per-op policy, used to quantize and to audit the result."""
     if not any(i in consts for i in node.input[1:2]):
         return "activation x activation"
     if node.name in front_end:
         return "DFT/mel front end (feeds a log, which magnifies its error)"
-    head = next((h for h in FLOAT_HEADS if h in node.name), None)
+    head = next((h for h in float_heads if h in node.name), None)
     if head is not None:
         return f"float head {head}"
     return None
@@ -409,7 +418,7 @@ def _upstream_of(m, op_type: str) -> set[str]:
     return seen
 
 
-def int8_report(path: Path) -> dict:
+def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
     """Which compute nodes read 8-bit weights (through DequantizeLinear) and which stayed float."""
     import onnx
 
@@ -442,7 +451,8 @@ def int8_report(path: Path) -> dict:
         # Every float node with the policy's reason; "unexplained" means the quantizer skipped a
         # node the policy meant to quantize.
         "float_reasons": {
-            f"{n.op_type}:{n.name}": _float_reason(n, consts, front_end) or "unexplained"
+            f"{n.op_type}:{n.name}": _float_reason(n, consts, front_end, float_heads)
+            or "unexplained"
             for n in floating
         },
         "float_op_types": dict(
@@ -525,7 +535,12 @@ class OnnxTarget(Target):
             return {"weights": "fp32", "why": "kept float by the INT8 module policy (INT8_MODULES)"}
         if module == "decoder" and self.per_frame_decoder:
             calibration = per_frame_feeds(calibration)
-        return to_int8(src, dst, calibration) | {"weights": "int8"}
+        return to_int8(src, dst, calibration, self.float_heads()) | {"weights": "int8"}
+
+    def float_heads(self) -> tuple[str, ...]:
+        """The INT8 policy's float heads for this target's form of the decoder: the gather form
+        gives the refinement's flow in pixels, which an 8-bit output scale serves."""
+        return FLOAT_HEADS if self.gather_sampling else NATIVE_FLOAT_HEADS
 
     def checks(self, path: Path, io: ModuleIO, precision: str) -> dict:
         graph_io = self.graph_io(_part(path), io)

@@ -158,7 +158,8 @@ class TensorRTTarget(OnnxTarget):
         graph = src
         if precision == "int8":
             graph = dst.with_name(f"{dst.stem}.qdq.onnx")
-            info.update(to_int8(src, graph, calibration))
+            # the native form: its refinement's flow is normalized, that head stays float
+            info.update(to_int8(src, graph, calibration, self.float_heads()))
         try:
             info.update(build_engine(graph, dst, precision, dst.stem))
         finally:

@@ -135,6 +135,20 @@ def test_int8_is_really_8bit(bundles):
     assert fp32["int8_weight_tensors"] == 0
 
 
+def test_the_refinement_head_is_8bit_where_its_flow_is_in_pixels(bundles):
+    """The gather form gives the refinement's flow in pixels, so INT8 quantizes that head; the
+    native form (TensorRT's graph) gives it normalized, a few of 256 output steps: float there."""
+    from edgetalk.converters.onnx import FLOAT_HEADS, NATIVE_FLOAT_HEADS
+    from edgetalk.converters.target import targets
+
+    rep = int8_report(bundles["int8"].path / "decoder.onnx")
+    assert not [n for n in rep["float_compute_nodes"] if "/refine_out/" in n]
+    assert "/refine_out/" in NATIVE_FLOAT_HEADS and "/refine_out/" not in FLOAT_HEADS
+    # the policy follows each target's form (TensorRT's class loads without TensorRT)
+    assert targets()["onnx"]().float_heads() == FLOAT_HEADS
+    assert targets()["tensorrt"]().float_heads() == NATIVE_FLOAT_HEADS
+
+
 def test_decoder_graph_is_the_onnx_runtime_form(bundles):
     """The exported decoder holds none of the kernels ONNX Runtime runs slowly (GridSample,
     DepthToSpace, Resize; gathers behind per-channel index copies), the photo is
