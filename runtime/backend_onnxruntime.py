@@ -104,7 +104,7 @@ class OnnxRuntimeBackend(Backend):
             if not split and GRAPH_IO in bundle.manifest:
                 self._check_recorded(module, declared, sess)
             if declared is None:  # no onnx package: ORT's view (its inferred output shapes win)
-                graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
+                graph = ort_view(sess)
                 self.check_graph_io(
                     module, graph, bundle.files[module], self.graph_spec(module, graph)
                 )
@@ -136,8 +136,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _check_recorded(self, part: str, declared: dict[str, tuple], sess) -> None:
         """The graph loaded whole takes and gives the tensors the manifest recorded for it."""
-        view = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
-        if view != declared:
+        if ort_view(sess) != declared:
             raise BundleError(
                 f"{self.bundle.path}: {self.bundle.files[part]} does not take and give the "
                 f"tensors the manifest's {GRAPH_IO!r} records for it; re-export the bundle"
@@ -271,7 +270,7 @@ class OnnxRuntimeBackend(Backend):
         if GRAPH_IO in self.bundle.manifest:
             self._check_recorded(part, declared, sess)
         if declared is None:
-            graph = {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
+            graph = ort_view(sess)
             self.check_graph_io("decoder", graph, self.bundle.files[part], spec)
         return sess
 
@@ -341,11 +340,16 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
 
 
+def ort_view(sess) -> dict[str, tuple]:
+    """ONNX Runtime's view of a session's graph: its inputs' and outputs' shapes by name."""
+    return {t.name: tuple(t.shape) for t in (*sess.get_inputs(), *sess.get_outputs())}
+
+
 def split_view(split: SplitGraph, photo, frame) -> dict[str, tuple]:
     """ONNX Runtime's view of a graph run in two parts: the inputs of both (but what the one
     hands the other) and the per-call part's outputs, as the whole graph declares them."""
-    tensors = (*photo.get_inputs(), *frame.get_inputs(), *frame.get_outputs())
-    return {t.name: tuple(t.shape) for t in tensors if t.name not in split.derived}
+    view = {**ort_view(photo), **ort_view(frame)}  # the photo part's outputs are the derived
+    return {k: v for k, v in view.items() if k not in split.derived}
 
 
 def run_into(sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list) -> None:
