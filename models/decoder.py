@@ -51,6 +51,20 @@ def pixel_centres(n: int) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1
 
 
+TAIL_PIXELS = 32768  # pixels of one band of the gather form's full-resolution tail
+
+
+def tail_bands(r0: int, r1: int, width: int) -> list[tuple[int, int]]:
+    """Output rows [r0, r1) of `width` pixels in bands of about TAIL_PIXELS pixels, for the
+    per-pixel tail of the gather form (Decoder._render_gather): a band's tensors stay in the
+    core's cache from one node to the next, where a whole frame's (0.8 MB each at 256 px) did
+    not. The cuts fall on multiples of an even number of rows, where the pixel shuffle's 2x2
+    blocks start; only the ends of [r0, r1) (a DecoderRows band's) may fall within a block."""
+    rows = max(2, TAIL_PIXELS // width // 2 * 2)
+    cuts = [r0, *(b for b in range(0, r1, rows) if r0 < b < r1), r1]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
 def base_grid(h: int, w: int) -> torch.Tensor:
     """Homogeneous pixel-centre coordinates in [-1, 1] (align_corners=False), [h*w, 3]."""
     if shapes_only():
@@ -93,6 +107,17 @@ def closing_field(up, low, present, y, reach, sharp, roll=LIP_ROLL) -> torch.Ten
     return (
         half * torch.tanh(off / sharp) * torch.exp(-((off / (reach + half)) ** 2).clamp(max=60.0))
     )
+
+
+def closing_field_mid(mid, gap, present, y, reach, sharp, roll) -> torch.Tensor:
+    """closing_field for the edges mid - gap/2 and mid + gap/2, in the fewer nodes that the
+    midline and gap given directly leave (the gather form's per-pixel tail, _closing_px): the
+    same values to float rounding (roll and sharp are numbers: their quotients products)."""
+    half = F.relu(gap) * 0.5
+    half = (half + roll * torch.tanh(half * (1.0 / roll))) * present
+    off = y - mid
+    z = off / (reach + half)
+    return half * torch.tanh(off * (1.0 / sharp)) * torch.exp(-(z * z).clamp(max=60.0))
 
 
 class Decoder(nn.Module):
@@ -248,8 +273,9 @@ class Decoder(nn.Module):
         grid = grid + (flow + lin[:, :2]).permute(0, 2, 3, 1)
         return x, grid, lin[:, 2:]
 
-    def _refine(self, wfeat, x, flow_px: float | None = None):
-        """[N, 6, R, R]: colour logits (3), alpha logit (1), flow correction (2).
+    def _refine(self, wfeat, x, flow_px: float | None = None, shuffle: bool = True):
+        """[N, 6, R, R]: colour logits (3), alpha logit (1), flow correction (2); without
+        `shuffle`, the last convolution's output [N, 24, R/2, R/2] before its pixel shuffle.
 
         `flow_px` (the ONNX Runtime form): the flow correction in pixel units, its scale folded
         into the last convolution's weights and bias (a product of constants, which the export
@@ -266,7 +292,7 @@ class Decoder(nn.Module):
         scale = torch.where(flow, flow_px, 1.0)
         w = self.refine_out.weight * scale.reshape(-1, 1, 1, 1)
         o = F.conv2d(r, w, self.refine_out.bias * scale, padding=1)
-        return pixel_shuffle2(o, native)
+        return pixel_shuffle2(o, native) if shuffle else o
 
     def render_parts(self, app_feat, image, m, photo=None):
         """(frames [N, R, R, 3], sampling grid [N, R, R, 2], blend alpha [N, 1, R, R]): training
@@ -304,41 +330,60 @@ class Decoder(nn.Module):
         g = grid.permute(0, 3, 1, 2)  # [N, 2, h, w], normalized
         # (alpha, x, y) in the order of the refinement's (alpha, flow x, flow y)
         z = torch.cat([lin_alpha, g * half_res + (half_res - 0.5)], 1)
-        full = self.upsample(z, False, None if rows is None else (r0, r1, lo, hi))
         # the features at 1/4 resolution: rows gathered per tap. A neighbour table of the
         # features, made once per avatar (runtime/photo_split.py), was slower: ONNX Runtime
         # took 0.52 ms a frame to transpose the gathered [h*w, 4*Ca] floats back to planar
         wfeat = sample_rows(app_feat, grid)
-        o = self._refine(wfeat, x, half_res)
-        if rows is not None:
-            q = res // self.feat
-            o = o[:, :, r0 - q * lo : r1 - q * lo]
-        s = full + o[:, 3:6]
-        alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
-        yp = yp + self._closing_px(photo["dec_lips"], xp, yp) * m[:, LIP_PRESS].reshape(c, 1, 1, 1)
-        warped = self.sampler(image, xp, yp)  # [N, 3, R, R]
-        alpha = torch.sigmoid(alpha_logit)
-        frames = warped + (torch.sigmoid(o[:, :3]) - warped) * alpha
-        return frames.permute(0, 2, 3, 1).clamp(0.0, 1.0)
+        o = self._refine(wfeat, x, half_res, shuffle=False)  # [N, 24, 2 (hi - lo), R/2]
+        # The full-resolution tail, row band by row band (tail_bands): every step from here on
+        # is per pixel, and a band's tensors stay in the core's cache from one step to the next
+        # where the whole frame's (0.8 MB each) did not.
+        bands = tail_bands(r0, r1, res)
+        full = self.upsample(z, False, bands=bands, lo=lo)
+        lips = self._lip_table(photo["dec_lips"])
+        press = m[:, LIP_PRESS].reshape(c, 1, 1, 1)
+        half = 2 * lo  # o's first row at 1/2 resolution
+        colour, alpha, xs, ys = [], [], [], []
+        for (b0, b1), fb in zip(bands, full, strict=True):
+            h0, h1 = b0 // 2, (b1 + 1) // 2  # the 2x2 blocks of rows [b0, b1)
+            ob = pixel_shuffle2(o[:, :, h0 - half : h1 - half], False)
+            if b0 % 2 or b1 % 2:  # a DecoderRows band's end within a block
+                ob = ob[:, :, b0 - 2 * h0 : b1 - 2 * h0]
+            s = fb + ob[:, 3:6]
+            alpha_logit, xp, yp = s[:, 0:1], s[:, 1:2], s[:, 2:3]
+            ys.append(yp + self._closing_px(lips, xp, yp) * press)
+            xs.append(xp)
+            colour.append(torch.sigmoid(ob[:, :3]))
+            alpha.append(torch.sigmoid(alpha_logit))
+        warped = self.sampler(image, xs, ys)  # [N, 3, rows, R] each
+        frames = [
+            (w + (col - w) * a).permute(0, 2, 3, 1).clamp(0.0, 1.0)
+            for w, col, a in zip(warped, colour, alpha, strict=True)
+        ]
+        return frames[0] if len(frames) == 1 else torch.cat(frames, 1)
 
-    def _closing_px(self, dec_lips, xp, yp):
-        """closing() at press 1 in pixel units, for output pixels that look at photo pixel
-        (xp, yp) [N, 1, R, R]: the field is homogeneous in its lengths, so every length (edges,
-        roll, reach, the flip's width) is scaled to pixels once, per column or as a constant.
-        The edges' midline, gap and presence are linear in the head's outputs, so they are
-        interpolated along the row as the native form interpolates the outputs."""
+    def _lip_table(self, dec_lips):
+        """The lip edges' midline, gap and presence per 1/4-resolution column, in pixels, as
+        sample_row_table reads them (_closing_px)."""
         s = self.res / 2.0
         up, low, present = dec_lips[:, 0:1], dec_lips[:, 1:2], dec_lips[:, 2:3]  # normalized
         mid = (up + low) * (0.5 * s) + (s - 0.5)
-        tab = row_table(torch.cat([mid, (low - up) * s, present], 1))
+        return row_table(torch.cat([mid, (low - up) * s, present], 1))
+
+    def _closing_px(self, tab, xp, yp):
+        """closing() at press 1 in pixel units, for output pixels that look at photo pixel
+        (xp, yp) [N, 1, rows, R]: the field is homogeneous in its lengths, so every length
+        (edges, roll, reach, the flip's width) is scaled to pixels once, per column or as a
+        constant. The edges' midline, gap and presence (`tab`, _lip_table) are linear in the
+        head's outputs, so they are interpolated along the row as the native form interpolates
+        the outputs."""
+        s = self.res / 2.0
         w = self.feat
         mid, gap, present = sample_row_table(
             tab, xp * (w / self.res) + (0.5 * w / self.res - 0.5), w
         )
         reach = F.softplus(self.lip_reach) * s
-        return closing_field(
-            mid - 0.5 * gap, mid + 0.5 * gap, present, yp, reach, self.sharp * s, LIP_ROLL * s
-        )
+        return closing_field_mid(mid, gap, present, yp, reach, self.sharp * s, LIP_ROLL * s)
 
 
 class DecoderRows(nn.Module):

@@ -115,6 +115,22 @@ def upsample_matrix(size: int, factor: int) -> torch.Tensor:
     return up[:, 0].T.contiguous()
 
 
+def upsample_bands(
+    x: torch.Tensor, factor: int, matrix: torch.Tensor, bands: list[tuple[int, int]], lo: int = 0
+) -> list[torch.Tensor]:
+    """upsample_bilinear's matmul form for output rows [r0, r1) of each of `bands`, with the
+    columns interpolated once for all: [N, C, r1 - r0, W * factor] each. x holds the input rows
+    [lo, lo + H) of a square picture (all of them at lo 0); every input row a band reads must
+    lie among them (Decoder.band_rows)."""
+    n, c, h, w = x.shape
+    a = matrix.to(x.dtype)
+    cols = torch.matmul(x.reshape(n * c * h, w), a.T).reshape(n * c, h, w * factor)
+    return [
+        torch.matmul(a[r0:r1, lo : lo + h], cols).reshape(n, c, r1 - r0, w * factor)
+        for r0, r1 in bands
+    ]
+
+
 class Upsample(torch.nn.Module):
     """x`factor` bilinear upsampling (align_corners=False) of a square [N, C, size, size].
 
@@ -128,7 +144,11 @@ class Upsample(torch.nn.Module):
         self.factor = factor
         self.register_buffer("matrix", upsample_matrix(size, factor), persistent=False)
 
-    def forward(self, x: torch.Tensor, native: bool = True, rows=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, native: bool = True, rows=None, bands=None, lo: int = 0):
+        """The whole picture (or rows (r0, r1, lo, hi) of it); with `bands`, a list of
+        (r0, r1) output rows of x's rows from `lo` on (upsample_bands), each a tensor."""
+        if bands is not None:
+            return upsample_bands(x, self.factor, self.matrix, bands, lo)
         return upsample_bilinear(x, self.factor, native, self.matrix, rows)
 
 
@@ -204,10 +224,15 @@ def sample_table(table: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: int, 
     my = 1.0 - wy
     frames = []
     for i in range(n):
-        t = torch.index_select(table, 0, idx[i]).transpose(0, 1)  # [4C, P] uint8
+        # one frame's values: for the one-frame graph a reshape, not a gather that copies each
+        # (five of them, 0.06 ms a 256-px frame in ONNX Runtime, one thread)
+        mxi, myi, wxi, wyi, idxi = (
+            (v.reshape(v.shape[-1]) if n == 1 else v[i]) for v in (mx, my, wx, wy, idx)
+        )
+        t = torch.index_select(table, 0, idxi).transpose(0, 1)  # [4C, P] uint8
         # split, then cast: ONNX Runtime copies the slices, a quarter of the bytes as uint8
-        top = t[:c].float() * (mx[i] * my[i]) + t[c : 2 * c].float() * (wx[i] * my[i])
-        bottom = t[2 * c : 3 * c].float() * (mx[i] * wy[i]) + t[3 * c :].float() * (wx[i] * wy[i])
+        top = t[:c].float() * (mxi * myi) + t[c : 2 * c].float() * (wxi * myi)
+        bottom = t[2 * c : 3 * c].float() * (mxi * wyi) + t[3 * c :].float() * (wxi * wyi)
         frames.append(top + bottom)
     # one frame (the one-frame ONNX decoder) needs no stack: ONNX Runtime copies a 1-input Concat
     out = frames[0].unsqueeze(0) if n == 1 else torch.stack(frames)
@@ -220,8 +245,14 @@ class TableSampler(torch.nn.Module):
     float (converters/onnx.py), for a pixel index reaches H*W = 65,536, far beyond the integers
     fp16 holds exactly (2,048), and the photo's levels need 8 bits exactly."""
 
-    def forward(self, image, x, y) -> torch.Tensor:
-        return sample_table(neighbour_table(image), x, y, image.shape[3], image.shape[2])
+    def forward(self, image, x, y):
+        """Samples at x, y, or, given lists of them (a frame's row bands), a list: the
+        neighbour table is made once for all (made once per avatar in a bundle, its part)."""
+        table = neighbour_table(image)
+        w, h = image.shape[3], image.shape[2]
+        if isinstance(x, list | tuple):
+            return [sample_table(table, xb, yb, w, h) for xb, yb in zip(x, y, strict=True)]
+        return sample_table(table, x, y, w, h)
 
 
 def sample_row_table(table: torch.Tensor, x: torch.Tensor, w: int) -> list[torch.Tensor]:

@@ -155,3 +155,53 @@ def test_lip_closing_field_makes_no_denormals_far_from_the_lips():
     tiny = field.abs()
     assert not ((tiny > 0) & (tiny < torch.finfo(torch.float32).tiny)).any()
     assert field.abs().max() > 1.0  # the field itself still closes the lips
+
+
+def test_tail_bands_cover_the_rows_in_even_bands_of_the_pixel_budget():
+    from edgetalk.models.decoder import TAIL_PIXELS, tail_bands
+
+    for r0, r1, width in [(0, 256, 256), (128, 256, 256), (0, 512, 512), (0, 64, 64), (3, 21, 8)]:
+        bands = tail_bands(r0, r1, width)
+        assert bands[0][0] == r0 and bands[-1][1] == r1
+        assert all(a[1] == b[0] for a, b in zip(bands, bands[1:], strict=False))
+        assert all(b1 > b0 for b0, b1 in bands)
+        assert all(b0 % 2 == 0 for b0, _ in bands[1:])  # inner cuts on a 2x2 block's edge
+        assert all((b1 - b0) * width <= max(TAIL_PIXELS, 2 * width) for b0, b1 in bands)
+    assert tail_bands(0, 256, 256) == [(0, 128), (128, 256)]
+    assert tail_bands(85, 171, 256) == [(85, 128), (128, 171)]  # a DecoderRows band's ends
+    assert tail_bands(3, 9, 256) == [(3, 9)]
+
+
+def test_the_gather_forms_tail_in_bands_renders_the_whole_frames_values(monkeypatch):
+    """The per-pixel tail band by band (tail_bands) against the same tail over the whole frame
+    at once (one band): every step is per pixel, so only the upsampling's row products may
+    round apart; the whole frame and a DecoderRows band both."""
+    from edgetalk.models import decoder as dec
+
+    model = load_checkpoint(default_checkpoint())
+    model = model[0] if isinstance(model, tuple) else model
+    twin = model.for_streaming(model.cfg).eval()
+    twin.decoder.native_sampling = False
+    g = torch.Generator().manual_seed(3)
+    app = torch.rand(1, 32, 64, 64, generator=g)
+    image = torch.randint(0, 256, (1, 3, 256, 256), generator=g).float() / 255.0
+    motion = torch.rand(2, model.cfg.motion_dim, generator=g) * 0.6
+    with torch.no_grad():
+        photo = twin.decoder.prepare(app)
+        banded = twin.decoder._render_gather(app, image, motion, photo)
+        lower = twin.decoder._render_gather(app, image, motion, photo, (128, 256))
+        assert len(dec.tail_bands(0, 256, 256)) == 2
+        monkeypatch.setattr(dec, "TAIL_PIXELS", 256 * 256)
+        assert len(dec.tail_bands(0, 256, 256)) == 1
+        whole = twin.decoder._render_gather(app, image, motion, photo)
+        lower_whole = twin.decoder._render_gather(app, image, motion, photo, (128, 256))
+    assert banded.shape == whole.shape == (2, 256, 256, 3)
+    torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lower, lower_whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lower, whole[:, 128:], rtol=0, atol=1e-5)
+    # a band with odd ends (a DecoderRows band of a frame cut in three) over several tail bands
+    monkeypatch.setattr(dec, "TAIL_PIXELS", 40 * 256)
+    assert len(dec.tail_bands(85, 171, 256)) == 3
+    with torch.no_grad():
+        odd = twin.decoder._render_gather(app, image, motion, photo, (85, 171))
+    torch.testing.assert_close(odd, whole[:, 85:171], rtol=0, atol=1e-5)

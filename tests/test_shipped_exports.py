@@ -162,6 +162,24 @@ def test_onnx_int8_is_8bit_where_the_policy_says(shipped):
         assert share >= 0.7, f"{name}: only {share:.0%} of the compute weights are 8-bit"
 
 
+def test_onnx_decoder_tail_runs_in_bands_from_one_photo_table(shipped):
+    """The shipped decoder's per-pixel tail runs in row bands (models/decoder.py, tail_bands),
+    every band gathering from the one neighbour table of the photo that the avatar part makes:
+    a table per band would be a copy per band among the frame part's inputs."""
+    import onnx
+
+    from edgetalk.models.decoder import tail_bands
+
+    r = shipped("onnx", "int8", 4)
+    res = r.manifest["config"]["render"]["resolution"]
+    assert len(tail_bands(0, res, res)) == 2
+    derived = r.manifest[SPLITS]["decoder"]["derived"]
+    (table,) = [n for n in derived if "/sampler/" in n]
+    graph = onnx.load(str(r.path / r.manifest[SPLITS]["decoder"]["stream"])).graph
+    taps = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table]
+    assert len(taps) == len(tail_bands(0, res, res))
+
+
 def test_onnx_fp16_weights_are_fp16(shipped):
     from .test_export_onnx import fp16_weight_share
 
