@@ -60,6 +60,13 @@ class Backend(ABC):
         contract's inputs stay as they are."""
         return feed
 
+    def decode_levels(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The decoder's frames for `inputs` as 8-bit levels [N, R, R, 3], the bytes
+        scheduler.to_uint8 makes of its float frames, where this backend converts each frame
+        itself as it renders it; None (the default): the scheduler runs the decoder's
+        contract and converts the chunk."""
+        return None
+
     def new_cache(self, cfg: ModelConfig | None = None) -> KVCache:
         """A KV cache for one stream, stored where this backend's generator reads it. It has the
         backend's own streaming settings (its graphs' shapes); backends override `_cache`."""

@@ -13,6 +13,7 @@ from ..models.io_spec import (
     ModuleIO,
     band_index,
     band_part,
+    band_span,
     decoder_band,
     decoder_per_frame,
     frames_per_call,
@@ -26,6 +27,7 @@ from .photo_split import (
     split_photo_work,
     stored_parts,
 )
+from .scheduler import to_uint8_into
 
 
 class OnnxRuntimeBackend(Backend):
@@ -297,10 +299,45 @@ class OnnxRuntimeBackend(Backend):
         outs = self.sessions[module].run(list(names), feed)
         return dict(zip(names, outs, strict=True))
 
-    def _decode_frames(self, feed: dict[str, np.ndarray], out: str) -> np.ndarray:
+    def decode_levels(self, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The one-frame decoder's frames as 8-bit levels, each frame converted by the worker
+        that rendered it, right after it (scheduler.to_uint8_into): its 0.8 MB of floats are
+        still in that core's cache, and with two workers the conversion runs on both cores.
+        In row bands (chunk 1, two threads), each band's worker converts its rows. None where
+        the frame is rendered whole per call."""
+        if self.band_pool is not None:
+            return self._band_levels(inputs)
+        if not self.frame_sessions:
+            return None
+        feed = self._feed("decoder", inputs)
+        (spec,) = self.io["decoder"].outputs
+        levels = np.empty((feed["motion"].shape[1], *spec.shape[1:]), np.uint8)
+        self._decode_frames(feed, spec.name, levels)
+        return levels
+
+    def _band_levels(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """decode_levels of a frame in row bands: each band's session renders its rows and its
+        worker converts them into the frame's levels."""
+        (spec,) = self.io["decoder"].outputs
+        levels = np.empty(spec.shape, np.uint8)  # chunk 1: one frame
+        res = self.cfg.render.resolution
+
+        def work(item) -> None:
+            part, sess = item
+            r0, r1 = band_span(res, band_index(part), len(self.band_sessions))
+            band = sess.run([spec.name], self._feed(part, inputs))[0]
+            to_uint8_into(band, levels[:, r0:r1])
+
+        list(self.band_pool.map(work, self.band_sessions.items()))
+        return levels
+
+    def _decode_frames(
+        self, feed: dict[str, np.ndarray], out: str, levels: np.ndarray | None = None
+    ) -> np.ndarray:
         """The chunk's frames from the one-frame decoder: worker j renders the j-th contiguous
         share of the frames on its own session; ONNX Runtime releases the GIL while it runs.
-        Each frame is written in place into the chunk's array (run_into)."""
+        Each frame is written in place into the chunk's array (run_into); with `levels`, each
+        is then converted into it by the same worker (decode_levels)."""
         motion = feed["motion"]
         frames = self._frames_out(motion.shape[1])
         shares = np.array_split(np.arange(motion.shape[1]), len(self.frame_sessions))
@@ -312,6 +349,7 @@ class OnnxRuntimeBackend(Backend):
                 out,
                 [frames[i : i + 1] for i in shares[j]],
                 [np.ascontiguousarray(motion[:, i : i + 1]) for i in shares[j]],
+                None if levels is None else [levels[i : i + 1] for i in shares[j]],
             )
 
         if self.pool is None:
@@ -352,7 +390,9 @@ def split_view(split: SplitGraph, photo, frame) -> dict[str, tuple]:
     return {k: v for k, v in view.items() if k not in split.derived}
 
 
-def run_into(sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list) -> None:
+def run_into(
+    sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list, levels=None
+) -> None:
     """Run the one-frame decoder session `sess` once per array in `dests`, with `feed` and the
     matching motion of `motions`, writing output `out` into that array (float32, C-ordered, the
     output's shape). Bound in place (ONNX Runtime's I/O binding), the frames skip an array ONNX
@@ -363,10 +403,12 @@ def run_into(sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: 
     bound = {n: np.ascontiguousarray(v) for n, v in feed.items() if n != "motion"}
     for name, value in bound.items():
         binding.bind_cpu_input(name, value)
-    for motion, dest in zip(motions, dests, strict=True):
+    for k, (motion, dest) in enumerate(zip(motions, dests, strict=True)):
         binding.bind_cpu_input("motion", motion)
         binding.bind_output(out, "cpu", 0, np.float32, list(dest.shape), dest.ctypes.data)
         sess.run_with_iobinding(binding)
+        if levels is not None:  # the frame's 8-bit levels, while it is in this core's cache
+            to_uint8_into(dest, levels[k])
 
 
 def _module(part: str) -> str:
