@@ -26,8 +26,10 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
   25 fps with no buffer. A frame is missed if it reaches the sink later than its presentation
   time. max_late_ms is the worst lateness (0 if none is late).
 - modules: per call latency (ms) of each module, p50 and p95 over the throughput runs, plus the
-  uint8 conversion ("convert"). per_frame_p50_ms = p50 / frames per call (C for the streaming
-  modules, 1 call per avatar for appearance, which is not per frame).
+  uint8 conversion ("convert"; 0 where the backend converts each frame as it renders it,
+  Backend.decode_levels: the conversion is then in "decoder"). per_frame_p50_ms = p50 / frames
+  per call (C for the streaming modules, 1 call per avatar for appearance, which is not per
+  frame).
 - peak_rss_mb: peak resident memory of the process while the configuration ran (Linux: VmHWM,
   reset before each configuration; elsewhere: sampled after every scheduler call).
 - flops_per_frame: FLOPs counted from the model (models/flops.py) per streamed frame (audio +
