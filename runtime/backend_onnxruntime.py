@@ -288,11 +288,7 @@ class OnnxRuntimeBackend(Backend):
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.io[module].output_names
         if module == "decoder" and self.band_pool is not None:
-            # ONNX Runtime releases the GIL while each band runs
-            # (bound in place like the frames below: no faster for two half frames, measured)
-            jobs = [(s, self._feed(p, inputs)) for p, s in self.band_sessions.items()]
-            bands = self.band_pool.map(lambda job: job[0].run([names[0]], job[1])[0], jobs)
-            return {names[0]: np.concatenate(list(bands), axis=1)}
+            return {names[0]: np.concatenate(self._run_bands(inputs), axis=1)}
         if module == "decoder" and self.frame_sessions:
             return {names[0]: self._decode_frames(self._feed(module, inputs), names[0])}
         feed = self._feed(module, inputs)
@@ -315,20 +311,32 @@ class OnnxRuntimeBackend(Backend):
         self._decode_frames(feed, spec.name, levels)
         return levels
 
+    def _run_bands(self, inputs: dict[str, np.ndarray], finish=None) -> list:
+        """Each row band of the frame on its own session and worker (ONNX Runtime releases the
+        GIL while each runs; bound in place like the frames below: no faster for two half
+        frames, measured), in band order: its rows, or what finish(part, rows) makes of them
+        on that worker."""
+        (name,) = self.io["decoder"].output_names
+
+        def work(item):
+            part, sess = item
+            rows = sess.run([name], self._feed(part, inputs))[0]
+            return rows if finish is None else finish(part, rows)
+
+        return list(self.band_pool.map(work, self.band_sessions.items()))
+
     def _band_levels(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """decode_levels of a frame in row bands: each band's session renders its rows and its
-        worker converts them into the frame's levels."""
+        """decode_levels of a frame in row bands: each band's worker converts its rows into the
+        frame's levels."""
         (spec,) = self.io["decoder"].outputs
         levels = np.empty(spec.shape, np.uint8)  # chunk 1: one frame
-        res = self.cfg.render.resolution
+        res, bands = self.cfg.render.resolution, len(self.band_sessions)
 
-        def work(item) -> None:
-            part, sess = item
-            r0, r1 = band_span(res, band_index(part), len(self.band_sessions))
-            band = sess.run([spec.name], self._feed(part, inputs))[0]
-            to_uint8_into(band, levels[:, r0:r1])
+        def convert(part: str, rows: np.ndarray) -> None:
+            r0, r1 = band_span(res, band_index(part), bands)
+            to_uint8_into(rows, levels[:, r0:r1])
 
-        list(self.band_pool.map(work, self.band_sessions.items()))
+        self._run_bands(inputs, convert)
         return levels
 
     def _decode_frames(

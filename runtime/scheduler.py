@@ -113,18 +113,20 @@ def to_uint8(frames: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     (clip(frames, 0, 1) * 255 + 0.5).astype(uint8) gives them, computed in `scratch` (float32,
     the frames' shape, best in their memory order) and returned in a new array."""
     np.multiply(frames, 255.0, out=scratch)
-    np.add(scratch, 0.5, out=scratch)
-    np.clip(scratch, 0.0, 255.5, out=scratch)  # 255.5 truncates to 255, as 1.0 does
-    return scratch.astype(np.uint8)
+    return _rounded_levels(scratch).astype(np.uint8)
 
 
 def to_uint8_into(frames: np.ndarray, dest: np.ndarray) -> None:
     """to_uint8 of `frames` (float32, overwritten: it is the scratch) written into `dest`
     (uint8, the same shape): the same bytes."""
     np.multiply(frames, 255.0, out=frames)
-    np.add(frames, 0.5, out=frames)
-    np.clip(frames, 0.0, 255.5, out=frames)
-    np.copyto(dest, frames, casting="unsafe")  # truncates, as astype does
+    np.copyto(dest, _rounded_levels(frames), casting="unsafe")  # truncates, as astype does
+
+
+def _rounded_levels(scaled: np.ndarray) -> np.ndarray:
+    """Levels x 255 (in place) to the values whose truncation rounds them half up in 0..255."""
+    np.add(scaled, 0.5, out=scaled)
+    return np.clip(scaled, 0.0, 255.5, out=scaled)  # 255.5 truncates to 255, as 1.0 does
 
 
 class StreamScheduler:
@@ -398,19 +400,16 @@ class StreamScheduler:
             # decoder's time, and none is left to time apart
             self.stats.module_ms["decoder"].append((self.clock() - t0) * 1000.0)
             self.stats.convert_ms.append(0.0)
-            c = len(shown)
-            return [
-                Frame(start + i, (start + i) / FPS, rgb[i], shown[i], shown_p[i]) for i in range(c)
-            ]
-        dec = self._run("decoder", inputs)
-        t0 = self.clock()
-        frames = dec["frames"]
-        if self._levels.shape != frames.shape or self._levels.strides != frames.strides:
-            # the frames' own memory order (torch's are channels-last views): numpy then runs
-            # each pass in one sweep; a C-ordered buffer made torch's conversion 40% slower
-            self._levels = np.empty_like(frames, dtype=np.float32)
-        rgb = to_uint8(frames, self._levels)
-        self.stats.convert_ms.append((self.clock() - t0) * 1000.0)
+        else:
+            frames = self._run("decoder", inputs)["frames"]
+            t0 = self.clock()
+            if self._levels.shape != frames.shape or self._levels.strides != frames.strides:
+                # the frames' own memory order (torch's are channels-last views): numpy then
+                # runs each pass in one sweep; a C-ordered buffer made torch's conversion 40%
+                # slower
+                self._levels = np.empty_like(frames, dtype=np.float32)
+            rgb = to_uint8(frames, self._levels)
+            self.stats.convert_ms.append((self.clock() - t0) * 1000.0)
         c = len(shown)
         return [Frame(start + i, (start + i) / FPS, rgb[i], shown[i], shown_p[i]) for i in range(c)]
 

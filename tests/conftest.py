@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -53,6 +54,10 @@ MICRO = ModelConfig(
     audio=AudioConfig(n_mels=16, hidden=16, conv_layers=2, kernel=3, token_dim=16),
     generator=GeneratorConfig(dim=32, layers=2, heads=2, steps=2, window=4),
     render=RenderConfig(resolution=32, app_channels=8, hidden=8, flow_blocks=1, refine_channels=4),
+)
+# MICRO at chunk 1 and 64 px: an ONNX export of it holds the frame in row bands as well.
+BANDED = dataclasses.replace(
+    MICRO, chunk=1, render=dataclasses.replace(MICRO.render, resolution=64)
 )
 
 

@@ -4,12 +4,10 @@ frame and band by band, and the same stream."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-from .conftest import MICRO, need, seeded_model, speechlike
+from .conftest import BANDED, MICRO, need, seeded_model, speechlike
 
 need("onnxruntime", "the onnx extra is not installed")
 
@@ -18,10 +16,6 @@ from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
 from edgetalk.runtime.bundle import open_bundle  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler, to_uint8, to_uint8_into  # noqa: E402
-
-BANDED = dataclasses.replace(
-    MICRO, chunk=1, render=dataclasses.replace(MICRO.render, resolution=64)
-)
 
 
 @pytest.fixture(scope="module")

@@ -57,15 +57,22 @@ def test_gather_sampling_matches_grid_sample_beyond_the_border():
     )
 
 
-def test_shipped_decoder_renders_the_same_frames_in_both_forms():
+def shipped_and_gather_twin(seed: int):
+    """The shipped model, its copy in the gather form (as the ONNX export traces it), a
+    generator seeded with `seed`, and random features and an 8-bit photo drawn from it (the
+    runtime crops the photo to uint8, runtime/avatar.py: the gather form holds its levels)."""
     model = load_checkpoint(default_checkpoint())
     model = model[0] if isinstance(model, tuple) else model
     twin = model.for_streaming(model.cfg).eval()
     twin.decoder.native_sampling = False
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     app = torch.rand(1, 32, 64, 64, generator=g)
-    # an 8-bit photo, as the runtime crops it (runtime/avatar.py): the gather form holds its levels
     image = torch.randint(0, 256, (1, 3, 256, 256), generator=g).float() / 255.0
+    return model, twin, g, app, image
+
+
+def test_shipped_decoder_renders_the_same_frames_in_both_forms():
+    model, twin, g, app, image = shipped_and_gather_twin(0)
     motion = torch.randn(1, 4, model.cfg.motion_dim, generator=g) * 0.5
     with torch.no_grad():
         photo = model.decoder.eval().prepare(app)  # the appearance stage's dec_* tensors
@@ -178,13 +185,7 @@ def test_the_gather_forms_tail_in_bands_renders_the_whole_frames_values(monkeypa
     round apart; the whole frame and a DecoderRows band both."""
     from edgetalk.models import decoder as dec
 
-    model = load_checkpoint(default_checkpoint())
-    model = model[0] if isinstance(model, tuple) else model
-    twin = model.for_streaming(model.cfg).eval()
-    twin.decoder.native_sampling = False
-    g = torch.Generator().manual_seed(3)
-    app = torch.rand(1, 32, 64, 64, generator=g)
-    image = torch.randint(0, 256, (1, 3, 256, 256), generator=g).float() / 255.0
+    model, twin, g, app, image = shipped_and_gather_twin(3)
     motion = torch.rand(2, model.cfg.motion_dim, generator=g) * 0.6
     with torch.no_grad():
         photo = twin.decoder.prepare(app)

@@ -7,7 +7,6 @@ bundle exported before is split at load."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import MICRO, exported_before, need, seeded_model, speechlike
+from .conftest import BANDED, MICRO, exported_before, need, seeded_model, speechlike
 
 need("onnxruntime", "the onnx extra is not installed")
 need("onnx", "the onnx package is not installed (the split reads the graph with it)")
@@ -37,9 +36,6 @@ from edgetalk.runtime.photo_split import (  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler  # noqa: E402
 
 # chunk 1 at 64 px: the ONNX export then also writes the row bands
-BANDED = dataclasses.replace(
-    MICRO, chunk=1, render=dataclasses.replace(MICRO.render, resolution=64)
-)
 
 
 @pytest.fixture(scope="module")
