@@ -8,7 +8,8 @@
   Resize, Softmax and the DFT front end stay in fp32.
 - INT8 uses onnxruntime.quantization: static QDQ, per-channel weights, calibrated on recorded
   real inputs. Only Conv/MatMul/Gemm with a constant weight are quantized (activation x activation
-  matmuls in attention stay float); the nodes that stay float are listed for the manifest, and an
+  matmuls in attention stay float), and the residual sums between quantized convolutions
+  (residual_adds); the nodes that stay float are listed for the manifest, and an
   "int8" module with no 8-bit weights is an error, never a silent fp32 file.
 - Which modules INT8 quantizes is a policy (INT8_MODULES), recorded per module in the manifest: the
   decoder (98% of a frame's work) is quantized; the appearance encoder (once per avatar), the audio
@@ -212,6 +213,8 @@ def to_int8(
         for n in m.graph.node
         if n.op_type in QUANT_OPS and _float_reason(n, consts, front_end, float_heads) is not None
     ]
+    residual = residual_adds(m, set(exclude))
+    exclude += [n.name for n in m.graph.node if n.op_type == "Add" and n.name not in residual]
     names = [i.name for i in m.graph.input]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration, names)
     quantize_static(
@@ -222,7 +225,7 @@ def to_int8(
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        op_types_to_quantize=list(QUANT_OPS),
+        op_types_to_quantize=[*QUANT_OPS, "Add"] if residual else list(QUANT_OPS),
         nodes_to_exclude=exclude,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
@@ -232,6 +235,30 @@ def to_int8(
     if info["int8_weight_tensors"] == 0 or info["quantized_compute_nodes"] == 0:
         raise RuntimeError(f"{dst.name}: INT8 quantization produced no 8-bit weights")
     return info
+
+
+def residual_adds(m, floating: set[str]) -> set[str]:
+    """The Adds x + gelu(conv(x)) whose sum feeds a quantized Conv: quantized too, the residual
+    stream stays 8-bit from one convolution to the next (QLinearAdd)."""
+    produced = {o: n for n in m.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out = set()
+
+    def feeds_conv(name: str) -> bool:
+        return any(r.op_type == "Conv" and r.name not in floating for r in readers.get(name, []))
+
+    for add in (n for n in m.graph.node if n.op_type == "Add" and len(n.input) == 2):
+        for x, g in (add.input, add.input[::-1]):
+            gelu = produced.get(g)
+            conv = gelu is not None and gelu.op_type == "Gelu" and produced.get(gelu.input[0])
+            if not conv or conv.op_type != "Conv" or conv.input[0] != x or conv.name in floating:
+                continue
+            if feeds_conv(add.output[0]):
+                out.add(add.name)
+    return out
 
 
 def fuse_gelu(m) -> int:
@@ -442,9 +469,23 @@ def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
             floating.append(n)
             if "/upsample/" not in n.name:  # fixed interpolation matrices, not learned weights
                 f_elems += sizes.get(n.input[1], 0) if len(n.input) > 1 else 0
+    # Adds between 8-bit tensors (residual_adds): each input read through a DequantizeLinear,
+    # the sum read through a QuantizeLinear only
+    readers: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    adds = [
+        n
+        for n in m.graph.node
+        if n.op_type == "Add"
+        and all(getattr(produced_by.get(i), "op_type", None) == "DequantizeLinear" for i in n.input)
+        and {r.op_type for r in readers.get(n.output[0], [])} == {"QuantizeLinear"}
+    ]
     return {
         "int8_weight_tensors": len(int8_inits),
         "quantized_compute_nodes": len(quantized),
+        "quantized_adds": [n.name for n in adds],
         # share of the learned Conv/MatMul/Gemm weight elements stored in 8 bits
         "int8_weight_share": round(q_elems / (q_elems + f_elems), 4) if q_elems + f_elems else 0.0,
         "float_compute_nodes": [f"{n.op_type}:{n.name}" for n in floating],
@@ -460,6 +501,7 @@ def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
                 n.op_type
                 for n in m.graph.node
                 if n.op_type not in ("QuantizeLinear", "DequantizeLinear", *QUANT_OPS)
+                and id(n) not in {id(a) for a in adds}
             )
         ),
     }

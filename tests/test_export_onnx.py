@@ -132,7 +132,41 @@ def test_int8_is_really_8bit(bundles):
         assert r.manifest["modules"][name]["info"]["weights"] == "fp32"
         assert int8_report(r.path / f"{name}.onnx")["int8_weight_tensors"] == 0
     fp32 = int8_report(bundles["fp32"].path / "decoder.onnx")
-    assert fp32["int8_weight_tensors"] == 0
+    assert fp32["int8_weight_tensors"] == 0 and fp32["quantized_adds"] == []
+
+
+def residual_graph():
+    """x -> c0 -> gelu -> a0 = x + it -> c1 -> gelu -> a1 = a0 + it -> c2; a2 = x + y."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((4, 4, 3, 3), np.float32), "w")
+    nodes = []
+    for i, src in enumerate(("x", "a0")):
+        nodes += [
+            helper.make_node("Conv", [src, "w"], [f"c{i}"], name=f"c{i}", pads=[1, 1, 1, 1]),
+            helper.make_node("Gelu", [f"c{i}"], [f"g{i}"], name=f"g{i}", domain="com.microsoft"),
+            helper.make_node("Add", [src, f"g{i}"], [f"a{i}"], name=f"a{i}"),
+        ]
+    nodes += [
+        helper.make_node("Conv", ["a1", "w"], ["c2"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["x", "y"], ["a2"], name="a2"),
+    ]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in "xy"]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c2", "a2")]
+    return onnx.helper.make_model(helper.make_graph(nodes, "g", vi, outs, [w]))
+
+
+def test_int8_quantizes_the_residual_sums_between_8bit_convolutions():
+    """x + gelu(conv(x)) into a quantized convolution is quantized too (the residual stays
+    8-bit); a sum into a float head, one from a float convolution, or any other Add is not."""
+    from edgetalk.converters.onnx import residual_adds
+
+    m = residual_graph()
+    assert residual_adds(m, {"c2"}) == {"a0"}  # a1 feeds the float c2; a2 is no residual
+    assert residual_adds(m, set()) == {"a0", "a1"}
+    assert residual_adds(m, {"c1"}) == set()  # a0 into a float conv, a1 from one
+    assert residual_adds(m, {"c0", "c2"}) == set()
 
 
 def test_the_refinement_head_is_8bit_where_its_flow_is_in_pixels(bundles):

@@ -160,6 +160,10 @@ def test_onnx_int8_is_8bit_where_the_policy_says(shipped):
         assert not unexplained, f"{name}: float compute nodes outside the policy: {unexplained}"
         share = rep["int8_weight_share"]
         assert share >= 0.7, f"{name}: only {share:.0%} of the compute weights are 8-bit"
+    # the flow blocks' residual sums between 8-bit convolutions stay 8-bit (residual_adds): all
+    # but the last block's, which feeds the float flow head
+    blocks = r.manifest["config"]["render"]["flow_blocks"]
+    assert len(int8_report(r.path / "decoder.onnx")["quantized_adds"]) == blocks - 1
 
 
 def test_onnx_decoder_tail_runs_in_bands_from_one_photo_table(shipped):
