@@ -73,6 +73,10 @@ def _lat(rec: dict, module: str) -> str:
     return f"{m['p50_ms']:.1f}/{m['p95_ms']:.1f}"
 
 
+def _range(spread: dict | None) -> str:
+    return "–" if spread is None else f"{spread['min']:.2f}–{spread['max']:.2f}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
@@ -104,6 +108,7 @@ COLUMNS = [
     ("GFLOP/s", lambda r: f"{r['gflops']:.1f}"),
     ("% peak", lambda r: f"{100 * r['fraction_of_peak']:.1f}"),
     ("× torch", lambda r: _f(r["speedup_vs_torch"], 2)),
+    ("× torch run by run", lambda r: _range(r.get("speedup_spread"))),
     ("× quiet", lambda r: _f(r.get("fps_vs_quiet"), 2)),
 ]
 
@@ -119,7 +124,12 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 # shown only when some row has the field (bench --threads N,M / --load N)
-OPTIONAL = {"thr": "threads", "load": "load", "× quiet": "fps_vs_quiet"}
+OPTIONAL = {
+    "thr": "threads",
+    "load": "load",
+    "× quiet": "fps_vs_quiet",
+    "× torch run by run": "speedup_spread",
+}
 
 
 def results_table(rows: list[dict], with_device: bool = False) -> str:

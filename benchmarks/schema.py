@@ -37,6 +37,10 @@ is the embedded example speech, looped or trimmed to `settings.seconds`.
   gflops / the GEMM peak measured in the same run on the device the backend runs on.
 - speedup_vs_torch: fps / fps of torch eager fp32 with the same streaming config (chunk, steps,
   window) in the same run; 1.0 for that reference itself.
+- speedup_spread (bench --interleave): the same ratio run by run, each throughput run over the
+  reference's run interleaved with it (same repeat and round): min, median, max and every value.
+  Their range is the ratio's uncertainty within the run; runs apart (no --interleave) pair
+  nothing, and the field is absent.
 - interleaved_with (bench --interleave): the throughput runs of every configuration with the same
   streaming config, threads and load went chunk by chunk in turn (who goes first rotates), each
   timed on its own, so a machine's drift hits them alike and their ratios hold; FFD stays one
@@ -186,6 +190,18 @@ RECORD = {
         "peak_device": _d(_STR, "which measured GEMM peak fraction_of_peak uses (cpu, cuda)"),
         "fraction_of_peak": _d(_NUM0, "gflops / the measured GEMM peak of peak_device"),
         "speedup_vs_torch": _d(_OPT_NUM, "fps / torch eager fp32 fps at the same config"),
+        "speedup_spread": {
+            "type": "object",
+            "description": "bench --interleave: fps / the torch reference's, run by run (each run "
+            "paired with the reference's run beside it); min, median, max and every ratio",
+            "required": ["min", "median", "max", "values"],
+            "properties": {
+                "min": _NUM0,
+                "median": _NUM0,
+                "max": _NUM0,
+                "values": {"type": "array", "items": _NUM0},
+            },
+        },
         "load_seconds": _d(_NUM0, "time to open the backend (load, compile)"),
         "note": _d(_OPT_STR, "anything worth knowing about this row"),
         "threads": _d({"type": "integer", "minimum": 1}, "CPU threads (bench --threads N,M)"),

@@ -93,16 +93,37 @@ def add_speedups(results: list[dict]) -> None:
     def cond(r: dict):
         return (r["_key"], r.get("threads"), r.get("load", 0))
 
-    refs = {cond(r): r["fps"] for r in results if r["reference"]}
+    refs = {cond(r): r for r in results if r["reference"]}
     quiet = {(r["_base"], r.get("threads")): r["fps"] for r in results if not r.get("load")}
     for r in results:
         ref = refs.get(cond(r))
-        r["speedup_vs_torch"] = round(r["fps"] / ref, 4) if ref else None
+        r["speedup_vs_torch"] = round(r["fps"] / ref["fps"], 4) if ref else None
         if r["reference"]:
             r["speedup_vs_torch"] = 1.0
+        elif ref is not None and (paired := paired_speedups(r, ref)) is not None:
+            r["speedup_spread"] = paired
         if r.get("load"):
             q = quiet.get((r["_base"], r.get("threads")))
             r["fps_vs_quiet"] = round(r["fps"] / q, 4) if q else None
+
+
+def paired_speedups(row: dict, ref: dict) -> dict | None:
+    """The row's throughput over its torch reference's, run by run (min, median, max and every
+    ratio). With --interleave the k-th run of each went chunk by chunk beside the other's k-th
+    (same repeat, same round), so each ratio is free of the machine's drift between runs, and
+    their range is how far the headline ratio can be trusted in this run. None where the runs
+    were not interleaved (seconds apart) or do not pair up."""
+    a, b = row["spread"]["fps"]["values"], ref["spread"]["fps"]["values"]
+    together = row.get("interleaved_with", 0) > 0 and ref.get("interleaved_with", 0) > 0
+    if not together or len(a) != len(b) or not a or min(b) <= 0:
+        return None
+    ratios = [round(x / y, 4) for x, y in zip(a, b, strict=True)]
+    return {
+        "min": min(ratios),
+        "median": round(float(np.median(ratios)), 4),
+        "max": max(ratios),
+        "values": ratios,
+    }
 
 
 MERGED = ("fps", "first_frame_delay_ms", "rtf", "deadline_miss_rate")

@@ -198,6 +198,28 @@ def test_bench_interleave_groups_by_streaming_config(micro_ckpt, tmp_path, capsy
     assert rows["torch bf16 c2"]["speedup_vs_torch"] == pytest.approx(
         rows["torch bf16 c2"]["fps"] / rows["torch fp32 c2"]["fps"], rel=1e-3
     )
+    # each run over the reference's run beside it: as many ratios as runs, the headline within
+    for label in ("torch bf16 c1", "torch bf16 c2"):
+        row, ref = rows[label], rows[label.replace("bf16", "fp32")]
+        spread = row["speedup_spread"]
+        runs = zip(row["spread"]["fps"]["values"], ref["spread"]["fps"]["values"], strict=True)
+        assert spread["values"] == [round(a / b, 4) for a, b in runs]
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    assert "speedup_spread" not in rows["torch fp32 c1"]  # the reference itself
+    assert "× torch run by run" in text
+
+
+def test_paired_speedups_only_for_runs_side_by_side():
+    """The run-by-run ratios exist only where each run had its reference's run beside it."""
+    from edgetalk.benchmarks.suite import paired_speedups
+
+    def row(values, interleaved=1):
+        return {"spread": {"fps": {"values": values}}, "interleaved_with": interleaved}
+
+    got = paired_speedups(row([12.0, 15.0, 13.0]), row([10.0, 10.0, 10.0]))
+    assert got == {"min": 1.2, "median": 1.3, "max": 1.5, "values": [1.2, 1.5, 1.3]}
+    assert paired_speedups(row([12.0], 0), row([10.0], 0)) is None  # runs seconds apart
+    assert paired_speedups(row([12.0, 13.0]), row([10.0])) is None  # nothing to pair
 
 
 def test_late_chunks_count_as_deadline_misses(micro_backend):
