@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--overlap",
         action="store_true",
         help="throughput as `edgetalk run` renders a file: each chunk's decoder on a second "
-        "thread beside the next chunk's audio and generator (FFD is still the serial live path)",
+        "thread beside the next chunk's audio and generator, where the threads leave cores to "
+        "spare, as run does (FFD is still the serial live path)",
     )
     p.add_argument(
         "--json",

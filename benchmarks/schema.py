@@ -207,6 +207,11 @@ RECORD = {
         "threads": _d({"type": "integer", "minimum": 1}, "CPU threads (bench --threads N,M)"),
         "load": _d(_INT0, "busy processes running beside it (bench --load N); 0: quiet"),
         "fps_vs_quiet": _d(_OPT_NUM, "under load: fps / fps of the same row quiet, same run"),
+        "overlapped": _d(
+            {"type": "boolean"},
+            "bench --overlap: whether this row's throughput ran overlapped; not where its threads "
+            "left no cores to spare (as `edgetalk run`)",
+        ),
         "interleaved_with": _d(
             _INT0,
             "bench --interleave: how many other configurations ran their throughput runs chunk "
@@ -298,7 +303,8 @@ SCHEMA: dict[str, Any] = {
                 "overlap": _d(
                     {"type": "boolean"},
                     "bench --overlap: the throughput streams ran each chunk's decoder beside the "
-                    "next chunk's audio and generator, as `edgetalk run` does (FFD stays serial)",
+                    "next chunk's audio and generator, as `edgetalk run` does (FFD stays serial), "
+                    "where the row's threads left cores to spare (each row's `overlapped`)",
                 ),
             },
         },

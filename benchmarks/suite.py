@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gc
 import time
@@ -11,7 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import EdgeTalkError
-from ..runtime.threads import apply_torch_threads, set_threads
+from ..runtime.threads import apply_torch_threads, resolve, set_threads, spare_cores
 from .configs import Config, Plan
 from .load import BusyLoad
 from .measure import Clock, Settings, Sleep, bench_audio
@@ -204,11 +205,17 @@ def run_plan(
         if t is not None:
             set_threads(t)
             apply_torch_threads(t)
+        row = settings
+        if settings.overlap and not spare_cores(t):
+            # as `edgetalk run`: a chunk's decoder beside the next chunk's work only where both
+            # have cores of their own; oversubscribed, torch ran at 0.71x (runtime/threads.py)
+            row = dataclasses.replace(settings, overlap=False)
+            log(f"    --overlap: no cores to spare at {resolve(t)} threads, not overlapped")
         try:
             with BusyLoad(n_load):
                 recs = measure_configs(
                     group,
-                    settings,
+                    row,
                     pcm,
                     peaks,
                     flops_cache,
@@ -227,6 +234,8 @@ def run_plan(
             continue
         for config, label, rec in zip(group, labels, recs, strict=True):
             rec.update(_base=config.label, label=label)
+            if settings.overlap:
+                rec["overlapped"] = row.overlap
             if t is not None:
                 rec["threads"] = t
             if load:

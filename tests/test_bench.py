@@ -712,7 +712,27 @@ def test_overlap_throughput_decodes_beside_the_next_chunk(micro_backend):
     assert not [(x, y) for x in a for y in b if x[0] < y[1] and y[0] < x[1]]
 
 
-def test_bench_overlap_is_recorded_and_said(micro_ckpt, tmp_path, capsys):
+def test_bench_overlap_follows_runs_spare_core_rule(micro_ckpt, tmp_path, capsys, monkeypatch):
+    """On 2 cores, one thread overlaps (a core each) and two do not (as `edgetalk run`): each row
+    says which it did, and the log says why."""
+    from edgetalk.runtime import threads
+
+    monkeypatch.setattr(threads, "cpu_count", lambda: 2)
+    out = tmp_path / "o.json"
+    args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", *QUICK, "--overlap"]
+    code, text, _ = run_cli([*args, "--threads", "1,2", "--json", out], capsys)
+    assert code == 0
+    report = load_report(out)
+    assert validate(report) == [] and report["settings"]["overlap"] is True
+    rows = {r["threads"]: r for r in report["results"]}
+    assert rows[1]["overlapped"] is True and rows[2]["overlapped"] is False
+    assert "no cores to spare at 2 threads, not overlapped" in text
+
+
+def test_bench_overlap_is_recorded_and_said(micro_ckpt, tmp_path, capsys, monkeypatch):
+    from edgetalk.runtime import threads
+
+    monkeypatch.setattr(threads, "cpu_count", lambda: 2)  # one thread by default, a core spare
     out = tmp_path / "o.json"
     args = ["bench", "--checkpoint", micro_ckpt, "--backend", "torch", *QUICK, "--overlap"]
     code, text, _ = run_cli([*args, "--json", out], capsys)
