@@ -237,14 +237,20 @@ def to_int8(
     return info
 
 
-def residual_adds(m, floating: set[str]) -> set[str]:
-    """The Adds x + gelu(conv(x)) whose sum feeds a quantized Conv: quantized too, the residual
-    stream stays 8-bit from one convolution to the next (QLinearAdd)."""
+def graph_index(m) -> tuple[dict, dict[str, list]]:
+    """The node that produces each tensor of graph `m`, and the nodes that read each."""
     produced = {o: n for n in m.graph.node for o in n.output}
     readers: dict[str, list] = {}
     for n in m.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+    return produced, readers
+
+
+def residual_adds(m, floating: set[str]) -> set[str]:
+    """The Adds x + gelu(conv(x)) whose sum feeds a quantized Conv: quantized too, the residual
+    stream stays 8-bit from one convolution to the next (QLinearAdd)."""
+    produced, readers = graph_index(m)
     out = set()
 
     def feeds_conv(name: str) -> bool:
@@ -271,11 +277,7 @@ def fuse_gelu(m) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    produced = {o: n for n in m.graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    produced, readers = graph_index(m)
     inits = {i.name: i for i in m.graph.initializer}
 
     def scalar(name):
@@ -451,7 +453,7 @@ def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
 
     m = onnx.load(str(path))
     int8_inits = [i.name for i in m.graph.initializer if i.data_type in (2, 3)]  # uint8, int8
-    produced_by = {o: n for n in m.graph.node for o in n.output}
+    produced_by, readers = graph_index(m)
     consts = {i.name for i in m.graph.initializer}
     consts |= {o for n in m.graph.node if n.op_type == "Constant" for o in n.output}
     front_end = _upstream_of(m, "Log")
@@ -471,10 +473,6 @@ def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
                 f_elems += sizes.get(n.input[1], 0) if len(n.input) > 1 else 0
     # Adds between 8-bit tensors (residual_adds): each input read through a DequantizeLinear,
     # the sum read through a QuantizeLinear only
-    readers: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
     adds = [
         n
         for n in m.graph.node
@@ -482,6 +480,7 @@ def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
         and all(getattr(produced_by.get(i), "op_type", None) == "DequantizeLinear" for i in n.input)
         and {r.op_type for r in readers.get(n.output[0], [])} == {"QuantizeLinear"}
     ]
+    quantized_adds = {id(n) for n in adds}
     return {
         "int8_weight_tensors": len(int8_inits),
         "quantized_compute_nodes": len(quantized),
@@ -501,7 +500,7 @@ def int8_report(path: Path, float_heads: tuple[str, ...] = FLOAT_HEADS) -> dict:
                 n.op_type
                 for n in m.graph.node
                 if n.op_type not in ("QuantizeLinear", "DequantizeLinear", *QUANT_OPS)
-                and id(n) not in {id(a) for a in adds}
+                and id(n) not in quantized_adds
             )
         ),
     }

@@ -277,3 +277,18 @@ def exported_before(path, dst):
     del m[GRAPH_IO], m[EXTERNAL_DATA]
     (dst / MANIFEST).write_text(json.dumps(m))
     return dst
+
+
+def export_seeded(root, name: str, cfg: ModelConfig, precision: str, seed: int):
+    """The path of an ONNX export at `precision` of `cfg` with seeded weights, under `root`; the
+    checkpoint is saved beside it once per name."""
+    from edgetalk.export.pipeline import export_bundle
+    from edgetalk.models.checkpoint import save_checkpoint
+
+    ck = root / f"{name}.safetensors"
+    if not ck.exists():
+        save_checkpoint(seeded_model(cfg, seed=seed), ck)
+    out = root / f"{name}-{precision}"
+    r = export_bundle("onnx", precision, checkpoint=ck, out=out, progress=False)
+    assert r.ok, r.manifest["parity"]
+    return r.path

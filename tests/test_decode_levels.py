@@ -7,12 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .conftest import BANDED, MICRO, need, seeded_model, speechlike
+from .conftest import BANDED, MICRO, export_seeded, need, speechlike
 
 need("onnxruntime", "the onnx extra is not installed")
 
-from edgetalk.export.pipeline import export_bundle  # noqa: E402
-from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
 from edgetalk.runtime.bundle import open_bundle  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler, to_uint8, to_uint8_into  # noqa: E402
@@ -21,14 +19,10 @@ from edgetalk.runtime.scheduler import StreamScheduler, to_uint8, to_uint8_into 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("levels")
-    out = {}
-    for name, cfg in (("frames", MICRO), ("banded", BANDED)):
-        ck = root / f"{name}.safetensors"
-        save_checkpoint(seeded_model(cfg, seed=5), ck)
-        r = export_bundle("onnx", "int8", checkpoint=ck, out=root / name, progress=False)
-        assert r.ok, r.manifest["parity"]
-        out[name] = r.path
-    return out
+    return {
+        name: export_seeded(root, name, cfg, "int8", seed=5)
+        for name, cfg in (("frames", MICRO), ("banded", BANDED))
+    }
 
 
 def avatar(res: int) -> np.ndarray:

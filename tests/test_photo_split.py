@@ -15,14 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import BANDED, MICRO, exported_before, need, seeded_model, speechlike
+from .conftest import BANDED, MICRO, export_seeded, exported_before, need, speechlike
 
 need("onnxruntime", "the onnx extra is not installed")
 need("onnx", "the onnx package is not installed (the split reads the graph with it)")
 
 from edgetalk.errors import BundleError  # noqa: E402
-from edgetalk.export.pipeline import export_bundle  # noqa: E402
-from edgetalk.models.checkpoint import save_checkpoint  # noqa: E402
 from edgetalk.models.io_spec import DECODER_BANDS, band_part, module_io  # noqa: E402
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
 from edgetalk.runtime.bundle import EXTERNAL_DATA, MANIFEST, open_bundle  # noqa: E402
@@ -43,16 +41,10 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
     out = {}
     for name, cfg in (("micro", MICRO), ("banded", BANDED)):
-        ck = root / f"{name}.safetensors"
-        save_checkpoint(seeded_model(cfg, seed=4), ck)
         for prec in ("fp32", "fp16", "int8"):
             if name == "banded" and prec == "fp16":
                 continue
-            r = export_bundle(
-                "onnx", prec, checkpoint=ck, out=root / f"{name}-{prec}", progress=False
-            )
-            assert r.ok, r.manifest["parity"]
-            out[name, prec] = r.path
+            out[name, prec] = export_seeded(root, name, cfg, prec, seed=4)
     return out
 
 
