@@ -10,6 +10,7 @@ import argparse
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from .benchmarks.device import describe_cpu
 
@@ -192,6 +193,16 @@ def quick_version_rows() -> list[tuple[str, str]]:
     ]
 
 
+def compiled_rows() -> list[tuple[str, str]]:
+    """The compiled part (setup.py), found without loading it: --help and doctor stay fast."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("edgetalk.runtime._composite")
+    built = spec is not None and bool(spec.origin)
+    why = "not built (the install found no C compiler): ONNX decoders run their whole graph"
+    return [("fused composite", f"built ({Path(spec.origin).name})" if built else why)]
+
+
 def report(full: bool = True) -> str:
     from . import __version__
 
@@ -202,7 +213,8 @@ def report(full: bool = True) -> str:
         else (("backends", quick_backend_rows()),)
     )
     versions = version_rows() if full else quick_version_rows()
-    for title, rows in (*sections, ("extras", extra_rows()), ("versions", versions)):
+    tail = (("extras", extra_rows()), ("compiled", compiled_rows()), ("versions", versions))
+    for title, rows in (*sections, *tail):
         width = max(len(name) for name, _ in rows)
         lines += ["", title]
         lines += [f"  {name.ljust(width)}  {text}" for name, text in rows]

@@ -599,8 +599,10 @@ class OnnxTarget(Target):
     def runtime_aids(self, folder: Path, files: dict[str, str]) -> dict:
         """Each graph's declared shapes, and the two parts of every graph that splits (the
         decoder's, its bands', the generator's), stored so that the runtime loads them without
-        the onnx package (runtime/photo_split.py)."""
+        the onnx package (runtime/photo_split.py); of each decoder graph's per-call part, its
+        head: all but the composite, which the runtime runs fused (runtime/composite.py)."""
         from ..runtime.backend_onnxruntime import GRAPH_IO, declared_io
+        from ..runtime.composite import COMPOSITES, cut_composite, head_role, store_cut
         from ..runtime.photo_split import (
             AVATAR_INPUTS,
             SPLITS,
@@ -610,7 +612,7 @@ class OnnxTarget(Target):
         )
 
         graphs = dict(files)
-        splits = {}
+        splits, composites = {}, {}
         for part, fname in graphs.items():
             module = BAND_PARTS.get(part, part)
             split = split_photo_work(folder / fname, module) if module in AVATAR_INPUTS else None
@@ -618,10 +620,15 @@ class OnnxTarget(Target):
                 splits[part] = store_parts(split, folder, part)
                 for role, key in zip(part_roles(part), ("avatar", "stream"), strict=True):
                     files[role] = splits[part][key]
+            cut = cut_composite(split.frame) if split and module == "decoder" else None
+            if cut is not None:
+                composites[part] = store_cut(cut, folder, part)
+                files[head_role(part)] = composites[part]["head"]
         shapes = {part: declared_io(folder / fname) for part, fname in graphs.items()}
         return {
             GRAPH_IO: {part: {k: list(v) for k, v in io.items()} for part, io in shapes.items()},
             SPLITS: splits,
+            COMPOSITES: composites,
         }
 
     def timed_call(self, path: Path, sample: dict[str, np.ndarray]):

@@ -142,7 +142,7 @@ class Decoder(nn.Module):
         self.lip_out = nn.Conv2d(hd, 3, 3, padding=1)
         self.lip_reach = nn.Parameter(torch.tensor([-2.0]))  # softplus: ~0.13, lip thickness
         self.upsample = Upsample(self.feat, self.res // self.feat)  # 1/4 resolution -> full
-        self.sampler = TableSampler()  # the ONNX Runtime form's photo gather (_render_gather)
+        self.composite = Composite()  # the ONNX Runtime form's last steps (_render_gather)
         self.register_buffer("grid0", base_grid(self.feat, self.feat), persistent=False)
         self.register_buffer(
             "rows", pixel_centres(self.feat).reshape(1, 1, -1, 1), persistent=False
@@ -355,12 +355,7 @@ class Decoder(nn.Module):
             xs.append(xp)
             colour.append(torch.sigmoid(ob[:, :3]))
             alpha.append(torch.sigmoid(alpha_logit))
-        warped = self.sampler(image, xs, ys)  # [N, 3, rows, R] each
-        frames = [
-            (w + (col - w) * a).permute(0, 2, 3, 1).clamp(0.0, 1.0)
-            for w, col, a in zip(warped, colour, alpha, strict=True)
-        ]
-        return frames[0] if len(frames) == 1 else torch.cat(frames, 1)
+        return self.composite(image, xs, ys, colour, alpha)
 
     def _lip_table(self, dec_lips):
         """The lip edges' midline, gap and presence per 1/4-resolution column, in pixels, as
@@ -384,6 +379,29 @@ class Decoder(nn.Module):
         )
         reach = F.softplus(self.lip_reach) * s
         return closing_field_mid(mid, gap, present, yp, reach, self.sharp * s, LIP_ROLL * s)
+
+
+class Composite(nn.Module):
+    """The gather form's last steps, per row band: the photo sampled where each pixel looks,
+    blended with the refinement's colour by its alpha, clamped, as rows of RGB pixels. A module
+    so that its exported nodes carry the scope `/composite/`: the exporter cuts them off the
+    decoder's ONNX graph and stores the rest beside it, and the ONNX Runtime backend runs them
+    fused in one compiled pass (runtime/composite.py; `cut_composite` reads each input's role
+    off the graph these nodes make: a change here is a change there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sampler = TableSampler()  # the photo's 8-bit neighbour table and its gather
+
+    def forward(self, image, xs, ys, colour, alpha):
+        """Frames [N, rows, R, 3] for lists of row bands' xs, ys, alpha [N, 1, rows_b, R] (pixel
+        units) and colour [N, 3, rows_b, R], in row order."""
+        warped = self.sampler(image, xs, ys)  # [N, 3, rows, R] each
+        frames = [
+            (w + (col - w) * a).permute(0, 2, 3, 1).clamp(0.0, 1.0)
+            for w, col, a in zip(warped, colour, alpha, strict=True)
+        ]
+        return frames[0] if len(frames) == 1 else torch.cat(frames, 1)
 
 
 class DecoderRows(nn.Module):

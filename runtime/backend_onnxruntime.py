@@ -18,6 +18,7 @@ from ..models.io_spec import (
     decoder_per_frame,
     frames_per_call,
 )
+from . import composite
 from .backend import Backend
 from .photo_split import (
     AVATAR_INPUTS,
@@ -77,6 +78,9 @@ class OnnxRuntimeBackend(Backend):
         self.splits: dict[str, SplitGraph] = {}
         self.photo_sessions: dict[str, object] = {}
         self._whole: set[str] = set()  # graphs found not to split: not read again per worker
+        # Of each split decoder graph whose head the exporter stored, the cut: its per-call part
+        # runs as that head, and its composite fused (runtime/composite.py)
+        self.cuts: dict[str, composite.CompositeCut] = {}
         self.bundle = bundle
         bands = self._bands_wanted(bundle, threads)
         # per module: one thread where a call is too small to split (module_threads)
@@ -177,8 +181,12 @@ class OnnxRuntimeBackend(Backend):
         if split is None:
             self._whole.add(part)
             return None
+        cut = self.cuts.get(part)
+        if cut is None and stored and _module(part) == "decoder" and composite.available():
+            cut = composite.stored_cut(self.bundle, part)
         try:
-            frame = ort.InferenceSession(split.frame, sess_options=opts, providers=self.providers)
+            graph = split.frame if cut is None else cut.head
+            frame = ort.InferenceSession(graph, sess_options=opts, providers=self.providers)
             if part not in self.photo_sessions:
                 self.photo_sessions[part] = ort.InferenceSession(
                     split.photo, sess_options=session_options(1), providers=self.providers
@@ -186,13 +194,43 @@ class OnnxRuntimeBackend(Backend):
         except Exception:  # onnxruntime's own types: the whole graph, which loaded, runs instead
             self._whole.add(part)
             return None
-        if stored and split_view(split, self.photo_sessions[part], frame) != declared:
+        view = split_view(split, self.photo_sessions[part], frame)
+        if cut is not None:  # the head gives the composite's inputs, the composite the frames
+            view = self._cut_view(part, cut, view, declared)
+        if stored and view != declared:
             raise BundleError(
                 f"{self.bundle.path}: the stored parts of {self.bundle.files[part]} do not take "
                 "and give that graph's tensors; re-export the bundle"
             )
         self.splits[part] = split
+        if cut is not None:
+            self.cuts[part] = cut
         return frame
+
+    def _cut_view(self, part: str, cut, view: dict, declared: dict) -> dict:
+        """`view` of a head with the whole graph's output in place of the head's, once the head's
+        outputs are checked to be row bands that tile that output."""
+        (out,) = self.io["decoder"].output_names
+        shape = declared.get(out)
+        rows = 0
+        for xs, ys, colour, alpha in cut.bands:
+            band = view.get(xs)
+            ok = shape is not None and band is not None and len(band) == 4
+            ok = ok and view.get(ys) == band and view.get(alpha) == band
+            ok = ok and view.get(colour) == (1, 3, *band[2:]) and band[3] == shape[2]
+            if not ok:
+                raise BundleError(
+                    f"{self.bundle.path}: the stored head of {self.bundle.files[part]} does not "
+                    "give that graph's frames in row bands; re-export the bundle"
+                )
+            rows += band[2]
+        if rows != shape[1]:
+            raise BundleError(
+                f"{self.bundle.path}: the stored head of {self.bundle.files[part]} covers {rows} "
+                f"of the frame's {shape[1]} rows; re-export the bundle"
+            )
+        own = {k: v for k, v in view.items() if k not in cut.outputs()}
+        return {**own, out: shape}
 
     def prepare_photo(
         self, feed: dict[str, np.ndarray], module: str = "decoder"
@@ -282,16 +320,24 @@ class OnnxRuntimeBackend(Backend):
             if part not in self.bundle.files:
                 raise KeyError(f"this bundle has no {part} graph")
             self.band_sessions[part] = self._load_part(part)
-        feed = self._feed(part, inputs)
-        return {"frames": self.band_sessions[part].run(["frames"], feed)[0]}
+        spec = decoder_band(self.io["decoder"], band_index(part))
+        (out,) = spec.outputs
+        rows = np.empty(out.shape, np.float32)
+        self._render_rows(part, self.band_sessions[part], self._feed(part, inputs), rows)
+        return {out.name: rows}
 
     def run(self, module: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.io[module].output_names
         if module == "decoder" and self.band_pool is not None:
-            return {names[0]: np.concatenate(self._run_bands(inputs), axis=1)}
+            return {names[0]: self._run_bands(inputs)}
         if module == "decoder" and self.frame_sessions:
             return {names[0]: self._decode_frames(self._feed(module, inputs), names[0])}
         feed = self._feed(module, inputs)
+        if module == "decoder" and module in self.cuts:  # the whole frame per call, its head
+            (spec,) = self.io[module].outputs
+            frames = np.empty(spec.shape, np.float32)
+            self._render_rows(module, self.sessions[module], feed, frames)
+            return {spec.name: frames}
         outs = self.sessions[module].run(list(names), feed)
         return dict(zip(names, outs, strict=True))
 
@@ -299,45 +345,56 @@ class OnnxRuntimeBackend(Backend):
         """The one-frame decoder's frames as 8-bit levels, each frame converted by the worker
         that rendered it, right after it (scheduler.to_uint8_into): its 0.8 MB of floats are
         still in that core's cache, and with two workers the conversion runs on both cores.
-        In row bands (chunk 1, two threads), each band's worker converts its rows. None where
-        the frame is rendered whole per call."""
+        In row bands (chunk 1, two threads), each band's worker converts its rows. A frame
+        rendered whole per call is converted here where its composite runs fused (into levels
+        directly); else None, and the scheduler converts it."""
         if self.band_pool is not None:
-            return self._band_levels(inputs)
-        if not self.frame_sessions:
+            (spec,) = self.io["decoder"].outputs
+            return self._run_bands(inputs, np.empty(spec.shape, np.uint8))  # chunk 1: one frame
+        if not self.frame_sessions and "decoder" not in self.cuts:
             return None
         feed = self._feed("decoder", inputs)
+        if not self.frame_sessions:
+            (spec,) = self.io["decoder"].outputs
+            levels = np.empty(spec.shape, np.uint8)
+            self._render_rows("decoder", self.sessions["decoder"], feed, levels)
+            return levels
         (spec,) = self.io["decoder"].outputs
         levels = np.empty((feed["motion"].shape[1], *spec.shape[1:]), np.uint8)
         self._decode_frames(feed, spec.name, levels)
         return levels
 
-    def _run_bands(self, inputs: dict[str, np.ndarray], finish=None) -> list:
-        """Each row band of the frame on its own session and worker (ONNX Runtime releases the
+    def _run_bands(self, inputs: dict[str, np.ndarray], levels=None) -> np.ndarray:
+        """The frame, each row band on its own session and worker (ONNX Runtime releases the
         GIL while each runs; bound in place like the frames below: no faster for two half
-        frames, measured), in band order: its rows, or what finish(part, rows) makes of them
-        on that worker."""
-        (name,) = self.io["decoder"].output_names
+        frames, measured), as floats, or into `levels` (its 8-bit levels), each band's rows
+        converted by the worker that rendered them."""
+        (spec,) = self.io["decoder"].outputs
+        frame = np.empty(spec.shape, np.float32) if levels is None else levels
+        res, bands = self.cfg.render.resolution, len(self.band_sessions)
 
         def work(item):
             part, sess = item
-            rows = sess.run([name], self._feed(part, inputs))[0]
-            return rows if finish is None else finish(part, rows)
-
-        return list(self.band_pool.map(work, self.band_sessions.items()))
-
-    def _band_levels(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """decode_levels of a frame in row bands: each band's worker converts its rows into the
-        frame's levels."""
-        (spec,) = self.io["decoder"].outputs
-        levels = np.empty(spec.shape, np.uint8)  # chunk 1: one frame
-        res, bands = self.cfg.render.resolution, len(self.band_sessions)
-
-        def convert(part: str, rows: np.ndarray) -> None:
             r0, r1 = band_span(res, band_index(part), bands)
-            to_uint8_into(rows, levels[:, r0:r1])
+            self._render_rows(part, sess, self._feed(part, inputs), frame[:, r0:r1])
 
-        self._run_bands(inputs, convert)
-        return levels
+        list(self.band_pool.map(work, self.band_sessions.items()))
+        return frame
+
+    def _render_rows(self, part: str, sess, feed: dict[str, np.ndarray], dest) -> None:
+        """Graph `part`'s output (a band's rows, or a frame) into `dest`: float32, or uint8
+        for its 8-bit levels; composited from the head's outputs where it was cut."""
+        cut = self.cuts.get(part)
+        if cut is not None:
+            outs = dict(zip(cut.outputs(), sess.run(cut.outputs(), feed), strict=True))
+            composite.composite_bands(cut, outs, feed[cut.table], dest)
+            return
+        (name,) = self.io["decoder"].output_names
+        rows = sess.run([name], feed)[0]
+        if dest.dtype == np.uint8:
+            to_uint8_into(rows, dest)
+        else:
+            dest[...] = rows
 
     def _decode_frames(
         self, feed: dict[str, np.ndarray], out: str, levels: np.ndarray | None = None
@@ -358,6 +415,7 @@ class OnnxRuntimeBackend(Backend):
                 [frames[i : i + 1] for i in shares[j]],
                 [np.ascontiguousarray(motion[:, i : i + 1]) for i in shares[j]],
                 None if levels is None else [levels[i : i + 1] for i in shares[j]],
+                self.cuts.get("decoder"),
             )
 
         if self.pool is None:
@@ -383,6 +441,8 @@ class OnnxRuntimeBackend(Backend):
         if once:
             work = {"decoder": "the decoder's photo work", "generator": "the reference token"}
             per_frame += f", {' and '.join(work[m] for m in once)} once per avatar"
+        if self.cuts:
+            per_frame += ", composite fused"
         return f"onnxruntime ({self.precision}, {self.providers[0]}{per_frame})"
 
 
@@ -399,20 +459,34 @@ def split_view(split: SplitGraph, photo, frame) -> dict[str, tuple]:
 
 
 def run_into(
-    sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list, levels=None
+    sess, feed: dict[str, np.ndarray], out: str, dests: list, motions: list, levels=None, cut=None
 ) -> None:
     """Run the one-frame decoder session `sess` once per array in `dests`, with `feed` and the
     matching motion of `motions`, writing output `out` into that array (float32, C-ordered, the
     output's shape). Bound in place (ONNX Runtime's I/O binding), the frames skip an array ONNX
     Runtime allocates and the copy that joined them into the chunk's: 0.4 ms of a 31-ms chunk of
-    4 frames on the Intel Xeon (fp32, one thread; +1% FPS), the same values."""
+    4 frames on the Intel Xeon (fp32, one thread; +1% FPS), the same values.
+
+    With `cut` (runtime/composite.py), `sess` is the graph's head: its outputs are bound to
+    arrays made once here, and each frame is composited from them, into `levels` where given
+    (the float frame is then not written), else into its float array."""
     binding = sess.io_binding()
     # the binding reads these arrays' memory: they are kept referenced until the runs are done
     bound = {n: np.ascontiguousarray(v) for n, v in feed.items() if n != "motion"}
     for name, value in bound.items():
         binding.bind_cpu_input(name, value)
+    if cut is not None:
+        shapes = {o.name: o.shape for o in sess.get_outputs()}
+        heads = {n: np.empty(shapes[n], np.float32) for n in cut.outputs()}
+        for name, a in heads.items():
+            binding.bind_output(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
     for k, (motion, dest) in enumerate(zip(motions, dests, strict=True)):
         binding.bind_cpu_input("motion", motion)
+        if cut is not None:
+            sess.run_with_iobinding(binding)
+            target = dest if levels is None else levels[k]
+            composite.composite_bands(cut, heads, bound[cut.table], target)
+            continue
         binding.bind_output(out, "cpu", 0, np.float32, list(dest.shape), dest.ctypes.data)
         sess.run_with_iobinding(binding)
         if levels is not None:  # the frame's 8-bit levels, while it is in this core's cache

@@ -224,6 +224,33 @@ def _check_splits(root: Path, m: dict, files: dict[str, str]) -> None:
                 raise BundleError(f"{bad}: {part}'s {key} part is not the file listed as {role!r}")
 
 
+def _check_composites(root: Path, m: dict, files: dict[str, str]) -> None:
+    """The stored heads of decoder graphs (runtime/composite.py): each of a graph the bundle
+    splits, its file listed (so hashed) under the head's role, its boundary names strings."""
+    from .composite import COMPOSITES, ROLES, head_role
+    from .photo_split import SPLITS
+
+    cuts = m.get(COMPOSITES)
+    if cuts is None:
+        return
+    bad = f"{root}: the manifest's {COMPOSITES!r} block is malformed"
+    if not isinstance(cuts, dict):
+        raise BundleError(bad)
+    for part, entry in cuts.items():
+        ok = isinstance(entry, dict) and set(entry) == {"head", "table", "bands"}
+        ok = ok and part in (m.get(SPLITS) or {}) and isinstance(entry["table"], str)
+        bands = entry.get("bands") if ok else None
+        ok = ok and isinstance(bands, list) and len(bands) > 0
+        ok = ok and all(
+            isinstance(b, list) and len(b) == len(ROLES) and all(isinstance(x, str) for x in b)
+            for b in bands
+        )
+        if not ok:
+            raise BundleError(f"{bad} (entry {part!r})")
+        if files.get(head_role(part)) != entry["head"]:
+            raise BundleError(f"{bad}: {part}'s head is not the file listed as {head_role(part)!r}")
+
+
 def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool = True) -> Bundle:
     root = Path(path)
     m = read_manifest(root)
@@ -303,5 +330,6 @@ def open_bundle(path: str | Path, expect_chunk: int | None = None, verify: bool 
             f"{root}: parity failed for {', '.join(failed)}; this bundle is not usable"
         )
     _check_splits(root, m, files)
+    _check_composites(root, m, files)
     known = {name: f for name, f in flops.items() if f is not None}
     return Bundle(root, m, cfg, target, precision, io, files, known)

@@ -258,17 +258,22 @@ def tiny_real_folder(tmp_path, item_id: str, identity: str):
 
 
 def exported_before(path, dst):
-    """A copy of the bundle at `path` as an export before the stored parts wrote it: no parts,
-    no record of the graphs' shapes or external data."""
+    """A copy of the bundle at `path` as an export before the stored parts wrote it: no parts
+    (nor the decoder heads cut from them), no record of the graphs' shapes or external data."""
     import json
     import shutil
 
     from edgetalk.runtime.backend_onnxruntime import GRAPH_IO
     from edgetalk.runtime.bundle import EXTERNAL_DATA, MANIFEST
+    from edgetalk.runtime.composite import COMPOSITES, head_role
     from edgetalk.runtime.photo_split import SPLITS, part_roles
 
     shutil.copytree(path, dst)
     m = json.loads((dst / MANIFEST).read_text())
+    for part in m.pop(COMPOSITES, {}):
+        fname = m["files"].pop(head_role(part))
+        del m["sha256"][fname]
+        (dst / fname).unlink()
     for part in m.pop(SPLITS):
         for role in part_roles(part):
             fname = m["files"].pop(role)

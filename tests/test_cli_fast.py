@@ -78,3 +78,27 @@ def test_extras_come_from_the_package_metadata():
         pytest.skip("edgetalk is not installed as a package")
     assert extras["bench"] == ["matplotlib", "psutil"]
     assert "onnxruntime" in extras["onnx"] and "all" not in extras and "test" not in extras
+
+
+def test_doctor_says_whether_the_composite_is_built(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    for built in (True, False):
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a, built=built: (
+                (real(name, *a) if built else None)
+                if name == "edgetalk.runtime._composite"
+                else real(name, *a)
+            ),
+        )
+        if built and real("edgetalk.runtime._composite") is None:
+            continue  # an install without a C compiler (test_composite.py fails that on CI)
+        assert cli.main(["doctor"]) == 0
+        out = capsys.readouterr().out
+        row = out.split("\ncompiled\n")[1].splitlines()[0]
+        assert (
+            ("built (_composite" in row) if built else ("not built" in row and "C compiler" in row)
+        )

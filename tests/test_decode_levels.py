@@ -12,6 +12,7 @@ from .conftest import BANDED, MICRO, export_seeded, need, speechlike
 need("onnxruntime", "the onnx extra is not installed")
 
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
+from edgetalk.runtime import composite  # noqa: E402
 from edgetalk.runtime.bundle import open_bundle  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler, to_uint8, to_uint8_into  # noqa: E402
 
@@ -53,7 +54,9 @@ def test_levels_are_the_schedulers_conversion_of_the_decoders_frames(bundles, na
         np.testing.assert_array_equal(levels, to_uint8(frames, np.empty_like(frames)))
 
 
-def test_a_frame_rendered_whole_per_call_is_left_to_the_scheduler(bundles):
+def test_a_frame_rendered_whole_per_call_is_left_to_the_scheduler(bundles, monkeypatch):
+    """Unless its composite runs fused, which writes the levels directly (test_composite.py)."""
+    monkeypatch.setenv(composite.ENV_SWITCH, "0")
     be = bo.OnnxRuntimeBackend(open_bundle(bundles["banded"]), threads=1)
     assert not be.band_sessions and not be.frame_sessions
     sched = StreamScheduler(be, avatar(be.cfg.render.resolution), seed=1)

@@ -122,5 +122,7 @@ def test_a_fresh_venv_without_torch_renders_a_bundle(bundle, tmp_path):
     )
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert out.stat().st_size > 10_000
-    # the avatar's parts of the decoder and generator ran once, from the bundle's stored graphs
+    # the avatar's parts of the decoder and generator ran once, from the bundle's stored graphs,
+    # and the decoder's composite in the compiled pass the install built (runtime/composite.py)
     assert "photo work and the reference token once per avatar" in r.stdout.decode()
+    assert "composite fused" in r.stdout.decode()
