@@ -37,8 +37,11 @@ static const float LEVEL[256] = {L64(0), L64(64), L64(128), L64(192)};
 static inline void pixel(const uint8_t *table, int w, int h, float xs, float ys,
                          const float *colour, long plane, float alpha, float out[3]) {
     const float scale = 1.0f / 255.0f;
-    float x = xs < 0.0f ? 0.0f : (xs > (float)(w - 1) ? (float)(w - 1) : xs);
-    float y = ys < 0.0f ? 0.0f : (ys > (float)(h - 1) ? (float)(h - 1) : ys);
+    /* clamped to the border as the graph's Clip does; written so that a NaN lands on 0: the
+     * index below must stay inside the table whatever the head gave */
+    float x = xs > 0.0f ? xs : 0.0f, y = ys > 0.0f ? ys : 0.0f;
+    x = x < (float)(w - 1) ? x : (float)(w - 1);
+    y = y < (float)(h - 1) ? y : (float)(h - 1);
     /* x, y >= 0 here: truncation is the floor, and needs no libm call (floorf is one on x86-64
      * before SSE4.1) */
     float x0 = (float)(int32_t)x, y0 = (float)(int32_t)y;
@@ -54,7 +57,8 @@ static inline void pixel(const uint8_t *table, int w, int h, float xs, float ys,
         float bottom = LEVEL[t[6 + c]] * w10 + LEVEL[t[9 + c]] * w11;
         float v = top + bottom;
         float f = v + (colour[c * plane] - v) * alpha;
-        out[c] = f < 0.0f ? 0.0f : (f > 1.0f ? 1.0f : f);
+        f = f > 0.0f ? f : 0.0f; /* a NaN (none in a finite graph) to 0, as the levels need */
+        out[c] = f < 1.0f ? f : 1.0f;
     }
 }
 

@@ -4,7 +4,7 @@ The decoder's gather form (models/decoder.py, Decoder._render_gather) ends with 
 bilinear sample from its 8-bit neighbour table, the blend with the refinement's colour, the clamp
 and the frame's RGB layout: the nodes of its `Composite` module. ONNX Runtime runs them node by
 node, about 30 passes over a frame's memory per row band. The exporter cuts them off each decoder
-graph that has them (`split_composite`) and stores the rest, the head, beside it; the ONNX
+graph that has them (`cut_composite`) and stores the rest, the head, beside it; the ONNX
 Runtime backend runs the head and composites its outputs with runtime/composite.c, which reads
 each pixel once and writes it once, as floats or directly as 8-bit levels.
 

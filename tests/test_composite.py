@@ -252,3 +252,20 @@ def test_the_cut_reads_each_inputs_role_off_the_graph_not_its_order(bundles, nam
     assert cut.bands == composite.stored_cut(bundle, "decoder").bands
     # a graph without its composite's scope has nothing to cut
     assert composite.cut_composite(stream.replace(b"/composite/", b"/elsewhere/")) is None
+
+
+def test_a_nan_from_the_head_reads_inside_the_table():
+    """The table's row index comes from xs and ys: a NaN there must not read outside it (the
+    graph's Gather would refuse the index; the C loop would read anywhere). It samples the
+    border, as a coordinate clamped to 0 does."""
+    compiled()
+    rng = np.random.default_rng(4)
+    ((xs, ys, colour, alpha),) = bands(rng, [6], 16, 16)
+    table = rng.integers(0, 256, (256, 12), dtype=np.uint8)
+    got = np.empty((1, 6, 16, 3), np.uint8)
+    nan = np.full_like(xs, np.nan)
+    composite.composite_into(table, (16, 16), nan, nan, colour, alpha, got)
+    want = np.empty_like(got)
+    zero = np.zeros_like(xs)
+    composite.composite_into(table, (16, 16), zero, zero, colour, alpha, want)
+    np.testing.assert_array_equal(got, want)

@@ -203,28 +203,35 @@ def render_stream(backend) -> np.ndarray:
 
 
 @onnx_only
-def test_a_band_graph_of_other_shapes_is_refused(band_bundle, tmp_path):
+def test_a_band_graph_of_other_shapes_is_refused(band_bundle, tmp_path, monkeypatch):
     import shutil
 
     from edgetalk.errors import BundleError
+    from edgetalk.runtime import composite
     from edgetalk.runtime.backend_onnxruntime import OnnxRuntimeBackend
     from edgetalk.runtime.bundle import open_bundle, tree_sha256
 
     from .conftest import exported_before
 
     # band 0's file holds the whole-frame graph, re-hashed: a frame where a band should be; in
-    # a bundle exported before the stored parts, and in its stored per-call part
+    # a bundle exported before the stored parts, and in its stored per-call part and head
     old = exported_before(band_bundle["fp32"].path, tmp_path / "old")
     new = shutil.copytree(band_bundle["fp32"].path, tmp_path / "new")
-    for copy, graph in ((old, ""), (new, ".stream")):
-        shutil.copy2(copy / f"decoder{graph}.onnx", copy / f"{band_part(0)}{graph}.onnx")
+    for copy, graphs in ((old, [""]), (new, [".stream", ".head"])):
         mf = json.loads((copy / "manifest.json").read_text())
+        for graph in graphs:
+            shutil.copy2(copy / f"decoder{graph}.onnx", copy / f"{band_part(0)}{graph}.onnx")
+        if ".head" in graphs:  # the whole frame's head, under band 0's name
+            cuts = mf[composite.COMPOSITES]
+            cuts[band_part(0)] = {**cuts["decoder"], "head": f"{band_part(0)}.head.onnx"}
         mf["sha256"] = {f: tree_sha256(copy / f) for f in mf["files"].values()}
         (copy / "manifest.json").write_text(json.dumps(mf))
-        with pytest.raises(BundleError, match="decoder_band0"):
-            OnnxRuntimeBackend(open_bundle(copy), threads=2)
-        # one thread never reads the bands
-        OnnxRuntimeBackend(open_bundle(copy), threads=1)
+        for fused in ("1", "0"):  # the head read, or the per-call part
+            monkeypatch.setenv(composite.ENV_SWITCH, fused)
+            with pytest.raises(BundleError, match="decoder_band0"):
+                OnnxRuntimeBackend(open_bundle(copy), threads=2)
+            # one thread never reads the bands
+            OnnxRuntimeBackend(open_bundle(copy), threads=1)
 
 
 @onnx_only
