@@ -17,6 +17,7 @@ import pytest
 
 from edgetalk.converters.parity import THRESHOLDS
 from edgetalk.models.edgetalk import MODULES
+from edgetalk.runtime.composite import COMPOSITES, head_role
 from edgetalk.runtime.photo_split import SPLITS, part_roles
 
 from .conftest import need
@@ -75,11 +76,16 @@ def test_shipped_export_passes_every_gate(shipped, target, precision, chunk):
     assert r.manifest["checkpoint"]["trained"], "the default export must use the trained weights"
     # every graph: the four modules, and a chunk-1 ONNX bundle's decoder row bands
     graphs = [name for name in r.manifest["parity"] if name != "end_to_end"]
-    # and an ONNX bundle's stored parts of each graph that splits (runtime/photo_split.py)
+    # and an ONNX bundle's stored parts of each graph that splits (runtime/photo_split.py), and
+    # each decoder graph's head (runtime/composite.py)
     stored = {role for part in r.manifest.get(SPLITS, {}) for role in part_roles(part)}
+    stored |= {head_role(part) for part in r.manifest.get(COMPOSITES, {})}
     assert set(MODULES) <= set(graphs) and set(graphs) == set(r.manifest["files"]) - stored
     if target == "onnx":
         assert set(r.manifest[SPLITS]) == {"decoder", "generator"} | ({*graphs} - set(MODULES))
+        # every decoder graph runs its composite fused, but an fp16 one (its blend is float16)
+        decoders = set(r.manifest[SPLITS]) - {"generator"}
+        assert set(r.manifest[COMPOSITES]) == (set() if precision == "fp16" else decoders)
     if target == "onnx" and chunk == 1:
         assert {"decoder_band0", "decoder_band1"} <= set(graphs)
     for name in graphs:
@@ -103,6 +109,7 @@ def test_shipped_export_passes_every_gate(shipped, target, precision, chunk):
 
 @pytest.mark.parametrize(("target", "precision", "chunk"), EXPORTS)
 def test_shipped_bundle_streams_through_the_scheduler(shipped, target, precision, chunk):
+    from edgetalk.runtime import composite
     from edgetalk.runtime.audio_io import default_speech, read_audio
     from edgetalk.runtime.avatar import prepare_avatar
     from edgetalk.runtime.loader import open_backend
@@ -110,6 +117,8 @@ def test_shipped_bundle_streams_through_the_scheduler(shipped, target, precision
 
     backend = open_backend(bundle=shipped(target, precision, chunk).path)
     assert backend.precision == precision and backend.cfg.chunk == chunk
+    if target == "onnx" and precision != "fp16" and composite.available():
+        assert "composite fused" in backend.describe()  # what ships runs fused
     avatar = prepare_avatar(None, backend.cfg.render.resolution)
     pcm = read_audio(default_speech()).pcm[8000 : 8000 + 16000]  # one second of speech
     sched = StreamScheduler(backend, avatar, seed=3)
