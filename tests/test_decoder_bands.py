@@ -258,3 +258,35 @@ def test_a_chunk_1_bundle_without_bands_still_runs_on_two_threads(band_bundle, t
         render_stream(OnnxRuntimeBackend(open_bundle(band_bundle["fp32"].path), threads=2)),
         atol=2 / 255,
     )
+
+
+@onnx_only
+def test_side_by_side_runs_the_first_item_on_the_caller_and_waits_for_all():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgetalk.runtime.backend_onnxruntime import side_by_side
+
+    seen, done = {}, []
+
+    def work(item):
+        seen[item] = threading.current_thread().name
+        time.sleep(0.02 * (item == 2))
+        done.append(item)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="pool") as pool:
+        side_by_side(pool, work, [0, 1, 2])
+        assert sorted(done) == [0, 1, 2]
+        assert seen[0] == threading.current_thread().name
+        assert seen[1].startswith("pool") and seen[2].startswith("pool")
+
+        def failing(item):
+            if item == 0:
+                raise ValueError("the caller's share")
+            work(item)
+
+        done.clear()
+        with pytest.raises(ValueError, match="caller's share"):
+            side_by_side(pool, failing, [0, 1, 2])
+        assert sorted(done) == [1, 2]  # the others had finished before it raised
