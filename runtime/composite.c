@@ -85,6 +85,11 @@ EXPORT void edgetalk_composite_levels(const uint8_t *table, int w, int h, const 
     }
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_composite", NULL, -1, NULL};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_composite",
+    .m_doc = NULL,
+    .m_size = -1,
+};
 
 PyMODINIT_FUNC PyInit__composite(void) { return PyModule_Create(&module); }
