@@ -336,10 +336,7 @@ class OnnxRuntimeBackend(Backend):
             return {names[0]: self._decode_frames(self._feed(module, inputs), names[0])}
         feed = self._feed(module, inputs)
         if module == "decoder" and module in self.cuts:  # the whole frame per call, its head
-            (spec,) = self.io[module].outputs
-            frames = np.empty(spec.shape, np.float32)
-            self._render_rows(module, self.sessions[module], feed, frames)
-            return {spec.name: frames}
+            return {names[0]: self._whole_frame(feed, np.float32)}
         outs = self.sessions[module].run(list(names), feed)
         return dict(zip(names, outs, strict=True))
 
@@ -357,10 +354,7 @@ class OnnxRuntimeBackend(Backend):
             return None
         feed = self._feed("decoder", inputs)
         if not self.frame_sessions:
-            (spec,) = self.io["decoder"].outputs
-            levels = np.empty(spec.shape, np.uint8)
-            self._render_rows("decoder", self.sessions["decoder"], feed, levels)
-            return levels
+            return self._whole_frame(feed, np.uint8)
         (spec,) = self.io["decoder"].outputs
         levels = np.empty((feed["motion"].shape[1], *spec.shape[1:]), np.uint8)
         self._decode_frames(feed, spec.name, levels)
@@ -381,6 +375,13 @@ class OnnxRuntimeBackend(Backend):
             self._render_rows(part, sess, self._feed(part, inputs), frame[:, r0:r1])
 
         side_by_side(self.band_pool, work, list(self.band_sessions.items()))
+        return frame
+
+    def _whole_frame(self, feed: dict[str, np.ndarray], dtype) -> np.ndarray:
+        """The frame of a decoder graph rendered whole per call, as floats or 8-bit levels."""
+        (spec,) = self.io["decoder"].outputs
+        frame = np.empty(spec.shape, dtype)
+        self._render_rows("decoder", self.sessions["decoder"], feed, frame)
         return frame
 
     def _render_rows(self, part: str, sess, feed: dict[str, np.ndarray], dest) -> None:

@@ -202,17 +202,22 @@ def _flops(module: dict) -> float | None:
     return float(x)
 
 
+def _block(root: Path, m: dict, key: str) -> tuple[dict, str]:
+    """The manifest's optional block `key` ({} when absent) and the message that calls it
+    malformed; refused when it is not a mapping."""
+    block = m.get(key)
+    bad = f"{root}: the manifest's {key!r} block is malformed"
+    if block is not None and not isinstance(block, dict):
+        raise BundleError(bad)
+    return block or {}, bad
+
+
 def _check_splits(root: Path, m: dict, files: dict[str, str]) -> None:
     """The stored parts of split graphs (runtime/photo_split.py): each names a graph of the
     bundle, and files the bundle lists (so hashed) under that graph's roles."""
     from .photo_split import SPLITS, STORED_FIELDS, part_roles
 
-    splits = m.get(SPLITS)
-    if splits is None:
-        return
-    bad = f"{root}: the manifest's {SPLITS!r} block is malformed"
-    if not isinstance(splits, dict):
-        raise BundleError(bad)
+    splits, bad = _block(root, m, SPLITS)
     for part, entry in splits.items():
         if part not in files or not isinstance(entry, dict) or set(entry) != set(STORED_FIELDS):
             raise BundleError(f"{bad} (entry {part!r})")
@@ -230,12 +235,7 @@ def _check_composites(root: Path, m: dict, files: dict[str, str]) -> None:
     from .composite import COMPOSITES, ROLES, head_role
     from .photo_split import SPLITS
 
-    cuts = m.get(COMPOSITES)
-    if cuts is None:
-        return
-    bad = f"{root}: the manifest's {COMPOSITES!r} block is malformed"
-    if not isinstance(cuts, dict):
-        raise BundleError(bad)
+    cuts, bad = _block(root, m, COMPOSITES)
     for part, entry in cuts.items():
         ok = isinstance(entry, dict) and set(entry) == {"head", "table", "bands"}
         ok = ok and part in (m.get(SPLITS) or {}) and isinstance(entry["table"], str)

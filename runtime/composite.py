@@ -91,8 +91,7 @@ def composite_into(
         raise ValueError(f"composite output must be C-ordered [1, rows, W, 3], not {out.shape}")
     _, rows, width, _ = out.shape
     pixels = rows * width
-    planes = {"xs": xs, "ys": ys, "alpha": alpha}
-    for name, a in (*planes.items(), ("colour", colour)):
+    for name, a in (("xs", xs), ("ys", ys), ("alpha", alpha), ("colour", colour)):
         want = (1, 3 if name == "colour" else 1, rows, width)
         if a.shape != want or a.dtype != np.float32 or not a.flags.c_contiguous:
             raise ValueError(f"composite {name}: want C-ordered float32 {want}, not {a.shape}")

@@ -284,6 +284,21 @@ def exported_before(path, dst):
     return dst
 
 
+def with_manifest(path, dst, change):
+    """A copy at `dst` of the bundle at `path` whose manifest `change(manifest)` edited (its
+    files' hashes untouched)."""
+    import json
+    import shutil
+
+    from edgetalk.runtime.bundle import MANIFEST
+
+    shutil.copytree(path, dst)
+    m = json.loads((dst / MANIFEST).read_text())
+    change(m)
+    (dst / MANIFEST).write_text(json.dumps(m))
+    return dst
+
+
 def export_seeded(root, name: str, cfg: ModelConfig, precision: str, seed: int):
     """The path of an ONNX export at `precision` of `cfg` with seeded weights, under `root`; the
     checkpoint is saved beside it once per name."""

@@ -4,13 +4,10 @@ pass. The frames are the whole graph's to the bit, by every path that renders th
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
-from .conftest import BANDED, MICRO, export_seeded, need, skip_or_fail, speechlike
+from .conftest import BANDED, MICRO, export_seeded, need, skip_or_fail, speechlike, with_manifest
 
 need("onnxruntime", "the onnx extra is not installed")
 torch = need("torch", "the torch extra is not installed")
@@ -21,7 +18,7 @@ from edgetalk.models.io_spec import DECODER_BANDS, band_part  # noqa: E402
 from edgetalk.models.sampling import neighbour_table  # noqa: E402
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
 from edgetalk.runtime import composite  # noqa: E402
-from edgetalk.runtime.bundle import MANIFEST, open_bundle  # noqa: E402
+from edgetalk.runtime.bundle import open_bundle  # noqa: E402
 from edgetalk.runtime.scheduler import StreamScheduler, to_uint8  # noqa: E402
 
 
@@ -209,14 +206,9 @@ def test_without_the_compiled_library_the_whole_graph_runs(bundles, monkeypatch)
         ),
     ],
 )
-def test_a_malformed_record_of_the_heads_is_refused_clearly(
-    bundles, tmp_path, monkeypatch, change, message
-):
+def test_a_malformed_record_of_the_heads_is_refused_clearly(bundles, tmp_path, change, message):
     compiled()
-    copy = shutil.copytree(bundles["micro", "fp32"], tmp_path / "b")
-    m = json.loads((copy / MANIFEST).read_text())
-    change(m)
-    (copy / MANIFEST).write_text(json.dumps(m))
+    copy = with_manifest(bundles["micro", "fp32"], tmp_path / "b", change)
     with pytest.raises(BundleError, match=message):
         bo.OnnxRuntimeBackend(open_bundle(copy), threads=1)
 

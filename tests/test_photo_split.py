@@ -7,15 +7,13 @@ bundle exported before is split at load."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from .conftest import BANDED, MICRO, export_seeded, exported_before, need, speechlike
+from .conftest import BANDED, MICRO, export_seeded, exported_before, need, speechlike, with_manifest
 
 need("onnxruntime", "the onnx extra is not installed")
 need("onnx", "the onnx package is not installed (the split reads the graph with it)")
@@ -23,7 +21,7 @@ need("onnx", "the onnx package is not installed (the split reads the graph with 
 from edgetalk.errors import BundleError  # noqa: E402
 from edgetalk.models.io_spec import DECODER_BANDS, band_part, module_io  # noqa: E402
 from edgetalk.runtime import backend_onnxruntime as bo  # noqa: E402
-from edgetalk.runtime.bundle import EXTERNAL_DATA, MANIFEST, open_bundle  # noqa: E402
+from edgetalk.runtime.bundle import EXTERNAL_DATA, open_bundle  # noqa: E402
 from edgetalk.runtime.photo_split import (  # noqa: E402
     SPLITS,
     derived_key,
@@ -327,9 +325,6 @@ def test_a_run_from_a_bundle_never_imports_onnx(bundles, tmp_path):
 def test_a_malformed_record_of_the_stored_parts_is_refused_clearly(
     bundles, tmp_path, change, message
 ):
-    copy = shutil.copytree(bundles["micro", "fp32"], tmp_path / "b")
-    m = json.loads((copy / MANIFEST).read_text())
-    change(m)
-    (copy / MANIFEST).write_text(json.dumps(m))
+    copy = with_manifest(bundles["micro", "fp32"], tmp_path / "b", change)
     with pytest.raises(BundleError, match=message):
         bo.OnnxRuntimeBackend(open_bundle(copy), threads=1)
